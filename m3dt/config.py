@@ -1,0 +1,152 @@
+"""Every option of the pipeline in one typed dataclass.
+
+Flag names follow the reference scripts (`--prefix_name`, `--embed_dim`, `--data_path`, `--group_num`,
+`--expert_num`, ...). Values are merged in this order, later wins: dataclass defaults, then the YAML file
+given by `--config`, then flags on the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or option that cannot be used."""
+
+
+@dataclass
+class Config:
+    # what to train on
+    prefix_name: str | None = None  # official suite: mt10, mt20, mt40, mt80, mt120, mt160
+    tasks: str | None = None  # instead of a suite: "a,b,c" or "@file.json"
+    data_path: str = "./mt160_used"  # data root in the MT160 layout
+    max_episodes: int = 2000  # episodes read per task (the official data is capped at 2000)
+    seed: int = 0
+    run_dir: str | None = None  # default: runs/{prefix_name or 'custom'}_seed{seed}
+
+    # model (paper table 5)
+    embed_dim: int = 256
+    n_layer: int = 6
+    n_head: int = 8
+    dropout: float = 0.1
+    context_length: int = 20  # K: steps of the trajectory segment
+    prompt_length: int = 5  # steps of the prompt window
+    max_timestep: int = 1000  # size of the timestep embedding table
+    residual: str = "ln2"  # "ln2": the reference's u + MLP(u) once experts are installed; "standard": h + MLP(u)
+    top_k: int = 0  # 0: dense soft mixture over all experts (the paper); k > 0: renormalised top-k gating
+
+    # optimisation (all stages)
+    batch_size: int = 16
+    learning_rate: float = 1e-4
+    weight_decay: float = 1e-4
+    warmup_steps: int = 10_000
+    grad_clip: float = 0.25
+
+    # schedules: steps of each stage (MT160 paper schedule); --max_iters overrides the stage being run
+    backbone_steps: int = 400_000
+    expert_steps: int = 200_000
+    router_steps: int = 400_000
+    max_iters: int | None = None
+
+    # stage 2
+    grouping: str = "gradient"  # which grouping the expert and router stages use: gradient | random
+    group_num: int = 48  # groups written by the grouping stage
+    expert_num: int = 48  # experts used by expert training and the router (= the grouping's group count)
+    expert_id: int | None = None  # train this expert only
+    all: bool = False  # train every expert of the grouping in one process
+    grouping_gradients: int = 10  # gradients averaged per task for the gradient features
+    kmeans_restarts: int = 40  # K-means runs per repetition; the lowest sum of distances wins
+    kmeans_repeats: int = 40  # repetitions; the partition with the most even group sizes wins
+    kmeans_iterations: int = 100
+    kmeans_tolerance: float = 1e-4
+
+    # running
+    device: str = "auto"  # auto: cuda when available, else cpu
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    log_every: int = 100
+    save_every: int = 5000
+    restart: bool = False  # ignore an existing checkpoint and start the stage over
+    wandb: bool = False
+    wandb_project: str = "m3dt"
+    debug: bool = False  # show tracebacks instead of one-line errors
+    config: str | None = None  # YAML file of these options
+
+    def resolved_run_dir(self) -> Path:
+        if self.run_dir:
+            return Path(self.run_dir)
+        return Path("runs") / f"{self.prefix_name or 'custom'}_seed{self.seed}"
+
+    def stage_steps(self, default: int) -> int:
+        return self.max_iters if self.max_iters is not None else default
+
+    def model_fields(self) -> dict[str, Any]:
+        """The options that fix the shape and function of the model: a later stage must agree on them."""
+        names = ("embed_dim", "n_layer", "n_head", "context_length", "prompt_length", "max_timestep", "residual")
+        return {name: getattr(self, name) for name in names}
+
+
+CHOICES = {
+    "residual": ("ln2", "standard"),
+    "grouping": ("gradient", "random"),
+    "precision": ("fp32", "bf16"),
+}
+
+
+def _option_type(field_type: str):
+    if "bool" in field_type:
+        return None
+    if "int" in field_type:
+        return int
+    if "float" in field_type:
+        return float
+    return str
+
+
+def build_parser(description: str) -> argparse.ArgumentParser:
+    """A parser with one flag per Config field; unspecified flags stay absent so that YAML values survive."""
+    parser = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
+    for config_field in dataclasses.fields(Config):
+        flag = f"--{config_field.name}"
+        option_type = _option_type(str(config_field.type))
+        if option_type is None:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction)
+        else:
+            parser.add_argument(flag, type=option_type, choices=CHOICES.get(config_field.name))
+    return parser
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"config file {file} does not exist")
+    try:
+        values = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {file} is not valid YAML: {error}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {file} must be a mapping of option: value")
+    known = {config_field.name for config_field in dataclasses.fields(Config)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"config file {file}: unknown option(s) {', '.join(unknown)}")
+    return values
+
+
+def parse_config(description: str, argv: list[str] | None = None) -> Config:
+    """Dataclass defaults, then the YAML file, then the flags."""
+    flags = vars(build_parser(description).parse_args(argv))
+    values: dict[str, Any] = {}
+    if flags.get("config"):
+        values.update(load_yaml(flags["config"]))
+    values.update(flags)
+    config = Config(**values)
+    for name, allowed in CHOICES.items():
+        if getattr(config, name) not in allowed:
+            raise ConfigError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(config, name)!r}")
+    return config

@@ -1,0 +1,325 @@
+"""The MT160 data layout: loading, per-task statistics, and a batch sampler that runs on the device.
+
+Layout (SPEC section 4): `{data_root}/{task}/{i}.npz`, one episode per file, i = 0..n-1. Files 0..n-3 are
+training data, the last two are the prompt trajectories. Keys: observations (T,39), actions (T,8),
+rewards (T,), terminals or dones (T,).
+
+All training transitions of all tasks live in flat float32 arrays (stored once: observations, actions and
+scaled return-to-go; timesteps are derived from the episode starts). Sampling a batch is index arithmetic
+on those tensors, so the whole dataset can sit on the GPU and no step builds samples in Python.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from m3dt.tasks import MAX_ACT_DIM, MAX_OBS_DIM, Task, get_task
+
+PAD_ACTION = -10.0  # training pads actions with -10 (states 0 before normalising, rtg 0, timestep 0)
+STD_EPSILON = 1e-6
+PROMPT_EPISODES = 2  # the last two episodes of a task are its prompt trajectories
+MIN_EPISODES = PROMPT_EPISODES + 1
+LOW_RETURN_PROMPT_ROWS = (0, 2)  # batch rows that use the lower-return prompt trajectory
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file and what is wrong."""
+
+
+@dataclass
+class Episode:
+    observations: np.ndarray  # (T, 39) float32
+    actions: np.ndarray  # (T, 8) float32
+    rewards: np.ndarray  # (T,) float32
+
+
+def episode_files(task_dir: Path, max_episodes: int) -> list[Path]:
+    """The episode files 0..n-1 of a task folder, checked to be contiguous, capped at `max_episodes`."""
+    if not task_dir.is_dir():
+        raise DataError(f"{task_dir}: task folder does not exist")
+    indices = sorted(int(path.stem) for path in task_dir.glob("*.npz") if path.stem.isdigit())
+    if indices != list(range(len(indices))):
+        missing = sorted(set(range(max(indices, default=-1) + 1)) - set(indices))
+        raise DataError(f"{task_dir}: episode files must be 0.npz..N.npz without gaps; missing {missing[:5]}")
+    count = min(len(indices), max_episodes)
+    if count < MIN_EPISODES:
+        raise DataError(f"{task_dir}: {count} episode(s); a task needs at least {MIN_EPISODES} (2 are prompts)")
+    return [task_dir / f"{index}.npz" for index in range(count)]
+
+
+def _check_array(path: Path, key: str, array: np.ndarray, width: int | None, length: int | None) -> None:
+    if not np.issubdtype(array.dtype, np.number) and array.dtype != np.bool_:
+        raise DataError(f"{path}: '{key}' has dtype {array.dtype}, expected a numeric array")
+    expected_ndim = 1 if width is None else 2
+    if array.ndim != expected_ndim or (width is not None and array.shape[1] != width):
+        shape = "(T,)" if width is None else f"(T, {width})"
+        raise DataError(f"{path}: '{key}' has shape {array.shape}, expected {shape}")
+    if length is not None and array.shape[0] != length:
+        raise DataError(f"{path}: '{key}' has {array.shape[0]} steps but observations have {length}")
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        raise DataError(f"{path}: '{key}' contains NaN or inf")
+
+
+def load_episode(path: Path) -> Episode:
+    """Read and validate one episode file; never unpickles (allow_pickle=False)."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {key: archive[key] for key in archive.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
+        raise DataError(f"{path}: not a readable npz file ({error})") from None
+    for key in ("observations", "actions", "rewards"):
+        if key not in arrays:
+            raise DataError(f"{path}: missing key '{key}' (has: {', '.join(sorted(arrays)) or 'none'})")
+    if "terminals" not in arrays and "dones" not in arrays:
+        raise DataError(f"{path}: missing key 'terminals' or 'dones'")
+    observations = arrays["observations"]
+    _check_array(path, "observations", observations, MAX_OBS_DIM, None)
+    length = observations.shape[0]
+    if length == 0:
+        raise DataError(f"{path}: episode has no steps")
+    _check_array(path, "actions", arrays["actions"], MAX_ACT_DIM, length)
+    _check_array(path, "rewards", arrays["rewards"], None, length)
+    done_key = "terminals" if "terminals" in arrays else "dones"
+    _check_array(path, done_key, arrays[done_key], None, length)
+    return Episode(
+        observations=observations.astype(np.float32, copy=False),
+        actions=arrays["actions"].astype(np.float32, copy=False),
+        rewards=arrays["rewards"].astype(np.float32, copy=False),
+    )
+
+
+def returns_to_go(rewards: np.ndarray) -> np.ndarray:
+    """Undiscounted suffix sums: rtg[t] = sum of rewards[t:]."""
+    return np.cumsum(rewards[::-1], dtype=np.float64)[::-1].astype(np.float32)
+
+
+def episode_length(path: Path) -> int:
+    """Steps of an episode file, read from the header of its rewards array only."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if "rewards" not in archive.files:
+                raise DataError(f"{path}: missing key 'rewards' (has: {', '.join(sorted(archive.files)) or 'none'})")
+            with archive.zip.open("rewards.npy") as member:
+                major, _ = np.lib.format.read_magic(member)
+                read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                shape, _, _ = read_header(member)
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError) as error:
+        raise DataError(f"{path}: not a readable npz file ({error})") from None
+    if len(shape) != 1:
+        raise DataError(f"{path}: 'rewards' has shape {shape}, expected (T,)")
+    return int(shape[0])
+
+
+@dataclass
+class Prompts:
+    """The prompt window of each task's two prompt trajectories: index 0 lower return, 1 higher return."""
+
+    states: torch.Tensor  # (tasks, 2, P, 39) normalised with the prompt trajectories' own statistics
+    actions: torch.Tensor  # (tasks, 2, P, 8)
+    returns_to_go: torch.Tensor  # (tasks, 2, P, 1) scaled
+    timesteps: torch.Tensor  # (tasks, 2, P) long
+    mask: torch.Tensor  # (tasks, 2, P) float, 1 on real steps
+
+
+@dataclass
+class Batch:
+    """Model inputs; every tensor has a leading batch dimension, prompts included."""
+
+    states: torch.Tensor  # (B, K, 39) normalised
+    actions: torch.Tensor  # (B, K, 8)
+    returns_to_go: torch.Tensor  # (B, K, 1)
+    timesteps: torch.Tensor  # (B, K) long
+    mask: torch.Tensor  # (B, K) float
+    prompt_states: torch.Tensor  # (B, P, 39)
+    prompt_actions: torch.Tensor  # (B, P, 8)
+    prompt_returns_to_go: torch.Tensor  # (B, P, 1)
+    prompt_timesteps: torch.Tensor  # (B, P)
+    prompt_mask: torch.Tensor  # (B, P)
+    action_mask: torch.Tensor  # (B, 1, 8): 1 on the task's true action dims
+
+
+def prompt_window(episode: Episode, task: Task, length: int, path: Path) -> dict[str, np.ndarray]:
+    """The `length`-step window that ends one step before the end: steps T-length-1 .. T-2."""
+    steps = episode.rewards.shape[0]
+    if steps < length + 1:
+        raise DataError(f"{path}: {steps} steps, shorter than the prompt window of {length + 1}")
+    start = steps - length - 1
+    window = slice(start, start + length)
+    return {
+        "states": episode.observations[window],
+        "actions": episode.actions[window],
+        "returns_to_go": returns_to_go(episode.rewards)[window] / task.rtg_scale,
+        "timesteps": np.minimum(np.arange(start, start + length), task.horizon - 1),
+    }
+
+
+def load_prompts(task: Task, files: list[Path], length: int) -> dict[str, np.ndarray]:
+    """Both prompt trajectories of a task, ordered (lower return, higher return), states normalised with
+    the statistics of the two prompt trajectories only (as the reference does)."""
+    episodes = [load_episode(path) for path in files]
+    order = np.argsort([episode.rewards.sum() for episode in episodes], kind="stable")
+    all_states = np.concatenate([episode.observations for episode in episodes])
+    mean, std = all_states.mean(axis=0), all_states.std(axis=0) + STD_EPSILON
+    windows = [prompt_window(episodes[i], task, length, files[i]) for i in order]
+    stacked = {key: np.stack([window[key] for window in windows]) for key in windows[0]}
+    stacked["states"] = (stacked["states"] - mean) / std
+    return stacked
+
+
+class TaskDataset:
+    """Every task's training transitions in flat arrays, plus the statistics and prompts of each task.
+
+    Flat layout: task t owns rows [task_offsets[t], task_offsets[t] + task_sizes[t]); episodes are
+    contiguous within it and listed in `episode_starts` (global, sorted, with a final sentinel).
+    """
+
+    def __init__(self, data_root: str | Path, task_names: list[str], max_episodes: int = 2000, prompt_length: int = 5):
+        root = Path(data_root)
+        if not root.is_dir():
+            raise DataError(f"{root}: data root does not exist (download MT160 or run python -m m3dt.collect)")
+        self.root = root
+        self.tasks = [get_task(name) for name in task_names]
+        self.prompt_length = prompt_length
+        files = {task.name: episode_files(root / task.name, max_episodes) for task in self.tasks}
+        train_files = {name: paths[:-PROMPT_EPISODES] for name, paths in files.items()}
+
+        # Pass 1 reads only lengths so that every array is allocated once at its final size.
+        lengths = {name: [episode_length(path) for path in paths] for name, paths in train_files.items()}
+        total = sum(sum(values) for values in lengths.values())
+        self.observations = np.empty((total, MAX_OBS_DIM), dtype=np.float32)
+        self.actions = np.empty((total, MAX_ACT_DIM), dtype=np.float32)
+        self.returns_to_go = np.empty(total, dtype=np.float32)
+        episode_starts, task_offsets, task_sizes = [], [], []
+        state_means, state_stds, prompt_parts = [], [], []
+
+        row = 0
+        for task in self.tasks:
+            task_offsets.append(row)
+            for path, length in zip(train_files[task.name], lengths[task.name]):
+                episode = load_episode(path)
+                if episode.rewards.shape[0] != length:
+                    raise DataError(f"{path}: arrays disagree on the episode length")
+                episode_starts.append(row)
+                self.observations[row : row + length] = episode.observations
+                self.actions[row : row + length] = episode.actions
+                self.returns_to_go[row : row + length] = returns_to_go(episode.rewards) / task.rtg_scale
+                row += length
+            task_rows = slice(task_offsets[-1], row)
+            task_sizes.append(row - task_offsets[-1])
+            state_means.append(self.observations[task_rows].mean(axis=0, dtype=np.float64))
+            state_stds.append(self.observations[task_rows].std(axis=0, dtype=np.float64) + STD_EPSILON)
+            prompt_parts.append(load_prompts(task, files[task.name][-PROMPT_EPISODES:], prompt_length))
+        episode_starts.append(row)
+
+        self.episode_starts = np.asarray(episode_starts, dtype=np.int64)
+        self.task_offsets = np.asarray(task_offsets, dtype=np.int64)
+        self.task_sizes = np.asarray(task_sizes, dtype=np.int64)
+        self.state_mean = np.stack(state_means).astype(np.float32)
+        self.state_std = np.stack(state_stds).astype(np.float32)
+        self.prompts = {key: np.stack([part[key] for part in prompt_parts]) for key in prompt_parts[0]}
+
+    @property
+    def task_names(self) -> list[str]:
+        return [task.name for task in self.tasks]
+
+    def nbytes(self) -> int:
+        return self.observations.nbytes + self.actions.nbytes + self.returns_to_go.nbytes + self.episode_starts.nbytes
+
+
+class DeviceSampler:
+    """Draws training batches with tensor ops on `device` (the dataset is copied there once).
+
+    For one task, a segment starts at a transition drawn uniformly over the task's training transitions
+    (the same distribution as the reference's "episode in proportion to its length, start uniform within
+    it"), runs up to K steps without crossing its episode's end, and is left-padded to K.
+    """
+
+    def __init__(self, dataset: TaskDataset, context_length: int, batch_size: int, device: torch.device,
+                 seeds: list[int]):
+        self.device = device
+        self.context_length = context_length
+        self.batch_size = batch_size
+        self.observations = torch.from_numpy(dataset.observations).to(device)
+        self.actions = torch.from_numpy(dataset.actions).to(device)
+        self.returns_to_go = torch.from_numpy(dataset.returns_to_go).to(device)
+        self.episode_starts = torch.from_numpy(dataset.episode_starts).to(device)
+        self.task_offsets = torch.from_numpy(dataset.task_offsets).to(device)
+        self.task_sizes = torch.from_numpy(dataset.task_sizes).to(device)
+        self.state_mean = torch.from_numpy(dataset.state_mean).to(device)
+        self.state_std = torch.from_numpy(dataset.state_std).to(device)
+        self.horizons = torch.tensor([task.horizon for task in dataset.tasks], device=device)
+        act_dims = torch.tensor([task.act_dim for task in dataset.tasks], device=device)
+        self.action_masks = (torch.arange(MAX_ACT_DIM, device=device) < act_dims[:, None]).float()
+        prompts = dataset.prompts
+        self.prompts = Prompts(
+            states=torch.from_numpy(prompts["states"]).float().to(device),
+            actions=torch.from_numpy(prompts["actions"]).float().to(device),
+            returns_to_go=torch.from_numpy(prompts["returns_to_go"]).float().unsqueeze(-1).to(device),
+            timesteps=torch.from_numpy(prompts["timesteps"]).long().to(device),
+            mask=torch.ones(prompts["timesteps"].shape, device=device),
+        )
+        # Which prompt trajectory each row of a task's batch uses: rows 0 and 2 the lower-return one.
+        prompt_choice = torch.ones(batch_size, dtype=torch.long)
+        prompt_choice[[row for row in LOW_RETURN_PROMPT_ROWS if row < batch_size]] = 0
+        self.prompt_choice = prompt_choice.to(device)
+        # One random stream per row group: `--all` expert training draws group g's rows from stream g,
+        # exactly as a separate run of expert g would.
+        self.generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
+
+    def sample(self, task_indices: torch.Tensor) -> Batch:
+        """One batch of `batch_size` segments for each task in `task_indices` (shape (G,)), concatenated
+        task by task into G * batch_size rows."""
+        rows_task = task_indices.to(self.device).repeat_interleave(self.batch_size)  # (R,)
+        if len(task_indices) != len(self.generators):
+            raise ValueError(f"sampler has {len(self.generators)} streams, asked for {len(task_indices)} row groups")
+        uniform = torch.cat([torch.rand(self.batch_size, generator=generator, device=self.device)
+                             for generator in self.generators])
+        starts = self.task_offsets[rows_task] + (uniform * self.task_sizes[rows_task]).long()
+        episode = torch.searchsorted(self.episode_starts, starts, right=True) - 1
+        episode_start, episode_end = self.episode_starts[episode], self.episode_starts[episode + 1]
+        valid_steps = torch.clamp(episode_end - starts, max=self.context_length)  # (R,)
+        padding = self.context_length - valid_steps
+        positions = torch.arange(self.context_length, device=self.device)
+        source = starts[:, None] + positions[None, :] - padding[:, None]  # (R, K), left-padded
+        mask = positions[None, :] >= padding[:, None]
+        source = torch.where(mask, source, starts[:, None])  # any valid row index; masked out below
+
+        mask_float = mask.float()
+        states = self.observations[source] * mask_float[..., None]  # padded states are 0 before normalising
+        states = (states - self.state_mean[rows_task, None]) / self.state_std[rows_task, None]
+        actions = torch.where(mask[..., None], self.actions[source], torch.full_like(self.actions[source], PAD_ACTION))
+        returns = (self.returns_to_go[source] * mask_float)[..., None]
+        timesteps = torch.minimum(source - episode_start[:, None], self.horizons[rows_task, None] - 1)
+        timesteps = timesteps * mask.long()
+
+        choice = self.prompt_choice.repeat(task_indices.shape[0])
+        prompts = self.prompts
+        return Batch(
+            states=states,
+            actions=actions,
+            returns_to_go=returns,
+            timesteps=timesteps,
+            mask=mask_float,
+            prompt_states=prompts.states[rows_task, choice],
+            prompt_actions=prompts.actions[rows_task, choice],
+            prompt_returns_to_go=prompts.returns_to_go[rows_task, choice],
+            prompt_timesteps=prompts.timesteps[rows_task, choice],
+            prompt_mask=prompts.mask[rows_task, choice],
+            action_mask=self.action_masks[rows_task, None],
+        )
+
+    def eval_prompt(self, task_index: int) -> dict[str, torch.Tensor]:
+        """The higher-return prompt of a task, as evaluation uses it (each tensor without batch dim)."""
+        prompts = self.prompts
+        return {
+            "states": prompts.states[task_index, 1],
+            "actions": prompts.actions[task_index, 1],
+            "returns_to_go": prompts.returns_to_go[task_index, 1],
+            "timesteps": prompts.timesteps[task_index, 1],
+            "mask": prompts.mask[task_index, 1],
+        }

@@ -1,0 +1,169 @@
+"""Prompt-DT: a GPT-2 style decoder over (return-to-go, state, action) tokens, with a task prompt prepended.
+
+Each block has a slot for an expert mixture (m3dt/moe.py). Stage 1 trains the plain backbone; stage 2
+installs experts in assigned mode (one expert per row group); stage 3 installs all experts plus a router
+per block. SPEC section 2 is the reference for every detail here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from m3dt.data import Batch
+from m3dt.moe import ExpertMixture
+from m3dt.tasks import MAX_ACT_DIM, MAX_OBS_DIM
+
+PADDING_SCORE = -1e4  # added to the attention scores of padded keys, as GPT-2 does
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    embed_dim: int = 256
+    n_layer: int = 6
+    n_head: int = 8
+    dropout: float = 0.1
+    max_timestep: int = 1000
+    residual: str = "ln2"  # "ln2" (reference, once experts are installed) or "standard"
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.qkv = nn.Linear(config.embed_dim, 3 * config.embed_dim)
+        self.projection = nn.Linear(config.embed_dim, config.embed_dim)
+        self.attention_dropout = config.dropout
+        self.residual_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, attention_bias: torch.Tensor) -> torch.Tensor:
+        batch, length, width = x.shape
+        query, key, value = self.qkv(x).split(width, dim=2)
+        query, key, value = (t.view(batch, length, self.n_head, width // self.n_head).transpose(1, 2) for t in (query, key, value))
+        dropout = self.attention_dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_bias, dropout_p=dropout)
+        out = out.transpose(1, 2).reshape(batch, length, width)
+        return self.residual_dropout(self.projection(out))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.up = nn.Linear(config.embed_dim, 4 * config.embed_dim)
+        self.down = nn.Linear(4 * config.embed_dim, config.embed_dim)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.down(F.relu(self.up(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(config.embed_dim)
+        self.attention = SelfAttention(config)
+        self.ln2 = nn.LayerNorm(config.embed_dim)
+        self.mlp = MLP(config)
+        self.residual = config.residual
+        self.expert_mixture: ExpertMixture | None = None  # installed by stages 2 and 3
+
+    def forward(self, h: torch.Tensor, attention_bias: torch.Tensor) -> torch.Tensor:
+        h = h + self.attention(self.ln1(h), attention_bias)
+        u = self.ln2(h)
+        if self.expert_mixture is None:
+            return h + self.mlp(u)
+        # The reference takes the residual from u (the LayerNorm output) once experts are installed.
+        residual = u if self.residual == "ln2" else h
+        return residual + self.mlp(u) + self.expert_mixture(u)
+
+
+def interleave(returns: torch.Tensor, states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """(B, T, d) x3 -> (B, 3T, d) ordered R1, s1, a1, R2, ..."""
+    batch, steps, width = states.shape
+    return torch.stack((returns, states, actions), dim=2).reshape(batch, 3 * steps, width)
+
+
+class TokenEmbedding(nn.Module):
+    """Linear projections of return, state and action plus a learned timestep embedding added to all three.
+    The trajectory and the prompt each have their own (PyTorch default init, as the reference)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.timestep = nn.Embedding(config.max_timestep, config.embed_dim)
+        self.return_to_go = nn.Linear(1, config.embed_dim)
+        self.state = nn.Linear(MAX_OBS_DIM, config.embed_dim)
+        self.action = nn.Linear(MAX_ACT_DIM, config.embed_dim)
+
+    def forward(self, states, actions, returns_to_go, timesteps) -> torch.Tensor:
+        time = self.timestep(timesteps)
+        return interleave(self.return_to_go(returns_to_go) + time, self.state(states) + time, self.action(actions) + time)
+
+
+class PromptDecisionTransformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed = TokenEmbedding(config)
+        self.embed_prompt = TokenEmbedding(config)
+        self.embed_ln = nn.LayerNorm(config.embed_dim)
+        self.dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_final = nn.LayerNorm(config.embed_dim)
+        self.action_head = nn.Linear(config.embed_dim, MAX_ACT_DIM)
+        # GPT-2 init for the transformer blocks and final LayerNorm only; the rest keeps PyTorch's defaults.
+        for module in [*self.blocks, self.ln_final]:
+            module.apply(gpt2_init)
+
+    def install_experts(self, num_experts: int, routed: bool, top_k: int = 0, seeds: list[int] | None = None) -> None:
+        """Put a fresh expert mixture into every block (stage 2: routed=False; stage 3: routed=True).
+        `seeds`: one per expert, so that expert e's initial weights do not depend on which others train."""
+        config = self.config
+        for layer, block in enumerate(self.blocks):
+            layer_seeds = None if seeds is None else [seed * 100 + layer for seed in seeds]
+            block.expert_mixture = ExpertMixture(num_experts, config.embed_dim, config.dropout, routed, top_k, layer_seeds)
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """Predicted actions (B, K, 8), read from each step's state token."""
+        steps = batch.states.shape[1]
+        tokens = self.embed_ln(self.embed(batch.states, batch.actions, batch.returns_to_go, batch.timesteps))
+        prompt_tokens = self.embed_prompt(
+            batch.prompt_states, batch.prompt_actions, batch.prompt_returns_to_go, batch.prompt_timesteps
+        )
+        h = self.dropout(torch.cat((prompt_tokens, tokens), dim=1))
+        token_mask = torch.cat((batch.prompt_mask, batch.mask), dim=1).repeat_interleave(3, dim=1)
+        attention_bias = attention_bias_for(token_mask)
+        for block in self.blocks:
+            h = block(h, attention_bias)
+        h = self.ln_final(h)
+        state_tokens = h[:, -3 * steps :][:, 1::3]  # tokens are R, s, a per step
+        return torch.tanh(self.action_head(state_tokens))
+
+
+def attention_bias_for(token_mask: torch.Tensor) -> torch.Tensor:
+    """Additive attention bias (B, 1, L, L): -inf above the diagonal (causal), -1e4 on padded keys."""
+    length = token_mask.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=token_mask.device).tril()
+    padding = (1.0 - token_mask)[:, None, None, :] * PADDING_SCORE
+    return padding.masked_fill(~causal, float("-inf"))
+
+
+def gpt2_init(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=0.02)
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def action_loss(predicted: torch.Tensor, batch: Batch, groups: int = 1) -> torch.Tensor:
+    """MSE on valid steps and the task's true action dims; with `groups` > 1 (rows grouped by expert),
+    the sum over groups of each group's own mean, so each expert gets exactly its separate-run gradient."""
+    weight = batch.mask[..., None] * batch.action_mask  # (B, K, 8)
+    squared = (predicted - batch.actions) ** 2 * weight
+    per_group_sum = squared.reshape(groups, -1).sum(dim=1)
+    per_group_count = weight.reshape(groups, -1).sum(dim=1)
+    return (per_group_sum / per_group_count).sum()

@@ -1,0 +1,115 @@
+"""Experts and routers.
+
+All E experts of a block live in one module with stacked weights, so running them is one batched matmul
+per layer (`torch.baddbmm`), never a Python loop over experts. Two ways to feed them:
+
+- assigned (stage 2): rows are already grouped by expert. The input (E * rows, L, d) is viewed as E slices,
+  and slice e goes through expert e only. Training one expert is the case E = 1; `--all` training of
+  G experts puts every group's batch in one forward.
+- routed (stage 3): a router gives every token a weight per expert, and the block adds
+  sum_e weight_e * expert_e(token). Dense soft mixture by default (the paper); top-k renormalised gating
+  as an option (computed densely with zero weights outside the top k, which is exact and cheap for E <= 48).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class StackedExperts(nn.Module):
+    """E two-layer MLPs d -> 4d -> d (ReLU, dropout on the output), weights stacked along dim 0.
+
+    Shapes are in matmul convention, `x @ weight`: up_weight (E, d, 4d), down_weight (E, 4d, d).
+    """
+
+    def __init__(self, num_experts: int, embed_dim: int, dropout: float, seeds: list[int] | None = None):
+        super().__init__()
+        hidden = 4 * embed_dim
+        self.up_weight = nn.Parameter(torch.empty(num_experts, embed_dim, hidden))
+        self.up_bias = nn.Parameter(torch.zeros(num_experts, 1, hidden))
+        self.down_weight = nn.Parameter(torch.empty(num_experts, hidden, embed_dim))
+        self.down_bias = nn.Parameter(torch.zeros(num_experts, 1, embed_dim))
+        self.dropout = nn.Dropout(dropout)
+        self.reset_parameters(seeds)
+
+    @torch.no_grad()
+    def reset_parameters(self, seeds: list[int] | None = None) -> None:
+        """N(0, 0.02) weights, zero biases (SPEC). With `seeds`, expert e draws from its own generator
+        seeded with seeds[e], so an expert starts the same whether trained alone or with all others."""
+        self.up_bias.zero_()
+        self.down_bias.zero_()
+        if seeds is None:
+            nn.init.normal_(self.up_weight, std=0.02)
+            nn.init.normal_(self.down_weight, std=0.02)
+            return
+        for expert, seed in enumerate(seeds):
+            generator = torch.Generator().manual_seed(seed)
+            for weight in (self.up_weight, self.down_weight):
+                weight[expert].copy_(torch.randn(weight.shape[1:], generator=generator) * 0.02)
+
+    @property
+    def num_experts(self) -> int:
+        return self.up_weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (E, N, d) or (1, N, d) broadcast to every expert -> (E, N, d), expert e applied to x[e]."""
+        if x.shape[0] != self.num_experts:
+            x = x.expand(self.num_experts, -1, -1)
+        hidden = F.relu(torch.baddbmm(self.up_bias, x, self.up_weight))
+        # Each expert drops out its own output, as separate expert MLPs would.
+        return self.dropout(torch.baddbmm(self.down_bias, hidden, self.down_weight))
+
+
+class Router(nn.Module):
+    """Per-token MLP d -> 1024 -> 1024 -> 1024 -> 512 -> E with ReLU; softmax over experts.
+    No dropout, no LayerNorm, PyTorch's default Linear init (as the reference)."""
+
+    def __init__(self, embed_dim: int, num_experts: int, hidden_sizes: tuple[int, ...] = (1024, 1024, 1024, 512)):
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = embed_dim
+        for size in hidden_sizes:
+            layers += [nn.Linear(width, size), nn.ReLU()]
+            width = size
+        layers.append(nn.Linear(width, num_experts))
+        self.network = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(x)  # router logits
+
+
+def gate_weights(router_logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Softmax over experts; with top_k > 0 only the k largest logits keep weight (renormalised)."""
+    if top_k <= 0 or top_k >= router_logits.shape[-1]:
+        return torch.softmax(router_logits, dim=-1)
+    top_logits, top_index = router_logits.topk(top_k, dim=-1)
+    weights = torch.zeros_like(router_logits)
+    return weights.scatter(-1, top_index, torch.softmax(top_logits, dim=-1))
+
+
+class ExpertMixture(nn.Module):
+    """The expert part of one block. Without a router: assigned mode; with one: routed mode."""
+
+    def __init__(self, num_experts: int, embed_dim: int, dropout: float, routed: bool, top_k: int = 0,
+                 seeds: list[int] | None = None):
+        super().__init__()
+        self.experts = StackedExperts(num_experts, embed_dim, dropout, seeds)
+        self.router = Router(embed_dim, num_experts) if routed else None
+        self.top_k = top_k
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        """u: (B, L, d), the LayerNorm output of the block -> the experts' contribution (B, L, d)."""
+        batch, length, width = u.shape
+        num_experts = self.experts.num_experts
+        if self.router is None:
+            if batch % num_experts:
+                raise ValueError(f"assigned mode needs rows in multiples of {num_experts} experts, got {batch}")
+            grouped = u.reshape(num_experts, (batch // num_experts) * length, width)
+            return self.experts(grouped).reshape(batch, length, width)
+        tokens = u.reshape(batch * length, width)
+        weights = gate_weights(self.router(tokens), self.top_k)  # (N, E)
+        outputs = self.experts(tokens.unsqueeze(0))  # (E, N, d)
+        return torch.einsum("ne,end->nd", weights, outputs).reshape(batch, length, width)
+

@@ -1,0 +1,290 @@
+"""The stages of M3DT, each reading what the previous one wrote into the run directory.
+
+stage 1  train_backbone   all tasks, every parameter          -> stage1/backbone.safetensors
+stage 2  group_tasks      stage-1 gradients or a random split  -> stage2/groups_{method}_{G}.json
+stage 2  train_experts    expert i on its group, backbone frozen -> stage2/experts_{method}_{G}/expert_{i}
+stage 3  train_router     routers only, over all tasks          -> stage3/{method}_{G}/moe.safetensors
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from m3dt.config import Config, ConfigError, parse_config
+from m3dt.data import DataError, DeviceSampler, TaskDataset
+from m3dt.grouping import gradient_features_gram, gradient_grouping, groups_to_json, random_grouping, task_gradients
+from m3dt.model import ModelConfig, PromptDecisionTransformer
+from m3dt.run import (ArtifactError, RunDir, check_model_fields, load_tensors, manifest_path, read_json,
+                      read_manifest, save_tensors, write_json, write_manifest)
+from m3dt.tasks import TaskError, resolve_tasks
+from m3dt.train import Job, TrainingError, resolve_device, train
+
+USER_ERRORS = (ArtifactError, ConfigError, DataError, TaskError, TrainingError)
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def build_model(config: Config | dict[str, Any], dropout: float) -> PromptDecisionTransformer:
+    fields = config.model_fields() if isinstance(config, Config) else config
+    return PromptDecisionTransformer(ModelConfig(
+        embed_dim=fields["embed_dim"], n_layer=fields["n_layer"], n_head=fields["n_head"], dropout=dropout,
+        max_timestep=fields["max_timestep"], residual=fields["residual"],
+    ))
+
+
+def optimisation_identity(config: Config, tasks: list[str]) -> dict[str, Any]:
+    """What a checkpoint must agree on to be resumed (the step count may grow: the schedule is constant)."""
+    names = ("seed", "batch_size", "learning_rate", "weight_decay", "warmup_steps", "grad_clip", "dropout",
+             "precision", "top_k")
+    return {"model": config.model_fields(), "tasks": tasks, **{name: getattr(config, name) for name in names}}
+
+
+def stage1_tasks(run: RunDir, config: Config) -> list[str]:
+    """The stage-1 task list; an explicit --prefix_name/--tasks must agree with it."""
+    manifest = read_manifest(run.backbone, "stage-1 backbone")
+    check_model_fields(manifest, config.model_fields(), run.backbone)
+    tasks = manifest["tasks"]
+    if config.prefix_name or config.tasks:
+        asked = resolve_tasks(config.prefix_name, config.tasks, config.seed)
+        if asked != tasks:
+            raise ArtifactError(f"{run.backbone}: trained on {len(tasks)} tasks that differ from the {len(asked)} "
+                                f"tasks asked for now (--prefix_name/--tasks)")
+    return tasks
+
+
+def load_backbone(run: RunDir, config: Config) -> PromptDecisionTransformer:
+    model = build_model(config, config.dropout)
+    state = load_tensors(run.backbone, "stage-1 backbone")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        raise ArtifactError(f"{run.backbone}: does not fit the model ({str(error).splitlines()[0]})") from None
+    return model
+
+
+def make_sampler(config: Config, tasks: list[str], device: torch.device, streams: list[int]) -> DeviceSampler:
+    dataset = TaskDataset(config.data_path, tasks, config.max_episodes, config.prompt_length)
+    gib = dataset.nbytes() / 2**30
+    print(f"loaded {len(tasks)} tasks, {len(dataset.returns_to_go):,} transitions ({gib:.2f} GiB) from {config.data_path}")
+    return DeviceSampler(dataset, config.context_length, config.batch_size, device, streams)
+
+
+def finished(artifact: Path, steps: int, config: Config, identity: dict[str, Any]) -> bool:
+    """True when `artifact` was already trained for `steps` steps with this configuration."""
+    if config.restart or not artifact.exists() or not manifest_path(artifact).exists():
+        return False
+    manifest = read_json(manifest_path(artifact), "manifest")
+    return manifest.get("identity") == identity and manifest.get("steps_done", 0) >= steps
+
+
+def read_groups(run: RunDir, config: Config, tasks: list[str]) -> tuple[Path, list[list[str]]]:
+    """The grouping chosen by --grouping/--expert_num, validated against the stage-1 task list."""
+    path = run.groups(config.grouping, config.expert_num)
+    if not path.exists():
+        raise ArtifactError(f"{path}: group file does not exist (run stage2_task_grouping_{config.grouping}.py "
+                            f"--group_num {config.expert_num} first)")
+    content = read_json(path, "group file")
+    expected_keys = [f"expert_{index}" for index in range(config.expert_num)]
+    if not isinstance(content, dict) or sorted(content) != sorted(expected_keys):
+        raise ArtifactError(f"{path}: expected keys expert_0..expert_{config.expert_num - 1}")
+    groups = [content[key] for key in expected_keys]
+    seen: set[str] = set()
+    for key, group in zip(expected_keys, groups):
+        if not isinstance(group, list) or not group:
+            raise ArtifactError(f"{path}: group {key} is empty or not a list")
+        for task in group:
+            if task not in tasks:
+                raise ArtifactError(f"{path}: group {key} has task '{task}', which stage 1 did not train on")
+            if task in seen:
+                raise ArtifactError(f"{path}: task '{task}' appears in more than one group")
+            seen.add(task)
+    missing = [task for task in tasks if task not in seen]
+    if missing:
+        raise ArtifactError(f"{path}: {len(missing)} task(s) in no group, e.g. {missing[0]}")
+    return path, groups
+
+
+def expert_seed(config: Config, expert_id: int) -> int:
+    return config.seed * 1000 + expert_id + 1
+
+
+def expert_tensors(model: PromptDecisionTransformer, slot: int) -> dict[str, torch.Tensor]:
+    """Expert `slot` of every block, as tensors with a leading expert dim of 1."""
+    return {f"blocks.{layer}.{name}": parameter[slot : slot + 1]
+            for layer, block in enumerate(model.blocks)
+            for name, parameter in block.expert_mixture.experts.named_parameters()}
+
+
+def freeze_all_but(model: PromptDecisionTransformer, trainable: Callable[[str], bool]) -> dict[str, torch.nn.Parameter]:
+    selected = {}
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(trainable(name))
+        if trainable(name):
+            selected[name] = parameter
+    return selected
+
+
+# ----------------------------------------------------------------------------------------------- stages
+def train_backbone(config: Config) -> Path:
+    run = RunDir(config.resolved_run_dir())
+    tasks = resolve_tasks(config.prefix_name, config.tasks, config.seed)
+    steps = config.stage_steps(config.backbone_steps)
+    identity = optimisation_identity(config, tasks)
+    if finished(run.backbone, steps, config, identity):
+        print(f"stage 1 already finished ({steps} steps): {run.backbone}; --restart to train again")
+        return run.backbone
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    sampler = make_sampler(config, tasks, device, [config.seed])
+    model = build_model(config, config.dropout).to(device)
+    job = Job(name="stage1", model=model, trainable=dict(model.named_parameters()),
+              task_groups=[list(range(len(tasks)))], task_names=tasks, steps=steps, job_dir=run.stage1,
+              per_expert_clip=False, identity=identity)
+    done = train(job, sampler, config)
+    save_tensors(run.data_stats, data_stats(sampler))
+    save_tensors(run.backbone, model.state_dict())
+    write_manifest(run.backbone, "stage1", vars(config), tasks, [], run.root, steps_done=done, identity=identity)
+    print(f"stage 1: wrote {run.backbone}")
+    return run.backbone
+
+
+def data_stats(sampler: DeviceSampler) -> dict[str, torch.Tensor]:
+    """What evaluation needs from the data, in stage-1 task order: state statistics and the eval prompt."""
+    prompts = sampler.prompts
+    return {
+        "state_mean": sampler.state_mean, "state_std": sampler.state_std,
+        "prompt_states": prompts.states[:, 1], "prompt_actions": prompts.actions[:, 1],
+        "prompt_returns_to_go": prompts.returns_to_go[:, 1], "prompt_timesteps": prompts.timesteps[:, 1],
+        "prompt_mask": prompts.mask[:, 1],
+    }
+
+
+def group_tasks(config: Config, method: str) -> Path:
+    run = RunDir(config.resolved_run_dir())
+    tasks = stage1_tasks(run, config)
+    path = run.groups(method, config.group_num)
+    if method == "random":
+        groups = random_grouping(len(tasks), config.group_num, config.seed)
+    else:
+        device = resolve_device(config.device)
+        torch.manual_seed(config.seed)
+        sampler = make_sampler(config, tasks, device, [config.seed])
+        model = load_backbone(run, config).to(device)
+        gradients = task_gradients(model, sampler, len(tasks), config.grouping_gradients, config.grad_clip)
+        groups = gradient_grouping(gradient_features_gram(gradients), config.group_num, config.seed,
+                                   config.kmeans_restarts, config.kmeans_repeats, config.kmeans_iterations,
+                                   config.kmeans_tolerance)
+    write_json(path, groups_to_json(groups, tasks))
+    write_manifest(path, f"stage2_grouping_{method}", vars(config), tasks, [run.backbone], run.root,
+                   method=method, group_num=config.group_num)
+    sizes = [len(group) for group in groups]
+    print(f"stage 2 grouping ({method}): {len(groups)} groups, sizes {min(sizes)}..{max(sizes)}; wrote {path}")
+    return path
+
+
+def train_experts(config: Config) -> list[Path]:
+    """`--expert_id i` trains expert i; `--all` trains every expert of the grouping in one process."""
+    run = RunDir(config.resolved_run_dir())
+    tasks = stage1_tasks(run, config)
+    groups_file, groups = read_groups(run, config, tasks)
+    if config.all == (config.expert_id is not None):
+        raise ConfigError("give exactly one of --expert_id I or --all")
+    expert_ids = list(range(len(groups))) if config.all else [config.expert_id]
+    if not 0 <= expert_ids[0] < len(groups) or expert_ids[-1] >= len(groups):
+        raise ConfigError(f"--expert_id must be in 0..{len(groups) - 1} for {groups_file}")
+    steps = config.stage_steps(config.expert_steps)
+    identity = {**optimisation_identity(config, tasks), "groups": read_json(groups_file, "group file")}
+    outputs = [run.expert(config.grouping, config.expert_num, expert) for expert in expert_ids]
+    if all(finished(output, steps, config, identity) for output in outputs):
+        print(f"stage 2 experts {expert_ids} already finished ({steps} steps); --restart to train again")
+        return outputs
+
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    group_tasks_needed = [task for expert in expert_ids for task in groups[expert]]
+    sampler = make_sampler(config, group_tasks_needed, device, [expert_seed(config, e) for e in expert_ids])
+    model = load_backbone(run, config)
+    model.install_experts(len(expert_ids), routed=False, seeds=[expert_seed(config, e) for e in expert_ids])
+    model.to(device)
+    trainable = freeze_all_but(model, lambda name: ".expert_mixture." in name)
+    task_groups, offset = [], 0
+    for expert in expert_ids:
+        task_groups.append(list(range(offset, offset + len(groups[expert]))))
+        offset += len(groups[expert])
+    job_name = "all" if config.all else f"expert_{config.expert_id}"
+    job = Job(name=f"stage2 {job_name}", model=model, trainable=trainable, task_groups=task_groups,
+              task_names=group_tasks_needed, steps=steps,
+              job_dir=run.expert_job(config.grouping, config.expert_num, job_name), per_expert_clip=True,
+              identity={**identity, "experts": expert_ids})
+    done = train(job, sampler, config)
+    for slot, (expert, output) in enumerate(zip(expert_ids, outputs)):
+        save_tensors(output, expert_tensors(model, slot))
+        write_manifest(output, "stage2_expert", vars(config), groups[expert], [run.backbone, groups_file], run.root,
+                       expert_id=expert, steps_done=done, identity=identity)
+    print(f"stage 2: wrote {len(outputs)} expert(s) to {outputs[0].parent}")
+    return outputs
+
+
+def train_router(config: Config) -> Path:
+    run = RunDir(config.resolved_run_dir())
+    tasks = stage1_tasks(run, config)
+    groups_file, groups = read_groups(run, config, tasks)
+    output = run.moe(config.grouping, config.expert_num)
+    steps = config.stage_steps(config.router_steps)
+    identity = {**optimisation_identity(config, tasks), "groups": read_json(groups_file, "group file")}
+    if finished(output, steps, config, identity):
+        print(f"stage 3 already finished ({steps} steps): {output}; --restart to train again")
+        return output
+
+    expert_files = [run.expert(config.grouping, config.expert_num, expert) for expert in range(len(groups))]
+    model = load_backbone(run, config)
+    model.install_experts(len(groups), routed=True, top_k=config.top_k)
+    load_experts(model, expert_files, groups_file, config)
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    sampler = make_sampler(config, tasks, device, [config.seed])
+    model.to(device)
+    trainable = freeze_all_but(model, lambda name: ".router." in name)
+    job = Job(name="stage3 router", model=model, trainable=trainable, task_groups=[list(range(len(tasks)))],
+              task_names=tasks, steps=steps, job_dir=run.stage3(config.grouping, config.expert_num),
+              per_expert_clip=False, identity=identity)
+    done = train(job, sampler, config)
+    save_tensors(output, model.state_dict())
+    write_manifest(output, "stage3", vars(config), tasks, [run.backbone, groups_file, *expert_files], run.root,
+                   steps_done=done, identity=identity, num_experts=len(groups), top_k=config.top_k)
+    print(f"stage 3: wrote {output}")
+    return output
+
+
+def load_experts(model: PromptDecisionTransformer, files: list[Path], groups_file: Path, config: Config) -> None:
+    """Stack the experts' weights into the routed mixture, checking each expert was made for this grouping."""
+    expected_groups = read_json(groups_file, "group file")
+    with torch.no_grad():
+        for slot, path in enumerate(files):
+            manifest = read_manifest(path, f"expert {slot}")
+            check_model_fields(manifest, config.model_fields(), path)
+            if manifest.get("identity", {}).get("groups") != expected_groups:
+                raise ArtifactError(f"{path}: trained for another grouping than {groups_file}")
+            tensors = load_tensors(path, f"expert {slot}")
+            for layer, block in enumerate(model.blocks):
+                for name, parameter in block.expert_mixture.experts.named_parameters():
+                    key = f"blocks.{layer}.{name}"
+                    if key not in tensors or tensors[key].shape != parameter[slot : slot + 1].shape:
+                        raise ArtifactError(f"{path}: missing or misshapen tensor '{key}'")
+                    parameter[slot : slot + 1].copy_(tensors[key])
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+def run_cli(stage: Callable[[Config], Any], description: str, argv: list[str] | None = None) -> None:
+    """Parse options, run `stage`, and turn bad input into one clear line (tracebacks with --debug)."""
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    try:
+        stage(parse_config(description, argv))
+    except USER_ERRORS as error:
+        if debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,220 @@
+"""The one training loop every stage uses. Stages differ only in what is trainable, which tasks each step
+draws, and whether gradients are clipped globally or per expert.
+
+Each step draws one task per row group round-robin (`task = tasks[step % n_tasks]`), a batch of 16 segments
+from it, and takes one AdamW step with linear warmup and global-norm clipping at 0.25. `--all` expert
+training has G row groups (one per expert) in the same step; since every expert's weights are a disjoint
+slice of the stacked parameters, one AdamW over them equals G separate AdamWs, and clipping is done per
+expert, so each expert is optimised exactly as in its own run.
+
+Nothing in the loop waits for the device except at log and checkpoint boundaries.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from m3dt.config import Config
+from m3dt.data import DeviceSampler
+from m3dt.model import PromptDecisionTransformer, action_loss
+from m3dt.run import ArtifactError, append_jsonl, load_checkpoint, save_checkpoint
+
+TRAIN_STATE = "train_state.pt"
+METRICS = "metrics.jsonl"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss); the message says where and what to resume from."""
+
+
+@dataclass
+class Job:
+    """One training run of the loop."""
+
+    name: str  # shown in the progress bar and logs
+    model: PromptDecisionTransformer
+    trainable: dict[str, nn.Parameter]  # by name, as saved in checkpoints
+    task_groups: list[list[int]]  # per row group, the dataset task indices it cycles through
+    task_names: list[str]  # dataset task index -> name, for messages
+    steps: int
+    job_dir: Path
+    per_expert_clip: bool  # trainable parameters are stacked per expert (leading dim = row groups)
+    identity: dict[str, Any]  # what must match for a checkpoint to be resumed
+
+
+def round_robin_table(task_groups: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad the groups' task lists into a table so that the tasks of step s are table[g, s % len(group g)]."""
+    width = max(len(group) for group in task_groups)
+    table = torch.zeros(len(task_groups), width, dtype=torch.long)
+    for row, group in enumerate(task_groups):
+        table[row, : len(group)] = torch.tensor(group)
+    lengths = torch.tensor([len(group) for group in task_groups])
+    return table.to(device), lengths.to(device)
+
+
+def warmup_factor(warmup_steps: int):
+    return lambda step: min((step + 1) / warmup_steps, 1.0)
+
+
+def clip_gradients(parameters: list[nn.Parameter], max_norm: float, per_expert: bool) -> torch.Tensor:
+    """Global-norm clipping as torch's clip_grad_norm_; per expert, every parameter's leading dim indexes
+    the expert and each expert is clipped by its own norm. Returns the norm(s) before clipping."""
+    if not per_expert:
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+    squares = sum(p.grad.pow(2).reshape(p.shape[0], -1).sum(dim=1) for p in parameters)
+    norms = squares.sqrt()
+    scale = torch.clamp(max_norm / (norms + 1e-6), max=1.0)
+    for parameter in parameters:
+        parameter.grad.mul_(scale.view(-1, *[1] * (parameter.dim() - 1)))
+    return norms
+
+
+def build_optimizer(parameters: list[nn.Parameter], config: Config, device: torch.device) -> torch.optim.AdamW:
+    return torch.optim.AdamW(
+        parameters,
+        lr=config.learning_rate,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=config.weight_decay,
+        fused=device.type == "cuda",
+    )
+
+
+def rng_state(sampler: DeviceSampler) -> dict[str, torch.Tensor]:
+    state = {"torch": torch.get_rng_state(),
+             "sampler": torch.stack([generator.get_state() for generator in sampler.generators])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng_state(state: dict[str, torch.Tensor], sampler: DeviceSampler) -> None:
+    torch.set_rng_state(state["torch"])
+    for generator, generator_state in zip(sampler.generators, state["sampler"]):
+        generator.set_state(generator_state)
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def start_wandb(config: Config, job: Job):
+    import wandb
+
+    os.environ.setdefault("WANDB_MODE", "offline")  # no network needed; `wandb sync` uploads later
+    return wandb.init(project=config.wandb_project, name=job.name, dir=str(job.job_dir), config=vars(config))
+
+
+def train(job: Job, sampler: DeviceSampler, config: Config) -> int:
+    """Run (or resume) `job` to `job.steps` steps; return the steps done. Trainable weights are updated in
+    place in `job.model`; the caller writes the artifacts."""
+    device = sampler.device
+    parameters = list(job.trainable.values())
+    optimizer = build_optimizer(parameters, config, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_factor(config.warmup_steps))
+    table, lengths = round_robin_table(job.task_groups, device)
+    groups = len(job.task_groups)
+    group_index = torch.arange(groups, device=device)
+    state_file = job.job_dir / TRAIN_STATE
+
+    start = 0
+    if state_file.exists() and not config.restart:
+        start = resume(state_file, job, optimizer, scheduler, sampler)
+        print(f"[{job.name}] resuming from step {start} ({state_file})")
+    if start >= job.steps:
+        return start
+
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if config.precision == "bf16" else nullcontext()
+    run = start_wandb(config, job) if config.wandb else None
+    job.model.train()  # dropout on in every module, frozen ones included (as the reference)
+    window_losses: list[torch.Tensor] = []
+    window_start = time.perf_counter()
+    progress = tqdm(range(start, job.steps), desc=job.name, initial=start, total=job.steps, dynamic_ncols=True)
+    for step in progress:
+        task_indices = table[group_index, step % lengths]
+        batch = sampler.sample(task_indices)
+        with autocast:
+            predicted = job.model(batch)
+        loss = action_loss(predicted.float(), batch, groups)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        clip_gradients(parameters, config.grad_clip, job.per_expert_clip)
+        optimizer.step()
+        scheduler.step()
+        window_losses.append(loss.detach())
+
+        done = step + 1
+        if done % config.log_every == 0 or done % config.save_every == 0 or done == job.steps:
+            losses = torch.stack(window_losses).float().cpu() / groups  # the one host sync of the window
+            check_finite(losses, done - len(losses), job, table, lengths)
+            elapsed = time.perf_counter() - window_start
+            record = {"step": done, "loss": losses.mean().item(), "lr": scheduler.get_last_lr()[0],
+                      "steps_per_second": len(losses) / max(elapsed, 1e-9)}
+            append_jsonl(job.job_dir / METRICS, record)
+            progress.set_postfix(loss=f"{record['loss']:.4f}", steps_per_s=f"{record['steps_per_second']:.1f}")
+            if run is not None:
+                run.log(record, step=done)
+            window_losses, window_start = [], time.perf_counter()
+        if done % config.save_every == 0 or done == job.steps:
+            save_train_state(state_file, job, optimizer, scheduler, sampler, done)
+    progress.close()
+    if run is not None:
+        run.finish()
+    return job.steps
+
+
+def check_finite(losses: torch.Tensor, first_step: int, job: Job, table: torch.Tensor, lengths: torch.Tensor) -> None:
+    bad = (~torch.isfinite(losses)).nonzero()
+    if len(bad) == 0:
+        return
+    step = first_step + int(bad[0])
+    tasks = [job.task_names[int(table[g, step % int(lengths[g])])] for g in range(len(job.task_groups))]
+    last_good = job.job_dir / TRAIN_STATE
+    pointer = f"last good checkpoint: {last_good}" if last_good.exists() else "no checkpoint was written yet"
+    raise TrainingError(f"[{job.name}] non-finite loss at step {step + 1} on task(s) {', '.join(tasks)}; "
+                        f"nothing was written for this window; {pointer}")
+
+
+def save_train_state(path: Path, job: Job, optimizer, scheduler, sampler: DeviceSampler, step: int) -> None:
+    save_checkpoint(path, {
+        "step": step,
+        "identity": job.identity,
+        "trainable": {name: parameter.detach().cpu() for name, parameter in job.trainable.items()},
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": rng_state(sampler),
+    })
+
+
+def resume(path: Path, job: Job, optimizer, scheduler, sampler: DeviceSampler) -> int:
+    state = load_checkpoint(path)
+    if state.get("identity") != job.identity:
+        raise ArtifactError(f"{path}: checkpoint belongs to another configuration "
+                            f"(saved {state.get('identity')}, now {job.identity}); rerun with --restart")
+    with torch.no_grad():
+        for name, parameter in job.trainable.items():
+            if name not in state["trainable"] or state["trainable"][name].shape != parameter.shape:
+                raise ArtifactError(f"{path}: checkpoint has no matching tensor '{name}'; rerun with --restart")
+            parameter.copy_(state["trainable"][name])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    restore_rng_state(state["rng"], sampler)
+    return int(state["step"])
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+
