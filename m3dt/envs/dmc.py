@@ -1,7 +1,7 @@
 """The 30 DeepMind Control tasks of MT160 under M3DT's evaluation protocol.
 
-19 tasks come straight from the dm_control suite, 11 from `dmc_extra_tasks`. The protocol (the wrapper
-the MT160 data was collected and evaluated with):
+19 tasks come straight from the dm_control suite, 11 from `dmc_extra_tasks`. The protocol is that of the
+reference evaluator, which wraps the suite as TD-MPC2 does:
 - each env step applies the action twice (action repeat 2) and returns the sum of the two rewards, so the
   500-step horizon covers the suite's 1000 control steps;
 - actions are clipped to [-1, 1], which is every task's actuator range;
@@ -42,6 +42,8 @@ def flatten_observation(observation: Mapping[str, np.ndarray]) -> np.ndarray:
 
 
 class DMCEnv(TaskEnv):
+    """One DMC task for one evaluation episode; `episode` is the suite seed, the run seed is unused."""
+
     def __init__(self, task: Task, episode: int, seed: int):
         super().__init__(task, episode, seed)
         self.environment = load_environment(task.name, random=episode)

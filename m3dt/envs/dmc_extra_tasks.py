@@ -93,16 +93,16 @@ class CheetahRunReared(cheetah.Cheetah):
 class CheetahJump(cheetah.Cheetah):
     """Rear up on either foot while staying nearly in place.
 
-    TD-MPC2 averages two rewards, one per raised foot, each (5 * height + in_place) / 6 where height scores
-    the mean height of torso and raised foot; the average is written out here in one expression.
+    TD-MPC2 averages two rewards, one per raised foot, each (5 * reared + in_place) / 6 where `reared` scores
+    the mean height of the torso and that foot; the average of the two is written here as one expression.
     """
 
     def get_reward(self, physics: cheetah.Physics) -> float:
         torso_height = physics.named.data.xpos["torso", "z"]
-        height = np.mean(
-            [high_enough((torso_height + physics.named.data.xpos[foot, "z"]) / 2, CHEETAH_REARED_HEIGHT)
-             for foot in ("bfoot", "ffoot")]
-        )
+        reared = [
+            high_enough((torso_height + physics.named.data.xpos[raised_foot, "z"]) / 2, CHEETAH_REARED_HEIGHT)
+            for raised_foot in ("bfoot", "ffoot")
+        ]
         in_place = rewards.tolerance(
             physics.speed(),
             bounds=(-CHEETAH_JUMP_SPEED, CHEETAH_JUMP_SPEED),
@@ -110,7 +110,7 @@ class CheetahJump(cheetah.Cheetah):
             value_at_margin=0.0,
             sigmoid="linear",
         )
-        return (5 * height + in_place) / 6
+        return (5 * np.mean(reared) + in_place) / 6
 
 
 class HopperHopBackwards(hopper.Hopper):
@@ -208,7 +208,7 @@ class Domain:
     """What an extra task borrows from a suite domain. Every domain here runs 1000 control steps."""
 
     physics_class: type[mujoco.Physics]
-    model: Callable[[], tuple[str, dict]]  # () -> (MJCF string, assets)
+    model: Callable[[], tuple[str | bytes, dict]]  # () -> (MJCF text, assets)
     time_limit: float  # seconds
     control_timestep: float | None = None  # seconds; None: one physics step per control step
 

@@ -1,0 +1,91 @@
+"""Every stage script through its command line, each stage consuming what the previous one wrote."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import REPO, SMALL_TASKS
+
+TINY = ["--embed_dim", "32", "--n_layer", "2", "--n_head", "2", "--warmup_steps", "5", "--log_every", "20",
+        "--learning_rate", "1e-3",
+        "--save_every", "20", "--device", "cpu"]
+
+
+def run_stage(script: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(REPO / script), *args], capture_output=True, text=True,
+                            cwd=REPO, env=environment, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{script} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(small_data, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    common = [*TINY, "--data_path", str(small_data), "--run_dir", str(run_dir)]
+    run_stage("stage1_backbone_train.py", "--tasks", ",".join(SMALL_TASKS), "--max_iters", "200", *common)
+    return run_dir, common
+
+
+def read_losses(path):
+    return [json.loads(line)["loss"] for line in path.read_text().splitlines()]
+
+
+def test_stage1_loss_falls_and_writes_artifacts(pipeline_run):
+    run_dir, _ = pipeline_run
+    losses = read_losses(run_dir / "stage1" / "metrics.jsonl")
+    assert len(losses) == 10 and sum(losses[-2:]) < 0.7 * sum(losses[:2])
+    manifest = json.loads((run_dir / "stage1" / "backbone.manifest.json").read_text())
+    assert manifest["tasks"] == SMALL_TASKS and manifest["steps_done"] == 200
+    assert set(load_file(run_dir / "stage1" / "data_stats.safetensors")) >= {"state_mean", "prompt_states"}
+
+
+def test_full_chain_both_groupings(pipeline_run):
+    run_dir, common = pipeline_run
+    run_stage("stage2_task_grouping_gradient.py", "--group_num", "3", "--kmeans_restarts", "4",
+              "--kmeans_repeats", "4", *common)
+    run_stage("stage2_task_grouping_random.py", "--group_num", "2", *common)
+    groups = json.loads((run_dir / "stage2" / "groups_gradient_3.json").read_text())
+    assert sorted(groups) == ["expert_0", "expert_1", "expert_2"]
+    assert sorted(t for g in groups.values() for t in g) == sorted(SMALL_TASKS)
+
+    # gradient grouping: one process trains every expert
+    run_stage("stage2_expert_train.py", "--grouping", "gradient", "--expert_num", "3", "--all", "--max_iters", "30", *common)
+    experts = run_dir / "stage2" / "experts_gradient_3"
+    assert all((experts / f"expert_{i}.safetensors").exists() for i in range(3))
+    # random grouping: the shell script (one process with --all on a machine without GPU)
+    environment = {**os.environ, "PYTHONPATH": str(REPO), "PYTHON": sys.executable}
+    subprocess.run(["bash", str(REPO / "stage2_expert_train_total.sh"), "--grouping", "random", "--expert_num", "2",
+                    "--max_iters", "30", *common], check=True, cwd=REPO, env=environment, capture_output=True, timeout=600)
+    assert (run_dir / "stage2" / "experts_random_2" / "expert_1.safetensors").exists()
+
+    run_stage("stage3_router_train.py", "--grouping", "gradient", "--expert_num", "3", "--max_iters", "30", *common)
+    moe = load_file(run_dir / "stage3" / "gradient_3" / "moe.safetensors")
+    assert moe["blocks.0.expert_mixture.experts.up_weight"].shape[0] == 3
+    # the router stage trained routers only: the experts in the MoE equal what stage 2 wrote
+    expert_1 = load_file(experts / "expert_1.safetensors")
+    assert torch.equal(moe["blocks.1.expert_mixture.experts.down_weight"][1], expert_1["blocks.1.down_weight"][0])
+    assert torch.equal(moe["blocks.0.mlp.up.weight"], load_file(run_dir / "stage1" / "backbone.safetensors")["blocks.0.mlp.up.weight"])
+
+    # a finished stage rerun does nothing and says so
+    again = run_stage("stage3_router_train.py", "--grouping", "gradient", "--expert_num", "3", "--max_iters", "30", *common)
+    assert "already finished" in again.stdout
+
+
+def test_mismatched_inputs_are_named(pipeline_run):
+    run_dir, common = pipeline_run
+    wrong_width = [*common, "--embed_dim", "64"]
+    result = run_stage("stage2_task_grouping_random.py", "--group_num", "2", *wrong_width, check=False)
+    assert result.returncode == 2
+    assert "backbone.safetensors: made with embed_dim=32, this run uses embed_dim=64" in result.stderr
+    result = run_stage("stage3_router_train.py", "--expert_num", "5", *common, check=False)
+    assert result.returncode == 2 and "groups_gradient_5.json: group file does not exist" in result.stderr
+    result = run_stage("stage2_task_grouping_random.py", "--group_num", "2", "--tasks", "reach-v2", *common, check=False)
+    assert result.returncode == 2 and "differ" in result.stderr
+    assert "Traceback" not in result.stderr
