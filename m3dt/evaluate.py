@@ -1,0 +1,380 @@
+"""Evaluate a trained model in the real simulators with the protocol of SPEC section 5.
+
+    python -m m3dt.evaluate --run_dir runs/mt160_seed0 --stage 1          # Prompt-DT (the stage-1 backbone)
+    python -m m3dt.evaluate --run_dir runs/mt160_seed0 --stage 3 --grouping gradient --expert_num 48
+
+All (task, episode) rollouts advance in lockstep: at every env step, one batched model forward over all
+live rollouts, then every env steps, spread over worker processes. Rollouts start together, so at step t
+every live rollout's context is the same window of steps [t-K+1, t]: the context is plain slicing of one
+history array, no per-rollout bookkeeping.
+
+Per rollout: obs zero-padded to 39 and normalised with the task's training statistics; the higher-return
+prompt of the task (fixed); return-to-go starting at the task's target / scale and decreased by
+reward / scale after each step; the env receives the first act_dim dims of the predicted action.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import multiprocessing
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from m3dt.data import Batch
+from m3dt.model import PromptDecisionTransformer
+from m3dt.run import ArtifactError, RunDir, atomic_path, load_tensors, read_manifest, write_json
+from m3dt.scores import episode_score
+from m3dt.tasks import FAMILIES, MAX_ACT_DIM, MAX_OBS_DIM, Task, TaskError, get_task, resolve_tasks
+
+EPISODES_PER_FAMILY = {"metaworld": 10, "dmc": 10, "ant_dir": 1, "cheetah_vel": 1}
+METHOD_NAMES = {1: "Prompt-DT", 3: "M3DT"}
+
+
+@dataclass(frozen=True)
+class Rollout:
+    task: Task
+    task_slot: int  # index of the task in the stage-1 statistics
+    episode: int
+
+
+# ------------------------------------------------------------------------------------------ environments
+def _worker(connection, rollouts: list[tuple[str, int]], seed: int) -> None:
+    """Owns the envs of some rollouts; answers 'reset' and 'step' messages until 'close'."""
+    from m3dt.envs import make_env
+
+    envs = [make_env(task, episode, seed) for task, episode in rollouts]
+    while True:
+        command, payload = connection.recv()
+        if command == "reset":
+            connection.send(np.stack([env.reset() for env in envs]))
+        elif command == "step":
+            results = [envs[i].step(action) for i, action in payload]
+            connection.send([(obs, reward, done, info["success"]) for obs, reward, done, info in results])
+        else:
+            for env in envs:
+                env.close()
+            connection.close()
+            return
+
+
+class EnvPool:
+    """The envs of all rollouts, in `workers` processes (0: in this process). Rollout r lives in worker
+    r % workers, so results never depend on how many workers there are."""
+
+    def __init__(self, rollouts: list[Rollout], seed: int, workers: int):
+        specs = [(rollout.task.name, rollout.episode) for rollout in rollouts]
+        self.count = len(rollouts)
+        self.workers = max(1, min(workers, self.count))
+        self.local = workers <= 0
+        if self.local:
+            from m3dt.envs import make_env
+
+            self.envs = [make_env(task, episode, seed) for task, episode in specs]
+            return
+        context = multiprocessing.get_context("spawn")  # MuJoCo state must not be forked
+        self.connections, self.processes = [], []
+        for worker in range(self.workers):
+            parent, child = context.Pipe()
+            process = context.Process(target=_worker, args=(child, specs[worker :: self.workers], seed), daemon=True)
+            process.start()
+            self.connections.append(parent)
+            self.processes.append(process)
+
+    def reset(self) -> np.ndarray:
+        if self.local:
+            return np.stack([env.reset() for env in self.envs])
+        for connection in self.connections:
+            connection.send(("reset", None))
+        observations = np.zeros((self.count, MAX_OBS_DIM), dtype=np.float32)
+        for worker, connection in enumerate(self.connections):
+            observations[worker :: self.workers] = connection.recv()
+        return observations
+
+    def step(self, live: np.ndarray, actions: np.ndarray) -> list[tuple[np.ndarray, float, bool, bool]]:
+        """Step the rollouts `live` (indices) with `actions` (one per live rollout), in `live` order."""
+        if self.local:
+            results = [self.envs[r].step(action) for r, action in zip(live, actions)]
+            return [(obs, reward, done, info["success"]) for obs, reward, done, info in results]
+        messages = [[] for _ in range(self.workers)]
+        for rollout, action in zip(live, actions):
+            messages[rollout % self.workers].append((rollout // self.workers, action))
+        for connection, message in zip(self.connections, messages):
+            connection.send(("step", message))
+        answers = [iter(connection.recv()) for connection in self.connections]
+        return [next(answers[rollout % self.workers]) for rollout in live]
+
+    def close(self) -> None:
+        if self.local:
+            for env in self.envs:
+                env.close()
+            return
+        for connection in self.connections:
+            connection.send(("close", None))
+        for process in self.processes:
+            process.join(timeout=30)
+
+
+# ------------------------------------------------------------------------------------------ model
+def load_policy(run: RunDir, stage: int, grouping: str, expert_num: int) -> tuple[PromptDecisionTransformer, dict]:
+    """The trained model of a stage, built from what its manifest says."""
+    from m3dt.stages import build_model
+
+    artifact = run.backbone if stage == 1 else run.moe(grouping, expert_num)
+    manifest = read_manifest(artifact, f"stage-{stage} model")
+    config = manifest["config"]
+    model = build_model(config, dropout=0.0)
+    if stage == 3:
+        model.install_experts(manifest["num_experts"], routed=True, top_k=manifest.get("top_k", 0))
+    try:
+        model.load_state_dict(load_tensors(artifact, f"stage-{stage} model"))
+    except RuntimeError as error:
+        raise ArtifactError(f"{artifact}: does not fit the model its manifest describes ({str(error).splitlines()[0]})") from None
+    return model.eval(), manifest
+
+
+@dataclass
+class Statistics:
+    """What evaluation needs from the training data (written by stage 1), indexed by task slot."""
+
+    state_mean: np.ndarray
+    state_std: np.ndarray
+    prompts: dict[str, torch.Tensor]
+
+
+def load_statistics(run: RunDir) -> Statistics:
+    tensors = load_tensors(run.data_stats, "data statistics")
+    prompts = {key.removeprefix("prompt_"): value for key, value in tensors.items() if key.startswith("prompt_")}
+    return Statistics(tensors["state_mean"].numpy(), tensors["state_std"].numpy(), prompts)
+
+
+# ------------------------------------------------------------------------------------------ rollouts
+@torch.no_grad()
+def run_rollouts(model: PromptDecisionTransformer, statistics: Statistics, rollouts: list[Rollout], seed: int,
+                 workers: int, context_length: int, max_steps: int | None, device: torch.device,
+                 dtype: torch.dtype = torch.float32) -> dict[str, np.ndarray]:
+    """All rollouts in lockstep. Returns per rollout: return, success (any step), steps, and the actions.
+    `dtype` is the model's floating type (float64 makes batched and single rollouts bit-identical)."""
+    count = len(rollouts)
+    horizons = np.array([rollout.task.horizon for rollout in rollouts])
+    if max_steps:
+        horizons = np.minimum(horizons, max_steps)
+    longest = int(horizons.max())
+    slots = np.array([rollout.task_slot for rollout in rollouts])
+    act_dims = np.array([rollout.task.act_dim for rollout in rollouts])
+    mean, std = statistics.state_mean[slots], statistics.state_std[slots]
+
+    states = np.zeros((count, longest, MAX_OBS_DIM), dtype=np.float32)  # normalised
+    actions = np.zeros((count, longest, MAX_ACT_DIM), dtype=np.float32)
+    returns_to_go = np.zeros((count, longest), dtype=np.float32)
+    returns_to_go[:, 0] = [rollout.task.return_target / rollout.task.rtg_scale for rollout in rollouts]
+    scales = np.array([rollout.task.rtg_scale for rollout in rollouts], dtype=np.float32)
+    prompt = {key: value[torch.from_numpy(slots)].to(device) for key, value in statistics.prompts.items()}
+    prompt = {key: value.to(dtype) if value.is_floating_point() else value for key, value in prompt.items()}
+    total_return = np.zeros(count)
+    success = np.zeros(count, dtype=bool)
+    steps = np.zeros(count, dtype=np.int64)
+    alive = np.ones(count, dtype=bool)
+
+    pool = EnvPool(rollouts, seed, workers)
+    try:
+        states[:, 0] = (pool.reset() - mean) / std
+        for t in tqdm(range(longest), desc="rollout steps", dynamic_ncols=True):
+            live = np.flatnonzero(alive)
+            if len(live) == 0:
+                break
+            predicted = predict_actions(model, states, actions, returns_to_go, prompt, live, t, context_length, device, dtype)
+            predicted[np.arange(MAX_ACT_DIM)[None, :] >= act_dims[live, None]] = 0.0  # as the data pads actions
+            actions[live, t] = predicted
+            results = pool.step(live, [predicted[i, : act_dims[r]] for i, r in enumerate(live)])
+            for r, (observation, reward, done, succeeded) in zip(live, results):
+                total_return[r] += reward
+                success[r] |= succeeded
+                steps[r] = t + 1
+                if done or t + 1 >= horizons[r]:
+                    alive[r] = False
+                elif t + 1 < longest:
+                    states[r, t + 1] = (observation - mean[r]) / std[r]
+                    returns_to_go[r, t + 1] = returns_to_go[r, t] - reward / scales[r]
+    finally:
+        pool.close()
+    return {"returns": total_return, "success": success, "steps": steps, "actions": actions}
+
+
+def predict_actions(model, states, actions, returns_to_go, prompt, live, t, context_length, device, dtype) -> np.ndarray:
+    """One forward over the live rollouts with the context window [t-K+1, t], left-padded with zeros
+    (the reference pads evaluation contexts with normalised state 0 and action 0; masked either way)."""
+    start = max(0, t + 1 - context_length)
+    valid = t + 1 - start
+    padding = context_length - valid
+    rows = len(live)
+
+    def window(array: np.ndarray) -> torch.Tensor:
+        padded = np.zeros((rows, context_length, *array.shape[2:]), dtype=np.float32)
+        padded[:, padding:] = array[live, start : t + 1]
+        return torch.from_numpy(padded).to(device, dtype)
+
+    timesteps = np.zeros((rows, context_length), dtype=np.int64)
+    timesteps[:, padding:] = np.arange(start, t + 1)
+    mask = torch.zeros(rows, context_length, device=device, dtype=dtype)
+    mask[:, padding:] = 1.0
+    live_index = torch.from_numpy(live).to(device)
+    batch = Batch(
+        states=window(states), actions=window(actions), returns_to_go=window(returns_to_go[..., None]),
+        timesteps=torch.from_numpy(timesteps).to(device), mask=mask,
+        prompt_states=prompt["states"][live_index], prompt_actions=prompt["actions"][live_index],
+        prompt_returns_to_go=prompt["returns_to_go"][live_index], prompt_timesteps=prompt["timesteps"][live_index],
+        prompt_mask=prompt["mask"][live_index], action_mask=torch.ones(rows, 1, MAX_ACT_DIM, device=device, dtype=dtype),
+    )
+    return model(batch)[:, -1].cpu().numpy().astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------ results
+def summarise(rollouts: list[Rollout], outcome: dict[str, np.ndarray]) -> dict:
+    """Per-task scores (SPEC normalisation), per-family and total unweighted means over tasks."""
+    per_task: dict[str, dict] = {}
+    for name in dict.fromkeys(rollout.task.name for rollout in rollouts):
+        indices = [i for i, rollout in enumerate(rollouts) if rollout.task.name == name]
+        task = rollouts[indices[0]].task
+        returns = outcome["returns"][indices].tolist()
+        successes = outcome["success"][indices].tolist()
+        per_task[name] = {
+            "family": task.family,
+            "score": episode_score(task.family, returns, successes),
+            "return_mean": float(np.mean(returns)),
+            "success_rate": float(np.mean(successes)) if task.family == "metaworld" else None,
+            "episodes": len(indices),
+            "steps_mean": float(outcome["steps"][indices].mean()),
+            "reference_score": task.single_task_score,
+        }
+    families = {}
+    for family in FAMILIES:
+        scores = [row["score"] for row in per_task.values() if row["family"] == family]
+        references = [row["reference_score"] for row in per_task.values() if row["family"] == family]
+        if scores:
+            families[family] = {"score": float(np.mean(scores)), "reference_score": float(np.mean(references)),
+                                "tasks": len(scores)}
+    total = float(np.mean([row["score"] for row in per_task.values()]))
+    reference_total = float(np.mean([row["reference_score"] for row in per_task.values()]))
+    return {"tasks": per_task, "families": families, "total": {"score": total, "reference_score": reference_total,
+                                                               "tasks": len(per_task)}}
+
+
+def markdown_table(results: dict) -> str:
+    method = results["method"]
+    lines = [f"| family | tasks | {method} | single-task DT (reference) |", "|---|---|---|---|"]
+    for family, row in results["families"].items():
+        lines.append(f"| {family} | {row['tasks']} | {row['score']:.2f} | {row['reference_score']:.2f} |")
+    total = results["total"]
+    lines.append(f"| **total** | {total['tasks']} | **{total['score']:.2f}** | {total['reference_score']:.2f} |")
+    return "\n".join(lines)
+
+
+def write_results(out_dir: Path, results: dict) -> None:
+    write_json(out_dir / "results.json", results)
+    with atomic_path(out_dir / "results.csv") as temporary:
+        with open(temporary, "w", newline="") as file:
+            writer = csv.writer(file)
+            writer.writerow(["task", "family", "score", "return_mean", "success_rate", "episodes", "reference_score"])
+            for name, row in results["tasks"].items():
+                writer.writerow([name, row["family"], f"{row['score']:.4f}", f"{row['return_mean']:.4f}",
+                                 "" if row["success_rate"] is None else f"{row['success_rate']:.4f}",
+                                 row["episodes"], row["reference_score"]])
+    with atomic_path(out_dir / "table.md") as temporary:
+        temporary.write_text(markdown_table(results) + "\n")
+    plot_families(out_dir, results)
+
+
+def plot_families(out_dir: Path, results: dict) -> None:
+    """One bar chart per family: our score per task, with the single-task reference as a marker."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for family in results["families"]:
+        rows = [(name, row) for name, row in results["tasks"].items() if row["family"] == family]
+        figure, axes = plt.subplots(figsize=(max(6.0, 0.32 * len(rows) + 2), 4))
+        positions = np.arange(len(rows))
+        axes.bar(positions, [row["score"] for _, row in rows], color="tab:blue", label=results["method"])
+        axes.scatter(positions, [row["reference_score"] for _, row in rows], color="black", marker="_", s=200,
+                     label="single-task DT (paper)", zorder=3)
+        axes.set_xticks(positions, [name for name, _ in rows], rotation=75, ha="right", fontsize=7)
+        axes.set_ylabel("normalised score")
+        axes.set_title(f"{family}: mean {results['families'][family]['score']:.1f}")
+        axes.legend(fontsize=8)
+        figure.tight_layout()
+        with atomic_path(out_dir / f"scores_{family}.png") as temporary:
+            figure.savefig(temporary, format="png", dpi=120)
+        plt.close(figure)
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def evaluate(run_dir: str, stage: int, grouping: str = "gradient", expert_num: int = 48, prefix_name: str | None = None,
+             tasks: str | None = None, episodes: int | None = None, max_steps: int | None = None, workers: int | None = None,
+             seed: int = 0, device: str = "auto") -> dict:
+    from m3dt.train import resolve_device
+
+    run = RunDir(run_dir)
+    torch_device = resolve_device(device)
+    model, manifest = load_policy(run, stage, grouping, expert_num)
+    model.to(torch_device)
+    trained = read_manifest(run.backbone, "stage-1 backbone")["tasks"]
+    chosen = resolve_tasks(prefix_name, tasks, seed) if (prefix_name or tasks) else trained
+    untrained = [name for name in chosen if name not in trained]
+    if untrained:
+        raise TaskError(f"{run.backbone}: the run was not trained on {', '.join(untrained[:3])}")
+    rollouts = [Rollout(get_task(name), trained.index(name), episode)
+                for name in chosen
+                for episode in range(episodes or EPISODES_PER_FAMILY[get_task(name).family])]
+    workers = os.cpu_count() if workers is None else workers
+    started = time.perf_counter()
+    outcome = run_rollouts(model, load_statistics(run), rollouts, seed, workers,
+                           manifest["config"]["context_length"], max_steps, torch_device)
+    results = {
+        "run_dir": str(run.root), "stage": stage, "method": METHOD_NAMES[stage], "seed": seed,
+        "num_experts": manifest.get("num_experts", 0), "grouping": grouping if stage == 3 else None,
+        "max_steps": max_steps, "seconds": time.perf_counter() - started, **summarise(rollouts, outcome),
+    }
+    label = "stage1" if stage == 1 else f"stage3_{grouping}_{expert_num}"
+    out_dir = run.root / "eval" / label
+    write_results(out_dir, results)
+    print(markdown_table(results))
+    print(f"wrote {out_dir}/results.json, results.csv, table.md and scores_*.png")
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run_dir", required=True)
+    parser.add_argument("--stage", type=int, choices=(1, 3), required=True)
+    parser.add_argument("--grouping", default="gradient", choices=("gradient", "random"))
+    parser.add_argument("--expert_num", type=int, default=48)
+    parser.add_argument("--prefix_name", help="evaluate an official suite (default: every task the run trained on)")
+    parser.add_argument("--tasks", help="a,b,c or @file.json")
+    parser.add_argument("--episodes", type=int, help="episodes per task (default: the protocol's per family)")
+    parser.add_argument("--max_steps", type=int, help="cut episodes short, for quick checks")
+    parser.add_argument("--workers", type=int, help="env worker processes (default: CPU count; 0: in-process)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--debug", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        evaluate(args.run_dir, args.stage, args.grouping, args.expert_num, args.prefix_name, args.tasks, args.episodes,
+                 args.max_steps, args.workers, args.seed, args.device)
+    except (ArtifactError, TaskError) as error:
+        if args.debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
