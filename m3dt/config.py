@@ -40,6 +40,7 @@ class Config:
     max_timestep: int = 1000  # size of the timestep embedding table
     residual: str = "ln2"  # "ln2": the reference's u + MLP(u) once experts are installed; "standard": h + MLP(u)
     top_k: int = 0  # 0: dense soft mixture over all experts (the paper); k > 0: renormalised top-k gating
+    router_hidden: str = "1024,1024,1024,512"  # hidden widths of each block's router MLP (the paper's)
 
     # optimisation (all stages)
     batch_size: int = 16
@@ -87,7 +88,8 @@ class Config:
 
     def model_fields(self) -> dict[str, Any]:
         """The options that fix the shape and function of the model: a later stage must agree on them."""
-        names = ("embed_dim", "n_layer", "n_head", "context_length", "prompt_length", "max_timestep", "residual")
+        names = ("embed_dim", "n_layer", "n_head", "context_length", "prompt_length", "max_timestep", "residual",
+                 "router_hidden")
         return {name: getattr(self, name) for name in names}
 
 
@@ -96,6 +98,9 @@ CHOICES = {
     "grouping": ("gradient", "random"),
     "precision": ("fp32", "bf16"),
 }
+# Sizes and intervals below 1 would fail deep inside a stage (a division by zero, an empty tensor).
+POSITIVE = ("embed_dim", "n_layer", "n_head", "context_length", "prompt_length", "max_timestep", "batch_size",
+            "warmup_steps", "log_every", "save_every", "group_num", "expert_num")
 
 
 def _option_type(field_type: str):
@@ -131,11 +136,27 @@ def load_yaml(path: str) -> dict[str, Any]:
         raise ConfigError(f"config file {file} is not valid YAML: {error}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"config file {file} must be a mapping of option: value")
-    known = {config_field.name for config_field in dataclasses.fields(Config)}
-    unknown = sorted(set(values) - known)
+    field_types = {config_field.name: str(config_field.type) for config_field in dataclasses.fields(Config)}
+    unknown = sorted(set(values) - set(field_types))
     if unknown:
         raise ConfigError(f"config file {file}: unknown option(s) {', '.join(unknown)}")
-    return values
+    return {name: yaml_value(file, name, value, field_types[name]) for name, value in values.items()}
+
+
+def yaml_value(file: Path, name: str, value: Any, field_type: str) -> Any:
+    """A YAML value converted to its option's type as the flag's text would be, so that `1e-4` (a string to
+    YAML 1.1) is a float; a value that does not convert is an error here rather than deep inside a stage."""
+    if value is None and "None" in field_type:
+        return None
+    option_type = _option_type(field_type)
+    if option_type is None and isinstance(value, bool):
+        return value
+    if option_type is not None and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        try:
+            return option_type(str(value))
+        except ValueError:
+            pass
+    raise ConfigError(f"config file {file}: {name} must be {field_type}, got {value!r}")
 
 
 def parse_config(description: str, argv: list[str] | None = None) -> Config:
@@ -146,7 +167,16 @@ def parse_config(description: str, argv: list[str] | None = None) -> Config:
         values.update(load_yaml(flags["config"]))
     values.update(flags)
     config = Config(**values)
+    check_values(config)
+    return config
+
+
+def check_values(config: Config) -> None:
     for name, allowed in CHOICES.items():
         if getattr(config, name) not in allowed:
             raise ConfigError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(config, name)!r}")
-    return config
+    for name in POSITIVE:
+        if getattr(config, name) < 1:
+            raise ConfigError(f"--{name} must be at least 1, got {getattr(config, name)}")
+    if config.embed_dim % config.n_head:
+        raise ConfigError(f"--embed_dim {config.embed_dim} must be a multiple of --n_head {config.n_head}")

@@ -11,12 +11,12 @@ on those tensors, so the whole dataset can sit on the GPU and no step builds sam
 
 from __future__ import annotations
 
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from numpy.lib.npyio import NpzFile
 
 from m3dt.tasks import MAX_ACT_DIM, MAX_OBS_DIM, Task, get_task
 
@@ -52,26 +52,50 @@ def episode_files(task_dir: Path, max_episodes: int) -> list[Path]:
     return [task_dir / f"{index}.npz" for index in range(count)]
 
 
+def open_npz(path: Path) -> NpzFile:
+    """Open an episode archive; allow_pickle=False, so loading never executes code from the file."""
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except Exception as error:  # numpy and zipfile raise many unrelated types for damaged files
+        raise unreadable(path, error) from None
+    if not isinstance(archive, NpzFile):
+        raise DataError(f"{path}: holds a single array; expected an npz archive of named arrays")
+    return archive
+
+
+def unreadable(path: Path, error: Exception) -> DataError:
+    return DataError(f"{path}: not a readable npz file ({type(error).__name__}: {error})")
+
+
 def _check_array(path: Path, key: str, array: np.ndarray, width: int | None, length: int | None) -> None:
-    if not np.issubdtype(array.dtype, np.number) and array.dtype != np.bool_:
-        raise DataError(f"{path}: '{key}' has dtype {array.dtype}, expected a numeric array")
+    if not isinstance(array, np.ndarray):  # an archive member without the .npy suffix reads as raw bytes
+        raise DataError(f"{path}: '{key}' is not a .npy array")
+    if array.dtype.kind not in "biuf":  # bool, integer or float; complex or text would not cast meaningfully
+        raise DataError(f"{path}: '{key}' has dtype {array.dtype}, expected a real numeric array")
     expected_ndim = 1 if width is None else 2
     if array.ndim != expected_ndim or (width is not None and array.shape[1] != width):
         shape = "(T,)" if width is None else f"(T, {width})"
         raise DataError(f"{path}: '{key}' has shape {array.shape}, expected {shape}")
     if length is not None and array.shape[0] != length:
         raise DataError(f"{path}: '{key}' has {array.shape[0]} steps but observations have {length}")
-    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
-        raise DataError(f"{path}: '{key}' contains NaN or inf")
+
+
+def _finite_float32(path: Path, key: str, array: np.ndarray) -> np.ndarray:
+    """The array as float32, checked after the cast, since float64 values beyond float32's range become inf."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        converted = array.astype(np.float32, copy=False)
+    if not np.isfinite(converted).all():
+        raise DataError(f"{path}: '{key}' contains NaN, inf or values beyond float32's range")
+    return converted
 
 
 def load_episode(path: Path) -> Episode:
-    """Read and validate one episode file; never unpickles (allow_pickle=False)."""
-    try:
-        with np.load(path, allow_pickle=False) as archive:
+    """Read and validate one episode file."""
+    with open_npz(path) as archive:
+        try:
             arrays = {key: archive[key] for key in archive.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
-        raise DataError(f"{path}: not a readable npz file ({error})") from None
+        except Exception as error:  # a member that is not a valid .npy (truncated, pickled, bad header)
+            raise unreadable(path, error) from None
     for key in ("observations", "actions", "rewards"):
         if key not in arrays:
             raise DataError(f"{path}: missing key '{key}' (has: {', '.join(sorted(arrays)) or 'none'})")
@@ -87,9 +111,9 @@ def load_episode(path: Path) -> Episode:
     done_key = "terminals" if "terminals" in arrays else "dones"
     _check_array(path, done_key, arrays[done_key], None, length)
     return Episode(
-        observations=observations.astype(np.float32, copy=False),
-        actions=arrays["actions"].astype(np.float32, copy=False),
-        rewards=arrays["rewards"].astype(np.float32, copy=False),
+        observations=_finite_float32(path, "observations", observations),
+        actions=_finite_float32(path, "actions", arrays["actions"]),
+        rewards=_finite_float32(path, "rewards", arrays["rewards"]),
     )
 
 
@@ -100,16 +124,16 @@ def returns_to_go(rewards: np.ndarray) -> np.ndarray:
 
 def episode_length(path: Path) -> int:
     """Steps of an episode file, read from the header of its rewards array only."""
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            if "rewards" not in archive.files:
-                raise DataError(f"{path}: missing key 'rewards' (has: {', '.join(sorted(archive.files)) or 'none'})")
+    with open_npz(path) as archive:
+        if "rewards" not in archive.files:
+            raise DataError(f"{path}: missing key 'rewards' (has: {', '.join(sorted(archive.files)) or 'none'})")
+        try:
             with archive.zip.open("rewards.npy") as member:
                 major, _ = np.lib.format.read_magic(member)
                 read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
                 shape, _, _ = read_header(member)
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError) as error:
-        raise DataError(f"{path}: not a readable npz file ({error})") from None
+        except Exception as error:  # no rewards.npy member, or a damaged one
+            raise unreadable(path, error) from None
     if len(shape) != 1:
         raise DataError(f"{path}: 'rewards' has shape {shape}, expected (T,)")
     return int(shape[0])

@@ -28,6 +28,7 @@ class ModelConfig:
     dropout: float = 0.1
     max_timestep: int = 1000
     residual: str = "ln2"  # "ln2" (reference, once experts are installed) or "standard"
+    router_hidden: tuple[int, ...] = (1024, 1024, 1024, 512)
 
 
 class SelfAttention(nn.Module):
@@ -123,7 +124,8 @@ class PromptDecisionTransformer(nn.Module):
         config = self.config
         for layer, block in enumerate(self.blocks):
             layer_seeds = None if seeds is None else [seed * 100 + layer for seed in seeds]
-            block.expert_mixture = ExpertMixture(num_experts, config.embed_dim, config.dropout, routed, top_k, layer_seeds)
+            block.expert_mixture = ExpertMixture(num_experts, config.embed_dim, config.dropout, routed, top_k,
+                                                 layer_seeds, config.router_hidden)
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """Predicted actions (B, K, 8), read from each step's state token."""

@@ -66,7 +66,7 @@ class Router(nn.Module):
     """Per-token MLP d -> 1024 -> 1024 -> 1024 -> 512 -> E with ReLU; softmax over experts.
     No dropout, no LayerNorm, PyTorch's default Linear init (as the reference)."""
 
-    def __init__(self, embed_dim: int, num_experts: int, hidden_sizes: tuple[int, ...] = (1024, 1024, 1024, 512)):
+    def __init__(self, embed_dim: int, num_experts: int, hidden_sizes: tuple[int, ...]):
         super().__init__()
         layers: list[nn.Module] = []
         width = embed_dim
@@ -93,10 +93,10 @@ class ExpertMixture(nn.Module):
     """The expert part of one block. Without a router: assigned mode; with one: routed mode."""
 
     def __init__(self, num_experts: int, embed_dim: int, dropout: float, routed: bool, top_k: int = 0,
-                 seeds: list[int] | None = None):
+                 seeds: list[int] | None = None, router_hidden: tuple[int, ...] = (1024, 1024, 1024, 512)):
         super().__init__()
         self.experts = StackedExperts(num_experts, embed_dim, dropout, seeds)
-        self.router = Router(embed_dim, num_experts) if routed else None
+        self.router = Router(embed_dim, num_experts, router_hidden) if routed else None
         self.top_k = top_k
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -33,11 +33,10 @@ class ArtifactError(ValueError):
 
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success fsync it and rename it over `path`."""
+    """Yield a temporary path beside `path` for the caller to create; on success fsync it and rename it over
+    `path`. The writer creates the file, so it gets the usual permissions (a mkstemp file would be 0600)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    temporary_path = Path(temporary)
+    temporary_path = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         yield temporary_path
         with open(temporary_path, "rb") as file:
@@ -45,6 +44,13 @@ def atomic_path(path: Path) -> Iterator[Path]:
         os.replace(temporary_path, path)
     finally:
         temporary_path.unlink(missing_ok=True)
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Delete the temporary files of `path` left by a writer that was killed mid-write (SIGKILL skips the
+    cleanup above); call it only where one process owns `path`."""
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
 
 
 def write_json(path: Path, value: Any) -> None:
@@ -84,9 +90,12 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """A training checkpoint; `weights_only=True` so that loading never executes code from the file."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several unrelated types for truncated or foreign files
-        raise ArtifactError(f"{path}: training checkpoint is truncated or not ours ({type(error).__name__}: {error})") from None
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several unrelated types, with pages of advice, for foreign files
+        raise ArtifactError(f"{path}: training checkpoint is truncated or not ours ({type(error).__name__})") from None
+    if not isinstance(state, dict):
+        raise ArtifactError(f"{path}: not a training checkpoint (holds a {type(state).__name__})")
+    return state
 
 
 def file_hash(path: Path) -> str:
@@ -102,6 +111,23 @@ def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as file:
         file.write(json.dumps(record) + "\n")
+
+
+def truncate_jsonl(path: Path, last_step: int) -> None:
+    """Keep the records up to `last_step`, dropping a line torn by a kill: a resumed run logs the later steps
+    again, and a fresh start (last_step 0) begins a new log."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record["step"] <= last_step:
+            kept.append(line + "\n")
+    with atomic_path(path) as temporary:
+        temporary.write_text("".join(kept))
 
 
 class RunDir:
@@ -162,10 +188,15 @@ def write_manifest(artifact: Path, stage: str, config: dict[str, Any], tasks: li
         "artifact": str(artifact.relative_to(run_root)),
         "tasks": tasks,
         "config": config,
-        "inputs": {str(path.relative_to(run_root)): file_hash(path) for path in inputs},
+        "inputs": input_hashes(inputs, run_root),
         **extra,
     }
     write_json(manifest_path(artifact), manifest)
+
+
+def input_hashes(inputs: list[Path], run_root: Path) -> dict[str, str]:
+    """sha256 of each input, keyed by its path in the run directory (so a moved run directory still matches)."""
+    return {str(path.relative_to(run_root)): file_hash(path) for path in inputs}
 
 
 def read_manifest(artifact: Path, what: str) -> dict[str, Any]:
@@ -181,3 +212,11 @@ def check_model_fields(manifest: dict[str, Any], expected: dict[str, Any], artif
     for name, value in expected.items():
         if made_with.get(name) != value:
             raise ArtifactError(f"{artifact}: made with {name}={made_with.get(name)!r}, this run uses {name}={value!r}")
+
+
+def check_inputs(manifest: dict[str, Any], expected: dict[str, str], artifact: Path) -> None:
+    """Stop when an input was made from other files than this run's (e.g. a backbone retrained since)."""
+    recorded = manifest.get("inputs", {})
+    for name, digest in expected.items():
+        if recorded.get(name) != digest:
+            raise ArtifactError(f"{artifact}: made from another {name} than the one in this run; retrain it (--restart)")

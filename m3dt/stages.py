@@ -32,6 +32,7 @@ def build_model(config: Config | dict[str, Any], dropout: float) -> PromptDecisi
     return PromptDecisionTransformer(ModelConfig(
         embed_dim=fields["embed_dim"], n_layer=fields["n_layer"], n_head=fields["n_head"], dropout=dropout,
         max_timestep=fields["max_timestep"], residual=fields["residual"],
+        router_hidden=tuple(int(width) for width in fields["router_hidden"].split(",")),
     ))
 
 

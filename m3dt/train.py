@@ -23,17 +23,18 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from m3dt.config import Config
+from m3dt.config import Config, ConfigError
 from m3dt.data import DeviceSampler
 from m3dt.model import PromptDecisionTransformer, action_loss
-from m3dt.run import ArtifactError, append_jsonl, load_checkpoint, save_checkpoint
+from m3dt.run import (ArtifactError, append_jsonl, load_checkpoint, remove_stale_temporaries, save_checkpoint,
+                      truncate_jsonl)
 
 TRAIN_STATE = "train_state.pt"
 METRICS = "metrics.jsonl"
 
 
 class TrainingError(RuntimeError):
-    """Training cannot go on (non-finite loss); the message says where and what to resume from."""
+    """Training cannot go on (non-finite loss or gradient); the message says where and what to resume from."""
 
 
 @dataclass
@@ -125,9 +126,11 @@ def train(job: Job, sampler: DeviceSampler, config: Config) -> int:
     state_file = job.job_dir / TRAIN_STATE
 
     start = 0
+    remove_stale_temporaries(state_file)
     if state_file.exists() and not config.restart:
         start = resume(state_file, job, optimizer, scheduler, sampler)
         print(f"[{job.name}] resuming from step {start} ({state_file})")
+    truncate_jsonl(job.job_dir / METRICS, start)
     if start >= job.steps:
         return start
 
@@ -135,6 +138,7 @@ def train(job: Job, sampler: DeviceSampler, config: Config) -> int:
     run = start_wandb(config, job) if config.wandb else None
     job.model.train()  # dropout on in every module, frozen ones included (as the reference)
     window_losses: list[torch.Tensor] = []
+    window_grad_norms: list[torch.Tensor] = []  # a finite loss can still come with a NaN gradient
     window_start = time.perf_counter()
     progress = tqdm(range(start, job.steps), desc=job.name, initial=start, total=job.steps, dynamic_ncols=True)
     for step in progress:
@@ -145,15 +149,17 @@ def train(job: Job, sampler: DeviceSampler, config: Config) -> int:
         loss = action_loss(predicted.float(), batch, groups)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        clip_gradients(parameters, config.grad_clip, job.per_expert_clip)
+        grad_norms = clip_gradients(parameters, config.grad_clip, job.per_expert_clip)
         optimizer.step()
         scheduler.step()
         window_losses.append(loss.detach())
+        window_grad_norms.append(grad_norms.detach().max())  # max propagates NaN
 
         done = step + 1
         if done % config.log_every == 0 or done % config.save_every == 0 or done == job.steps:
-            losses = torch.stack(window_losses).float().cpu() / groups  # the one host sync of the window
-            check_finite(losses, done - len(losses), job, table, lengths)
+            window = torch.stack([torch.stack(window_losses) / groups, torch.stack(window_grad_norms)])
+            losses, grad_norms = window.float().cpu()  # the one host sync of the window
+            check_finite(losses, grad_norms, done - len(losses), job, table, lengths)
             elapsed = time.perf_counter() - window_start
             record = {"step": done, "loss": losses.mean().item(), "lr": scheduler.get_last_lr()[0],
                       "steps_per_second": len(losses) / max(elapsed, 1e-9)}
@@ -161,7 +167,7 @@ def train(job: Job, sampler: DeviceSampler, config: Config) -> int:
             progress.set_postfix(loss=f"{record['loss']:.4f}", steps_per_s=f"{record['steps_per_second']:.1f}")
             if run is not None:
                 run.log(record, step=done)
-            window_losses, window_start = [], time.perf_counter()
+            window_losses, window_grad_norms, window_start = [], [], time.perf_counter()
         if done % config.save_every == 0 or done == job.steps:
             save_train_state(state_file, job, optimizer, scheduler, sampler, done)
     progress.close()
@@ -170,15 +176,21 @@ def train(job: Job, sampler: DeviceSampler, config: Config) -> int:
     return job.steps
 
 
-def check_finite(losses: torch.Tensor, first_step: int, job: Job, table: torch.Tensor, lengths: torch.Tensor) -> None:
-    bad = (~torch.isfinite(losses)).nonzero()
+def check_finite(losses: torch.Tensor, grad_norms: torch.Tensor, first_step: int, job: Job, table: torch.Tensor,
+                 lengths: torch.Tensor) -> None:
+    """Stop before a window with a non-finite loss or gradient (whose update made the weights NaN) is saved.
+    Every save boundary is also a log boundary, so no checkpoint or artifact ever holds such weights."""
+    finite_loss = torch.isfinite(losses)
+    bad = (~(finite_loss & torch.isfinite(grad_norms))).nonzero()
     if len(bad) == 0:
         return
-    step = first_step + int(bad[0])
+    index = int(bad[0])
+    step = first_step + index
+    what = "gradient" if finite_loss[index] else "loss"
     tasks = [job.task_names[int(table[g, step % int(lengths[g])])] for g in range(len(job.task_groups))]
     last_good = job.job_dir / TRAIN_STATE
     pointer = f"last good checkpoint: {last_good}" if last_good.exists() else "no checkpoint was written yet"
-    raise TrainingError(f"[{job.name}] non-finite loss at step {step + 1} on task(s) {', '.join(tasks)}; "
+    raise TrainingError(f"[{job.name}] non-finite {what} at step {step + 1} on task(s) {', '.join(tasks)}; "
                         f"nothing was written for this window; {pointer}")
 
 
@@ -195,9 +207,11 @@ def save_train_state(path: Path, job: Job, optimizer, scheduler, sampler: Device
 
 def resume(path: Path, job: Job, optimizer, scheduler, sampler: DeviceSampler) -> int:
     state = load_checkpoint(path)
-    if state.get("identity") != job.identity:
-        raise ArtifactError(f"{path}: checkpoint belongs to another configuration "
-                            f"(saved {state.get('identity')}, now {job.identity}); rerun with --restart")
+    saved = state.get("identity", {})
+    changed = [name for name, value in job.identity.items() if saved.get(name) != value]
+    if changed:
+        raise ArtifactError(f"{path}: checkpoint was made with another {', '.join(changed)}; "
+                            f"rerun with --restart to start over")
     with torch.no_grad():
         for name, parameter in job.trainable.items():
             if name not in state["trainable"] or state["trainable"][name].shape != parameter.shape:
@@ -212,7 +226,13 @@ def resume(path: Path, job: Job, optimizer, scheduler, sampler: DeviceSampler) -
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not a device name (auto, cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: no CUDA device is visible (use --device cpu or auto)")
+    return device
 
 
 def seed_everything(seed: int) -> None:

@@ -1,8 +1,6 @@
 """The 30 DeepMind Control environments: observation layout, action repeat, seeding, horizon, and the
 reward direction of the 11 extra tasks."""
 
-import json
-
 import numpy as np
 import pytest
 from dm_control import suite
@@ -10,11 +8,10 @@ from dm_control import suite
 from m3dt.envs import make_env
 from m3dt.envs.dmc import flatten_observation, load_environment
 from m3dt.envs.dmc_extra_tasks import EXTRA_TASKS
-from m3dt.tasks import MAX_OBS_DIM, STATE_STATS_FILE, task_table
+from m3dt.tasks import task_table
+from tests.env_checks import assert_dataset_layout, random_rollout_observations
 
 DMC_TASKS = [task for task in task_table().values() if task.family == "dmc"]
-STATE_STATS = json.loads(STATE_STATS_FILE.read_text())
-RANDOM_STEPS = 10
 
 
 def random_actions(act_dim: int, count: int, seed: int = 0) -> np.ndarray:
@@ -44,14 +41,7 @@ def test_observations_follow_the_dataset_layout(task):
     action_spec = env.environment.action_spec()
     assert action_spec.shape == (task.act_dim,)
     assert np.all(action_spec.minimum == -1) and np.all(action_spec.maximum == 1)
-
-    observations = rollout(env, random_actions(task.act_dim, RANDOM_STEPS))
-    assert observations.dtype == np.float32 and observations.shape == (RANDOM_STEPS + 1, MAX_OBS_DIM)
-    assert np.isfinite(observations).all()
-    assert np.all(observations[:, task.obs_dim :] == 0)
-    # A dim that never varies in the official data must not vary here either.
-    constant_in_dataset = np.asarray(STATE_STATS[task.name]["state_std"]) < 1e-5
-    assert np.all(observations[:, constant_in_dataset] == observations[0, constant_in_dataset])
+    assert_dataset_layout(task, random_rollout_observations(task))
 
 
 @pytest.mark.parametrize("task", DMC_TASKS, ids=lambda task: task.name)

@@ -15,10 +15,10 @@ reset noise are computed here, per the Prompt-DT definitions:
   early; obs (20) = qpos[1:] + qvel + the torso body's position (what Prompt-DT calls its com).
 - reset: qpos += U(-0.1, 0.1), qvel += 0.1 N(0, 1), from an RNG seeded with (seed, episode).
 
-One known difference: Prompt-DT ran on mujoco-py 2.0, whose MuJoCo did not fill cfrc_ext (it stayed 0), so
-its contact cost was 0 in practice. gymnasium computes the contact forces, so here the cost is the
-documented one; under random actions it averages ~1e-3 per step (at most 0.042), i.e. well under 1 return
-unit per 200-step episode.
+One known difference: Prompt-DT pins mujoco-py 2.0.2.13, whose step leaves cfrc_ext at 0 (MuJoCo 2.0 only
+computes it on request; openai/gym#1541), so its contact cost was 0 in practice. gymnasium requests the
+contact forces after every step, so here the cost is the written one; under random actions it averages
+~1e-3 per step (at most 0.042), i.e. well under 1 return unit per 200-step episode.
 """
 
 from __future__ import annotations
