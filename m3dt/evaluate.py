@@ -2,6 +2,7 @@
 
     python -m m3dt.evaluate --run_dir runs/mt160_seed0 --stage 1          # Prompt-DT (the stage-1 backbone)
     python -m m3dt.evaluate --run_dir runs/mt160_seed0 --stage 3 --grouping gradient --expert_num 48
+    python -m m3dt.evaluate --run_dir runs/mt160_seed0 --stage random   # the floor: uniform random actions
 
 All (task, episode) rollouts advance in lockstep: at every env step, one batched model forward over all
 live rollouts, then every env steps, spread over worker processes. Rollouts start together, so at step t
@@ -22,6 +23,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +37,7 @@ from m3dt.scores import episode_score
 from m3dt.tasks import FAMILIES, MAX_ACT_DIM, MAX_OBS_DIM, Task, TaskError, get_task, resolve_tasks
 
 EPISODES_PER_FAMILY = {"metaworld": 10, "dmc": 10, "ant_dir": 1, "cheetah_vel": 1}
-METHOD_NAMES = {1: "Prompt-DT", 3: "M3DT"}
+METHOD_NAMES = {"1": "Prompt-DT", "3": "M3DT", "random": "random policy"}
 
 
 @dataclass(frozen=True)
@@ -156,12 +158,67 @@ def load_statistics(run: RunDir) -> Statistics:
 
 
 # ------------------------------------------------------------------------------------------ rollouts
-@torch.no_grad()
-def run_rollouts(model: PromptDecisionTransformer, statistics: Statistics, rollouts: list[Rollout], seed: int,
-                 workers: int, context_length: int, max_steps: int | None, device: torch.device,
-                 dtype: torch.dtype = torch.float32) -> dict[str, np.ndarray]:
-    """All rollouts in lockstep. Returns per rollout: return, success (any step), steps, and the actions.
-    `dtype` is the model's floating type (float64 makes batched and single rollouts bit-identical)."""
+@dataclass
+class History:
+    """Every rollout's trajectory so far, one row per rollout, one column per step."""
+
+    states: np.ndarray  # (rollouts, steps, 39), normalised
+    actions: np.ndarray  # (rollouts, steps, 8)
+    returns_to_go: np.ndarray  # (rollouts, steps), scaled
+
+
+class ModelPolicy:
+    """The trained model: one forward over the live rollouts with the context window [t-K+1, t], left-padded
+    with zeros (the reference pads evaluation contexts with normalised state 0 and action 0; padded steps
+    are masked either way) and each task's fixed higher-return prompt."""
+
+    def __init__(self, model: PromptDecisionTransformer, statistics: Statistics, rollouts: list[Rollout],
+                 context_length: int, device: torch.device, dtype: torch.dtype = torch.float32):
+        self.model, self.context_length, self.device, self.dtype = model, context_length, device, dtype
+        slots = torch.tensor([rollout.task_slot for rollout in rollouts])
+        self.prompt = {key: value[slots].to(device, dtype if value.is_floating_point() else value.dtype)
+                       for key, value in statistics.prompts.items()}
+
+    @torch.no_grad()
+    def __call__(self, history: History, live: np.ndarray, t: int) -> np.ndarray:
+        start = max(0, t + 1 - self.context_length)
+        padding = self.context_length - (t + 1 - start)
+        rows = len(live)
+
+        def window(array: np.ndarray) -> torch.Tensor:
+            padded = np.zeros((rows, self.context_length, *array.shape[2:]), dtype=np.float32)
+            padded[:, padding:] = array[live, start : t + 1]
+            return torch.from_numpy(padded).to(self.device, self.dtype)
+
+        timesteps = np.zeros((rows, self.context_length), dtype=np.int64)
+        timesteps[:, padding:] = np.arange(start, t + 1)
+        mask = torch.zeros(rows, self.context_length, device=self.device, dtype=self.dtype)
+        mask[:, padding:] = 1.0
+        live_index = torch.from_numpy(live).to(self.device)
+        prompt = {key: value[live_index] for key, value in self.prompt.items()}
+        batch = Batch(
+            states=window(history.states), actions=window(history.actions),
+            returns_to_go=window(history.returns_to_go[..., None]), timesteps=torch.from_numpy(timesteps).to(self.device),
+            mask=mask, prompt_states=prompt["states"], prompt_actions=prompt["actions"],
+            prompt_returns_to_go=prompt["returns_to_go"], prompt_timesteps=prompt["timesteps"],
+            prompt_mask=prompt["mask"], action_mask=torch.ones(rows, 1, MAX_ACT_DIM, device=self.device, dtype=self.dtype),
+        )
+        return self.model(batch)[:, -1].cpu().numpy().astype(np.float32)
+
+
+class RandomPolicy:
+    """Uniform random actions in [-1, 1]: the floor the learned policies are compared against."""
+
+    def __init__(self, seed: int):
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, history: History, live: np.ndarray, t: int) -> np.ndarray:
+        return self.rng.uniform(-1.0, 1.0, size=(len(live), MAX_ACT_DIM)).astype(np.float32)
+
+
+def run_rollouts(policy: Callable[[History, np.ndarray, int], np.ndarray], statistics: Statistics,
+                 rollouts: list[Rollout], seed: int, workers: int, max_steps: int | None) -> dict[str, np.ndarray]:
+    """All rollouts in lockstep. Returns per rollout: return, success (any step), steps, and the actions."""
     count = len(rollouts)
     horizons = np.array([rollout.task.horizon for rollout in rollouts])
     if max_steps:
@@ -170,14 +227,13 @@ def run_rollouts(model: PromptDecisionTransformer, statistics: Statistics, rollo
     slots = np.array([rollout.task_slot for rollout in rollouts])
     act_dims = np.array([rollout.task.act_dim for rollout in rollouts])
     mean, std = statistics.state_mean[slots], statistics.state_std[slots]
-
-    states = np.zeros((count, longest, MAX_OBS_DIM), dtype=np.float32)  # normalised
-    actions = np.zeros((count, longest, MAX_ACT_DIM), dtype=np.float32)
-    returns_to_go = np.zeros((count, longest), dtype=np.float32)
-    returns_to_go[:, 0] = [rollout.task.return_target / rollout.task.rtg_scale for rollout in rollouts]
     scales = np.array([rollout.task.rtg_scale for rollout in rollouts], dtype=np.float32)
-    prompt = {key: value[torch.from_numpy(slots)].to(device) for key, value in statistics.prompts.items()}
-    prompt = {key: value.to(dtype) if value.is_floating_point() else value for key, value in prompt.items()}
+    history = History(
+        states=np.zeros((count, longest, MAX_OBS_DIM), dtype=np.float32),
+        actions=np.zeros((count, longest, MAX_ACT_DIM), dtype=np.float32),
+        returns_to_go=np.zeros((count, longest), dtype=np.float32),
+    )
+    history.returns_to_go[:, 0] = [rollout.task.return_target / rollout.task.rtg_scale for rollout in rollouts]
     total_return = np.zeros(count)
     success = np.zeros(count, dtype=bool)
     steps = np.zeros(count, dtype=np.int64)
@@ -185,14 +241,14 @@ def run_rollouts(model: PromptDecisionTransformer, statistics: Statistics, rollo
 
     pool = EnvPool(rollouts, seed, workers)
     try:
-        states[:, 0] = (pool.reset() - mean) / std
+        history.states[:, 0] = (pool.reset() - mean) / std
         for t in tqdm(range(longest), desc="rollout steps", dynamic_ncols=True):
             live = np.flatnonzero(alive)
             if len(live) == 0:
                 break
-            predicted = predict_actions(model, states, actions, returns_to_go, prompt, live, t, context_length, device, dtype)
+            predicted = policy(history, live, t)
             predicted[np.arange(MAX_ACT_DIM)[None, :] >= act_dims[live, None]] = 0.0  # as the data pads actions
-            actions[live, t] = predicted
+            history.actions[live, t] = predicted
             results = pool.step(live, [predicted[i, : act_dims[r]] for i, r in enumerate(live)])
             for r, (observation, reward, done, succeeded) in zip(live, results):
                 total_return[r] += reward
@@ -200,40 +256,12 @@ def run_rollouts(model: PromptDecisionTransformer, statistics: Statistics, rollo
                 steps[r] = t + 1
                 if done or t + 1 >= horizons[r]:
                     alive[r] = False
-                elif t + 1 < longest:
-                    states[r, t + 1] = (observation - mean[r]) / std[r]
-                    returns_to_go[r, t + 1] = returns_to_go[r, t] - reward / scales[r]
+                else:
+                    history.states[r, t + 1] = (observation - mean[r]) / std[r]
+                    history.returns_to_go[r, t + 1] = history.returns_to_go[r, t] - reward / scales[r]
     finally:
         pool.close()
-    return {"returns": total_return, "success": success, "steps": steps, "actions": actions}
-
-
-def predict_actions(model, states, actions, returns_to_go, prompt, live, t, context_length, device, dtype) -> np.ndarray:
-    """One forward over the live rollouts with the context window [t-K+1, t], left-padded with zeros
-    (the reference pads evaluation contexts with normalised state 0 and action 0; masked either way)."""
-    start = max(0, t + 1 - context_length)
-    valid = t + 1 - start
-    padding = context_length - valid
-    rows = len(live)
-
-    def window(array: np.ndarray) -> torch.Tensor:
-        padded = np.zeros((rows, context_length, *array.shape[2:]), dtype=np.float32)
-        padded[:, padding:] = array[live, start : t + 1]
-        return torch.from_numpy(padded).to(device, dtype)
-
-    timesteps = np.zeros((rows, context_length), dtype=np.int64)
-    timesteps[:, padding:] = np.arange(start, t + 1)
-    mask = torch.zeros(rows, context_length, device=device, dtype=dtype)
-    mask[:, padding:] = 1.0
-    live_index = torch.from_numpy(live).to(device)
-    batch = Batch(
-        states=window(states), actions=window(actions), returns_to_go=window(returns_to_go[..., None]),
-        timesteps=torch.from_numpy(timesteps).to(device), mask=mask,
-        prompt_states=prompt["states"][live_index], prompt_actions=prompt["actions"][live_index],
-        prompt_returns_to_go=prompt["returns_to_go"][live_index], prompt_timesteps=prompt["timesteps"][live_index],
-        prompt_mask=prompt["mask"][live_index], action_mask=torch.ones(rows, 1, MAX_ACT_DIM, device=device, dtype=dtype),
-    )
-    return model(batch)[:, -1].cpu().numpy().astype(np.float32)
+    return {"returns": total_return, "success": success, "steps": steps, "actions": history.actions}
 
 
 # ------------------------------------------------------------------------------------------ results
@@ -317,15 +345,13 @@ def plot_families(out_dir: Path, results: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------ CLI
-def evaluate(run_dir: str, stage: int, grouping: str = "gradient", expert_num: int = 48, prefix_name: str | None = None,
+def evaluate(run_dir: str, stage: str, grouping: str = "gradient", expert_num: int = 48, prefix_name: str | None = None,
              tasks: str | None = None, episodes: int | None = None, max_steps: int | None = None, workers: int | None = None,
              seed: int = 0, device: str = "auto") -> dict:
+    """Evaluate stage "1" (Prompt-DT), stage "3" (M3DT) or a "random" policy; write and return the results."""
     from m3dt.train import resolve_device
 
     run = RunDir(run_dir)
-    torch_device = resolve_device(device)
-    model, manifest = load_policy(run, stage, grouping, expert_num)
-    model.to(torch_device)
     trained = read_manifest(run.backbone, "stage-1 backbone")["tasks"]
     chosen = resolve_tasks(prefix_name, tasks, seed) if (prefix_name or tasks) else trained
     untrained = [name for name in chosen if name not in trained]
@@ -334,16 +360,23 @@ def evaluate(run_dir: str, stage: int, grouping: str = "gradient", expert_num: i
     rollouts = [Rollout(get_task(name), trained.index(name), episode)
                 for name in chosen
                 for episode in range(episodes or EPISODES_PER_FAMILY[get_task(name).family])]
-    workers = os.cpu_count() if workers is None else workers
+    statistics = load_statistics(run)
+    num_experts = 0
+    if stage == "random":
+        policy = RandomPolicy(seed)
+    else:
+        torch_device = resolve_device(device)
+        model, manifest = load_policy(run, int(stage), grouping, expert_num)
+        num_experts = manifest.get("num_experts", 0)
+        policy = ModelPolicy(model.to(torch_device), statistics, rollouts, manifest["config"]["context_length"], torch_device)
     started = time.perf_counter()
-    outcome = run_rollouts(model, load_statistics(run), rollouts, seed, workers,
-                           manifest["config"]["context_length"], max_steps, torch_device)
+    outcome = run_rollouts(policy, statistics, rollouts, seed, os.cpu_count() if workers is None else workers, max_steps)
     results = {
         "run_dir": str(run.root), "stage": stage, "method": METHOD_NAMES[stage], "seed": seed,
-        "num_experts": manifest.get("num_experts", 0), "grouping": grouping if stage == 3 else None,
+        "num_experts": num_experts, "grouping": grouping if stage == "3" else None,
         "max_steps": max_steps, "seconds": time.perf_counter() - started, **summarise(rollouts, outcome),
     }
-    label = "stage1" if stage == 1 else f"stage3_{grouping}_{expert_num}"
+    label = f"stage3_{grouping}_{expert_num}" if stage == "3" else {"1": "stage1", "random": "random"}[stage]
     out_dir = run.root / "eval" / label
     write_results(out_dir, results)
     print(markdown_table(results))
@@ -354,7 +387,8 @@ def evaluate(run_dir: str, stage: int, grouping: str = "gradient", expert_num: i
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run_dir", required=True)
-    parser.add_argument("--stage", type=int, choices=(1, 3), required=True)
+    parser.add_argument("--stage", choices=("1", "3", "random"), required=True,
+                        help="1: the stage-1 backbone (Prompt-DT); 3: the M3DT model; random: uniform random actions")
     parser.add_argument("--grouping", default="gradient", choices=("gradient", "random"))
     parser.add_argument("--expert_num", type=int, default=48)
     parser.add_argument("--prefix_name", help="evaluate an official suite (default: every task the run trained on)")

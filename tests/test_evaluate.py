@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from m3dt.config import Config
-from m3dt.evaluate import Rollout, evaluate, load_policy, load_statistics, main, run_rollouts
+from m3dt.evaluate import ModelPolicy, Rollout, evaluate, load_policy, load_statistics, main, run_rollouts
 from m3dt.run import RunDir
 from m3dt.stages import train_backbone
 from m3dt.tasks import get_task
@@ -49,8 +49,8 @@ def test_batched_and_one_at_a_time_rollouts_agree(tiny_run):
     rollouts = [Rollout(get_task(name), trained.index(name), episode) for name in ONE_PER_FAMILY for episode in (0, 1)]
 
     def rollout_outcome(selection):
-        return run_rollouts(model, statistics, selection, seed=0, workers=0, context_length=20, max_steps=25,
-                            device=torch.device("cpu"), dtype=torch.float64)
+        policy = ModelPolicy(model, statistics, selection, 20, torch.device("cpu"), torch.float64)
+        return run_rollouts(policy, statistics, selection, seed=0, workers=0, max_steps=25)
 
     together = rollout_outcome(rollouts)
     for index, rollout in enumerate(rollouts):
@@ -60,9 +60,15 @@ def test_batched_and_one_at_a_time_rollouts_agree(tiny_run):
 
 
 def test_worker_processes_do_not_change_results(tiny_run):
-    first = evaluate(str(tiny_run), 1, tasks="reach-v2,pendulum-swingup", episodes=2, max_steps=6, workers=0, device="cpu")
-    second = evaluate(str(tiny_run), 1, tasks="reach-v2,pendulum-swingup", episodes=2, max_steps=6, workers=3, device="cpu")
+    first = evaluate(str(tiny_run), "1", tasks="reach-v2,pendulum-swingup", episodes=2, max_steps=6, workers=0, device="cpu")
+    second = evaluate(str(tiny_run), "1", tasks="reach-v2,pendulum-swingup", episodes=2, max_steps=6, workers=3, device="cpu")
     assert first["tasks"] == second["tasks"]
+
+
+def test_random_policy_baseline(tiny_run):
+    results = evaluate(str(tiny_run), "random", tasks="reach-v2,cheetah-vel-8", episodes=2, max_steps=6, workers=0)
+    assert results["method"] == "random policy"
+    assert (tiny_run / "eval" / "random" / "results.json").exists()
 
 
 def test_unknown_stage_artifact_is_a_clear_error(tiny_run, capsys):
