@@ -67,6 +67,13 @@ class Config:
     kmeans_iterations: int = 100
     kmeans_tolerance: float = 1e-4
 
+    # the demo (m3dt.demo) collects its own data and evaluates with these
+    demo_episodes: int = 30  # episodes collected per task; the last two are the prompts
+    demo_noise: float = 0.1  # std of the Gaussian noise on the scripted actions
+    eval_episodes: int | None = None  # episodes per task; None: the protocol's per family
+    eval_max_steps: int | None = None  # None: each task's full horizon
+    workers: int | None = None  # env worker processes; None: the CPU count
+
     # running
     device: str = "auto"  # auto: cuda when available, else cpu
     precision: str = "fp32"  # fp32 | bf16 (autocast)
@@ -180,3 +187,5 @@ def check_values(config: Config) -> None:
             raise ConfigError(f"--{name} must be at least 1, got {getattr(config, name)}")
     if config.embed_dim % config.n_head:
         raise ConfigError(f"--embed_dim {config.embed_dim} must be a multiple of --n_head {config.n_head}")
+    if not all(width.strip().isdigit() and int(width) > 0 for width in config.router_hidden.split(",")):
+        raise ConfigError(f"--router_hidden must be comma-separated positive widths, got {config.router_hidden!r}")
