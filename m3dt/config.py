@@ -72,7 +72,7 @@ class Config:
     demo_noise: float = 0.1  # std of the Gaussian noise on the scripted actions
     eval_episodes: int | None = None  # episodes per task; None: the protocol's per family
     eval_max_steps: int | None = None  # None: each task's full horizon
-    workers: int | None = None  # env worker processes; None: the CPU count
+    workers: int | None = None  # processes that read the data and step envs; None: the CPU count
 
     # running
     device: str = "auto"  # auto: cuda when available, else cpu

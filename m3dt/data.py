@@ -11,8 +11,13 @@ on those tensors, so the whole dataset can sit on the GPU and no step builds sam
 
 from __future__ import annotations
 
+import multiprocessing
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -205,55 +210,94 @@ def load_prompts(task: Task, files: list[Path], length: int) -> dict[str, np.nda
     return stacked
 
 
+@dataclass
+class TaskPart:
+    """One task's training data, read by a worker and copied into the flat arrays."""
+
+    observations: np.ndarray
+    actions: np.ndarray
+    returns_to_go: np.ndarray  # scaled
+    episode_lengths: list[int]
+    state_mean: np.ndarray
+    state_std: np.ndarray
+    prompts: dict[str, np.ndarray]
+
+
+def read_lengths(files: list[Path]) -> list[int]:
+    return [episode_length(path) for path in files]
+
+
+def read_task(task: Task, files: list[Path], prompt_length: int) -> TaskPart:
+    """Read one task's training episodes and prompts; the last PROMPT_EPISODES files are the prompts."""
+    episodes = [load_episode(path) for path in files[:-PROMPT_EPISODES]]
+    observations = np.concatenate([episode.observations for episode in episodes])
+    mean, std = mean_and_std(observations)
+    return TaskPart(
+        observations=observations,
+        actions=np.concatenate([episode.actions for episode in episodes]),
+        returns_to_go=np.concatenate([returns_to_go(episode.rewards) for episode in episodes]) / task.rtg_scale,
+        episode_lengths=[episode.rewards.shape[0] for episode in episodes],
+        state_mean=mean,
+        state_std=std + STD_EPSILON,
+        prompts=load_prompts(task, files[-PROMPT_EPISODES:], prompt_length),
+    )
+
+
+@contextmanager
+def worker_pool(workers: int) -> Iterator:
+    """Something with `map`: a process pool, or plain in-process iteration for workers <= 1."""
+    if workers <= 1:
+        yield SimpleNamespace(map=lambda function, items: list(map(function, items)))
+        return
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        yield pool
+
+
 class TaskDataset:
     """Every task's training transitions in flat arrays, plus the statistics and prompts of each task.
 
     Flat layout: task t owns rows [task_offsets[t], task_offsets[t] + task_sizes[t]); episodes are
     contiguous within it and listed in `episode_starts` (global, sorted, with a final sentinel).
+    Tasks are read in `workers` processes; the flat arrays are allocated once at their final size (a first
+    pass reads only the episode lengths), so the peak memory is the dataset plus the tasks in flight.
     """
 
-    def __init__(self, data_root: str | Path, task_names: list[str], max_episodes: int = 2000, prompt_length: int = 5):
+    def __init__(self, data_root: str | Path, task_names: list[str], max_episodes: int = 2000, prompt_length: int = 5,
+                 workers: int = 0):
         root = Path(data_root)
         if not root.is_dir():
             raise DataError(f"{root}: data root does not exist (download MT160 or run python -m m3dt.collect)")
         self.root = root
         self.tasks = [get_task(name) for name in task_names]
         self.prompt_length = prompt_length
-        files = {task.name: episode_files(root / task.name, max_episodes) for task in self.tasks}
-        train_files = {name: paths[:-PROMPT_EPISODES] for name, paths in files.items()}
-
-        # Pass 1 reads only lengths so that every array is allocated once at its final size.
-        lengths = {name: [episode_length(path) for path in paths] for name, paths in train_files.items()}
-        total = sum(sum(values) for values in lengths.values())
-        self.observations = np.empty((total, MAX_OBS_DIM), dtype=np.float32)
-        self.actions = np.empty((total, MAX_ACT_DIM), dtype=np.float32)
-        self.returns_to_go = np.empty(total, dtype=np.float32)
-        episode_starts, task_offsets, task_sizes = [], [], []
-        state_means, state_stds, prompt_parts = [], [], []
-
-        row = 0
-        for task in self.tasks:
-            task_offsets.append(row)
-            for path, length in zip(train_files[task.name], lengths[task.name]):
-                episode = load_episode(path)
-                if episode.rewards.shape[0] != length:
-                    raise DataError(f"{path}: arrays disagree on the episode length")
-                episode_starts.append(row)
-                self.observations[row : row + length] = episode.observations
-                self.actions[row : row + length] = episode.actions
-                self.returns_to_go[row : row + length] = returns_to_go(episode.rewards) / task.rtg_scale
-                row += length
-            task_rows = slice(task_offsets[-1], row)
-            task_sizes.append(row - task_offsets[-1])
-            mean, std = mean_and_std(self.observations[task_rows])
-            state_means.append(mean)
-            state_stds.append(std + STD_EPSILON)
-            prompt_parts.append(load_prompts(task, files[task.name][-PROMPT_EPISODES:], prompt_length))
+        files = [episode_files(root / task.name, max_episodes) for task in self.tasks]
+        with worker_pool(min(workers, len(self.tasks))) as pool:
+            lengths = pool.map(read_lengths, [task_files[:-PROMPT_EPISODES] for task_files in files])
+            total = sum(map(sum, lengths))
+            self.observations = np.empty((total, MAX_OBS_DIM), dtype=np.float32)
+            self.actions = np.empty((total, MAX_ACT_DIM), dtype=np.float32)
+            self.returns_to_go = np.empty(total, dtype=np.float32)
+            parts = bounded_map(pool, partial(read_task_star, prompt_length=prompt_length), list(zip(self.tasks, files)),
+                                max(1, workers))
+            episode_starts, task_offsets, state_means, state_stds, prompt_parts = [], [], [], [], []
+            row = 0
+            for task_files, expected, part in zip(files, lengths, parts):
+                if part.episode_lengths != expected:
+                    raise DataError(f"{task_files[0].parent}: episode arrays disagree on their lengths")
+                rows = slice(row, row + len(part.returns_to_go))
+                self.observations[rows], self.actions[rows], self.returns_to_go[rows] = (
+                    part.observations, part.actions, part.returns_to_go)
+                task_offsets.append(row)
+                episode_starts.extend(row + np.cumsum([0, *part.episode_lengths[:-1]]))
+                state_means.append(part.state_mean)
+                state_stds.append(part.state_std)
+                prompt_parts.append(part.prompts)
+                row = rows.stop
         episode_starts.append(row)
 
         self.episode_starts = np.asarray(episode_starts, dtype=np.int64)
         self.task_offsets = np.asarray(task_offsets, dtype=np.int64)
-        self.task_sizes = np.asarray(task_sizes, dtype=np.int64)
+        self.task_sizes = np.asarray([sum(task_lengths) for task_lengths in lengths], dtype=np.int64)
         self.state_mean = np.stack(state_means).astype(np.float32)
         self.state_std = np.stack(state_stds).astype(np.float32)
         self.prompts = {key: np.stack([part[key] for part in prompt_parts]) for key in prompt_parts[0]}
@@ -264,6 +308,16 @@ class TaskDataset:
 
     def nbytes(self) -> int:
         return self.observations.nbytes + self.actions.nbytes + self.returns_to_go.nbytes + self.episode_starts.nbytes
+
+
+def bounded_map(pool, function, items: list, in_flight: int) -> Iterator:
+    """pool.map over `in_flight` items at a time, so that at most that many tasks' arrays wait in memory."""
+    for start in range(0, len(items), in_flight):
+        yield from pool.map(function, items[start : start + in_flight])
+
+
+def read_task_star(arguments: tuple[Task, list[Path]], prompt_length: int) -> TaskPart:
+    return read_task(*arguments, prompt_length)
 
 
 class DeviceSampler:

@@ -129,6 +129,14 @@ def test_sampling_is_proportional_to_length(tmp_path):
     assert 0.7 < share_long < 0.8  # expected 0.75
 
 
+def test_worker_processes_read_the_same_dataset(dataset, small_data):
+    parallel = TaskDataset(small_data, SMALL_TASKS, prompt_length=5, workers=2)
+    for name in ("observations", "actions", "returns_to_go", "episode_starts", "task_offsets", "state_mean", "state_std"):
+        np.testing.assert_array_equal(getattr(parallel, name), getattr(dataset, name))
+    for key, value in dataset.prompts.items():
+        np.testing.assert_array_equal(parallel.prompts[key], value)
+
+
 def test_missing_task_folder_is_a_clear_error(small_data):
     with pytest.raises(DataError, match="walker-run: task folder does not exist"):
         TaskDataset(small_data, ["walker-run"])
