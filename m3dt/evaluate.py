@@ -68,8 +68,9 @@ def _worker(connection, rollouts: list[tuple[str, int]], seed: int) -> None:
 
 
 class EnvPool:
-    """The envs of all rollouts, in `workers` processes (0: in this process). Rollout r lives in worker
-    r % workers, so results never depend on how many workers there are."""
+    """The envs of all rollouts, in `workers` processes (0: in this process). Each worker owns a contiguous
+    block of rollouts, so a task's episodes mostly share a worker (Meta-World builds its goal set once per
+    task and process). Every env is seeded by its (task, episode), so results never depend on the workers."""
 
     def __init__(self, rollouts: list[Rollout], seed: int, workers: int):
         specs = [(rollout.task.name, rollout.episode) for rollout in rollouts]
@@ -83,9 +84,12 @@ class EnvPool:
             return
         context = multiprocessing.get_context("spawn")  # MuJoCo state must not be forked
         self.connections, self.processes = [], []
+        self.owner = np.arange(self.count) * self.workers // self.count  # rollout -> worker
+        self.position = np.arange(self.count) - np.searchsorted(self.owner, self.owner)  # index within its worker
         for worker in range(self.workers):
             parent, child = context.Pipe()
-            process = context.Process(target=_worker, args=(child, specs[worker :: self.workers], seed), daemon=True)
+            block = [spec for spec, owner in zip(specs, self.owner) if owner == worker]
+            process = context.Process(target=_worker, args=(child, block, seed), daemon=True)
             process.start()
             self.connections.append(parent)
             self.processes.append(process)
@@ -97,7 +101,7 @@ class EnvPool:
             connection.send(("reset", None))
         observations = np.zeros((self.count, MAX_OBS_DIM), dtype=np.float32)
         for worker, connection in enumerate(self.connections):
-            observations[worker :: self.workers] = connection.recv()
+            observations[self.owner == worker] = connection.recv()
         return observations
 
     def step(self, live: np.ndarray, actions: np.ndarray) -> list[tuple[np.ndarray, float, bool, bool]]:
@@ -107,11 +111,11 @@ class EnvPool:
             return [(obs, reward, done, info["success"]) for obs, reward, done, info in results]
         messages = [[] for _ in range(self.workers)]
         for rollout, action in zip(live, actions):
-            messages[rollout % self.workers].append((rollout // self.workers, action))
+            messages[self.owner[rollout]].append((self.position[rollout], action))
         for connection, message in zip(self.connections, messages):
             connection.send(("step", message))
         answers = [iter(connection.recv()) for connection in self.connections]
-        return [next(answers[rollout % self.workers]) for rollout in live]
+        return [next(answers[self.owner[rollout]]) for rollout in live]
 
     def close(self) -> None:
         if self.local:
