@@ -89,3 +89,12 @@ def test_mismatched_inputs_are_named(pipeline_run):
     result = run_stage("stage2_task_grouping_random.py", "--group_num", "2", "--tasks", "reach-v2", *common, check=False)
     assert result.returncode == 2 and "differ" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_wandb_logs_offline(small_data, tmp_path):
+    run_dir = tmp_path / "run"
+    environment_flags = [*TINY, "--data_path", str(small_data), "--run_dir", str(run_dir), "--workers", "0"]
+    run_stage("stage1_backbone_train.py", "--tasks", "reach-v2,walker-walk", "--max_iters", "20", "--wandb",
+              *environment_flags)
+    runs = list((run_dir / "stage1" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
