@@ -38,6 +38,7 @@ import argparse
 import multiprocessing
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -58,6 +59,9 @@ from m3dt.envs.metaworld import scripted_policy  # noqa: E402
 from m3dt.run import ArtifactError, atomic_path, read_json, write_json  # noqa: E402
 from m3dt.scores import episode_score  # noqa: E402
 from m3dt.tasks import MAX_ACT_DIM, Task, TaskError, get_task, resolve_tasks, task_table  # noqa: E402
+
+# metaworld's scripted policies warn that their gains exceed the action range; the actions are clipped.
+warnings.filterwarnings("ignore", message="Constant\\(s\\) may be too high")
 
 EXPERTS_DIR = "_experts"
 SUMMARY_FILE = "collect.json"
@@ -88,9 +92,13 @@ def expert_task(name: str) -> Task:
     """A task whose env the expert `name` trains on (for a family, its first task; the goal is redrawn)."""
     if name in LOCOMOTION_FAMILIES:
         return next(task for task in task_table().values() if task.family == name)
+    if name not in task_table():
+        raise CollectError(f"unknown expert '{name}': choose ant_dir, cheetah_vel or a DMC task name")
     task = get_task(name)
+    if task.family in LOCOMOTION_FAMILIES:
+        raise CollectError(f"'{name}' is collected by its family's expert: use --expert {task.family}")
     if task.family != "dmc":
-        raise CollectError(f"'{name}' needs no trained expert: choose ant_dir, cheetah_vel or a DMC task")
+        raise CollectError(f"'{name}' needs no trained expert (metaworld's scripted one collects it)")
     return task
 
 
@@ -139,8 +147,8 @@ class ExpertFiles:
 
 class ExpertTrainingEnv(gym.Env):
     """The gymnasium view of an expert's task for SB3: a fresh env each episode (its own reset state, seeded
-    as collection seeds episodes; for a locomotion family, a new goal drawn from its range), observations with the goal appended, and the
-    horizon reported as truncation so that SAC bootstraps through it."""
+    as collection seeds episodes; for a locomotion family, a new goal drawn from its range), observations
+    with the goal appended, and the horizon reported as truncation so that SAC bootstraps through it."""
 
     def __init__(self, name: str, seed: int):
         self.task = expert_task(name)
@@ -207,7 +215,7 @@ def save_expert(model: SAC, files: ExpertFiles, target_steps: int, seed: int) ->
 
 
 def train_expert(name: str, steps: int, out: Path, seed: int, save_every: int, learning_starts: int,
-                 device: str) -> None:
+                 buffer_size: int, device: str) -> None:
     """Train (or continue training) the SAC expert `name` to `steps` environment steps."""
     files = ExpertFiles.of(out, name)
     resume = files.model.is_file() and files.replay_buffer.is_file() and files.state.is_file()
@@ -219,9 +227,10 @@ def train_expert(name: str, steps: int, out: Path, seed: int, save_every: int, l
         model.load_replay_buffer(files.replay_buffer)
         print(f"resuming {name} from step {model.num_timesteps}")
     else:
-        # SB3's SAC defaults (256x256 MLPs, lr 3e-4, batch 256, 1M buffer); random actions for the first
+        # SB3's SAC defaults (256x256 MLPs, lr 3e-4, batch 256); random actions for the first
         # `learning_starts` steps, as RL Zoo does for MuJoCo.
-        model = SAC("MlpPolicy", env, learning_starts=learning_starts, seed=seed, device=device, verbose=0)
+        model = SAC("MlpPolicy", env, buffer_size=buffer_size, learning_starts=learning_starts, seed=seed,
+                    device=device, verbose=0)
     if model.num_timesteps < steps:
         progress = TrainingProgress(files, steps, save_every, seed)
         model.learn(total_timesteps=steps - model.num_timesteps, callback=progress, reset_num_timesteps=False)
@@ -270,7 +279,6 @@ def task_policy(task_name: str, out: Path) -> Policy:
     task = get_task(task_name)
     if task.family == "metaworld":
         return scripted_policy(task.name)
-    expert_state(task, out)
     model = expert_model(expert_name(task), out)
     return lambda observation: model.predict(expert_observation(task, observation, task.goal), deterministic=True)[0]
 
@@ -303,7 +311,6 @@ def episode_path(out: Path, task_name: str, episode: int) -> Path:
 
 def collect_episode(job: EpisodeJob) -> tuple[str, EpisodeSummary]:
     """Roll out one episode with the task's policy plus clipped Gaussian noise, and write its file."""
-    torch.set_num_threads(1)  # one small MLP per step; threads would only fight the other workers
     task = get_task(job.task_name)
     policy = task_policy(task.name, job.out)
     noise_rng = np.random.default_rng(derived_seed(job.seed, task.index, job.episode))
@@ -365,7 +372,8 @@ def check_task_folder(task: Task, out: Path, episodes: int, settings: dict, summ
     (the loader would read them and take the last two as prompts)."""
     previous = summary.get(task.name, {}).get("settings")
     if previous is not None and previous != settings:
-        changed = ", ".join(f"{key} {previous[key]!r} -> {settings[key]!r}" for key in settings if previous.get(key) != settings[key])
+        changed = ", ".join(f"{key} {previous.get(key)!r} -> {value!r}" for key, value in settings.items()
+                            if previous.get(key) != value)
         raise CollectError(f"{task.name} was collected with other settings ({changed}): use the same ones, "
                            f"or delete {out / task.name} to start it over")
     folder = out / task.name
@@ -397,21 +405,14 @@ def task_entry(task: Task, settings: dict, summaries: list[EpisodeSummary]) -> d
 
 def run_jobs(jobs: list[EpisodeJob], workers: int) -> list[tuple[str, EpisodeSummary]]:
     """Collect the episodes of `jobs` in `workers` processes (0: in this process), whole episodes each."""
-    bar = tqdm(total=len(jobs), desc="episodes", dynamic_ncols=True)
-    results = []
-    if workers == 0:
-        for job in jobs:
-            results.append(collect_episode(job))
-            bar.update(1)
-    else:
-        # spawn: MuJoCo and torch state must not be forked into the workers.
-        context = multiprocessing.get_context("spawn")
-        with context.Pool(min(workers, len(jobs))) as pool:
-            for result in pool.imap_unordered(collect_episode, jobs):
-                results.append(result)
-                bar.update(1)
-    bar.close()
-    return results
+    progress = {"total": len(jobs), "desc": "episodes", "dynamic_ncols": True}
+    if workers == 0 or not jobs:
+        return [collect_episode(job) for job in tqdm(jobs, **progress)]
+    # spawn: MuJoCo and torch state must not be forked. One torch thread per worker: the expert is a small
+    # MLP evaluated once per step, and more threads would only compete with the other workers.
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(min(workers, len(jobs)), initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        return list(tqdm(pool.imap_unordered(collect_episode, jobs), **progress))
 
 
 def collect(task_names: list[str], episodes: int, out: Path, seed: int, noise: float, workers: int,
@@ -435,7 +436,7 @@ def collect(task_names: list[str], episodes: int, out: Path, seed: int, noise: f
                 kept[task.name].append(existing)
     write_json(summary_path, summary)
     print(f"{len(jobs)} episodes to collect, {sum(map(len, kept.values()))} kept")
-    for task_name, result in run_jobs(jobs, workers) if jobs else []:
+    for task_name, result in run_jobs(jobs, workers):
         kept[task_name].append(result)
     for task in tasks:
         ordered = sorted(kept[task.name], key=lambda item: item.episode)
@@ -466,9 +467,11 @@ def collect_parser() -> argparse.ArgumentParser:
                         help="episode files per task in all, prompts included (the loader uses the last two as "
                              f"prompts); at least {MIN_EPISODES}")
     parser.add_argument("--out", required=True, help="data root; also holds _experts/ and collect.json")
-    parser.add_argument("--seed", type=int, default=100)
-    parser.add_argument("--noise", type=float, default=0.0, help="std of Gaussian noise added to actions, then clipped to [-1, 1]")
-    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="worker processes (default: CPU count; 0: in-process)")
+    parser.add_argument("--seed", type=int, default=100, help="collection seed (keep it apart from run seeds 0-2)")
+    parser.add_argument("--noise", type=float, default=0.0,
+                        help="std of Gaussian noise added to the expert's actions, then clipped to [-1, 1]")
+    parser.add_argument("--workers", type=int, default=os.cpu_count(),
+                        help="worker processes, whole episodes each (default: CPU count; 0: in-process)")
     parser.add_argument("--max_steps", type=int, help="cut episodes to this many steps, for quick checks")
     parser.add_argument("--debug", action="store_true", help="tracebacks instead of one-line errors")
     return parser
@@ -489,6 +492,9 @@ def train_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save_every", type=int, default=50_000, help="checkpoint period in steps")
     parser.add_argument("--learning_starts", type=int, default=10_000, help="random-action steps before learning")
+    parser.add_argument("--buffer_size", type=int, default=1_000_000,
+                        help="replay buffer capacity, fixed by the first run (each checkpoint writes all of it: "
+                             "~200-300 MB at 1M)")
     parser.add_argument("--device", default="auto", help="auto: cuda when available, else cpu")
     parser.add_argument("--debug", action="store_true", help="tracebacks instead of one-line errors")
     return parser
@@ -505,9 +511,13 @@ def run_command(argv: list[str]) -> None:
         positive("steps", args.steps, 1)
         positive("save_every", args.save_every, 1)
         positive("learning_starts", args.learning_starts, 0)
+        positive("buffer_size", args.buffer_size, 1)
         expert_task(args.expert)  # validates the name before anything is built
+        # SAC's networks are small (256x256, batch 256): on CPU a second intra-op thread gains little, and on
+        # a busy machine it made each step ~10x slower (measured: 66 vs 5 steps/s).
+        torch.set_num_threads(1)
         train_expert(args.expert, args.steps, Path(args.out), args.seed, args.save_every, args.learning_starts,
-                     args.device)
+                     args.buffer_size, args.device)
         return
     args = collect_parser().parse_args(argv)
     positive("episodes", args.episodes, MIN_EPISODES)

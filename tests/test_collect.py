@@ -1,0 +1,161 @@
+"""Data collection: the MT160 layout the loader accepts, resume without loss or duplication, determinism,
+expert training and resume, the scripted Meta-World experts, scores, and one-line CLI errors."""
+
+import hashlib
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from m3dt.collect import (
+    EXPERTS_DIR,
+    SUMMARY_FILE,
+    EpisodeJob,
+    collect,
+    collect_episode,
+    episode_env,
+    is_termination,
+    main,
+    train_expert,
+)
+from m3dt.data import TaskDataset, load_episode
+from m3dt.envs import make_env
+from m3dt.scores import episode_score
+from m3dt.tasks import get_task
+
+TASKS = ["reach-v2", "cheetah-vel-3"]
+STEPS = 20
+
+
+def file_fingerprints(folder):
+    return {path.name: (path.stat().st_mtime_ns, hashlib.sha256(path.read_bytes()).hexdigest())
+            for path in sorted(folder.glob("*.npz"))}
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    """A tiny cheetah-vel expert (training stops just past its random-action phase), then 3 short episodes
+    of one Meta-World and one locomotion task collected by two worker processes."""
+    root = tmp_path_factory.mktemp("collected")
+    train_expert("cheetah_vel", steps=60, out=root, seed=0, save_every=40, learning_starts=50, buffer_size=100,
+                 device="cpu")
+    collect(TASKS, episodes=3, out=root, seed=7, noise=0.1, workers=2, max_steps=STEPS)
+    return root
+
+
+def test_loader_accepts_the_collected_root(data_root):
+    dataset = TaskDataset(data_root, TASKS)  # `_experts/` and collect.json sit beside the task folders
+    assert dataset.task_names == TASKS
+    assert dataset.observations.shape == (2 * STEPS, 39)  # one training episode per task, two prompts
+    for name in TASKS:
+        task = get_task(name)
+        episode = load_episode(data_root / name / "0.npz")
+        assert episode.observations.shape == (STEPS, 39) and episode.actions.shape == (STEPS, 8)
+        assert not episode.observations[:, task.obs_dim :].any() and not episode.actions[:, task.act_dim :].any()
+        assert np.abs(episode.actions).max() <= 1.0
+
+
+def test_summary_reports_returns_success_and_score(data_root):
+    summary = json.loads((data_root / SUMMARY_FILE).read_text())
+    for name in TASKS:
+        entry = summary[name]
+        returns = [float(load_episode(data_root / name / f"{i}.npz").rewards.sum()) for i in range(3)]
+        assert entry["episodes"] == 3 and entry["steps"] == 3 * STEPS
+        assert entry["mean_return"] == pytest.approx(np.mean(returns), rel=1e-5)
+        assert entry["settings"] == {**entry["settings"], "seed": 7, "noise": 0.1, "max_steps": STEPS}
+    assert summary["reach-v2"]["settings"]["policy"] == "metaworld scripted"
+    assert summary["cheetah-vel-3"]["settings"]["policy"] == "sac cheetah_vel at 60 steps"
+    cheetah = summary["cheetah-vel-3"]
+    assert cheetah["success_rate"] is None
+    assert cheetah["score"] == episode_score("cheetah_vel", [cheetah["mean_return"]], [])
+    assert 0.0 <= summary["reach-v2"]["success_rate"] <= 1.0
+
+
+def test_resume_recollects_only_the_missing_episode_identically(data_root):
+    folder = data_root / "reach-v2"
+    before = file_fingerprints(folder)
+    other_task_before = file_fingerprints(data_root / "cheetah-vel-3")
+    deleted = load_episode(folder / "1.npz")
+    (folder / "1.npz").unlink()
+    (folder / ".2.npz.crashed.tmp").write_bytes(b"left by a killed worker")
+    collect(TASKS, episodes=3, out=data_root, seed=7, noise=0.1, workers=0, max_steps=STEPS)  # in-process now
+
+    after = file_fingerprints(folder)
+    assert sorted(after) == ["0.npz", "1.npz", "2.npz"]
+    assert {name: after[name] for name in ("0.npz", "2.npz")} == {name: before[name] for name in ("0.npz", "2.npz")}
+    assert file_fingerprints(data_root / "cheetah-vel-3") == other_task_before
+    recollected = load_episode(folder / "1.npz")  # same seed, other scheduling: the same episode
+    np.testing.assert_array_equal(recollected.observations, deleted.observations)
+    np.testing.assert_array_equal(recollected.actions, deleted.actions)
+    assert not list(data_root.rglob("*.tmp"))
+
+
+def test_expert_training_resumes_from_its_checkpoint(data_root, capsys):
+    state_file = data_root / EXPERTS_DIR / "cheetah_vel.json"
+    assert json.loads(state_file.read_text())["steps_done"] == 60
+    train_expert("cheetah_vel", steps=70, out=data_root / "more", seed=0, save_every=40, learning_starts=50,
+                 buffer_size=100, device="cpu")
+    train_expert("cheetah_vel", steps=90, out=data_root / "more", seed=0, save_every=40, learning_starts=50,
+                 buffer_size=100, device="cpu")
+    assert "resuming cheetah_vel from step 70" in capsys.readouterr().out
+    assert json.loads((data_root / "more" / EXPERTS_DIR / "cheetah_vel.json").read_text())["steps_done"] == 90
+
+
+@pytest.mark.parametrize("task_name", ["reach-v2", "button-press-topdown-v2", "drawer-close-v2"])
+def test_scripted_policy_succeeds_within_150_steps(tmp_path, task_name):
+    _, summary = collect_episode(EpisodeJob(task_name, 0, tmp_path, seed=0, noise=0.0, max_steps=150))
+    assert summary.success and summary.steps == 150
+
+
+def test_metaworld_goals_follow_mt1_then_fresh_blocks_of_50():
+    goal = slice(36, 39)
+    task = get_task("reach-v2")
+    first = episode_env(task, 3, seed=5).reset()
+    np.testing.assert_array_equal(first, make_env("reach-v2", 3, seed=5).reset())
+    assert not np.allclose(episode_env(task, 53, seed=5).reset()[goal], first[goal])
+
+
+def test_only_an_env_ending_before_the_horizon_is_a_terminal():
+    task = get_task("ant-dir-0")
+    assert is_termination(SimpleNamespace(task=task, steps=37), done=True)
+    assert not is_termination(SimpleNamespace(task=task, steps=task.horizon), done=True)
+    assert not is_termination(SimpleNamespace(task=task, steps=37), done=False)
+
+
+def test_scores_per_family():
+    assert episode_score("metaworld", [1.0, 2.0, 3.0, 4.0], [True, False, True, True]) == 75.0
+    assert episode_score("dmc", [800.0, 600.0], [False, False]) == 70.0
+    assert episode_score("ant_dir", [350.0], [False]) == 70.0
+    assert episode_score("ant_dir", [-20.0], [False]) == 0.0
+    assert episode_score("ant_dir", [900.0], [False]) == 100.0
+    assert episode_score("cheetah_vel", [-65.0], [False]) == pytest.approx(50.0)
+    assert episode_score("cheetah_vel", [-150.0], [False]) == 0.0
+    assert episode_score("cheetah_vel", [-10.0], [False]) == 100.0
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--tasks", "reach-v2", "--episodes", "2"], "--episodes must be at least 3"),
+    (["--tasks", "walker-walk", "--episodes", "3"], "no expert for DMC (walker-walk): train one with"),
+    (["--tasks", "ant-dir-0", "--episodes", "3"], "no ant_dir expert (ant-dir-0)"),
+    (["--tasks", "reach-v3", "--episodes", "3"], "unknown task 'reach-v3'"),
+    (["--tasks", "reach-v2", "--episodes", "3", "--noise", "-1"], "--noise must be at least"),
+])
+def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, capsys, arguments, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*arguments, "--out", str(tmp_path)])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert error.startswith("error: ") and message in error and error.count("\n") == 1
+
+
+def test_rerun_with_other_settings_or_fewer_episodes_is_refused(data_root, capsys):
+    base = ["--tasks", "reach-v2", "--out", str(data_root), "--seed", "7", "--max_steps", str(STEPS), "--workers", "0"]
+    with pytest.raises(SystemExit):
+        main([*base, "--episodes", "3", "--noise", "0.2"])
+    assert "noise 0.1 -> 0.2" in capsys.readouterr().err
+    (data_root / "reach-v2" / "5.npz").write_bytes(b"")
+    with pytest.raises(SystemExit):
+        main([*base, "--episodes", "3", "--noise", "0.1"])
+    assert "beyond --episodes 3" in capsys.readouterr().err
+    (data_root / "reach-v2" / "5.npz").unlink()
