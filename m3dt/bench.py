@@ -8,11 +8,11 @@ At the paper configuration (batch 16, K=20 + a 5-step prompt = 75 tokens, 6 laye
 dropout 0.1) and on synthetic data in the MT160 layout, one run times, per stage:
 - fast: the project's step (m3dt/train.py): device-resident sampler, stacked experts (one batched matmul),
   AdamW (fused on CUDA), per-expert clipping for stage 2, no host sync;
-- naive: the same math the reference's way (m3dt/naive.py): experts in a Python loop, batches built per
-  sample in numpy and copied to the device, default AdamW, loss.item() every step.
+- naive: the same math done the reference's way (m3dt/naive.py): experts in a Python loop, batches built
+  per sample in numpy and copied to the device, default AdamW, loss.item() every step.
 It reports the median ms/step after warm-up, the ratio, the achieved TFLOP/s against the measured matmul
 peak, the paper schedule's projected hours, and policy forwards per second for lockstep evaluation (model
-forward only: env stepping is measured by m3dt/evaluate.py). Writes benchmarks/{device}.md and .json.
+forward only; env stepping is timed by m3dt/evaluate.py). Writes benchmarks/{device}.md and .json.
 """
 
 from __future__ import annotations
@@ -21,17 +21,21 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
+import sys
 import tempfile
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
+from datetime import date
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.nn as nn
+from torch.optim.lr_scheduler import LambdaLR
 
 from m3dt.config import Config
 from m3dt.data import Batch, DeviceSampler, TaskDataset
@@ -39,26 +43,42 @@ from m3dt.grouping import random_grouping
 from m3dt.model import PromptDecisionTransformer, action_loss
 from m3dt.naive import NaiveSampler, naive_model, naive_optimizer, naive_train_step
 from m3dt.stages import build_model, freeze_all_but
-from m3dt.tasks import MAX_ACT_DIM, MAX_OBS_DIM, resolve_tasks
+from m3dt.tasks import MAX_ACT_DIM, MAX_OBS_DIM, get_task, resolve_tasks
 from m3dt.train import build_optimizer, clip_gradients, resolve_device, round_robin_table, warmup_factor
 
 # Rollouts per task in the evaluation protocol (SPEC section 5), to size one MT160 evaluation.
 EPISODES_PER_FAMILY = {"metaworld": 10, "dmc": 10, "ant_dir": 1, "cheetah_vel": 1}
-TRAIN_EPISODES = 2  # synthetic training episodes per task (plus the 2 prompt episodes)
-DEFAULTS = {  # per mode: timed steps, warm-up steps, stage-3 expert counts, stage-2 --all groups, tasks, eval rows
+TRAIN_EPISODES = 2  # synthetic training episodes per task (each task also gets its 2 prompt episodes)
+DEFAULTS = {
     "full": {"steps": 20, "warmup": 5, "experts": "8,16,48", "groups": 48, "tasks": 160, "eval_rows": 1560},
-    "quick": {"steps": 3, "warmup": 1, "experts": "8", "groups": 8, "tasks": 48, "eval_rows": 64},
+    "quick": {"steps": 3, "warmup": 1, "experts": "8", "groups": 4, "tasks": 48, "eval_rows": 16},
 }
+
+
+@dataclass
+class Settings:
+    device: torch.device
+    precision: str  # of the fast path; the naive path is fp32 as the reference
+    mode: str  # full | quick
+    steps: int  # timed steps per measurement
+    warmup: int  # untimed steps before them
+    expert_counts: list[int]  # E for stage 3
+    groups: int  # experts trained together in the stage-2 `--all` step
+    tasks: int  # synthetic tasks, the first of the official MT160 list
+    eval_rows: int  # rollouts per lockstep evaluation forward
+    compile: bool  # also time the fast path with torch.compile(model)
+    out: Path
+    config: Config  # model and optimisation options: the paper's unless overridden (smoke tests)
 
 
 # ------------------------------------------------------------------------------------------ synthetic data
 def write_synthetic_dataset(root: Path, task_names: list[str], seed: int = 0) -> None:
-    """TRAIN_EPISODES + 2 full-horizon episodes per task in the MT160 layout: random states and rewards in
-    the task's native dims (zero-padded to 39/8). Only the shapes matter for speed; full horizons make the
-    naive sampler's per-sample return-to-go loop as long as on the real data."""
+    """Full-horizon episodes in the MT160 layout with random states, actions and rewards in each task's
+    native dims (zero-padded to 39/8). Only shapes matter for speed, and full horizons make the naive
+    sampler's per-sample return-to-go loop as long as on the real data."""
     rng = np.random.default_rng(seed)
     for name in task_names:
-        task = resolve_tasks(None, name, 0) and __import__("m3dt.tasks").tasks.get_task(name)
+        task = get_task(name)
         folder = root / name
         folder.mkdir(parents=True)
         for episode in range(TRAIN_EPISODES + 2):
@@ -71,3 +91,565 @@ def write_synthetic_dataset(root: Path, task_names: list[str], seed: int = 0) ->
             terminals[-1] = True
             np.savez(folder / f"{episode}.npz", observations=observations, actions=actions,
                      rewards=rng.uniform(size=steps).astype(np.float32), terminals=terminals)
+
+
+# ------------------------------------------------------------------------------------------ stages
+@dataclass
+class Case:
+    """One training step to time: a stage with its installed experts and its row groups."""
+
+    name: str
+    stage: int
+    task_groups: list[list[int]]  # per row group of the fast step, the tasks it cycles through
+    experts: int = 0  # experts installed (0: the plain backbone)
+    routed: bool = False
+    naive: bool = True  # the reference has this step (it has no `--all`: one process per expert)
+
+
+def training_cases(settings: Settings) -> list[Case]:
+    every_task = list(range(settings.tasks))
+    groups = random_grouping(settings.tasks, settings.groups, seed=0)
+    return [
+        Case("stage 1: backbone", 1, [every_task]),
+        Case("stage 2: one expert", 2, [groups[0]], experts=1),
+        Case(f"stage 2: all {settings.groups} experts in one step", 2, groups, experts=settings.groups, naive=False),
+        *[Case(f"stage 3: routers, E={count}", 3, [every_task], experts=count, routed=True)
+          for count in settings.expert_counts],
+    ]
+
+
+def case_model(case: Case, config: Config) -> tuple[PromptDecisionTransformer, dict[str, nn.Parameter]]:
+    """The stage's model and its trainable parameters, set up as m3dt/stages.py does."""
+    model = build_model(config, config.dropout)
+    if case.stage == 1:
+        return model, dict(model.named_parameters())
+    model.install_experts(case.experts, routed=case.routed)
+    trainable_part = ".router." if case.routed else ".expert_mixture."
+    return model, freeze_all_but(model, lambda name: trainable_part in name)
+
+
+def autocast_for(settings: Settings):
+    if settings.precision == "bf16":
+        return torch.autocast(settings.device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+# ------------------------------------------------------------------------------------------ the two steps
+def fast_train_step(model: Callable[[Batch], torch.Tensor], batch: Batch, groups: int,
+                    optimizer: torch.optim.Optimizer, scheduler: LambdaLR, parameters: list[nn.Parameter],
+                    max_norm: float, per_expert_clip: bool, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+    """The body of m3dt/train.py's loop after sampling (to become train.py's own `train_step`).
+    Returns the loss and the largest gradient norm, on the device (no sync)."""
+    with autocast:
+        predicted = model(batch)
+    loss = action_loss(predicted.float(), batch, groups)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norms = clip_gradients(parameters, max_norm, per_expert_clip)
+    optimizer.step()
+    scheduler.step()
+    return loss.detach(), grad_norms.detach().max()
+
+
+def fast_stepper(case: Case, model: PromptDecisionTransformer, trainable: dict[str, nn.Parameter],
+                 dataset: TaskDataset, settings: Settings, compiled: bool) -> Callable[[int], None]:
+    config, device = settings.config, settings.device
+    groups = len(case.task_groups)
+    sampler = DeviceSampler(dataset, config.context_length, config.batch_size, device, seeds=list(range(groups)))
+    parameters = list(trainable.values())
+    optimizer = build_optimizer(parameters, config, device)
+    scheduler = LambdaLR(optimizer, warmup_factor(config.warmup_steps))
+    table, lengths = round_robin_table(case.task_groups, device)
+    group_index = torch.arange(groups, device=device)
+    forward = torch.compile(model) if compiled else model
+    autocast = autocast_for(settings)
+
+    def step(number: int) -> None:
+        batch = sampler.sample(table[group_index, number % lengths])
+        fast_train_step(forward, batch, groups, optimizer, scheduler, parameters, config.grad_clip,
+                        per_expert_clip=case.stage == 2, autocast=autocast)
+
+    return step
+
+
+def naive_stepper(case: Case, model: PromptDecisionTransformer, sampler: NaiveSampler,
+                  config: Config) -> Callable[[int], None]:
+    parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    optimizer = naive_optimizer(parameters, config.learning_rate, config.weight_decay)
+    scheduler = LambdaLR(optimizer, warmup_factor(config.warmup_steps))
+    tasks = case.task_groups[0]
+
+    def step(number: int) -> None:
+        task = tasks[number % len(tasks)]
+        naive_train_step(model, sampler.sample(task), sampler.act_dim(task), optimizer, scheduler, parameters,
+                         config.grad_clip)
+
+    return step
+
+
+# ------------------------------------------------------------------------------------------ timing
+CUDA_WINDOW = 5  # steps timed back to back between two syncs on CUDA
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_paths(paths: dict[str, Callable[[int], Any]], warmup: int, steps: int,
+               device: torch.device) -> dict[str, float]:
+    """Median ms per call of each path after `warmup` untimed calls. The paths take turns, a window of
+    calls each, so that a machine whose speed drifts (shared CPUs, clocks) slows them alike. A window is
+    one call on the CPU; on CUDA it is several calls with a sync only at its ends, so that the host queues
+    the next step while the device runs the current one, as in training."""
+    for call in paths.values():
+        for number in range(warmup):
+            call(number)
+    window = min(steps, CUDA_WINDOW) if device.type == "cuda" else 1
+    times: dict[str, list[float]] = {path: [] for path in paths}
+    for first in range(warmup, warmup + steps - window + 1, window):
+        for path, call in paths.items():
+            synchronize(device)
+            start = time.perf_counter()
+            for number in range(first, first + window):
+                call(number)
+            synchronize(device)
+            times[path].append((time.perf_counter() - start) * 1e3 / window)
+    return {path: statistics.median(values) for path, values in times.items()}
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
+    """TFLOP/s of a large square matmul (median of 5): the ceiling achieved TFLOP/s are compared with."""
+    size = 8192 if device.type == "cuda" else 2048
+    left = torch.randn(size, size, device=device, dtype=dtype)
+    right = torch.randn(size, size, device=device, dtype=dtype)
+    milliseconds = time_paths({"matmul": lambda _: left @ right}, warmup=2, steps=5, device=device)["matmul"]
+    return 2 * size**3 / (milliseconds / 1e3) / 1e12
+
+
+# ------------------------------------------------------------------------------------------ FLOPs
+@dataclass
+class Matmul:
+    flops: float  # forward: 2 x multiply-adds
+    input_grad: bool  # some trainable weight lies below it, so its input gradient is computed
+    weight_grad: bool  # its weight trains
+
+    def train_flops(self) -> float:
+        """Forward plus backward: one product of the same size per gradient that autograd computes."""
+        return self.flops * (1 + self.input_grad + self.weight_grad)
+
+
+def linear_weights(module: nn.Module) -> int:
+    return sum(layer.in_features * layer.out_features for layer in module.modules() if isinstance(layer, nn.Linear))
+
+
+def trains(module: nn.Module) -> bool:
+    return any(parameter.requires_grad for parameter in module.parameters())
+
+
+def model_matmuls(model: PromptDecisionTransformer, rows: int, context: int, prompt: int) -> list[Matmul]:
+    """Every matrix product of one forward over `rows` sequences, from the inputs up. Not counted:
+    LayerNorms, softmaxes, activations, the mixture's weighted sum (2·E·d per token, < 0.1%)."""
+    length = 3 * (context + prompt)
+    tokens = rows * length
+    width = model.config.embed_dim
+    parts = [Matmul(2 * rows * context * linear_weights(model.embed), False, trains(model.embed)),
+             Matmul(2 * rows * prompt * linear_weights(model.embed_prompt), False, trains(model.embed_prompt))]
+    below = trains(model.embed) or trains(model.embed_prompt)
+    for block in model.blocks:
+        parts.append(Matmul(2 * tokens * linear_weights(block.attention), below, trains(block.attention)))
+        # Q K^T and P V over the full L x L (SDPA computes the masked entries too). Both operands are
+        # activations: a backward through them takes two products, counted as the two gradients.
+        parts.append(Matmul(2 * 2 * rows * length * length * width, below, below))
+        parts.append(Matmul(2 * tokens * linear_weights(block.mlp), below, trains(block.mlp)))
+        mixture = block.expert_mixture
+        if mixture is not None:
+            experts = mixture.experts
+            per_expert = experts.up_weight[0].numel() + experts.down_weight[0].numel()
+            evaluated = experts.num_experts if mixture.router is not None else 1  # dense: all; assigned: one
+            parts.append(Matmul(2 * tokens * evaluated * per_expert, below, trains(experts)))
+            if mixture.router is not None:
+                parts.append(Matmul(2 * tokens * linear_weights(mixture.router), below, trains(mixture.router)))
+        below = below or trains(block)
+    parts.append(Matmul(2 * rows * context * linear_weights(model.action_head), below, trains(model.action_head)))
+    return parts
+
+
+def case_flops(case: Case, config: Config, rows: int) -> tuple[float, float]:
+    """(forward, training step) FLOPs of `case` over `rows` sequences, counted on a weightless model."""
+    with torch.device("meta"):
+        model, _ = case_model(case, config)
+    parts = model_matmuls(model, rows, config.context_length, config.prompt_length)
+    return sum(part.flops for part in parts), sum(part.train_flops() for part in parts)
+
+
+# ------------------------------------------------------------------------------------------ measurements
+@dataclass
+class Measurement:
+    stage: str
+    path: str  # naive | fast | fast + compile
+    ms_per_step: float | None  # median; None when the path failed
+    train_flops: float  # per step
+    expert_steps: int = 1  # experts trained by one step (the `--all` step trains every group's expert)
+    error: str = ""
+
+
+def measure(stage: str, paths: dict[str, Callable[[int], Any]], flops: float, settings: Settings,
+            expert_steps: int = 1) -> list[Measurement]:
+    medians = time_paths(paths, settings.warmup, settings.steps, settings.device)
+    for path, median in medians.items():
+        print(f"  {stage:<40} {path:<15} {median:10.1f} ms/step", flush=True)
+    # The reference has one expert per step: only the project's paths train `expert_steps` experts.
+    return [Measurement(stage, path, median, flops, 1 if path == "naive" else expert_steps)
+            for path, median in medians.items()]
+
+
+def measure_sampling(dataset: TaskDataset, naive_sampler: NaiveSampler, settings: Settings) -> list[Measurement]:
+    """One batch of one task: the device sampler against per-sample numpy assembly plus the copies."""
+    config = settings.config
+    sampler = DeviceSampler(dataset, config.context_length, config.batch_size, settings.device, seeds=[0])
+    tasks = torch.arange(settings.tasks, device=settings.device)
+    paths = {"naive": lambda number: naive_sampler.sample(number % settings.tasks),
+             "fast": lambda number: sampler.sample(tasks[number % settings.tasks].view(1))}
+    return measure("batch sampling only", paths, 0.0, settings)
+
+
+def measure_case(case: Case, dataset: TaskDataset, naive_sampler: NaiveSampler,
+                 settings: Settings) -> list[Measurement]:
+    config = settings.config
+    _, flops = case_flops(case, config, config.batch_size * len(case.task_groups))
+    model, trainable = case_model(case, config)
+    model.to(settings.device)
+    paths = {}
+    if case.naive:
+        paths["naive"] = naive_stepper(case, naive_model(model), naive_sampler, config)
+    paths["fast"] = fast_stepper(case, model, trainable, dataset, settings, compiled=False)
+    failures = []
+    if settings.compile:
+        compiled = fast_stepper(case, model, trainable, dataset, settings, compiled=True)
+        error = compile_error(compiled)
+        if error:
+            print(f"  {case.name:<40} fast + compile  failed: {error}", flush=True)
+            failures.append(Measurement(case.name, "fast + compile", None, flops, len(case.task_groups), error))
+        else:
+            paths["fast + compile"] = compiled
+    return measure(case.name, paths, flops, settings, expert_steps=len(case.task_groups)) + failures
+
+
+def compile_error(step: Callable[[int], Any]) -> str:
+    """Run one compiled step (the compilation); the first line of what went wrong, or "" if it worked."""
+    try:
+        step(0)
+    except Exception as error:  # noqa: BLE001 - compilation fails in many ways (no C++ compiler, an
+        # unsupported op); the bench reports it and goes on with the other measurements.
+        lines = str(error).strip().splitlines()
+        return (lines[0] if lines else type(error).__name__)[:200]
+    return ""
+
+
+@dataclass
+class EvalMeasurement:
+    model: str
+    rows: int  # rollouts per forward
+    path: str
+    ms_per_forward: float
+    rows_per_second: float
+    forward_flops: float
+
+
+def measure_evaluation(dataset: TaskDataset, settings: Settings) -> list[EvalMeasurement]:
+    """One lockstep policy forward over `eval_rows` rollouts (K=20 context, inference mode, actions to
+    the host) for the fast path; one rollout per forward for the naive path, as the reference evaluates."""
+    config, device = settings.config, settings.device
+    sampler = DeviceSampler(dataset, config.context_length, settings.eval_rows, device, seeds=[0])
+    batch = sampler.sample(torch.tensor([0], device=device))
+    single = Batch(**{key: value[:1] for key, value in vars(batch).items()})
+    cases = [Case("Prompt-DT backbone (stage 1)", 1, [[0]]),
+             *[Case(f"M3DT, E={count} (stage 3)", 3, [[0]], experts=count, routed=True)
+               for count in settings.expert_counts]]
+    results = []
+    for case in cases:
+        model, _ = case_model(case, config)
+        model.to(device).eval()
+        paths = {"naive": policy_forward(naive_model(model), single, nullcontext()),
+                 "fast": policy_forward(model, batch, autocast_for(settings))}
+        medians = time_paths(paths, settings.warmup, settings.steps, device)
+        for path, inputs in (("naive", single), ("fast", batch)):
+            rows = inputs.states.shape[0]
+            print(f"  eval {case.name:<35} {path:<6} {rows:5d} rows {medians[path]:10.1f} ms/forward", flush=True)
+            results.append(EvalMeasurement(case.name, rows, path, medians[path], rows / medians[path] * 1e3,
+                                           case_flops(case, config, rows)[0]))
+    return results
+
+
+def policy_forward(model: nn.Module, batch: Batch, autocast) -> Callable[[int], torch.Tensor]:
+    """One evaluation forward; each lockstep step needs the actions on the host."""
+
+    def forward(_: int) -> torch.Tensor:
+        with torch.inference_mode(), autocast:
+            return model(batch)[:, -1].float().cpu()
+
+    return forward
+
+
+def evaluation_rows(task_names: list[str]) -> int:
+    """Policy forwards (one per rollout step) of one evaluation over `task_names`, with full horizons."""
+    return sum(EPISODES_PER_FAMILY[get_task(name).family] * get_task(name).horizon for name in task_names)
+
+
+# ------------------------------------------------------------------------------------------ projections
+def projected_hours(results: list[Measurement], settings: Settings) -> list[dict[str, Any]]:
+    """The paper schedule (Config defaults: 400k backbone steps, 48 experts x 200k, 400k router steps)
+    at the measured speeds. Stage 3 at E=48 is scaled by FLOPs from the largest measured E when E=48
+    itself was not measured."""
+    config = settings.config
+    by_key = {(result.stage, result.path): result for result in results if result.ms_per_step is not None}
+
+    def per_expert_step(path: str) -> float | None:
+        candidates = [result.ms_per_step / result.expert_steps for result in results
+                      if result.stage.startswith("stage 2") and result.path == path and result.ms_per_step]
+        return min(candidates, default=None)
+
+    largest = max(settings.expert_counts)
+    target = config.expert_num
+    scale = 1.0
+    if largest != target:
+        scale = (case_flops(Case("", 3, [[0]], target, True), config, config.batch_size)[1]
+                 / case_flops(Case("", 3, [[0]], largest, True), config, config.batch_size)[1])
+    stage3 = f"stage 3: routers, E={largest}"
+    rows = []
+    for path in ("naive", "fast"):
+        stage1 = by_key.get(("stage 1: backbone", path))
+        router = by_key.get((stage3, path))
+        expert = per_expert_step(path)
+        hours = {
+            "stage 1": stage1 and config.backbone_steps * stage1.ms_per_step / 3.6e6,
+            "stage 2": expert and config.expert_num * config.expert_steps * expert / 3.6e6,
+            "stage 3": router and config.router_steps * router.ms_per_step * scale / 3.6e6,
+        }
+        total = sum(hours.values()) if all(hours.values()) else None
+        rows.append({"path": path, **hours, "total": total})
+    note = "" if largest == target else f"stage 3 scaled by FLOPs from E={largest} to E={target} (x{scale:.2f})"
+    return [{**row, "note": note} for row in rows]
+
+
+# ------------------------------------------------------------------------------------------ report
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"cpu-{os.cpu_count()}core"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_model()}, {os.cpu_count()} cores"
+
+
+def cpu_model() -> str:
+    cpuinfo = Path("/proc/cpuinfo")  # Linux; elsewhere platform's (often vaguer) answer
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else platform.processor() or platform.machine()
+
+
+def format_number(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def markdown_report(report: dict[str, Any]) -> str:
+    sections = (header_lines(report), training_lines(report), projection_lines(report), evaluation_lines(report),
+                ["## How FLOPs are counted", "", FLOP_NOTE])
+    return "\n\n".join("\n".join(lines) for lines in sections) + "\n"
+
+
+def header_lines(report: dict[str, Any]) -> list[str]:
+    settings, config = report["settings"], report["settings"]["config"]
+    tokens = 3 * (config["context_length"] + config["prompt_length"])
+    lines = [
+        f"# Speed: {report['device']}",
+        "",
+        f"`{report['command']}` on {report['description']}, torch {report['torch']}, {report['date']}. "
+        f"Mode {settings['mode']}: median of {settings['steps']} steps after {settings['warmup']} warm-up steps, "
+        "the paths taking turns.",
+        "",
+        f"Model: batch {config['batch_size']} per task, K={config['context_length']} + {config['prompt_length']} "
+        f"prompt steps ({tokens} tokens), {config['n_layer']} layers, width {config['embed_dim']}, "
+        f"{config['n_head']} heads, dropout {config['dropout']}. Synthetic data: {settings['tasks']} tasks of the "
+        f"MT160 list, full-horizon episodes. Fast path {settings['precision']}; naive path fp32.",
+        "",
+        "Measured matmul peak: " + ", ".join(f"{dtype} {value:.2f} TFLOP/s"
+                                             for dtype, value in report["peak_tflops"].items()) + ".",
+    ]
+    if settings["device"].startswith("cpu"):
+        lines.append(f"Torch threads: {report['threads']}; the process got {report['cpu_per_wall']:.2f} "
+                     "CPU-seconds per second while measuring (as many as threads when the cores are its own; "
+                     "fewer means a shared machine and noisy timings).")
+    return lines
+
+
+def training_lines(report: dict[str, Any]) -> list[str]:
+    settings, peak = report["settings"], report["peak_tflops"]
+    training = [Measurement(**row) for row in report["training"]]
+    lines = ["## Training steps", "",
+             "| stage | path | ms/step | speedup vs naive | TFLOP/s | % of peak |", "|---|---|---:|---:|---:|---:|"]
+    for result in training:
+        speedup = speedup_vs_naive(result, training)
+        tflops = result.train_flops / result.ms_per_step / 1e9 if result.ms_per_step and result.train_flops else None
+        path_peak = peak["fp32" if result.path == "naive" else settings["precision"]]
+        ms = format_number(result.ms_per_step) if result.ms_per_step else f"failed: {result.error}"
+        lines.append(f"| {result.stage} | {result.path} | {ms} | {format_number(speedup, 2)} | "
+                     f"{format_number(tflops, 3)} | {format_number(tflops and 100 * tflops / path_peak)} |")
+    lines += ["", f"The `--all` step trains {settings['groups']} experts at once: its speedup is against "
+              f"{settings['groups']} naive one-expert steps (the reference runs one process per expert)."]
+    return lines
+
+
+def projection_lines(report: dict[str, Any]) -> list[str]:
+    config = report["settings"]["config"]
+    lines = ["## Paper schedule, projected", "",
+             f"{config['backbone_steps']:,} backbone steps; {config['expert_num']} experts x "
+             f"{config['expert_steps']:,} steps; {config['router_steps']:,} router steps with E="
+             f"{config['expert_num']}. Fast stage 2 takes the faster of one expert per run and the `--all` step "
+             "(per expert-step).", "",
+             "| path | stage 1 h | stage 2 h | stage 3 h | total h |", "|---|---:|---:|---:|---:|"]
+    for row in report["projection"]:
+        lines.append(f"| {row['path']} | {format_number(row['stage 1'])} | {format_number(row['stage 2'])} | "
+                     f"{format_number(row['stage 3'])} | {format_number(row['total'])} |")
+    if report["projection"][0]["note"]:
+        lines += ["", f"Note: {report['projection'][0]['note']}."]
+    return lines
+
+
+def evaluation_lines(report: dict[str, Any]) -> list[str]:
+    lines = ["## Evaluation: policy forwards", "",
+             "Model forward only (inference mode, actions copied to the host); env stepping is timed by "
+             f"`m3dt.evaluate`. Fast: one lockstep forward over {report['settings']['eval_rows']} rollouts; naive: "
+             f"one rollout per forward, as the reference evaluates. One MT160 evaluation is "
+             f"{report['mt160_eval_rows']:,} policy forwards (rollout steps at full horizon).", "",
+             "| model | path | rows/forward | ms/forward | rows/s | TFLOP/s | MT160 evaluation, model time (min) |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for row in report["evaluation"]:
+        tflops = row["forward_flops"] / row["ms_per_forward"] / 1e9
+        minutes = report["mt160_eval_rows"] / row["rows_per_second"] / 60
+        lines.append(f"| {row['model']} | {row['path']} | {row['rows']} | {format_number(row['ms_per_forward'])} | "
+                     f"{format_number(row['rows_per_second'], 0)} | {format_number(tflops, 3)} | "
+                     f"{format_number(minutes)} |")
+    return lines
+
+
+FLOP_NOTE = (
+    "Matrix products only (2 FLOPs per multiply-add), counted from the model's layers: embeddings, "
+    "QKV/projection, the full L x L attention products (L = 75 tokens), MLP, experts (dense mixture: every "
+    "expert on every token; assigned: one), routers and action head. A training step counts each product "
+    "once forward and once more per gradient autograd computes: its weight's gradient when that weight "
+    "trains, its input's gradient when a trainable weight lies below it. So trained layers cost 3x forward, "
+    "frozen layers the gradient passes through 2x, frozen layers below every trainable weight (stages 2-3: "
+    "embeddings and block 0's attention and MLP) 1x. LayerNorm, softmax, activations, dropout, the optimiser "
+    "and the mixture's weighted sum are not counted. Naive and fast do the same math, so they share the count."
+)
+
+
+def speedup_vs_naive(result: Measurement, results: list[Measurement]) -> float | None:
+    """naive ms / this ms for the same work; an `--all` step stands for `expert_steps` naive one-expert steps."""
+    if result.ms_per_step is None:
+        return None
+    naive_stage = "stage 2: one expert" if result.expert_steps > 1 else result.stage
+    naive = [other for other in results if other.stage == naive_stage and other.path == "naive"]
+    if not naive:
+        return None
+    return naive[0].ms_per_step * result.expert_steps / result.ms_per_step
+
+
+def write_report(report: dict[str, Any], out: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    markdown = out / f"{report['device']}.md"
+    markdown.write_text(markdown_report(report))
+    (out / f"{report['device']}.json").write_text(json.dumps(report, indent=2))
+    return markdown
+
+
+# ------------------------------------------------------------------------------------------ main
+def parse_settings(argv: list[str] | None) -> Settings:
+    parser = argparse.ArgumentParser(description="Time every stage: the project's step against the reference's way.")
+    parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="autocast of the fast path")
+    parser.add_argument("--quick", action="store_true", help="fewer steps, experts and rows: < 5 min on 2 CPU cores")
+    parser.add_argument("--steps", type=int, help="timed steps per measurement (full 20, quick 3)")
+    parser.add_argument("--warmup", type=int, help="untimed steps before them (full 5, quick 1)")
+    parser.add_argument("--experts", help="stage-3 expert counts, comma-separated (full 8,16,48; quick 8)")
+    parser.add_argument("--groups", type=int, help="experts in the stage-2 --all step (full 48, quick 4)")
+    parser.add_argument("--tasks", type=int, help="synthetic tasks (full 160, quick 48)")
+    parser.add_argument("--eval_rows", type=int, help="rollouts per lockstep evaluation forward (full 1560, quick 16)")
+    parser.add_argument("--compile", action="store_true", help="also time the fast path under torch.compile(model)")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument("--out", default="benchmarks", help="folder for {device}.md and {device}.json")
+    parser.add_argument("--embed_dim", type=int, default=256, help="model size overrides, for smoke tests")
+    parser.add_argument("--n_layer", type=int, default=6)
+    parser.add_argument("--n_head", type=int, default=8)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    mode = "quick" if args.quick else "full"
+
+    def option(name: str) -> Any:
+        value = getattr(args, name)
+        return DEFAULTS[mode][name] if value is None else value
+
+    settings = Settings(
+        device=resolve_device(args.device), precision=args.precision, mode=mode, steps=option("steps"),
+        warmup=option("warmup"), expert_counts=[int(count) for count in str(option("experts")).split(",")],
+        groups=option("groups"), tasks=option("tasks"), eval_rows=option("eval_rows"), compile=args.compile,
+        out=Path(args.out),
+        config=Config(embed_dim=args.embed_dim, n_layer=args.n_layer, n_head=args.n_head, precision=args.precision),
+    )
+    if settings.steps < 1 or settings.groups > settings.tasks:
+        parser.error("need --steps >= 1 and --groups <= --tasks")
+    return settings
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    argv = sys.argv[1:] if argv is None else argv
+    settings = parse_settings(argv)
+    config, device = settings.config, settings.device
+    torch.manual_seed(config.seed)
+    task_names = resolve_tasks("mt160", None, config.seed)[: settings.tasks]
+    with tempfile.TemporaryDirectory(prefix="m3dt_bench_") as root:
+        write_synthetic_dataset(Path(root), task_names)
+        dataset = TaskDataset(root, task_names, prompt_length=config.prompt_length)
+        naive_sampler = NaiveSampler(root, task_names, config.context_length, config.batch_size,
+                                     config.prompt_length, device, seed=config.seed)
+    peak = {"fp32": matmul_peak(device, torch.float32)}
+    if settings.precision == "bf16" or device.type == "cuda":
+        peak["bf16"] = matmul_peak(device, torch.bfloat16)
+    print(f"{device_description(device)}: matmul peak " + ", ".join(f"{k} {v:.2f} TFLOP/s" for k, v in peak.items()))
+
+    wall, cpu = time.perf_counter(), time.process_time()
+    training = measure_sampling(dataset, naive_sampler, settings)
+    for case in training_cases(settings):
+        training += measure_case(case, dataset, naive_sampler, settings)
+    evaluation = measure_evaluation(dataset, settings)
+    # CPU-seconds this process got per second: the thread count on a machine of its own; less when the
+    # host shares its cores (the measurements then run slower than the hardware can).
+    cpu_per_wall = (time.process_time() - cpu) / (time.perf_counter() - wall)
+
+    report = {
+        "device": device_name(device), "description": device_description(device), "torch": torch.__version__,
+        "date": date.today().isoformat(), "command": " ".join(["python -m m3dt.bench", *argv]),
+        "settings": {**asdict(settings), "device": str(device), "out": str(settings.out), "config": vars(config)},
+        "peak_tflops": peak, "threads": torch.get_num_threads(), "cpu_per_wall": cpu_per_wall,
+        "training": [asdict(result) for result in training],
+        "projection": projected_hours(training, settings),
+        "evaluation": [asdict(result) for result in evaluation],
+        "mt160_eval_rows": evaluation_rows(resolve_tasks("mt160", None, config.seed)),
+    }
+    path = write_report(report, settings.out)
+    print(markdown_report(report))
+    print(f"wrote {path} and {path.with_suffix('.json')}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

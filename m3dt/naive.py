@@ -125,9 +125,10 @@ def segment(episode: Episode, start: int, length: int, mean: np.ndarray, std: np
     timesteps = np.minimum(np.arange(start, start + steps), task.horizon - 1)
     returns = suffix_sums(episode.rewards[start:])[:steps] / task.rtg_scale
     states = np.concatenate([np.zeros((padding, MAX_OBS_DIM)), observations])
+    actions = episode.actions[start : start + steps]
     return {
         "states": (states - mean) / std,
-        "actions": np.concatenate([np.full((padding, MAX_ACT_DIM), PAD_ACTION), episode.actions[start : start + length]]),
+        "actions": np.concatenate([np.full((padding, MAX_ACT_DIM), PAD_ACTION), actions]),
         "returns_to_go": np.concatenate([np.zeros(padding), returns])[:, None],
         "timesteps": np.concatenate([np.zeros(padding, dtype=np.int64), timesteps]),
         "mask": np.concatenate([np.zeros(padding), np.ones(steps)]),
@@ -210,6 +211,11 @@ def naive_action_loss(predicted: torch.Tensor, batch: Batch, act_dim: int) -> to
     predicted = predicted.reshape(-1, MAX_ACT_DIM)[valid][:, :act_dim]
     target = batch.actions.reshape(-1, MAX_ACT_DIM)[valid][:, :act_dim]
     return torch.mean((predicted - target) ** 2)
+
+
+def naive_optimizer(parameters: list[nn.Parameter], learning_rate: float, weight_decay: float) -> torch.optim.AdamW:
+    """PyTorch's default AdamW, as the reference builds it: never fused (foreach on CUDA, a loop on CPU)."""
+    return torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=weight_decay)
 
 
 def naive_train_step(model: nn.Module, batch: Batch, act_dim: int, optimizer: torch.optim.Optimizer,

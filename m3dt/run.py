@@ -219,4 +219,5 @@ def check_inputs(manifest: dict[str, Any], expected: dict[str, str], artifact: P
     recorded = manifest.get("inputs", {})
     for name, digest in expected.items():
         if recorded.get(name) != digest:
-            raise ArtifactError(f"{artifact}: made from another {name} than the one in this run; retrain it (--restart)")
+            raise ArtifactError(f"{artifact}: made from another {name} than the one in this run; "
+                                "retrain it (--restart)")

@@ -8,6 +8,7 @@ stage 3  train_router     routers only, over all tasks          -> stage3/{metho
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -18,8 +19,8 @@ from m3dt.config import Config, ConfigError, parse_config
 from m3dt.data import DataError, DeviceSampler, TaskDataset
 from m3dt.grouping import gradient_features_gram, gradient_grouping, groups_to_json, random_grouping, task_gradients
 from m3dt.model import ModelConfig, PromptDecisionTransformer
-from m3dt.run import (ArtifactError, RunDir, check_model_fields, load_tensors, manifest_path, read_json,
-                      read_manifest, save_tensors, write_json, write_manifest)
+from m3dt.run import (ArtifactError, RunDir, check_inputs, check_model_fields, input_hashes, load_tensors,
+                      manifest_path, read_json, read_manifest, save_tensors, write_json, write_manifest)
 from m3dt.tasks import TaskError, resolve_tasks
 from m3dt.train import Job, TrainingError, resolve_device, train
 
@@ -67,7 +68,8 @@ def load_backbone(run: RunDir, config: Config) -> PromptDecisionTransformer:
 
 
 def make_sampler(config: Config, tasks: list[str], device: torch.device, streams: list[int]) -> DeviceSampler:
-    dataset = TaskDataset(config.data_path, tasks, config.max_episodes, config.prompt_length)
+    workers = os.cpu_count() if config.workers is None else config.workers
+    dataset = TaskDataset(config.data_path, tasks, config.max_episodes, config.prompt_length, workers)
     gib = dataset.nbytes() / 2**30
     print(f"loaded {len(tasks)} tasks, {len(dataset.returns_to_go):,} transitions ({gib:.2f} GiB) from {config.data_path}")
     return DeviceSampler(dataset, config.context_length, config.batch_size, device, streams)
@@ -166,6 +168,8 @@ def data_stats(sampler: DeviceSampler) -> dict[str, torch.Tensor]:
 def group_tasks(config: Config, method: str) -> Path:
     run = RunDir(config.resolved_run_dir())
     tasks = stage1_tasks(run, config)
+    if config.group_num > len(tasks):
+        raise ConfigError(f"--group_num {config.group_num} is more groups than the {len(tasks)} stage-1 tasks")
     path = run.groups(method, config.group_num)
     if method == "random":
         groups = random_grouping(len(tasks), config.group_num, config.seed)
@@ -197,7 +201,7 @@ def train_experts(config: Config) -> list[Path]:
     if not 0 <= expert_ids[0] < len(groups) or expert_ids[-1] >= len(groups):
         raise ConfigError(f"--expert_id must be in 0..{len(groups) - 1} for {groups_file}")
     steps = config.stage_steps(config.expert_steps)
-    identity = {**optimisation_identity(config, tasks), "groups": read_json(groups_file, "group file")}
+    identity = {**optimisation_identity(config, tasks), "inputs": input_hashes([run.backbone, groups_file], run.root)}
     outputs = [run.expert(config.grouping, config.expert_num, expert) for expert in expert_ids]
     if all(finished(output, steps, config, identity) for output in outputs):
         print(f"stage 2 experts {expert_ids} already finished ({steps} steps); --restart to train again")
@@ -235,17 +239,19 @@ def train_router(config: Config) -> Path:
     groups_file, groups = read_groups(run, config, tasks)
     output = run.moe(config.grouping, config.expert_num)
     steps = config.stage_steps(config.router_steps)
-    identity = {**optimisation_identity(config, tasks), "groups": read_json(groups_file, "group file")}
+    expert_files = [run.expert(config.grouping, config.expert_num, expert) for expert in range(len(groups))]
+    check_experts(run, expert_files, groups_file, config)
+    inputs = [run.backbone, groups_file, *expert_files]
+    identity = {**optimisation_identity(config, tasks), "inputs": input_hashes(inputs, run.root)}
     if finished(output, steps, config, identity):
         print(f"stage 3 already finished ({steps} steps): {output}; --restart to train again")
         return output
 
-    expert_files = [run.expert(config.grouping, config.expert_num, expert) for expert in range(len(groups))]
+    torch.manual_seed(config.seed)  # the routers' initial weights
     model = load_backbone(run, config)
     model.install_experts(len(groups), routed=True, top_k=config.top_k)
-    load_experts(model, expert_files, groups_file, config)
+    load_experts(model, expert_files)
     device = resolve_device(config.device)
-    torch.manual_seed(config.seed)
     sampler = make_sampler(config, tasks, device, [config.seed])
     model.to(device)
     trainable = freeze_all_but(model, lambda name: ".router." in name)
@@ -254,21 +260,26 @@ def train_router(config: Config) -> Path:
               per_expert_clip=False, identity=identity)
     done = train(job, sampler, config)
     save_tensors(output, model.state_dict())
-    write_manifest(output, "stage3", vars(config), tasks, [run.backbone, groups_file, *expert_files], run.root,
-                   steps_done=done, identity=identity, num_experts=len(groups), top_k=config.top_k)
+    write_manifest(output, "stage3", vars(config), tasks, inputs, run.root, steps_done=done, identity=identity,
+                   num_experts=len(groups), top_k=config.top_k)
     print(f"stage 3: wrote {output}")
     return output
 
 
-def load_experts(model: PromptDecisionTransformer, files: list[Path], groups_file: Path, config: Config) -> None:
-    """Stack the experts' weights into the routed mixture, checking each expert was made for this grouping."""
-    expected_groups = read_json(groups_file, "group file")
+def check_experts(run: RunDir, files: list[Path], groups_file: Path, config: Config) -> None:
+    """Every expert exists, has this run's model configuration, and was trained on this run's backbone and
+    grouping (an expert left from before stage 1 or the grouping was redone would not fit)."""
+    expected_inputs = input_hashes([run.backbone, groups_file], run.root)
+    for slot, path in enumerate(files):
+        manifest = read_manifest(path, f"expert {slot}")
+        check_model_fields(manifest, config.model_fields(), path)
+        check_inputs(manifest, expected_inputs, path)
+
+
+def load_experts(model: PromptDecisionTransformer, files: list[Path]) -> None:
+    """Stack the experts' weights (checked by check_experts) into the routed mixture."""
     with torch.no_grad():
         for slot, path in enumerate(files):
-            manifest = read_manifest(path, f"expert {slot}")
-            check_model_fields(manifest, config.model_fields(), path)
-            if manifest.get("identity", {}).get("groups") != expected_groups:
-                raise ArtifactError(f"{path}: trained for another grouping than {groups_file}")
             tensors = load_tensors(path, f"expert {slot}")
             for layer, block in enumerate(model.blocks):
                 for name, parameter in block.expert_mixture.experts.named_parameters():
@@ -281,11 +292,15 @@ def load_experts(model: PromptDecisionTransformer, files: list[Path], groups_fil
 # ----------------------------------------------------------------------------------------------- CLI
 def run_cli(stage: Callable[[Config], Any], description: str, argv: list[str] | None = None) -> None:
     """Parse options, run `stage`, and turn bad input into one clear line (tracebacks with --debug)."""
-    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    arguments = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in arguments  # until the options are parsed; then --debug from the YAML file counts too
     try:
-        stage(parse_config(description, argv))
+        config = parse_config(description, arguments)
+        debug = config.debug
+        stage(config)
     except USER_ERRORS as error:
         if debug:
             raise
-        print(f"error: {error}", file=sys.stderr)
+        one_line = " ".join(str(error).split())  # some library messages quoted in ours span several lines
+        print(f"error: {one_line}", file=sys.stderr)
         sys.exit(2)

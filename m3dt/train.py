@@ -90,15 +90,15 @@ def build_optimizer(parameters: list[nn.Parameter], config: Config, device: torc
     )
 
 
-def rng_state(sampler: DeviceSampler) -> dict[str, torch.Tensor]:
-    state = {"torch": torch.get_rng_state(),
-             "sampler": torch.stack([generator.get_state() for generator in sampler.generators])}
+def rng_state(sampler: DeviceSampler) -> dict[str, Any]:
+    # One tensor per generator: Generator.set_state crashes (segfault) on a row view of a stacked tensor.
+    state = {"torch": torch.get_rng_state(), "sampler": [generator.get_state() for generator in sampler.generators]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
-def restore_rng_state(state: dict[str, torch.Tensor], sampler: DeviceSampler) -> None:
+def restore_rng_state(state: dict[str, Any], sampler: DeviceSampler) -> None:
     torch.set_rng_state(state["torch"])
     for generator, generator_state in zip(sampler.generators, state["sampler"]):
         generator.set_state(generator_state)
@@ -140,37 +140,37 @@ def train(job: Job, sampler: DeviceSampler, config: Config) -> int:
     window_losses: list[torch.Tensor] = []
     window_grad_norms: list[torch.Tensor] = []  # a finite loss can still come with a NaN gradient
     window_start = time.perf_counter()
-    progress = tqdm(range(start, job.steps), desc=job.name, initial=start, total=job.steps, dynamic_ncols=True)
-    for step in progress:
-        task_indices = table[group_index, step % lengths]
-        batch = sampler.sample(task_indices)
-        with autocast:
-            predicted = job.model(batch)
-        loss = action_loss(predicted.float(), batch, groups)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norms = clip_gradients(parameters, config.grad_clip, job.per_expert_clip)
-        optimizer.step()
-        scheduler.step()
-        window_losses.append(loss.detach())
-        window_grad_norms.append(grad_norms.detach().max())  # max propagates NaN
+    # closed on an error too, so that the error message starts on a line of its own
+    with tqdm(range(start, job.steps), desc=job.name, initial=start, total=job.steps, dynamic_ncols=True) as progress:
+        for step in progress:
+            task_indices = table[group_index, step % lengths]
+            batch = sampler.sample(task_indices)
+            with autocast:
+                predicted = job.model(batch)
+            loss = action_loss(predicted.float(), batch, groups)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norms = clip_gradients(parameters, config.grad_clip, job.per_expert_clip)
+            optimizer.step()
+            scheduler.step()
+            window_losses.append(loss.detach())
+            window_grad_norms.append(grad_norms.detach().max())  # max propagates NaN
 
-        done = step + 1
-        if done % config.log_every == 0 or done % config.save_every == 0 or done == job.steps:
-            window = torch.stack([torch.stack(window_losses) / groups, torch.stack(window_grad_norms)])
-            losses, grad_norms = window.float().cpu()  # the one host sync of the window
-            check_finite(losses, grad_norms, done - len(losses), job, table, lengths)
-            elapsed = time.perf_counter() - window_start
-            record = {"step": done, "loss": losses.mean().item(), "lr": scheduler.get_last_lr()[0],
-                      "steps_per_second": len(losses) / max(elapsed, 1e-9)}
-            append_jsonl(job.job_dir / METRICS, record)
-            progress.set_postfix(loss=f"{record['loss']:.4f}", steps_per_s=f"{record['steps_per_second']:.1f}")
-            if run is not None:
-                run.log(record, step=done)
-            window_losses, window_grad_norms, window_start = [], [], time.perf_counter()
-        if done % config.save_every == 0 or done == job.steps:
-            save_train_state(state_file, job, optimizer, scheduler, sampler, done)
-    progress.close()
+            done = step + 1
+            if done % config.log_every == 0 or done % config.save_every == 0 or done == job.steps:
+                window = torch.stack([torch.stack(window_losses) / groups, torch.stack(window_grad_norms)])
+                losses, grad_norms = window.float().cpu()  # the one host sync of the window
+                check_finite(losses, grad_norms, done - len(losses), job, table, lengths)
+                elapsed = time.perf_counter() - window_start
+                record = {"step": done, "loss": losses.mean().item(), "lr": scheduler.get_last_lr()[0],
+                          "steps_per_second": len(losses) / max(elapsed, 1e-9)}
+                append_jsonl(job.job_dir / METRICS, record)
+                progress.set_postfix(loss=f"{record['loss']:.4f}", steps_per_s=f"{record['steps_per_second']:.1f}")
+                if run is not None:
+                    run.log(record, step=done)
+                window_losses, window_grad_norms, window_start = [], [], time.perf_counter()
+            if done % config.save_every == 0 or done == job.steps:
+                save_train_state(state_file, job, optimizer, scheduler, sampler, done)
     if run is not None:
         run.finish()
     return job.steps
@@ -233,8 +233,3 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {name}: no CUDA device is visible (use --device cpu or auto)")
     return device
-
-
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-

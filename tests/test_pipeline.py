@@ -13,7 +13,7 @@ from tests.conftest import REPO, SMALL_TASKS
 
 TINY = ["--embed_dim", "32", "--n_layer", "2", "--n_head", "2", "--warmup_steps", "5", "--log_every", "20",
         "--learning_rate", "1e-3",
-        "--save_every", "20", "--device", "cpu"]
+        "--save_every", "20", "--device", "cpu", "--workers", "0"]
 
 
 def run_stage(script: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -93,7 +93,7 @@ def test_mismatched_inputs_are_named(pipeline_run):
 
 def test_wandb_logs_offline(small_data, tmp_path):
     run_dir = tmp_path / "run"
-    environment_flags = [*TINY, "--data_path", str(small_data), "--run_dir", str(run_dir), "--workers", "0"]
+    environment_flags = [*TINY, "--data_path", str(small_data), "--run_dir", str(run_dir)]
     run_stage("stage1_backbone_train.py", "--tasks", "reach-v2,walker-walk", "--max_iters", "20", "--wandb",
               *environment_flags)
     runs = list((run_dir / "stage1" / "wandb").glob("offline-run-*"))

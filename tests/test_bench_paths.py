@@ -1,0 +1,142 @@
+"""The bench's two paths (m3dt/bench.py) do the same math: the naive numpy sampler builds the device
+sampler's batch for the same draws, and from the same weights and batches the project's step and the
+reference-style step give the same losses and the same updated weights. Nothing here is timed."""
+
+import json
+from contextlib import nullcontext
+
+import numpy as np
+import pytest
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from m3dt import bench
+from m3dt.config import Config
+from m3dt.data import Batch, DeviceSampler, TaskDataset
+from m3dt.naive import NaiveSampler, naive_model, naive_optimizer, naive_train_step
+from m3dt.train import build_optimizer, warmup_factor
+from tests.conftest import SMALL_TASKS
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def dataset(small_data):
+    return TaskDataset(small_data, SMALL_TASKS)
+
+
+@pytest.fixture(scope="module")
+def naive_sampler(small_data):
+    return NaiveSampler(small_data, SMALL_TASKS, context_length=20, batch_size=16, prompt_length=5, device=CPU, seed=0)
+
+
+@pytest.fixture(scope="module")
+def short_naive_sampler(small_data):
+    """Fewer, shorter rows for the training-step comparison, to keep the float64 router cheap."""
+    return NaiveSampler(small_data, SMALL_TASKS, context_length=8, batch_size=4, prompt_length=5, device=CPU, seed=1)
+
+
+def device_sampler_draws(dataset: TaskDataset, seed: int, task: int) -> list[tuple[int, int]]:
+    """(episode within the task, start within the episode) of each row the device sampler draws from a
+    stream seeded with `seed`, recomputed with the sampler's own arithmetic."""
+    uniform = torch.rand(16, generator=torch.Generator().manual_seed(seed))
+    starts = (dataset.task_offsets[task] + (uniform * torch.tensor(dataset.task_sizes[task])).long()).numpy()
+    episodes = np.searchsorted(dataset.episode_starts, starts, side="right") - 1
+    first = np.searchsorted(dataset.episode_starts, dataset.task_offsets[task])
+    return [(int(episode - first), int(start - dataset.episode_starts[episode]))
+            for episode, start in zip(episodes, starts)]
+
+
+@pytest.mark.parametrize("task", range(len(SMALL_TASKS)))
+def test_naive_sampler_builds_the_device_samplers_batch(dataset, naive_sampler, task):
+    seed = 10 + task
+    device_batch = DeviceSampler(dataset, 20, 16, CPU, seeds=[seed]).sample(torch.tensor([task]))
+    naive_batch = naive_sampler.build(task, device_sampler_draws(dataset, seed, task))
+    assert (naive_batch.mask == 0).any()  # some rows are left-padded, so padding is compared too
+    for key, expected in vars(device_batch).items():
+        torch.testing.assert_close(getattr(naive_batch, key), expected, rtol=1e-5, atol=1e-5, msg=key)
+
+
+def test_naive_draws_follow_episode_lengths(naive_sampler):
+    """Episodes in proportion to their length, starts uniform within them: every start is in range."""
+    task = SMALL_TASKS.index("ant-dir-2")  # the one family with episodes of different lengths
+    lengths = [episode.rewards.shape[0] for episode in naive_sampler.tasks[task].episodes]
+    draws = [draw for _ in range(300) for draw in naive_sampler.draw(task)]
+    assert all(0 <= start < lengths[episode] for episode, start in draws)
+    shares = np.bincount([episode for episode, _ in draws], minlength=len(lengths)) / len(draws)
+    np.testing.assert_allclose(shares, np.array(lengths) / sum(lengths), atol=0.04)
+
+
+def double(batch: Batch) -> Batch:
+    return Batch(**{key: value.double() if value.is_floating_point() else value for key, value in vars(batch).items()})
+
+
+@pytest.mark.parametrize("stage, experts", [(1, 0), (2, 1), (3, 3)])
+def test_fast_and_naive_steps_agree(short_naive_sampler, stage, experts):
+    # Dropout off: the two paths draw their dropout masks in a different order. A tight clip so that
+    # clipping acts at every step.
+    config = Config(embed_dim=32, n_layer=2, n_head=4, router_hidden="64,32", dropout=0.0, learning_rate=1e-3,
+                    warmup_steps=2, grad_clip=1e-3)
+    case = bench.Case("test", stage, [[0]], experts=experts, routed=stage == 3)
+    torch.manual_seed(stage)
+    fast, trainable = bench.case_model(case, config)
+    fast.double()
+    with torch.no_grad():
+        for name, parameter in fast.named_parameters():
+            if "_bias" in name:  # non-zero expert biases, so that converting them is checked too
+                parameter.normal_(std=0.1)
+    naive = naive_model(fast)
+    initial = [parameter.detach().clone() for parameter in trainable.values()]
+
+    fast_parameters = list(trainable.values())
+    fast_optimizer = build_optimizer(fast_parameters, config, CPU)
+    fast_scheduler = LambdaLR(fast_optimizer, warmup_factor(config.warmup_steps))
+    naive_parameters = [parameter for parameter in naive.parameters() if parameter.requires_grad]
+    naive_optimizer_ = naive_optimizer(naive_parameters, config.learning_rate, config.weight_decay)
+    naive_scheduler = LambdaLR(naive_optimizer_, warmup_factor(config.warmup_steps))
+    assert sum(p.numel() for p in fast_parameters) == sum(p.numel() for p in naive_parameters)
+
+    for step in range(3):
+        task = step % len(SMALL_TASKS)
+        batch = double(short_naive_sampler.sample(task))
+        fast_loss, _ = bench.fast_train_step(fast, batch, 1, fast_optimizer, fast_scheduler, fast_parameters,
+                                             config.grad_clip, per_expert_clip=stage == 2, autocast=nullcontext())
+        naive_loss = naive_train_step(naive, batch, short_naive_sampler.act_dim(task), naive_optimizer_,
+                                      naive_scheduler, naive_parameters, config.grad_clip)
+        # Float64 models, but the project's step computes the loss from `predicted.float()` (for bf16
+        # autocast): agreement is to float32 rounding of the predictions. Adam's first steps move every
+        # weight by about +-lr whatever its gradient's size, so weights agree to a small fraction of lr.
+        assert fast_loss.item() == pytest.approx(naive_loss, rel=1e-7)
+
+    updated, reference = naive_model(fast).state_dict(), naive.state_dict()
+    assert updated.keys() == reference.keys()
+    for key in updated:
+        torch.testing.assert_close(updated[key], reference[key], rtol=1e-7, atol=1e-5 * config.learning_rate,
+                                   msg=lambda message: f"{key}: {message}")
+    assert all(not torch.equal(before, after) for before, after in zip(initial, fast_parameters))
+
+
+def test_training_flops_count_each_gradient_once():
+    """Stage 1 trains everything: 3x forward, less the embeddings' input gradients (their inputs are data).
+    Stage 3 adds 2x for frozen layers the gradient passes through and 1x below every router."""
+    config = Config(embed_dim=32, n_layer=2, n_head=4)
+    forward, train = bench.case_flops(bench.Case("", 1, [[0]]), config, rows=16)
+    with torch.device("meta"):
+        model, _ = bench.case_model(bench.Case("", 1, [[0]]), config)
+    embeddings = sum(part.flops for part in bench.model_matmuls(model, 16, 20, 5)[:2])
+    assert train == pytest.approx(3 * forward - embeddings)
+    forward, train = bench.case_flops(bench.Case("", 3, [[0]], experts=4, routed=True), config, rows=16)
+    assert 1 * forward < train < 2.5 * forward
+
+
+def test_bench_runs_end_to_end_with_tiny_settings(tmp_path):
+    report = bench.main(["--quick", "--device", "cpu", "--embed_dim", "16", "--n_layer", "1", "--n_head", "2",
+                         "--tasks", "4", "--groups", "2", "--experts", "2", "--eval_rows", "4", "--steps", "1",
+                         "--warmup", "0", "--out", str(tmp_path)])
+    stages = {(row["stage"], row["path"]) for row in report["training"]}
+    assert {("stage 1: backbone", "naive"), ("stage 2: all 2 experts in one step", "fast"),
+            ("stage 3: routers, E=2", "fast")} <= stages
+    assert all(row["ms_per_step"] > 0 for row in report["training"])
+    markdown = (tmp_path / f"{report['device']}.md").read_text()
+    assert "| stage 3: routers, E=2 | naive |" in markdown and "## Evaluation" in markdown
+    assert json.loads((tmp_path / f"{report['device']}.json").read_text())["projection"][1]["path"] == "fast"
