@@ -22,7 +22,7 @@ from m3dt.model import ModelConfig, PromptDecisionTransformer
 from m3dt.run import (ArtifactError, RunDir, check_inputs, check_model_fields, input_hashes, load_tensors,
                       manifest_path, read_json, read_manifest, save_tensors, write_json, write_manifest)
 from m3dt.tasks import TaskError, resolve_tasks
-from m3dt.train import Job, TrainingError, resolve_device, train
+from m3dt.train import Distributed, Job, TrainingError, resolve_device, start_distributed, train
 
 USER_ERRORS = (ArtifactError, ConfigError, DataError, TaskError, TrainingError)
 
@@ -37,11 +37,18 @@ def build_model(config: Config | dict[str, Any], dropout: float) -> PromptDecisi
     ))
 
 
-def optimisation_identity(config: Config, tasks: list[str]) -> dict[str, Any]:
-    """What a checkpoint must agree on to be resumed (the step count may grow: the schedule is constant)."""
+def optimisation_identity(config: Config, tasks: list[str], world_size: int = 1) -> dict[str, Any]:
+    """What a checkpoint must agree on to be resumed (the step count may grow: the schedule is constant).
+    The torchrun world size is part of it: it sets the effective batch (world_size x batch_size)."""
     names = ("seed", "batch_size", "learning_rate", "weight_decay", "warmup_steps", "grad_clip", "dropout",
              "precision", "top_k")
-    return {"model": config.model_fields(), "tasks": tasks, **{name: getattr(config, name) for name in names}}
+    return {"model": config.model_fields(), "tasks": tasks, "world_size": world_size,
+            **{name: getattr(config, name) for name in names}}
+
+
+def seed_rank(config: Config, distributed: Distributed) -> int:
+    """Rank 0 uses the run seed, so a one-process run and rank 0 of a torchrun job draw the same streams."""
+    return config.seed + 1000 * distributed.rank
 
 
 def stage1_tasks(run: RunDir, config: Config) -> list[str]:
@@ -135,18 +142,21 @@ def train_backbone(config: Config) -> Path:
     run = RunDir(config.resolved_run_dir())
     tasks = resolve_tasks(config.prefix_name, config.tasks, config.seed)
     steps = config.stage_steps(config.backbone_steps)
-    identity = optimisation_identity(config, tasks)
+    distributed, device = start_distributed(config.device)
+    identity = optimisation_identity(config, tasks, distributed.world_size)
     if finished(run.backbone, steps, config, identity):
         print(f"stage 1 already finished ({steps} steps): {run.backbone}; --restart to train again")
         return run.backbone
-    device = resolve_device(config.device)
-    torch.manual_seed(config.seed)
-    sampler = make_sampler(config, tasks, device, [config.seed])
+    torch.manual_seed(config.seed)  # the same initial weights on every rank
+    sampler = make_sampler(config, tasks, device, [seed_rank(config, distributed)])
     model = build_model(config, config.dropout).to(device)
+    torch.manual_seed(seed_rank(config, distributed))  # each rank its own dropout stream
     job = Job(name="stage1", model=model, trainable=dict(model.named_parameters()),
               task_groups=[list(range(len(tasks)))], task_names=tasks, steps=steps, job_dir=run.stage1,
               per_expert_clip=False, identity=identity)
-    done = train(job, sampler, config)
+    done = train(job, sampler, config, distributed)
+    if not distributed.is_main:
+        return run.backbone
     save_tensors(run.data_stats, data_stats(sampler))
     save_tensors(run.backbone, model.state_dict())
     write_manifest(run.backbone, "stage1", vars(config), tasks, [], run.root, steps_done=done, identity=identity)
@@ -197,6 +207,9 @@ def train_experts(config: Config) -> list[Path]:
     groups_file, groups = read_groups(run, config, tasks)
     if config.all == (config.expert_id is not None):
         raise ConfigError("give exactly one of --expert_id I or --all")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("expert training does not run under torchrun: stage2_expert_train_total.sh spreads "
+                          "experts over the GPUs")
     expert_ids = list(range(len(groups))) if config.all else [config.expert_id]
     if not 0 <= expert_ids[0] < len(groups) or expert_ids[-1] >= len(groups):
         raise ConfigError(f"--expert_id must be in 0..{len(groups) - 1} for {groups_file}")
@@ -242,23 +255,26 @@ def train_router(config: Config) -> Path:
     expert_files = [run.expert(config.grouping, config.expert_num, expert) for expert in range(len(groups))]
     check_experts(run, expert_files, groups_file, config)
     inputs = [run.backbone, groups_file, *expert_files]
-    identity = {**optimisation_identity(config, tasks), "inputs": input_hashes(inputs, run.root)}
+    distributed, device = start_distributed(config.device)
+    identity = {**optimisation_identity(config, tasks, distributed.world_size), "inputs": input_hashes(inputs, run.root)}
     if finished(output, steps, config, identity):
         print(f"stage 3 already finished ({steps} steps): {output}; --restart to train again")
         return output
 
-    torch.manual_seed(config.seed)  # the routers' initial weights
+    torch.manual_seed(config.seed)  # the routers' initial weights, the same on every rank
     model = load_backbone(run, config)
     model.install_experts(len(groups), routed=True, top_k=config.top_k)
     load_experts(model, expert_files)
-    device = resolve_device(config.device)
-    sampler = make_sampler(config, tasks, device, [config.seed])
+    sampler = make_sampler(config, tasks, device, [seed_rank(config, distributed)])
     model.to(device)
+    torch.manual_seed(seed_rank(config, distributed))  # each rank its own dropout stream
     trainable = freeze_all_but(model, lambda name: ".router." in name)
     job = Job(name="stage3 router", model=model, trainable=trainable, task_groups=[list(range(len(tasks)))],
               task_names=tasks, steps=steps, job_dir=run.stage3(config.grouping, config.expert_num),
               per_expert_clip=False, identity=identity)
-    done = train(job, sampler, config)
+    done = train(job, sampler, config, distributed)
+    if not distributed.is_main:
+        return output
     save_tensors(output, model.state_dict())
     write_manifest(output, "stage3", vars(config), tasks, inputs, run.root, steps_done=done, identity=identity,
                    num_experts=len(groups), top_k=config.top_k)

@@ -7,6 +7,9 @@ training has G row groups (one per expert) in the same step; since every expert'
 slice of the stacked parameters, one AdamW over them equals G separate AdamWs, and clipping is done per
 expert, so each expert is optimised exactly as in its own run.
 
+Under torchrun (stages 1 and 3), rank r of R takes task (step * R + r) of the round-robin and DDP averages
+the gradients: an effective batch of R x 16 segments from R different tasks per step. Only rank 0 writes.
+
 Nothing in the loop waits for the device except at log and checkpoint boundaries.
 """
 
@@ -20,7 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from m3dt.config import Config, ConfigError
@@ -50,6 +55,32 @@ class Job:
     job_dir: Path
     per_expert_clip: bool  # trainable parameters are stacked per expert (leading dim = row groups)
     identity: dict[str, Any]  # what must match for a checkpoint to be resumed
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in a torchrun job (rank 0 of 1 without one)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def start_distributed(device_name: str) -> tuple[Distributed, torch.device]:
+    """Join the torchrun job when there is one (WORLD_SIZE > 1): NCCL with one GPU per rank, else gloo."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(device_name)
+    if world_size == 1:
+        return Distributed(), device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Distributed(dist.get_rank(), world_size), device
 
 
 def round_robin_table(task_groups: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,9 +144,9 @@ def start_wandb(config: Config, job: Job):
     return wandb.init(project=config.wandb_project, name=job.name, dir=str(job.job_dir), config=vars(config))
 
 
-def train(job: Job, sampler: DeviceSampler, config: Config) -> int:
+def train(job: Job, sampler: DeviceSampler, config: Config, distributed: Distributed = Distributed()) -> int:
     """Run (or resume) `job` to `job.steps` steps; return the steps done. Trainable weights are updated in
-    place in `job.model`; the caller writes the artifacts."""
+    place in `job.model`; the caller writes the artifacts (on rank 0)."""
     device = sampler.device
     parameters = list(job.trainable.values())
     optimizer = build_optimizer(parameters, config, device)
@@ -128,25 +159,28 @@ def train(job: Job, sampler: DeviceSampler, config: Config) -> int:
     start = 0
     remove_stale_temporaries(state_file)
     if state_file.exists() and not config.restart:
-        start = resume(state_file, job, optimizer, scheduler, sampler)
+        start = resume(state_file, job, optimizer, scheduler, sampler, distributed)
         print(f"[{job.name}] resuming from step {start} ({state_file})")
-    truncate_jsonl(job.job_dir / METRICS, start)
+    if distributed.is_main:
+        truncate_jsonl(job.job_dir / METRICS, start)
     if start >= job.steps:
         return start
 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if config.precision == "bf16" else nullcontext()
-    run = start_wandb(config, job) if config.wandb else None
+    run = start_wandb(config, job) if config.wandb and distributed.is_main else None
     job.model.train()  # dropout on in every module, frozen ones included (as the reference)
+    model = DistributedDataParallel(job.model) if distributed.world_size > 1 else job.model
     window_losses: list[torch.Tensor] = []
     window_grad_norms: list[torch.Tensor] = []  # a finite loss can still come with a NaN gradient
     window_start = time.perf_counter()
     # closed on an error too, so that the error message starts on a line of its own
-    with tqdm(range(start, job.steps), desc=job.name, initial=start, total=job.steps, dynamic_ncols=True) as progress:
+    with tqdm(range(start, job.steps), desc=job.name, initial=start, total=job.steps, dynamic_ncols=True,
+              disable=not distributed.is_main) as progress:
         for step in progress:
-            task_indices = table[group_index, step % lengths]
+            task_indices = table[group_index, round_robin_position(step, distributed) % lengths]
             batch = sampler.sample(task_indices)
             with autocast:
-                predicted = job.model(batch)
+                predicted = model(batch)
             loss = action_loss(predicted.float(), batch, groups)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -159,25 +193,34 @@ def train(job: Job, sampler: DeviceSampler, config: Config) -> int:
             done = step + 1
             if done % config.log_every == 0 or done % config.save_every == 0 or done == job.steps:
                 window = torch.stack([torch.stack(window_losses) / groups, torch.stack(window_grad_norms)])
+                if distributed.world_size > 1:  # every rank sees the same numbers, so all stop together
+                    dist.all_reduce(window)
+                    window /= distributed.world_size
                 losses, grad_norms = window.float().cpu()  # the one host sync of the window
-                check_finite(losses, grad_norms, done - len(losses), job, table, lengths)
+                check_finite(losses, grad_norms, done - len(losses), job, table, lengths, distributed)
                 elapsed = time.perf_counter() - window_start
                 record = {"step": done, "loss": losses.mean().item(), "lr": scheduler.get_last_lr()[0],
                           "steps_per_second": len(losses) / max(elapsed, 1e-9)}
-                append_jsonl(job.job_dir / METRICS, record)
+                if distributed.is_main:
+                    append_jsonl(job.job_dir / METRICS, record)
                 progress.set_postfix(loss=f"{record['loss']:.4f}", steps_per_s=f"{record['steps_per_second']:.1f}")
                 if run is not None:
                     run.log(record, step=done)
                 window_losses, window_grad_norms, window_start = [], [], time.perf_counter()
             if done % config.save_every == 0 or done == job.steps:
-                save_train_state(state_file, job, optimizer, scheduler, sampler, done)
+                save_train_state(state_file, job, optimizer, scheduler, sampler, done, distributed)
     if run is not None:
         run.finish()
     return job.steps
 
 
+def round_robin_position(step: int, distributed: Distributed) -> int:
+    """Which entry of the round-robin this rank trains on at `step`."""
+    return step * distributed.world_size + distributed.rank
+
+
 def check_finite(losses: torch.Tensor, grad_norms: torch.Tensor, first_step: int, job: Job, table: torch.Tensor,
-                 lengths: torch.Tensor) -> None:
+                 lengths: torch.Tensor, distributed: Distributed) -> None:
     """Stop before a window with a non-finite loss or gradient (whose update made the weights NaN) is saved.
     Every save boundary is also a log boundary, so no checkpoint or artifact ever holds such weights."""
     finite_loss = torch.isfinite(losses)
@@ -187,25 +230,36 @@ def check_finite(losses: torch.Tensor, grad_norms: torch.Tensor, first_step: int
     index = int(bad[0])
     step = first_step + index
     what = "gradient" if finite_loss[index] else "loss"
-    tasks = [job.task_names[int(table[g, step % int(lengths[g])])] for g in range(len(job.task_groups))]
+    positions = [round_robin_position(step, Distributed(rank, distributed.world_size))
+                 for rank in range(distributed.world_size)]
+    tasks = [job.task_names[int(table[g, position % int(lengths[g])])]
+             for position in positions for g in range(len(job.task_groups))]
     last_good = job.job_dir / TRAIN_STATE
     pointer = f"last good checkpoint: {last_good}" if last_good.exists() else "no checkpoint was written yet"
     raise TrainingError(f"[{job.name}] non-finite {what} at step {step + 1} on task(s) {', '.join(tasks)}; "
                         f"nothing was written for this window; {pointer}")
 
 
-def save_train_state(path: Path, job: Job, optimizer, scheduler, sampler: DeviceSampler, step: int) -> None:
+def save_train_state(path: Path, job: Job, optimizer, scheduler, sampler: DeviceSampler, step: int,
+                     distributed: Distributed) -> None:
+    """Rank 0 writes the checkpoint, with every rank's RNG states (each resumes its own streams)."""
+    rng_states = [rng_state(sampler)]
+    if distributed.world_size > 1:
+        rng_states = [None] * distributed.world_size
+        dist.all_gather_object(rng_states, rng_state(sampler))
+    if not distributed.is_main:
+        return
     save_checkpoint(path, {
         "step": step,
         "identity": job.identity,
         "trainable": {name: parameter.detach().cpu() for name, parameter in job.trainable.items()},
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
-        "rng": rng_state(sampler),
+        "rng": rng_states,
     })
 
 
-def resume(path: Path, job: Job, optimizer, scheduler, sampler: DeviceSampler) -> int:
+def resume(path: Path, job: Job, optimizer, scheduler, sampler: DeviceSampler, distributed: Distributed) -> int:
     state = load_checkpoint(path)
     saved = state.get("identity", {})
     changed = [name for name, value in job.identity.items() if saved.get(name) != value]
@@ -219,7 +273,7 @@ def resume(path: Path, job: Job, optimizer, scheduler, sampler: DeviceSampler) -
             parameter.copy_(state["trainable"][name])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    restore_rng_state(state["rng"], sampler)
+    restore_rng_state(state["rng"][distributed.rank], sampler)
     return int(state["step"])
 
 

@@ -1,0 +1,42 @@
+"""Stages 1 and 3 under torchrun: 2 CPU processes with the gloo backend."""
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import REPO, SMALL_TASKS
+from tests.test_pipeline import TINY, run_stage
+
+
+def torchrun(script: str, *args: str) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(REPO / script), *args]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=environment, timeout=600)
+    assert result.returncode == 0, f"{script} under torchrun failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+    return result
+
+
+def test_stage1_and_stage3_under_torchrun(small_data, tmp_path):
+    common = [*TINY, "--data_path", str(small_data), "--run_dir", str(tmp_path)]
+    torchrun("stage1_backbone_train.py", "--tasks", ",".join(SMALL_TASKS), "--max_iters", "60", *common)
+    manifest = json.loads((tmp_path / "stage1" / "backbone.manifest.json").read_text())
+    assert manifest["identity"]["world_size"] == 2 and manifest["steps_done"] == 60
+    steps = [json.loads(line)["step"] for line in (tmp_path / "stage1" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [20, 40, 60]  # one log, written by rank 0 only
+    state = torch.load(tmp_path / "stage1" / "train_state.pt", weights_only=True)
+    assert len(state["rng"]) == 2 and not torch.equal(state["rng"][0]["sampler"][0], state["rng"][1]["sampler"][0])
+
+    run_stage("stage2_task_grouping_random.py", "--group_num", "2", *common)
+    run_stage("stage2_expert_train.py", "--expert_num", "2", "--grouping", "random", "--all", "--max_iters", "10", *common)
+    torchrun("stage3_router_train.py", "--expert_num", "2", "--grouping", "random", "--max_iters", "20", *common)
+    moe = load_file(tmp_path / "stage3" / "random_2" / "moe.safetensors")
+    assert all(torch.isfinite(tensor).all() for tensor in moe.values())
+
+    # the same command again: finished under the same world size
+    again = torchrun("stage3_router_train.py", "--expert_num", "2", "--grouping", "random", "--max_iters", "20", *common)
+    assert "already finished" in again.stdout
