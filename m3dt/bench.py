@@ -39,19 +39,19 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from m3dt.config import Config
 from m3dt.data import Batch, DeviceSampler, TaskDataset
+from m3dt.evaluate import EPISODES_PER_FAMILY  # imports no env package (envs load inside the rollout workers)
 from m3dt.grouping import random_grouping
-from m3dt.model import PromptDecisionTransformer, action_loss
+from m3dt.model import PromptDecisionTransformer
 from m3dt.naive import NaiveSampler, naive_model, naive_optimizer, naive_train_step
 from m3dt.stages import build_model, freeze_all_but
 from m3dt.tasks import MAX_ACT_DIM, MAX_OBS_DIM, get_task, resolve_tasks
-from m3dt.train import build_optimizer, clip_gradients, resolve_device, round_robin_table, warmup_factor
+from m3dt.train import autocast_for, build_optimizer, resolve_device, round_robin_table, train_step, warmup_factor
 
-# Rollouts per task in the evaluation protocol (SPEC section 5), to size one MT160 evaluation.
-EPISODES_PER_FAMILY = {"metaworld": 10, "dmc": 10, "ant_dir": 1, "cheetah_vel": 1}
+MALLOC_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 TRAIN_EPISODES = 2  # synthetic training episodes per task (each task also gets its 2 prompt episodes)
 DEFAULTS = {
     "full": {"steps": 20, "warmup": 5, "experts": "8,16,48", "groups": 48, "tasks": 160, "eval_rows": 1560},
-    "quick": {"steps": 3, "warmup": 1, "experts": "8", "groups": 4, "tasks": 48, "eval_rows": 16},
+    "quick": {"steps": 5, "warmup": 2, "experts": "8", "groups": 4, "tasks": 48, "eval_rows": 16},
 }
 
 
@@ -128,29 +128,7 @@ def case_model(case: Case, config: Config) -> tuple[PromptDecisionTransformer, d
     return model, freeze_all_but(model, lambda name: trainable_part in name)
 
 
-def autocast_for(settings: Settings):
-    if settings.precision == "bf16":
-        return torch.autocast(settings.device.type, dtype=torch.bfloat16)
-    return nullcontext()
-
-
 # ------------------------------------------------------------------------------------------ the two steps
-def fast_train_step(model: Callable[[Batch], torch.Tensor], batch: Batch, groups: int,
-                    optimizer: torch.optim.Optimizer, scheduler: LambdaLR, parameters: list[nn.Parameter],
-                    max_norm: float, per_expert_clip: bool, autocast) -> tuple[torch.Tensor, torch.Tensor]:
-    """The body of m3dt/train.py's loop after sampling (to become train.py's own `train_step`).
-    Returns the loss and the largest gradient norm, on the device (no sync)."""
-    with autocast:
-        predicted = model(batch)
-    loss = action_loss(predicted.float(), batch, groups)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    grad_norms = clip_gradients(parameters, max_norm, per_expert_clip)
-    optimizer.step()
-    scheduler.step()
-    return loss.detach(), grad_norms.detach().max()
-
-
 def fast_stepper(case: Case, model: PromptDecisionTransformer, trainable: dict[str, nn.Parameter],
                  dataset: TaskDataset, settings: Settings, compiled: bool) -> Callable[[int], None]:
     config, device = settings.config, settings.device
@@ -162,11 +140,11 @@ def fast_stepper(case: Case, model: PromptDecisionTransformer, trainable: dict[s
     table, lengths = round_robin_table(case.task_groups, device)
     group_index = torch.arange(groups, device=device)
     forward = torch.compile(model) if compiled else model
-    autocast = autocast_for(settings)
+    autocast = autocast_for(settings.device, settings.precision)
 
     def step(number: int) -> None:
         batch = sampler.sample(table[group_index, number % lengths])
-        fast_train_step(forward, batch, groups, optimizer, scheduler, parameters, config.grad_clip,
+        train_step(forward, batch, groups, optimizer, scheduler, parameters, config.grad_clip,
                         per_expert_clip=case.stage == 2, autocast=autocast)
 
     return step
@@ -372,7 +350,7 @@ def measure_evaluation(dataset: TaskDataset, settings: Settings) -> list[EvalMea
         model, _ = case_model(case, config)
         model.to(device).eval()
         paths = {"naive": policy_forward(naive_model(model), single, nullcontext()),
-                 "fast": policy_forward(model, batch, autocast_for(settings))}
+                 "fast": policy_forward(model, batch, autocast_for(settings.device, settings.precision))}
         medians = time_paths(paths, settings.warmup, settings.steps, device)
         for path, inputs in (("naive", single), ("fast", batch)):
             rows = inputs.states.shape[0]
@@ -487,6 +465,9 @@ def header_lines(report: dict[str, Any]) -> list[str]:
         lines.append(f"Torch threads: {report['threads']}; the process got {report['cpu_per_wall']:.2f} "
                      "CPU-seconds per second while measuring (as many as threads when the cores are its own; "
                      "fewer means a shared machine and noisy timings).")
+        malloc = {name: os.environ[name] for name in MALLOC_SETTINGS if name in os.environ}
+        lines.append(f"glibc malloc settings: {malloc or 'defaults'} (scripts/*.sh set {', '.join(MALLOC_SETTINGS)} so "
+                     "that the experts' large activation buffers are reused instead of page-faulted in every step).")
     return lines
 
 
@@ -577,8 +558,8 @@ def parse_settings(argv: list[str] | None) -> Settings:
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="autocast of the fast path")
     parser.add_argument("--quick", action="store_true", help="fewer steps, experts and rows: < 5 min on 2 CPU cores")
-    parser.add_argument("--steps", type=int, help="timed steps per measurement (full 20, quick 3)")
-    parser.add_argument("--warmup", type=int, help="untimed steps before them (full 5, quick 1)")
+    parser.add_argument("--steps", type=int, help="timed steps per measurement (full 20, quick 5)")
+    parser.add_argument("--warmup", type=int, help="untimed steps before them (full 5, quick 2)")
     parser.add_argument("--experts", help="stage-3 expert counts, comma-separated (full 8,16,48; quick 8)")
     parser.add_argument("--groups", type=int, help="experts in the stage-2 --all step (full 48, quick 4)")
     parser.add_argument("--tasks", type=int, help="synthetic tasks (full 160, quick 48)")

@@ -20,7 +20,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from m3dt.config import Config, ConfigError
-from m3dt.data import DeviceSampler
+from m3dt.data import Batch, DeviceSampler
 from m3dt.model import PromptDecisionTransformer, action_loss
 from m3dt.run import (ArtifactError, append_jsonl, load_checkpoint, remove_stale_temporaries, save_checkpoint,
                       truncate_jsonl)
@@ -144,6 +144,27 @@ def start_wandb(config: Config, job: Job):
     return wandb.init(project=config.wandb_project, name=job.name, dir=str(job.job_dir), config=vars(config))
 
 
+def autocast_for(device: torch.device, precision: str):
+    """bf16 autocast for `--precision bf16`; nothing for fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+
+
+def train_step(model: Callable[[Batch], torch.Tensor], batch: Batch, groups: int, optimizer: torch.optim.Optimizer,
+               scheduler: torch.optim.lr_scheduler.LambdaLR, parameters: list[nn.Parameter], max_norm: float,
+               per_expert_clip: bool, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step on one batch. Returns the loss and the largest gradient norm (before clipping),
+    left on the device so that the loop never waits for it."""
+    with autocast:
+        predicted = model(batch)
+    loss = action_loss(predicted.float(), batch, groups)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norms = clip_gradients(parameters, max_norm, per_expert_clip)
+    optimizer.step()
+    scheduler.step()
+    return loss.detach(), grad_norms.detach().max()  # max propagates NaN
+
+
 def train(job: Job, sampler: DeviceSampler, config: Config, distributed: Distributed = Distributed()) -> int:
     """Run (or resume) `job` to `job.steps` steps; return the steps done. Trainable weights are updated in
     place in `job.model`; the caller writes the artifacts (on rank 0)."""
@@ -166,7 +187,7 @@ def train(job: Job, sampler: DeviceSampler, config: Config, distributed: Distrib
     if start >= job.steps:
         return start
 
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if config.precision == "bf16" else nullcontext()
+    autocast = autocast_for(device, config.precision)
     run = start_wandb(config, job) if config.wandb and distributed.is_main else None
     job.model.train()  # dropout on in every module, frozen ones included (as the reference)
     model = DistributedDataParallel(job.model) if distributed.world_size > 1 else job.model
@@ -179,16 +200,10 @@ def train(job: Job, sampler: DeviceSampler, config: Config, distributed: Distrib
         for step in progress:
             task_indices = table[group_index, round_robin_position(step, distributed) % lengths]
             batch = sampler.sample(task_indices)
-            with autocast:
-                predicted = model(batch)
-            loss = action_loss(predicted.float(), batch, groups)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norms = clip_gradients(parameters, config.grad_clip, job.per_expert_clip)
-            optimizer.step()
-            scheduler.step()
-            window_losses.append(loss.detach())
-            window_grad_norms.append(grad_norms.detach().max())  # max propagates NaN
+            loss, grad_norm = train_step(model, batch, groups, optimizer, scheduler, parameters, config.grad_clip,
+                                         job.per_expert_clip, autocast)
+            window_losses.append(loss)
+            window_grad_norms.append(grad_norm)
 
             done = step + 1
             if done % config.log_every == 0 or done % config.save_every == 0 or done == job.steps:

@@ -3,6 +3,5 @@
 # evaluate in the simulator and print the score table. Options are passed on (e.g. --backbone_steps 20000).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/install.sh
-export MUJOCO_GL=${MUJOCO_GL:-disable} WANDB_MODE=${WANDB_MODE:-offline}
+source scripts/env.sh
 exec .venv/bin/python -m m3dt.demo "$@"

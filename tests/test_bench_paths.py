@@ -14,7 +14,7 @@ from m3dt import bench
 from m3dt.config import Config
 from m3dt.data import Batch, DeviceSampler, TaskDataset
 from m3dt.naive import NaiveSampler, naive_model, naive_optimizer, naive_train_step
-from m3dt.train import build_optimizer, warmup_factor
+from m3dt.train import build_optimizer, train_step, warmup_factor
 from tests.conftest import SMALL_TASKS
 
 CPU = torch.device("cpu")
@@ -99,8 +99,8 @@ def test_fast_and_naive_steps_agree(short_naive_sampler, stage, experts):
     for step in range(3):
         task = step % len(SMALL_TASKS)
         batch = double(short_naive_sampler.sample(task))
-        fast_loss, _ = bench.fast_train_step(fast, batch, 1, fast_optimizer, fast_scheduler, fast_parameters,
-                                             config.grad_clip, per_expert_clip=stage == 2, autocast=nullcontext())
+        fast_loss, _ = train_step(fast, batch, 1, fast_optimizer, fast_scheduler, fast_parameters,
+                                  config.grad_clip, per_expert_clip=stage == 2, autocast=nullcontext())
         naive_loss = naive_train_step(naive, batch, short_naive_sampler.act_dim(task), naive_optimizer_,
                                       naive_scheduler, naive_parameters, config.grad_clip)
         # Float64 models, but the project's step computes the loss from `predicted.float()` (for bf16
