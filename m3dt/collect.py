@@ -51,6 +51,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from stable_baselines3 import SAC  # noqa: E402
 from stable_baselines3.common.callbacks import BaseCallback  # noqa: E402
+from stable_baselines3.common.logger import configure as configure_logger  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from m3dt.data import MIN_EPISODES, DataError, load_episode  # noqa: E402
@@ -231,6 +232,9 @@ def train_expert(name: str, steps: int, out: Path, seed: int, save_every: int, l
         # `learning_starts` steps, as RL Zoo does for MuJoCo.
         model = SAC("MlpPolicy", env, buffer_size=buffer_size, learning_starts=learning_starts, seed=seed,
                     device=device, verbose=0)
+    # SB3 otherwise makes a new empty log folder in the system's temp dir on every learn(); keep its
+    # training log (episode returns, losses) beside the expert instead.
+    model.set_logger(configure_logger(str(files.model.with_suffix("")) + "_log", ["csv"]))
     if model.num_timesteps < steps:
         progress = TrainingProgress(files, steps, save_every, seed)
         model.learn(total_timesteps=steps - model.num_timesteps, callback=progress, reset_num_timesteps=False)
