@@ -54,6 +54,7 @@ from stable_baselines3.common.callbacks import BaseCallback  # noqa: E402
 from stable_baselines3.common.logger import configure as configure_logger  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from m3dt.cli import exit_with_message  # noqa: E402
 from m3dt.data import MIN_EPISODES, DataError, load_episode  # noqa: E402
 from m3dt.envs import TaskEnv, make_env  # noqa: E402
 from m3dt.envs.metaworld import scripted_policy  # noqa: E402
@@ -538,10 +539,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         run_command(argv)
     except (CollectError, TaskError, DataError, ArtifactError) as error:
-        if "--debug" in argv:
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        exit_with_message(error, "--debug" in argv)
 
 
 if __name__ == "__main__":

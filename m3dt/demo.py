@@ -20,7 +20,8 @@ from pathlib import Path
 from m3dt.collect import CollectError, collect, print_table
 from m3dt.config import Config, parse_config
 from m3dt.evaluate import evaluate
-from m3dt.stages import USER_ERRORS, group_tasks, train_backbone, train_experts, train_router
+from m3dt.cli import USER_ERRORS, exit_with_message
+from m3dt.stages import group_tasks, train_backbone, train_experts, train_router
 from m3dt.tasks import FAMILIES, resolve_tasks
 
 DEFAULT_CONFIG = "configs/demo.yaml"
@@ -72,10 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         run_demo(parse_config(__doc__, argv))
     except (*USER_ERRORS, CollectError) as error:
-        if "--debug" in argv:
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        exit_with_message(error, "--debug" in argv)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ import argparse
 import csv
 import multiprocessing
 import os
-import sys
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from m3dt.cli import exit_with_message
 from m3dt.data import Batch
 from m3dt.model import PromptDecisionTransformer
 from m3dt.run import ArtifactError, RunDir, atomic_path, load_tensors, read_manifest, write_json
@@ -408,10 +408,7 @@ def main(argv: list[str] | None = None) -> None:
         evaluate(args.run_dir, args.stage, args.grouping, args.expert_num, args.prefix_name, args.tasks, args.episodes,
                  args.max_steps, args.workers, args.seed, args.device)
     except (ArtifactError, TaskError) as error:
-        if args.debug:
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        exit_with_message(error, args.debug)
 
 
 if __name__ == "__main__":

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
+from m3dt.cli import exit_with_message
 from m3dt.run import atomic_path
 from m3dt.tasks import FAMILIES
 
@@ -130,8 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         print(build_report(args.run_dirs, args.out))
     except FileNotFoundError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        exit_with_message(error, debug=False)
     print(f"wrote {args.out}/report.md and plots")
 
 

@@ -15,16 +15,16 @@ from typing import Any, Callable
 
 import torch
 
+from m3dt.cli import USER_ERRORS, exit_with_message
 from m3dt.config import Config, ConfigError, parse_config
-from m3dt.data import DataError, DeviceSampler, TaskDataset
+from m3dt.data import DeviceSampler, TaskDataset
 from m3dt.grouping import gradient_features_gram, gradient_grouping, groups_to_json, random_grouping, task_gradients
 from m3dt.model import ModelConfig, PromptDecisionTransformer
 from m3dt.run import (ArtifactError, RunDir, check_inputs, check_model_fields, input_hashes, load_tensors,
                       manifest_path, read_json, read_manifest, save_tensors, write_json, write_manifest)
-from m3dt.tasks import TaskError, resolve_tasks
-from m3dt.train import Distributed, Job, TrainingError, resolve_device, start_distributed, train
+from m3dt.tasks import resolve_tasks
+from m3dt.train import Distributed, Job, resolve_device, start_distributed, stop_distributed, train
 
-USER_ERRORS = (ArtifactError, ConfigError, DataError, TaskError, TrainingError)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -314,9 +314,6 @@ def run_cli(stage: Callable[[Config], Any], description: str, argv: list[str] | 
         config = parse_config(description, arguments)
         debug = config.debug
         stage(config)
+        stop_distributed()
     except USER_ERRORS as error:
-        if debug:
-            raise
-        one_line = " ".join(str(error).split())  # some library messages quoted in ours span several lines
-        print(f"error: {one_line}", file=sys.stderr)
-        sys.exit(2)
+        exit_with_message(error, debug)

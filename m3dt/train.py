@@ -83,6 +83,14 @@ def start_distributed(device_name: str) -> tuple[Distributed, torch.device]:
     return Distributed(dist.get_rank(), world_size), device
 
 
+def stop_distributed() -> None:
+    """Wait for every rank (rank 0 may still be writing artifacts), then shut the process group down; a
+    process that exits with it still open aborts in gloo's teardown."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def round_robin_table(task_groups: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Pad the groups' task lists into a table so that the tasks of step s are table[g, s % len(group g)]."""
     width = max(len(group) for group in task_groups)
