@@ -8,6 +8,9 @@ stamp=.venv/requirements.sha256
 wanted=$(sha256sum requirements.txt | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
     echo "installing the pinned requirements into .venv (about a minute)..."
-    .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
+    if ! .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.txt > .venv/install.log 2>&1; then
+        cat .venv/install.log >&2
+        exit 1
+    fi
     echo "$wanted" > "$stamp"
 fi
