@@ -351,7 +351,7 @@ def plot_families(out_dir: Path, results: dict) -> None:
 # ------------------------------------------------------------------------------------------ CLI
 def evaluate(run_dir: str, stage: str, grouping: str = "gradient", expert_num: int = 48, prefix_name: str | None = None,
              tasks: str | None = None, episodes: int | None = None, max_steps: int | None = None, workers: int | None = None,
-             seed: int = 0, device: str = "auto") -> dict:
+             seed: int = 0, device: str = "auto", max_rollouts: int | None = None) -> dict:
     """Evaluate stage "1" (Prompt-DT), stage "3" (M3DT) or a "random" policy; write and return the results."""
     from m3dt.train import resolve_device
 
@@ -365,16 +365,25 @@ def evaluate(run_dir: str, stage: str, grouping: str = "gradient", expert_num: i
                 for name in chosen
                 for episode in range(episodes or EPISODES_PER_FAMILY[get_task(name).family])]
     statistics = load_statistics(run)
-    num_experts = 0
-    if stage == "random":
-        policy = RandomPolicy(seed)
-    else:
+    num_experts, model = 0, None
+    if stage != "random":
         torch_device = resolve_device(device)
         model, manifest = load_policy(run, int(stage), grouping, expert_num)
+        model.to(torch_device)
         num_experts = manifest.get("num_experts", 0)
-        policy = ModelPolicy(model.to(torch_device), statistics, rollouts, manifest["config"]["context_length"], torch_device)
+
+    def make_policy(wave: list[Rollout]):
+        if model is None:
+            return RandomPolicy(seed)
+        return ModelPolicy(model, statistics, wave, manifest["config"]["context_length"], torch_device)
+
     started = time.perf_counter()
-    outcome = run_rollouts(policy, statistics, rollouts, seed, os.cpu_count() if workers is None else workers, max_steps)
+    workers = os.cpu_count() if workers is None else workers
+    # Waves bound memory (a Meta-World env holds 20-40 MB); within a wave every rollout advances in lockstep.
+    wave_size = max_rollouts or len(rollouts)
+    waves = [rollouts[start : start + wave_size] for start in range(0, len(rollouts), wave_size)]
+    outcomes = [run_rollouts(make_policy(wave), statistics, wave, seed, workers, max_steps) for wave in waves]
+    outcome = {key: np.concatenate([part[key] for part in outcomes]) for key in ("returns", "success", "steps")}
     results = {
         "run_dir": str(run.root), "stage": stage, "method": METHOD_NAMES[stage], "seed": seed,
         "num_experts": num_experts, "grouping": grouping if stage == "3" else None,
@@ -402,11 +411,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, help="env worker processes (default: CPU count; 0: in-process)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--max_rollouts", type=int,
+                        help="run the rollouts in waves of at most this many (bounds memory; default: all at once)")
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args(argv)
     try:
         evaluate(args.run_dir, args.stage, args.grouping, args.expert_num, args.prefix_name, args.tasks, args.episodes,
-                 args.max_steps, args.workers, args.seed, args.device)
+                 args.max_steps, args.workers, args.seed, args.device, args.max_rollouts)
     except (ArtifactError, TaskError) as error:
         exit_with_message(error, args.debug)
 
