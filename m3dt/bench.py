@@ -32,7 +32,6 @@ from datetime import date
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 import torch.nn as nn
 from torch.optim.lr_scheduler import LambdaLR
@@ -44,7 +43,8 @@ from m3dt.grouping import random_grouping
 from m3dt.model import PromptDecisionTransformer
 from m3dt.naive import NaiveSampler, naive_model, naive_optimizer, naive_train_step
 from m3dt.stages import build_model, freeze_all_but
-from m3dt.tasks import MAX_ACT_DIM, MAX_OBS_DIM, get_task, resolve_tasks
+from m3dt.synthetic import make_dataset
+from m3dt.tasks import get_task, resolve_tasks
 from m3dt.train import autocast_for, build_optimizer, resolve_device, round_robin_table, train_step, warmup_factor
 
 MALLOC_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
@@ -72,27 +72,6 @@ class Settings:
 
 
 # ------------------------------------------------------------------------------------------ synthetic data
-def write_synthetic_dataset(root: Path, task_names: list[str], seed: int = 0) -> None:
-    """Full-horizon episodes in the MT160 layout with random states, actions and rewards in each task's
-    native dims (zero-padded to 39/8). Only shapes matter for speed, and full horizons make the naive
-    sampler's per-sample return-to-go loop as long as on the real data."""
-    rng = np.random.default_rng(seed)
-    for name in task_names:
-        task = get_task(name)
-        folder = root / name
-        folder.mkdir(parents=True)
-        for episode in range(TRAIN_EPISODES + 2):
-            steps = task.horizon
-            observations = np.zeros((steps, MAX_OBS_DIM), dtype=np.float32)
-            observations[:, : task.obs_dim] = rng.normal(size=(steps, task.obs_dim))
-            actions = np.zeros((steps, MAX_ACT_DIM), dtype=np.float32)
-            actions[:, : task.act_dim] = rng.uniform(-1, 1, size=(steps, task.act_dim))
-            terminals = np.zeros(steps, dtype=bool)
-            terminals[-1] = True
-            np.savez(folder / f"{episode}.npz", observations=observations, actions=actions,
-                     rewards=rng.uniform(size=steps).astype(np.float32), terminals=terminals)
-
-
 # ------------------------------------------------------------------------------------------ stages
 @dataclass
 class Case:
@@ -598,7 +577,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.manual_seed(config.seed)
     task_names = resolve_tasks("mt160", None, config.seed)[: settings.tasks]
     with tempfile.TemporaryDirectory(prefix="m3dt_bench_") as root:
-        write_synthetic_dataset(Path(root), task_names)
+        # Full-horizon episodes: the naive sampler's per-sample return-to-go loop then costs what it would
+        # on the real data.
+        make_dataset(Path(root), task_names, episodes=TRAIN_EPISODES + 2, steps=None)
         dataset = TaskDataset(root, task_names, prompt_length=config.prompt_length)
         naive_sampler = NaiveSampler(root, task_names, config.context_length, config.batch_size,
                                      config.prompt_length, device, seed=config.seed)

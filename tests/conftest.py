@@ -1,54 +1,19 @@
-"""Small datasets in the MT160 layout, generated here: one or more tasks of each family with their real
-native obs/action dims zero-padded to 39/8. Actions are a fixed function of the state, so a model can learn
-them and a falling loss means something."""
+"""Shared fixtures: a small dataset in the MT160 layout (m3dt/synthetic.py), one task or more of each family."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 os.environ.setdefault("MUJOCO_GL", "disable")
 os.environ.setdefault("WANDB_MODE", "offline")
 
-from m3dt.tasks import MAX_ACT_DIM, MAX_OBS_DIM, get_task  # noqa: E402
+from m3dt.synthetic import make_dataset  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL_TASKS = ["reach-v2", "door-close-v2", "walker-walk", "pendulum-swingup", "ant-dir-2", "cheetah-vel-8"]
-
-
-def write_episode(path: Path, observations: np.ndarray, actions: np.ndarray, rewards: np.ndarray) -> None:
-    terminals = np.zeros(len(rewards), dtype=bool)
-    terminals[-1] = True
-    np.savez(path, observations=observations, actions=actions, rewards=rewards, terminals=terminals)
-
-
-def make_task_data(root: Path, task_name: str, episodes: int, steps: int, seed: int) -> None:
-    """`episodes` files for one task: states a random walk in the task's native dims, actions tanh of a
-    fixed linear map of the state (different per task), rewards in [0, 1]."""
-    task = get_task(task_name)
-    rng = np.random.default_rng(seed)
-    task_rng = np.random.default_rng(task.index)
-    mixing = task_rng.normal(size=(task.obs_dim, task.act_dim)) / np.sqrt(task.obs_dim)
-    folder = root / task_name
-    folder.mkdir(parents=True, exist_ok=True)
-    for episode in range(episodes):
-        length = steps if task.family != "ant_dir" else int(rng.integers(steps // 2, steps + 1))
-        native = np.cumsum(rng.normal(scale=0.3, size=(length, task.obs_dim)), axis=0)
-        observations = np.zeros((length, MAX_OBS_DIM), dtype=np.float32)
-        observations[:, : task.obs_dim] = native
-        actions = np.zeros((length, MAX_ACT_DIM), dtype=np.float32)
-        actions[:, : task.act_dim] = np.tanh(native @ mixing)
-        rewards = rng.uniform(size=length).astype(np.float32)
-        write_episode(folder / f"{episode}.npz", observations, actions, rewards)
-
-
-def make_dataset(root: Path, tasks: list[str], episodes: int = 6, steps: int = 40) -> Path:
-    for offset, task in enumerate(tasks):
-        make_task_data(root, task, episodes, steps, seed=offset)
-    return root
 
 
 @pytest.fixture(scope="session")

@@ -110,7 +110,7 @@ def test_action_mask_covers_true_action_dims(sampler):
 
 def test_sampling_is_proportional_to_length(tmp_path):
     """A 10-step and a 30-step episode: starts fall in the long one three times as often."""
-    from tests.conftest import write_episode
+    from m3dt.synthetic import write_episode
 
     folder = tmp_path / "reach-v2"
     folder.mkdir()

@@ -30,7 +30,8 @@ from m3dt.run import (ArtifactError, RunDir, load_checkpoint, load_tensors, save
 from m3dt.stages import check_experts, group_tasks, read_groups, run_cli, train_backbone
 from m3dt.tasks import TaskError, resolve_tasks
 from m3dt.train import TrainingError
-from tests.conftest import REPO, make_task_data, write_episode
+from m3dt.synthetic import make_task_data, write_episode
+from tests.conftest import REPO
 from tests.test_pipeline import TINY
 
 LENGTH = 10
