@@ -42,7 +42,7 @@ from m3dt.evaluate import EPISODES_PER_FAMILY  # imports no env package (envs lo
 from m3dt.grouping import random_grouping
 from m3dt.model import PromptDecisionTransformer
 from m3dt.naive import NaiveSampler, naive_model, naive_optimizer, naive_train_step
-from m3dt.stages import build_model, freeze_all_but
+from m3dt.stages import build_model, set_up_stage
 from m3dt.synthetic import make_dataset
 from m3dt.tasks import get_task, resolve_tasks
 from m3dt.train import autocast_for, build_optimizer, resolve_device, round_robin_table, train_step, warmup_factor
@@ -71,7 +71,6 @@ class Settings:
     config: Config  # model and optimisation options: the paper's unless overridden (smoke tests)
 
 
-# ------------------------------------------------------------------------------------------ synthetic data
 # ------------------------------------------------------------------------------------------ stages
 @dataclass
 class Case:
@@ -81,7 +80,6 @@ class Case:
     stage: int
     task_groups: list[list[int]]  # per row group of the fast step, the tasks it cycles through
     experts: int = 0  # experts installed (0: the plain backbone)
-    routed: bool = False
     naive: bool = True  # the reference has this step (it has no `--all`: one process per expert)
 
 
@@ -92,7 +90,7 @@ def training_cases(settings: Settings) -> list[Case]:
         Case("stage 1: backbone", 1, [every_task]),
         Case("stage 2: one expert", 2, [groups[0]], experts=1),
         Case(f"stage 2: all {settings.groups} experts in one step", 2, groups, experts=settings.groups, naive=False),
-        *[Case(f"stage 3: routers, E={count}", 3, [every_task], experts=count, routed=True)
+        *[Case(f"stage 3: routers, E={count}", 3, [every_task], experts=count)
           for count in settings.expert_counts],
     ]
 
@@ -100,11 +98,7 @@ def training_cases(settings: Settings) -> list[Case]:
 def case_model(case: Case, config: Config) -> tuple[PromptDecisionTransformer, dict[str, nn.Parameter]]:
     """The stage's model and its trainable parameters, set up as m3dt/stages.py does."""
     model = build_model(config, config.dropout)
-    if case.stage == 1:
-        return model, dict(model.named_parameters())
-    model.install_experts(case.experts, routed=case.routed)
-    trainable_part = ".router." if case.routed else ".expert_mixture."
-    return model, freeze_all_but(model, lambda name: trainable_part in name)
+    return model, set_up_stage(model, case.stage, case.experts)
 
 
 # ------------------------------------------------------------------------------------------ the two steps
@@ -322,7 +316,7 @@ def measure_evaluation(dataset: TaskDataset, settings: Settings) -> list[EvalMea
     batch = sampler.sample(torch.tensor([0], device=device))
     single = Batch(**{key: value[:1] for key, value in vars(batch).items()})
     cases = [Case("Prompt-DT backbone (stage 1)", 1, [[0]]),
-             *[Case(f"M3DT, E={count} (stage 3)", 3, [[0]], experts=count, routed=True)
+             *[Case(f"M3DT, E={count} (stage 3)", 3, [[0]], experts=count)
                for count in settings.expert_counts]]
     results = []
     for case in cases:

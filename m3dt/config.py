@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,14 +29,14 @@ class Config:
     tasks: str | None = None  # instead of a suite: "a,b,c" or "@file.json"
     data_path: str = "./mt160_used"  # data root in the MT160 layout
     max_episodes: int = 2000  # episodes read per task (the official data is capped at 2000)
-    seed: int = 0
+    seed: int = 0  # sets the weights' init, the batches, dropout, the grouping and evaluation goals
     run_dir: str | None = None  # default: runs/{prefix_name or 'custom'}_seed{seed}
 
     # model (paper table 5)
-    embed_dim: int = 256
-    n_layer: int = 6
-    n_head: int = 8
-    dropout: float = 0.1
+    embed_dim: int = 256  # token width
+    n_layer: int = 6  # transformer blocks
+    n_head: int = 8  # attention heads (embed_dim must be a multiple)
+    dropout: float = 0.1  # on embeddings, attention, residual branches and experts
     context_length: int = 20  # K: steps of the trajectory segment
     prompt_length: int = 5  # steps of the prompt window
     max_timestep: int = 1000  # size of the timestep embedding table
@@ -43,17 +45,17 @@ class Config:
     router_hidden: str = "1024,1024,1024,512"  # hidden widths of each block's router MLP (the paper's)
 
     # optimisation (all stages)
-    batch_size: int = 16
-    learning_rate: float = 1e-4
-    weight_decay: float = 1e-4
-    warmup_steps: int = 10_000
-    grad_clip: float = 0.25
+    batch_size: int = 16  # segments per task per step (per rank under torchrun)
+    learning_rate: float = 1e-4  # AdamW, after the linear warmup
+    weight_decay: float = 1e-4  # AdamW, on every trainable parameter
+    warmup_steps: int = 10_000  # linear learning-rate warmup from 1/warmup_steps
+    grad_clip: float = 0.25  # gradient norm clip (per expert in expert training)
 
     # schedules: steps of each stage (MT160 paper schedule); --max_iters overrides the stage being run
-    backbone_steps: int = 400_000
-    expert_steps: int = 200_000
-    router_steps: int = 400_000
-    max_iters: int | None = None
+    backbone_steps: int = 400_000  # stage 1
+    expert_steps: int = 200_000  # stage 2, per expert
+    router_steps: int = 400_000  # stage 3
+    max_iters: int | None = None  # steps of the stage being run, instead of its schedule above
 
     # stage 2
     grouping: str = "gradient"  # which grouping the expert and router stages use: gradient | random
@@ -64,8 +66,8 @@ class Config:
     grouping_gradients: int = 10  # gradients averaged per task for the gradient features
     kmeans_restarts: int = 40  # K-means runs per repetition; the lowest sum of distances wins
     kmeans_repeats: int = 40  # repetitions; the partition with the most even group sizes wins
-    kmeans_iterations: int = 100
-    kmeans_tolerance: float = 1e-4
+    kmeans_iterations: int = 100  # Lloyd iterations per K-means run at most
+    kmeans_tolerance: float = 1e-4  # a run stops once the centroids move less (sum of squared shifts)
 
     # the demo (m3dt.demo) collects its own data and evaluates with these
     demo_episodes: int = 30  # episodes collected per task; the last two are the prompts
@@ -77,11 +79,12 @@ class Config:
     # running
     device: str = "auto"  # auto: cuda when available, else cpu
     precision: str = "fp32"  # fp32 | bf16 (autocast)
-    log_every: int = 100
-    save_every: int = 5000
+    compile: bool = False  # torch.compile the training forward (off: it did not pay on CPU; unmeasured on GPU)
+    log_every: int = 100  # steps between lines of metrics.jsonl (and the only host syncs)
+    save_every: int = 5000  # steps between checkpoints (train_state.pt)
     restart: bool = False  # ignore an existing checkpoint and start the stage over
-    wandb: bool = False
-    wandb_project: str = "m3dt"
+    wandb: bool = False  # log to Weights & Biases too (offline unless WANDB_MODE says otherwise)
+    wandb_project: str = "m3dt"  # the Weights & Biases project
     debug: bool = False  # show tracebacks instead of one-line errors
     config: str | None = None  # YAML file of these options
 
@@ -120,16 +123,25 @@ def _option_type(field_type: str):
     return str
 
 
+def field_comments() -> dict[str, str]:
+    """Each option's trailing comment in the Config source: the one place an option is documented, shown
+    again by --help."""
+    return dict(re.findall(r"^\s+(\w+): [^#\n]*#\s*(.+)$", inspect.getsource(Config), flags=re.MULTILINE))
+
+
 def build_parser(description: str) -> argparse.ArgumentParser:
     """A parser with one flag per Config field; unspecified flags stay absent so that YAML values survive."""
     parser = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
+    comments = field_comments()
     for config_field in dataclasses.fields(Config):
         flag = f"--{config_field.name}"
+        comment = comments.get(config_field.name, "")
+        help_text = f"{comment} (default: {config_field.default})".strip().replace("%", "%%")
         option_type = _option_type(str(config_field.type))
         if option_type is None:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
         else:
-            parser.add_argument(flag, type=option_type, choices=CHOICES.get(config_field.name))
+            parser.add_argument(flag, type=option_type, choices=CHOICES.get(config_field.name), help=help_text)
     return parser
 
 

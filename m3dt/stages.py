@@ -128,11 +128,18 @@ def expert_tensors(model: PromptDecisionTransformer, slot: int) -> dict[str, tor
             for name, parameter in block.expert_mixture.experts.named_parameters()}
 
 
-def freeze_all_but(model: PromptDecisionTransformer, trainable: Callable[[str], bool]) -> dict[str, torch.nn.Parameter]:
+def set_up_stage(model: PromptDecisionTransformer, stage: int, num_experts: int = 0, top_k: int = 0,
+                 seeds: list[int] | None = None) -> dict[str, torch.nn.Parameter]:
+    """Install what `stage` trains (stage 2: experts assigned to row groups; stage 3: all experts and a router
+    per block) and freeze the rest. Returns the trainable parameters by name."""
+    if stage == 1:
+        return dict(model.named_parameters())
+    model.install_experts(num_experts, routed=stage == 3, top_k=top_k, seeds=seeds)
+    trainable_part = ".router." if stage == 3 else ".expert_mixture."
     selected = {}
     for name, parameter in model.named_parameters():
-        parameter.requires_grad_(trainable(name))
-        if trainable(name):
+        parameter.requires_grad_(trainable_part in name)
+        if trainable_part in name:
             selected[name] = parameter
     return selected
 
@@ -151,7 +158,7 @@ def train_backbone(config: Config) -> Path:
     sampler = make_sampler(config, tasks, device, [seed_rank(config, distributed)])
     model = build_model(config, config.dropout).to(device)
     torch.manual_seed(seed_rank(config, distributed))  # each rank its own dropout stream
-    job = Job(name="stage1", model=model, trainable=dict(model.named_parameters()),
+    job = Job(name="stage1", model=model, trainable=set_up_stage(model, stage=1),
               task_groups=[list(range(len(tasks)))], task_names=tasks, steps=steps, job_dir=run.stage1,
               per_expert_clip=False, identity=identity)
     done = train(job, sampler, config, distributed)
@@ -225,9 +232,9 @@ def train_experts(config: Config) -> list[Path]:
     group_tasks_needed = [task for expert in expert_ids for task in groups[expert]]
     sampler = make_sampler(config, group_tasks_needed, device, [expert_seed(config, e) for e in expert_ids])
     model = load_backbone(run, config)
-    model.install_experts(len(expert_ids), routed=False, seeds=[expert_seed(config, e) for e in expert_ids])
+    trainable = set_up_stage(model, stage=2, num_experts=len(expert_ids),
+                             seeds=[expert_seed(config, e) for e in expert_ids])
     model.to(device)
-    trainable = freeze_all_but(model, lambda name: ".expert_mixture." in name)
     task_groups, offset = [], 0
     for expert in expert_ids:
         task_groups.append(list(range(offset, offset + len(groups[expert]))))
@@ -263,12 +270,11 @@ def train_router(config: Config) -> Path:
 
     torch.manual_seed(config.seed)  # the routers' initial weights, the same on every rank
     model = load_backbone(run, config)
-    model.install_experts(len(groups), routed=True, top_k=config.top_k)
+    trainable = set_up_stage(model, stage=3, num_experts=len(groups), top_k=config.top_k)
     load_experts(model, expert_files)
     sampler = make_sampler(config, tasks, device, [seed_rank(config, distributed)])
     model.to(device)
     torch.manual_seed(seed_rank(config, distributed))  # each rank its own dropout stream
-    trainable = freeze_all_but(model, lambda name: ".router." in name)
     job = Job(name="stage3 router", model=model, trainable=trainable, task_groups=[list(range(len(tasks)))],
               task_names=tasks, steps=steps, job_dir=run.stage3(config.grouping, config.expert_num),
               per_expert_clip=False, identity=identity)

@@ -77,7 +77,7 @@ def test_fast_and_naive_steps_agree(short_naive_sampler, stage, experts):
     # clipping acts at every step.
     config = Config(embed_dim=32, n_layer=2, n_head=4, router_hidden="64,32", dropout=0.0, learning_rate=1e-3,
                     warmup_steps=2, grad_clip=1e-3)
-    case = bench.Case("test", stage, [[0]], experts=experts, routed=stage == 3)
+    case = bench.Case("test", stage, [[0]], experts=experts)
     torch.manual_seed(stage)
     fast, trainable = bench.case_model(case, config)
     fast.double()
@@ -125,7 +125,7 @@ def test_training_flops_count_each_gradient_once():
         model, _ = bench.case_model(bench.Case("", 1, [[0]]), config)
     embeddings = sum(part.flops for part in bench.model_matmuls(model, 16, 20, 5)[:2])
     assert train == pytest.approx(3 * forward - embeddings)
-    forward, train = bench.case_flops(bench.Case("", 3, [[0]], experts=4, routed=True), config, rows=16)
+    forward, train = bench.case_flops(bench.Case("", 3, [[0]], experts=4), config, rows=16)
     assert 1 * forward < train < 2.5 * forward
 
 

@@ -30,11 +30,13 @@ GROUPS = 2
 
 
 def stage_args(data: Path, run_dir: Path) -> list[str]:
-    return [*TINY, "--save_every", str(SAVE_EVERY), "--log_every", str(SAVE_EVERY), "--max_iters", str(STEPS),
+    return [*TINY, "--router_hidden", "64,64", "--save_every", str(SAVE_EVERY), "--log_every", str(SAVE_EVERY),
+            "--max_iters", str(STEPS),
             "--workers", "0", "--tasks", ",".join(SMALL_TASKS), "--data_path", str(data), "--run_dir", str(run_dir)]
 
 
 EXPERT_ARGS = ["--grouping", "random", "--expert_num", str(GROUPS), "--all"]
+ROUTER_ARGS = ["--grouping", "random", "--expert_num", str(GROUPS)]
 
 
 def last_logged_step(metrics: Path) -> int:
@@ -86,12 +88,13 @@ def logged_losses(metrics: Path) -> list[tuple[int, float]]:
 
 @pytest.fixture(scope="module")
 def reference_run(small_data, tmp_path_factory) -> Path:
-    """Stage 1 and expert training (--all) without interruption."""
+    """Stage 1, expert training (--all) and router training without interruption."""
     run_dir = tmp_path_factory.mktemp("uninterrupted")
     args = stage_args(small_data, run_dir)
     run_stage("stage1_backbone_train.py", *args)
     run_stage("stage2_task_grouping_random.py", "--group_num", str(GROUPS), *args)
     run_stage("stage2_expert_train.py", *EXPERT_ARGS, *args)
+    run_stage("stage3_router_train.py", *ROUTER_ARGS, *args)
     return run_dir
 
 
@@ -130,6 +133,21 @@ def test_expert_training_resumes_bit_for_bit(small_data, reference_run, killed_s
     for expert in range(GROUPS):
         name = f"stage2/experts_random_{GROUPS}/expert_{expert}.safetensors"
         assert_same_tensors(run_dir / name, reference_run / name)
+
+
+def test_router_training_resumes_bit_for_bit(small_data, reference_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference_run / "stage1", run_dir / "stage1")
+    shutil.copytree(reference_run / "stage2", run_dir / "stage2")
+    args = [*ROUTER_ARGS, *stage_args(small_data, run_dir)]
+    stage3 = f"stage3/random_{GROUPS}"
+    kill_at_random_step("stage3_router_train.py", args, run_dir / stage3 / "metrics.jsonl",
+                        run_dir / "killed_router.log", random.Random())
+    assert not (run_dir / stage3 / "moe.safetensors").exists()
+    rerun = run_stage("stage3_router_train.py", *args)
+    assert resumed_step(rerun.stdout) < STEPS
+    assert_same_tensors(run_dir / stage3 / "moe.safetensors", reference_run / stage3 / "moe.safetensors")
+    assert logged_losses(run_dir / stage3 / "metrics.jsonl") == logged_losses(reference_run / stage3 / "metrics.jsonl")
 
 
 def test_finished_stage_is_not_redone_unless_restarted(small_data, reference_run, tmp_path):

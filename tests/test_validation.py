@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import m3dt.train
-from m3dt.config import ConfigError, parse_config
+from m3dt.config import Config, ConfigError, build_parser, field_comments, parse_config
 from m3dt.data import DataError, TaskDataset, load_episode
 from m3dt.model import action_loss
 from m3dt.run import (ArtifactError, RunDir, load_checkpoint, load_tensors, save_checkpoint, save_tensors,
@@ -463,6 +463,13 @@ def test_yaml_values_convert_like_flags_and_debug_from_yaml_counts(tmp_path):
     with pytest.raises(DataError):  # debug: the error propagates with its traceback instead of one line
         run_cli(train_backbone, "stage 1", ["--config", str(config_file), "--tasks", "reach-v2",
                                              "--data_path", str(tmp_path / "nowhere"), "--run_dir", str(tmp_path)])
+
+
+def test_help_shows_each_options_comment_and_default():
+    assert field_comments().keys() == Config.__dataclass_fields__.keys()  # every option is documented
+    text = " ".join(build_parser("stage").format_help().split())
+    assert "--top_k TOP_K 0: dense soft mixture over all experts (the paper); k > 0: renormalised top-k gating (default: 0)" in text
+    assert "--all, --no-all train every expert of the grouping in one process (default: False)" in text
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
