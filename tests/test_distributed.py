@@ -31,6 +31,15 @@ def test_stage1_and_stage3_under_torchrun(small_data, tmp_path):
     state = torch.load(tmp_path / "stage1" / "train_state.pt", weights_only=True)
     assert len(state["rng"]) == 2 and not torch.equal(state["rng"][0]["sampler"][0], state["rng"][1]["sampler"][0])
 
+    # resumed under torchrun (each rank restores its own RNG streams): 40 steps, then on to 60, ends with the
+    # weights of the uninterrupted 60-step run, bit for bit
+    resumed_dir = tmp_path / "resumed"
+    resumed = [*TINY, "--data_path", str(small_data), "--run_dir", str(resumed_dir), "--tasks", ",".join(SMALL_TASKS)]
+    torchrun("stage1_backbone_train.py", "--max_iters", "40", *resumed)
+    assert "resuming from step 40" in torchrun("stage1_backbone_train.py", "--max_iters", "60", *resumed).stdout
+    expected, weights = (load_file(run / "stage1" / "backbone.safetensors") for run in (tmp_path, resumed_dir))
+    assert all(torch.equal(weights[name], tensor) for name, tensor in expected.items())
+
     run_stage("stage2_task_grouping_random.py", "--group_num", "2", *common)
     run_stage("stage2_expert_train.py", "--expert_num", "2", "--grouping", "random", "--all", "--max_iters", "10", *common)
     torchrun("stage3_router_train.py", "--expert_num", "2", "--grouping", "random", "--max_iters", "20", *common)
