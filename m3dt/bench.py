@@ -2,7 +2,7 @@
 
     python -m m3dt.bench                          # paper configuration, every stage (cuda when available)
     python -m m3dt.bench --quick                  # fewer steps and experts: under 5 minutes on 2 CPU cores
-    python -m m3dt.bench --device cuda --precision bf16 --compile
+    python -m m3dt.bench --device cuda --precision bf16 --compile reduce-overhead
 
 At the paper configuration (batch 16, K=20 + a 5-step prompt = 75 tokens, 6 layers, width 256, 8 heads,
 dropout 0.1) and on synthetic data in the MT160 layout, one run times, per stage:
@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from m3dt.config import Config
+from m3dt.config import CHOICES, Config
 from m3dt.data import Batch, DeviceSampler, TaskDataset
 from m3dt.evaluate import EPISODES_PER_FAMILY  # imports no env package (envs load inside the rollout workers)
 from m3dt.grouping import random_grouping
@@ -66,7 +66,7 @@ class Settings:
     groups: int  # experts trained together in the stage-2 `--all` step
     tasks: int  # synthetic tasks, the first of the official MT160 list
     eval_rows: int  # rollouts per lockstep evaluation forward
-    compile: bool  # also time the fast path with torch.compile(model)
+    compile: str  # also time the fast path under torch.compile with this mode ("none": do not)
     out: Path
     config: Config  # model and optimisation options: the paper's unless overridden (smoke tests)
 
@@ -103,7 +103,7 @@ def case_model(case: Case, config: Config) -> tuple[PromptDecisionTransformer, d
 
 # ------------------------------------------------------------------------------------------ the two steps
 def fast_stepper(case: Case, model: PromptDecisionTransformer, trainable: dict[str, nn.Parameter],
-                 dataset: TaskDataset, settings: Settings, compiled: bool) -> Callable[[int], None]:
+                 dataset: TaskDataset, settings: Settings, compile_mode: str) -> Callable[[int], None]:
     config, device = settings.config, settings.device
     groups = len(case.task_groups)
     sampler = DeviceSampler(dataset, config.context_length, config.batch_size, device, seeds=list(range(groups)))
@@ -112,7 +112,7 @@ def fast_stepper(case: Case, model: PromptDecisionTransformer, trainable: dict[s
     scheduler = LambdaLR(optimizer, warmup_factor(config.warmup_steps))
     table, lengths = round_robin_table(case.task_groups, device)
     group_index = torch.arange(groups, device=device)
-    forward = torch.compile(model) if compiled else model
+    forward = model if compile_mode == "none" else torch.compile(model, mode=compile_mode)
     autocast = autocast_for(settings.device, settings.precision)
 
     def step(number: int) -> None:
@@ -238,7 +238,7 @@ def case_flops(case: Case, config: Config, rows: int) -> tuple[float, float]:
 @dataclass
 class Measurement:
     stage: str
-    path: str  # naive | fast | fast + compile
+    path: str  # naive | fast | fast + compile {mode}
     ms_per_step: float | None  # median; None when the path failed
     train_flops: float  # per step
     expert_steps: int = 1  # experts trained by one step (the `--all` step trains every group's expert)
@@ -274,16 +274,17 @@ def measure_case(case: Case, dataset: TaskDataset, naive_sampler: NaiveSampler,
     paths = {}
     if case.naive:
         paths["naive"] = naive_stepper(case, naive_model(model), naive_sampler, config)
-    paths["fast"] = fast_stepper(case, model, trainable, dataset, settings, compiled=False)
+    paths["fast"] = fast_stepper(case, model, trainable, dataset, settings, compile_mode="none")
     failures = []
-    if settings.compile:
-        compiled = fast_stepper(case, model, trainable, dataset, settings, compiled=True)
+    if settings.compile != "none":
+        compiled = fast_stepper(case, model, trainable, dataset, settings, compile_mode=settings.compile)
         error = compile_error(compiled)
+        path = f"fast + compile {settings.compile}"
         if error:
-            print(f"  {case.name:<40} fast + compile  failed: {error}", flush=True)
-            failures.append(Measurement(case.name, "fast + compile", None, flops, len(case.task_groups), error))
+            print(f"  {case.name:<40} {path}  failed: {error}", flush=True)
+            failures.append(Measurement(case.name, path, None, flops, len(case.task_groups), error))
         else:
-            paths["fast + compile"] = compiled
+            paths[path] = compiled
     return measure(case.name, paths, flops, settings, expert_steps=len(case.task_groups)) + failures
 
 
@@ -537,7 +538,8 @@ def parse_settings(argv: list[str] | None) -> Settings:
     parser.add_argument("--groups", type=int, help="experts in the stage-2 --all step (full 48, quick 4)")
     parser.add_argument("--tasks", type=int, help="synthetic tasks (full 160, quick 48)")
     parser.add_argument("--eval_rows", type=int, help="rollouts per lockstep evaluation forward (full 1560, quick 16)")
-    parser.add_argument("--compile", action="store_true", help="also time the fast path under torch.compile(model)")
+    parser.add_argument("--compile", choices=CHOICES["compile"], default="none",
+                        help="also time the fast path under torch.compile with this mode (reduce-overhead: CUDA graphs)")
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     parser.add_argument("--out", default="benchmarks", help="folder for {device}.md and {device}.json")
     parser.add_argument("--embed_dim", type=int, default=256, help="model size overrides, for smoke tests")

@@ -79,7 +79,7 @@ class Config:
     # running
     device: str = "auto"  # auto: cuda when available, else cpu
     precision: str = "fp32"  # fp32 | bf16 (autocast)
-    compile: bool = False  # torch.compile the training forward (off: it did not pay on CPU; unmeasured on GPU)
+    compile: str = "none"  # torch.compile mode of the training forward; reduce-overhead: CUDA graphs on a GPU
     log_every: int = 100  # steps between lines of metrics.jsonl (and the only host syncs)
     save_every: int = 5000  # steps between checkpoints (train_state.pt)
     restart: bool = False  # ignore an existing checkpoint and start the stage over
@@ -107,6 +107,7 @@ CHOICES = {
     "residual": ("ln2", "standard"),
     "grouping": ("gradient", "random"),
     "precision": ("fp32", "bf16"),
+    "compile": ("none", "default", "reduce-overhead", "max-autotune"),
 }
 # Sizes and intervals below 1 would fail deep inside a stage (a division by zero, an empty tensor).
 POSITIVE = ("embed_dim", "n_layer", "n_head", "context_length", "prompt_length", "max_timestep", "batch_size",

@@ -199,8 +199,8 @@ def train(job: Job, sampler: DeviceSampler, config: Config, distributed: Distrib
     run = start_wandb(config, job) if config.wandb and distributed.is_main else None
     job.model.train()  # dropout on in every module, frozen ones included (as the reference)
     model = DistributedDataParallel(job.model) if distributed.world_size > 1 else job.model
-    if config.compile:
-        model = torch.compile(model)  # the weights stay job.model's: checkpoints and artifacts are unchanged
+    if config.compile != "none":  # the weights stay job.model's: checkpoints and artifacts are unchanged
+        model = torch.compile(model, mode=config.compile)
     window_losses: list[torch.Tensor] = []
     window_grad_norms: list[torch.Tensor] = []  # a finite loss can still come with a NaN gradient
     window_start = time.perf_counter()

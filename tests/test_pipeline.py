@@ -104,12 +104,12 @@ def test_compiled_training_matches_eager(small_data, tmp_path):
     """--compile changes how the forward runs, not what it computes (dropout off: the compiled graph draws
     its masks differently)."""
     weights = {}
-    for flag in ("--no-compile", "--compile"):
-        run_dir = tmp_path / flag
+    for mode in ("none", "default"):
+        run_dir = tmp_path / mode
         run_stage("stage1_backbone_train.py", "--tasks", ",".join(SMALL_TASKS[:2]), "--max_iters", "4",
-                  "--dropout", "0", flag, *TINY, "--data_path", str(small_data), "--run_dir", str(run_dir))
-        weights[flag] = load_file(run_dir / "stage1" / "backbone.safetensors")
-    eager, compiled = weights["--no-compile"], weights["--compile"]
+                  "--dropout", "0", "--compile", mode, *TINY, "--data_path", str(small_data), "--run_dir", str(run_dir))
+        weights[mode] = load_file(run_dir / "stage1" / "backbone.safetensors")
+    eager, compiled = weights["none"], weights["default"]
     assert eager.keys() == compiled.keys()
     for name, tensor in eager.items():
         torch.testing.assert_close(compiled[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
