@@ -60,7 +60,8 @@ from m3dt.envs import TaskEnv, make_env  # noqa: E402
 from m3dt.envs.metaworld import scripted_policy  # noqa: E402
 from m3dt.run import ArtifactError, atomic_path, read_json, write_json  # noqa: E402
 from m3dt.scores import episode_score  # noqa: E402
-from m3dt.tasks import MAX_ACT_DIM, Task, TaskError, get_task, resolve_tasks, task_table  # noqa: E402
+from m3dt.tasks import (FAMILIES, MAX_ACT_DIM, Task, TaskError, get_task, resolve_tasks, suite_names,  # noqa: E402
+                        task_table)
 
 # metaworld's scripted policies warn that their gains exceed the action range; the actions are clipped.
 warnings.filterwarnings("ignore", message="Constant\\(s\\) may be too high")
@@ -467,7 +468,9 @@ def collect_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m m3dt.collect", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Expert training: python -m m3dt.collect train-expert --help")
-    parser.add_argument("--tasks", required=True, help="task names a,b,c or @file.json (a JSON list)")
+    parser.add_argument("--tasks", required=True,
+                        help=f"task names a,b,c, @file.json (a JSON list), a family ({', '.join(FAMILIES)}) or an "
+                             f"official suite ({', '.join(suite_names())})")
     parser.add_argument("--episodes", type=int, required=True,
                         help="episode files per task in all, prompts included (the loader uses the last two as "
                              f"prompts); at least {MIN_EPISODES}")
@@ -505,6 +508,15 @@ def train_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def collection_tasks(text: str) -> list[str]:
+    """--tasks: every task of a family or an official suite by name, or a list as the stages take it."""
+    if text in FAMILIES:
+        return [name for name, task in task_table().items() if task.family == text]
+    if text in suite_names():
+        return resolve_tasks(text, None, seed=0)
+    return resolve_tasks(None, text, seed=0)
+
+
 def positive(name: str, value: int | float | None, minimum: int | float) -> None:
     if value is not None and value < minimum:
         raise CollectError(f"--{name} must be at least {minimum}, got {value}")
@@ -529,7 +541,7 @@ def run_command(argv: list[str]) -> None:
     positive("noise", args.noise, 0.0)
     positive("workers", args.workers, 0)
     positive("max_steps", args.max_steps, 1)
-    task_names = resolve_tasks(None, args.tasks, seed=0)
+    task_names = collection_tasks(args.tasks)
     summary = collect(task_names, args.episodes, Path(args.out), args.seed, args.noise, args.workers, args.max_steps)
     print_table(summary, task_names)
 

@@ -14,6 +14,7 @@ from m3dt.collect import (
     EpisodeJob,
     collect,
     collect_episode,
+    collection_tasks,
     episode_env,
     is_termination,
     main,
@@ -22,7 +23,7 @@ from m3dt.collect import (
 from m3dt.data import TaskDataset, load_episode
 from m3dt.envs import make_env
 from m3dt.scores import episode_score
-from m3dt.tasks import get_task
+from m3dt.tasks import get_task, resolve_tasks
 
 TASKS = ["reach-v2", "cheetah-vel-3"]
 STEPS = 20
@@ -159,3 +160,10 @@ def test_rerun_with_other_settings_or_fewer_episodes_is_refused(data_root, capsy
         main([*base, "--episodes", "3", "--noise", "0.1"])
     assert "beyond --episodes 3" in capsys.readouterr().err
     (data_root / "reach-v2" / "5.npz").unlink()
+
+
+def test_tasks_by_family_suite_or_list():
+    assert len(collection_tasks("metaworld")) == 50 and len(collection_tasks("cheetah_vel")) == 40
+    assert all(name.startswith("cheetah-vel-") for name in collection_tasks("cheetah_vel"))
+    assert collection_tasks("mt10") == resolve_tasks("mt10", None, seed=0)
+    assert collection_tasks("reach-v2,walker-walk") == ["reach-v2", "walker-walk"]
