@@ -63,6 +63,7 @@ class Config:
     expert_num: int = 48  # experts used by expert training and the router (= the grouping's group count)
     expert_id: int | None = None  # train this expert only
     all: bool = False  # train every expert of the grouping in one process
+    shard: str | None = None  # with --all, "i/n": only experts i, i+n, i+2n, ... (one of n GPUs' share)
     grouping_gradients: int = 10  # gradients averaged per task for the gradient features
     kmeans_restarts: int = 40  # K-means runs per repetition; the lowest sum of distances wins
     kmeans_repeats: int = 40  # repetitions; the partition with the most even group sizes wins
@@ -200,5 +201,11 @@ def check_values(config: Config) -> None:
             raise ConfigError(f"--{name} must be at least 1, got {getattr(config, name)}")
     if config.embed_dim % config.n_head:
         raise ConfigError(f"--embed_dim {config.embed_dim} must be a multiple of --n_head {config.n_head}")
+    if config.shard is not None:
+        index, _, count = config.shard.partition("/")
+        if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
+            raise ConfigError(f"--shard must be i/n with 0 <= i < n, got {config.shard!r}")
+        if not config.all:
+            raise ConfigError("--shard goes with --all")
     if not all(width.strip().isdigit() and int(width) > 0 for width in config.router_hidden.split(",")):
         raise ConfigError(f"--router_hidden must be comma-separated positive widths, got {config.router_hidden!r}")

@@ -117,6 +117,17 @@ def read_groups(run: RunDir, config: Config, tasks: list[str]) -> tuple[Path, li
     return path, groups
 
 
+def shard_experts(shard: str | None, num_experts: int) -> list[int]:
+    """The experts of `--shard i/n` (experts i, i+n, i+2n, ...), or all of them without a shard."""
+    if shard is None:
+        return list(range(num_experts))
+    index, count = (int(part) for part in shard.split("/"))  # the format was checked with the options
+    experts = list(range(index, num_experts, count))
+    if not experts:
+        raise ConfigError(f"--shard {shard}: no expert of {num_experts} falls in this shard")
+    return experts
+
+
 def expert_seed(config: Config, expert_id: int) -> int:
     return config.seed * 1000 + expert_id + 1
 
@@ -217,7 +228,7 @@ def train_experts(config: Config) -> list[Path]:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("expert training does not run under torchrun: stage2_expert_train_total.sh spreads "
                           "experts over the GPUs")
-    expert_ids = list(range(len(groups))) if config.all else [config.expert_id]
+    expert_ids = shard_experts(config.shard, len(groups)) if config.all else [config.expert_id]
     if not 0 <= expert_ids[0] < len(groups) or expert_ids[-1] >= len(groups):
         raise ConfigError(f"--expert_id must be in 0..{len(groups) - 1} for {groups_file}")
     steps = config.stage_steps(config.expert_steps)
@@ -239,7 +250,10 @@ def train_experts(config: Config) -> list[Path]:
     for expert in expert_ids:
         task_groups.append(list(range(offset, offset + len(groups[expert]))))
         offset += len(groups[expert])
-    job_name = "all" if config.all else f"expert_{config.expert_id}"
+    if config.all:
+        job_name = "all" if config.shard is None else "shard_" + config.shard.replace("/", "_of_")
+    else:
+        job_name = f"expert_{config.expert_id}"
     job = Job(name=f"stage2 {job_name}", model=model, trainable=trainable, task_groups=task_groups,
               task_names=group_tasks_needed, steps=steps,
               job_dir=run.expert_job(config.grouping, config.expert_num, job_name), per_expert_clip=True,

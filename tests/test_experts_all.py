@@ -1,4 +1,4 @@
-"""`--all` expert training optimises every expert exactly as its own separate run would."""
+"""`--all` expert training (whole or in shards) optimises every expert exactly as its own separate run would."""
 
 import dataclasses
 import shutil
@@ -18,19 +18,25 @@ def test_all_experts_in_one_process_equal_separate_runs(small_data, tmp_path):
                     save_every=5, device="cpu", workers=0, group_num=3, expert_num=3, grouping="random")
     train_backbone(config)
     group_tasks(config, "random")
-    separate = tmp_path / "separate"
+    separate, sharded = tmp_path / "separate", tmp_path / "sharded"
     shutil.copytree(together, separate)
+    shutil.copytree(together, sharded)
 
     # dropout off: its masks are drawn from one stream per process, the only randomness not kept per expert
     experts = dataclasses.replace(config, dropout=0.0, max_iters=12, grad_clip=0.05)  # tight clip: it acts
     train_experts(dataclasses.replace(experts, all=True))
     for expert_id in range(3):
         train_experts(dataclasses.replace(experts, run_dir=str(separate), expert_id=expert_id))
+    # what stage2_expert_train_total.sh runs on 2 GPUs: experts 0 and 2 in one process, expert 1 in another
+    for shard in ("0/2", "1/2"):
+        train_experts(dataclasses.replace(experts, run_dir=str(sharded), all=True, shard=shard))
 
     for expert_id in range(3):
         name = f"stage2/experts_random_3/expert_{expert_id}.safetensors"
-        in_one, alone = load_file(together / name), load_file(separate / name)
+        in_one = load_file(together / name)
         initial_norm = sum(tensor.norm() for tensor in in_one.values())
         assert initial_norm > 0
-        for key in alone:
-            torch.testing.assert_close(in_one[key], alone[key], rtol=1e-5, atol=1e-6)
+        for other in (separate, sharded):
+            alone = load_file(other / name)
+            for key in alone:
+                torch.testing.assert_close(in_one[key], alone[key], rtol=1e-5, atol=1e-6)

@@ -59,11 +59,18 @@ def test_full_chain_both_groupings(pipeline_run):
     run_stage("stage2_expert_train.py", "--grouping", "gradient", "--expert_num", "3", "--all", "--max_iters", "30", *common)
     experts = run_dir / "stage2" / "experts_gradient_3"
     assert all((experts / f"expert_{i}.safetensors").exists() for i in range(3))
-    # random grouping: the shell script (one process with --all on a machine without GPU)
+    # random grouping: the shell script as on 2 GPUs (GPUS=2; here two CPU processes, one shard of --all each),
+    # then as on a machine without GPU (one --all process), which finds every expert trained
     environment = {**os.environ, "PYTHONPATH": str(REPO), "PYTHON": sys.executable}
-    subprocess.run(["bash", str(REPO / "stage2_expert_train_total.sh"), "--grouping", "random", "--expert_num", "2",
-                    "--max_iters", "30", *common], check=True, cwd=REPO, env=environment, capture_output=True, timeout=600)
-    assert (run_dir / "stage2" / "experts_random_2" / "expert_1.safetensors").exists()
+    script = ["bash", str(REPO / "stage2_expert_train_total.sh"), "--grouping", "random", "--expert_num", "2",
+              "--max_iters", "30", *common]
+    subprocess.run(script, check=True, cwd=REPO, env={**environment, "GPUS": "2"}, capture_output=True, timeout=600)
+    random_experts = run_dir / "stage2" / "experts_random_2"
+    assert sorted(path.name for path in (random_experts / "jobs").iterdir()) == ["shard_0_of_2", "shard_1_of_2"]
+    assert all((random_experts / f"expert_{i}.safetensors").exists() for i in range(2))
+    assert "stage 2: wrote 1 expert(s)" in (run_dir / "stage2" / "expert_train_gpu1.log").read_text()
+    again = subprocess.run(script, check=True, cwd=REPO, env=environment, capture_output=True, text=True, timeout=600)
+    assert "already finished" in again.stdout
 
     run_stage("stage3_router_train.py", "--grouping", "gradient", "--expert_num", "3", "--max_iters", "30", *common)
     moe = load_file(run_dir / "stage3" / "gradient_3" / "moe.safetensors")

@@ -435,7 +435,9 @@ def test_cli_error_is_one_line_and_debug_shows_the_traceback(tmp_path):
     (["--tasks", "reach-v2,reach-v3"], "unknown task 'reach-v3': not in the task table mt160_tasks.json"),
     (["--tasks", "reach-v2", "--save_every", "0"], "--save_every must be at least 1, got 0"),
     (["--tasks", "reach-v2", "--n_head", "3"], "--embed_dim 32 must be a multiple of --n_head 3"),
-], ids=["unknown task", "zero interval", "heads"])
+    (["--tasks", "reach-v2", "--all", "--shard", "2/2"], "--shard must be i/n with 0 <= i < n, got '2/2'"),
+    (["--tasks", "reach-v2", "--shard", "0/2"], "--shard goes with --all"),
+], ids=["unknown task", "zero interval", "heads", "shard", "shard without --all"])
 def test_bad_options_are_one_line(tmp_path, capsys, argv, message):
     err = run_stage1([*TINY, "--run_dir", str(tmp_path), *argv], capsys)
     assert err == f"error: {message}\n"
