@@ -11,8 +11,9 @@ dropout 0.1) and on synthetic data in the MT160 layout, one run times, per stage
 - naive: the same math done the reference's way (m3dt/naive.py): experts in a Python loop, batches built
   per sample in numpy and copied to the device, default AdamW, loss.item() every step.
 It reports the median ms/step after warm-up, the ratio, the achieved TFLOP/s against the measured matmul
-peak, the paper schedule's projected hours, and policy forwards per second for lockstep evaluation (model
-forward only; env stepping is timed by m3dt/evaluate.py). Writes benchmarks/{device}.md and .json.
+peak, the paper schedule's projected hours, policy forwards per second for lockstep evaluation, and env
+steps per second of the evaluator's worker pool with 1 worker and with every CPU. Writes
+benchmarks/{device}.md and .json.
 """
 
 from __future__ import annotations
@@ -32,13 +33,14 @@ from datetime import date
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.nn as nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from m3dt.config import CHOICES, Config
 from m3dt.data import Batch, DeviceSampler, TaskDataset
-from m3dt.evaluate import EPISODES_PER_FAMILY  # imports no env package (envs load inside the rollout workers)
+from m3dt.evaluate import EPISODES_PER_FAMILY, EnvPool, Rollout  # env packages load inside the env workers
 from m3dt.grouping import random_grouping
 from m3dt.model import PromptDecisionTransformer
 from m3dt.naive import NaiveSampler, naive_model, naive_optimizer, naive_train_step
@@ -50,8 +52,10 @@ from m3dt.train import autocast_for, build_optimizer, resolve_device, round_robi
 MALLOC_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 TRAIN_EPISODES = 2  # synthetic training episodes per task (each task also gets its 2 prompt episodes)
 DEFAULTS = {
-    "full": {"steps": 20, "warmup": 5, "experts": "8,16,48", "groups": 48, "tasks": 160, "eval_rows": 1560},
-    "quick": {"steps": 5, "warmup": 2, "experts": "8", "groups": 4, "tasks": 48, "eval_rows": 16},
+    "full": {"steps": 20, "warmup": 5, "experts": "8,16,48", "groups": 48, "tasks": 160, "eval_rows": 1560,
+             "env_rollouts": 160, "env_steps": 50},
+    "quick": {"steps": 5, "warmup": 2, "experts": "8", "groups": 4, "tasks": 48, "eval_rows": 16,
+              "env_rollouts": 32, "env_steps": 20},
 }
 
 
@@ -66,6 +70,8 @@ class Settings:
     groups: int  # experts trained together in the stage-2 `--all` step
     tasks: int  # synthetic tasks, the first of the official MT160 list
     eval_rows: int  # rollouts per lockstep evaluation forward
+    env_rollouts: int  # envs stepped together when timing the env workers
+    env_steps: int  # lockstep env steps timed
     compile: str  # also time the fast path under torch.compile with this mode ("none": do not)
     out: Path
     config: Config  # model and optimisation options: the paper's unless overridden (smoke tests)
@@ -334,6 +340,42 @@ def measure_evaluation(dataset: TaskDataset, settings: Settings) -> list[EvalMea
     return results
 
 
+@dataclass
+class EnvMeasurement:
+    workers: int
+    rollouts: int
+    env_steps_per_second: float
+
+
+def measure_env_stepping(settings: Settings) -> list[EnvMeasurement]:
+    """Env steps per second of the evaluator's worker pool (m3dt.evaluate.EnvPool) under random actions,
+    over `env_rollouts` rollouts taken evenly from one MT160 evaluation (so with its mix of families), with
+    one worker and with one per CPU. The first step after reset is not timed."""
+    tasks = resolve_tasks("mt160", None, settings.config.seed)
+    protocol = [Rollout(get_task(name), slot, episode) for slot, name in enumerate(tasks)
+                for episode in range(EPISODES_PER_FAMILY[get_task(name).family])]
+    rollouts = protocol[:: max(1, len(protocol) // settings.env_rollouts)][: settings.env_rollouts]
+    rng = np.random.default_rng(0)
+    results = []
+    for workers in sorted({1, os.cpu_count() or 1}):
+        pool = EnvPool(rollouts, seed=0, workers=workers)
+        try:
+            pool.reset()
+            live, steps, started = np.arange(len(rollouts)), 0, 0.0
+            for step in range(settings.env_steps + 1):
+                if step == 1:
+                    started, steps = time.perf_counter(), 0
+                outcomes = pool.step(live, [rng.uniform(-1, 1, rollouts[r].task.act_dim) for r in live])
+                steps += len(live)
+                live = live[[not done for _, _, done, _ in outcomes]]
+            seconds = time.perf_counter() - started
+        finally:
+            pool.close()
+        print(f"  env steps, {workers:3d} worker(s), {len(rollouts)} rollouts: {steps / seconds:10.0f} steps/s", flush=True)
+        results.append(EnvMeasurement(workers, len(rollouts), steps / seconds))
+    return results
+
+
 def policy_forward(model: nn.Module, batch: Batch, autocast) -> Callable[[int], torch.Tensor]:
     """One evaluation forward; each lockstep step needs the actions on the host."""
 
@@ -366,8 +408,8 @@ def projected_hours(results: list[Measurement], settings: Settings) -> list[dict
     target = config.expert_num
     scale = 1.0
     if largest != target:
-        scale = (case_flops(Case("", 3, [[0]], target, True), config, config.batch_size)[1]
-                 / case_flops(Case("", 3, [[0]], largest, True), config, config.batch_size)[1])
+        scale = (case_flops(Case("", 3, [[0]], target), config, config.batch_size)[1]
+                 / case_flops(Case("", 3, [[0]], largest), config, config.batch_size)[1])
     stage3 = f"stage 3: routers, E={largest}"
     rows = []
     for path in ("naive", "fast"):
@@ -413,7 +455,7 @@ def format_number(value: float | None, digits: int = 1) -> str:
 
 def markdown_report(report: dict[str, Any]) -> str:
     sections = (header_lines(report), training_lines(report), projection_lines(report), evaluation_lines(report),
-                ["## How FLOPs are counted", "", FLOP_NOTE])
+                env_lines(report), ["## How FLOPs are counted", "", FLOP_NOTE])
     return "\n\n".join("\n".join(lines) for lines in sections) + "\n"
 
 
@@ -480,8 +522,8 @@ def projection_lines(report: dict[str, Any]) -> list[str]:
 
 def evaluation_lines(report: dict[str, Any]) -> list[str]:
     lines = ["## Evaluation: policy forwards", "",
-             "Model forward only (inference mode, actions copied to the host); env stepping is timed by "
-             f"`m3dt.evaluate`. Fast: one lockstep forward over {report['settings']['eval_rows']} rollouts; naive: "
+             "Model forward only (inference mode, actions copied to the host); env stepping is timed below. "
+             f"Fast: one lockstep forward over {report['settings']['eval_rows']} rollouts; naive: "
              f"one rollout per forward, as the reference evaluates. One MT160 evaluation is "
              f"{report['mt160_eval_rows']:,} policy forwards (rollout steps at full horizon).", "",
              "| model | path | rows/forward | ms/forward | rows/s | TFLOP/s | MT160 evaluation, model time (min) |",
@@ -491,6 +533,20 @@ def evaluation_lines(report: dict[str, Any]) -> list[str]:
         minutes = report["mt160_eval_rows"] / row["rows_per_second"] / 60
         lines.append(f"| {row['model']} | {row['path']} | {row['rows']} | {format_number(row['ms_per_forward'])} | "
                      f"{format_number(row['rows_per_second'], 0)} | {format_number(tflops, 3)} | "
+                     f"{format_number(minutes)} |")
+    return lines
+
+
+def env_lines(report: dict[str, Any]) -> list[str]:
+    lines = ["## Evaluation: env steps", "",
+             "The evaluator's env worker processes stepping rollouts taken evenly from one MT160 evaluation "
+             "(its mix of Meta-World, DMC, ant-dir and cheetah-vel), random actions, env construction not timed. "
+             "Env time of one MT160 evaluation = its env steps / steps per second; the whole evaluation takes "
+             "about the model time above plus this (the forward waits for the envs and the envs for it).", "",
+             "| workers | rollouts | env steps/s | MT160 evaluation, env time (min) |", "|---:|---:|---:|---:|"]
+    for row in report["env_stepping"]:
+        minutes = report["mt160_eval_rows"] / row["env_steps_per_second"] / 60
+        lines.append(f"| {row['workers']} | {row['rollouts']} | {format_number(row['env_steps_per_second'], 0)} | "
                      f"{format_number(minutes)} |")
     return lines
 
@@ -538,6 +594,8 @@ def parse_settings(argv: list[str] | None) -> Settings:
     parser.add_argument("--groups", type=int, help="experts in the stage-2 --all step (full 48, quick 4)")
     parser.add_argument("--tasks", type=int, help="synthetic tasks (full 160, quick 48)")
     parser.add_argument("--eval_rows", type=int, help="rollouts per lockstep evaluation forward (full 1560, quick 16)")
+    parser.add_argument("--env_rollouts", type=int, help="envs stepped together when timing env workers (full 160, quick 32)")
+    parser.add_argument("--env_steps", type=int, help="lockstep env steps timed (full 50, quick 20)")
     parser.add_argument("--compile", choices=CHOICES["compile"], default="none",
                         help="also time the fast path under torch.compile with this mode (reduce-overhead: CUDA graphs)")
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
@@ -557,7 +615,8 @@ def parse_settings(argv: list[str] | None) -> Settings:
     settings = Settings(
         device=resolve_device(args.device), precision=args.precision, mode=mode, steps=option("steps"),
         warmup=option("warmup"), expert_counts=[int(count) for count in str(option("experts")).split(",")],
-        groups=option("groups"), tasks=option("tasks"), eval_rows=option("eval_rows"), compile=args.compile,
+        groups=option("groups"), tasks=option("tasks"), eval_rows=option("eval_rows"),
+        env_rollouts=option("env_rollouts"), env_steps=option("env_steps"), compile=args.compile,
         out=Path(args.out),
         config=Config(embed_dim=args.embed_dim, n_layer=args.n_layer, n_head=args.n_head, precision=args.precision),
     )
@@ -592,6 +651,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # CPU-seconds this process got per second: the thread count on a machine of its own; less when the
     # host shares its cores (the measurements then run slower than the hardware can).
     cpu_per_wall = (time.process_time() - cpu) / (time.perf_counter() - wall)
+    env_stepping = measure_env_stepping(settings)  # after: this process mostly waits on its env workers
 
     report = {
         "device": device_name(device), "description": device_description(device), "torch": torch.__version__,
@@ -601,6 +661,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "training": [asdict(result) for result in training],
         "projection": projected_hours(training, settings),
         "evaluation": [asdict(result) for result in evaluation],
+        "env_stepping": [asdict(result) for result in env_stepping],
         "mt160_eval_rows": evaluation_rows(resolve_tasks("mt160", None, config.seed)),
     }
     path = write_report(report, settings.out)

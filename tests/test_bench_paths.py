@@ -3,6 +3,7 @@ sampler's batch for the same draws, and from the same weights and batches the pr
 reference-style step give the same losses and the same updated weights. Nothing here is timed."""
 
 import json
+import os
 from contextlib import nullcontext
 
 import numpy as np
@@ -132,11 +133,15 @@ def test_training_flops_count_each_gradient_once():
 def test_bench_runs_end_to_end_with_tiny_settings(tmp_path):
     report = bench.main(["--quick", "--device", "cpu", "--embed_dim", "16", "--n_layer", "1", "--n_head", "2",
                          "--tasks", "4", "--groups", "2", "--experts", "2", "--eval_rows", "4", "--steps", "1",
-                         "--warmup", "0", "--out", str(tmp_path)])
+                         "--warmup", "0", "--env_rollouts", "4", "--env_steps", "2", "--out", str(tmp_path)])
     stages = {(row["stage"], row["path"]) for row in report["training"]}
     assert {("stage 1: backbone", "naive"), ("stage 2: all 2 experts in one step", "fast"),
             ("stage 3: routers, E=2", "fast")} <= stages
     assert all(row["ms_per_step"] > 0 for row in report["training"])
     markdown = (tmp_path / f"{report['device']}.md").read_text()
-    assert "| stage 3: routers, E=2 | naive |" in markdown and "## Evaluation" in markdown
+    assert "| stage 3: routers, E=2 | naive |" in markdown and "## Evaluation: policy forwards" in markdown
+    # env stepping: one worker and one per CPU, 4 rollouts x 2 timed steps each, at some positive rate
+    assert [row["workers"] for row in report["env_stepping"]] == sorted({1, os.cpu_count()})
+    assert all(row["rollouts"] == 4 and row["env_steps_per_second"] > 0 for row in report["env_stepping"])
+    assert "| workers | rollouts | env steps/s |" in markdown
     assert json.loads((tmp_path / f"{report['device']}.json").read_text())["projection"][1]["path"] == "fast"
