@@ -1,7 +1,8 @@
 """Offline datasets in the MT160 layout, collected from this project's environments by expert policies.
 
-    python -m m3dt.collect --tasks reach-v2,ant-dir-3 --episodes 2000 --out DATA_ROOT
+    python -m m3dt.collect --tasks metaworld --episodes 2000 --out DATA_ROOT       # all 50 Meta-World tasks
     python -m m3dt.collect train-expert --expert cheetah_vel --steps 1000000 --out DATA_ROOT
+    python -m m3dt.collect --tasks cheetah_vel --episodes 1002 --out DATA_ROOT     # its 40 tasks, that expert
 
 Layout (SPEC section 4): `{out}/{task}/{i}.npz`, i = 0..N-1, N = --episodes files in all, of which the
 loader uses the last two as the task's prompt trajectories. Keys: observations (T,39) and actions (T,8)
