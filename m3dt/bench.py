@@ -371,7 +371,8 @@ def measure_env_stepping(settings: Settings) -> list[EnvMeasurement]:
             seconds = time.perf_counter() - started
         finally:
             pool.close()
-        print(f"  env steps, {workers:3d} worker(s), {len(rollouts)} rollouts: {steps / seconds:10.0f} steps/s", flush=True)
+        print(f"  env steps, {workers:3d} worker(s), {len(rollouts)} rollouts: {steps / seconds:10.0f} steps/s",
+              flush=True)
         results.append(EnvMeasurement(workers, len(rollouts), steps / seconds))
     return results
 
@@ -594,10 +595,11 @@ def parse_settings(argv: list[str] | None) -> Settings:
     parser.add_argument("--groups", type=int, help="experts in the stage-2 --all step (full 48, quick 4)")
     parser.add_argument("--tasks", type=int, help="synthetic tasks (full 160, quick 48)")
     parser.add_argument("--eval_rows", type=int, help="rollouts per lockstep evaluation forward (full 1560, quick 16)")
-    parser.add_argument("--env_rollouts", type=int, help="envs stepped together when timing env workers (full 160, quick 32)")
+    parser.add_argument("--env_rollouts", type=int,
+                        help="envs stepped together when timing the env workers (full 160, quick 32)")
     parser.add_argument("--env_steps", type=int, help="lockstep env steps timed (full 50, quick 20)")
     parser.add_argument("--compile", choices=CHOICES["compile"], default="none",
-                        help="also time the fast path under torch.compile with this mode (reduce-overhead: CUDA graphs)")
+                        help="also time the fast path under torch.compile in this mode (reduce-overhead: CUDA graphs)")
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     parser.add_argument("--out", default="benchmarks", help="folder for {device}.md and {device}.json")
     parser.add_argument("--embed_dim", type=int, default=256, help="model size overrides, for smoke tests")

@@ -29,13 +29,13 @@ class Config:
     tasks: str | None = None  # instead of a suite: "a,b,c" or "@file.json"
     data_path: str = "./mt160_used"  # data root in the MT160 layout
     max_episodes: int = 2000  # episodes read per task (the official data is capped at 2000)
-    seed: int = 0  # sets the weights' init, the batches, dropout, the grouping and evaluation goals
+    seed: int = 0  # initial weights, batches, dropout, the groupings; picks the official suite lists of seeds 0-2
     run_dir: str | None = None  # default: runs/{prefix_name or 'custom'}_seed{seed}
 
     # model (paper table 5)
     embed_dim: int = 256  # token width
     n_layer: int = 6  # transformer blocks
-    n_head: int = 8  # attention heads (embed_dim must be a multiple)
+    n_head: int = 8  # attention heads (embed_dim must be a multiple of it)
     dropout: float = 0.1  # on embeddings, attention, residual branches and experts
     context_length: int = 20  # K: steps of the trajectory segment
     prompt_length: int = 5  # steps of the prompt window
