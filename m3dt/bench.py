@@ -7,7 +7,7 @@
 At the paper configuration (batch 16, K=20 + a 5-step prompt = 75 tokens, 6 layers, width 256, 8 heads,
 dropout 0.1) and on synthetic data in the MT160 layout, one run times, per stage:
 - fast: the project's step (m3dt/train.py): device-resident sampler, stacked experts (one batched matmul),
-  AdamW (fused on CUDA), per-expert clipping for stage 2, no host sync;
+  fused AdamW, per-expert clipping for stage 2, no host sync;
 - naive: the same math done the reference's way (m3dt/naive.py): experts in a Python loop, batches built
   per sample in numpy and copied to the device, default AdamW, loss.item() every step.
 It reports the median ms/step after warm-up, the ratio, the achieved TFLOP/s against the measured matmul
@@ -114,7 +114,7 @@ def fast_stepper(case: Case, model: PromptDecisionTransformer, trainable: dict[s
     groups = len(case.task_groups)
     sampler = DeviceSampler(dataset, config.context_length, config.batch_size, device, seeds=list(range(groups)))
     parameters = list(trainable.values())
-    optimizer = build_optimizer(parameters, config, device)
+    optimizer = build_optimizer(parameters, config)
     scheduler = LambdaLR(optimizer, warmup_factor(config.warmup_steps))
     table, lengths = round_robin_table(case.task_groups, device)
     group_index = torch.arange(groups, device=device)

@@ -118,14 +118,14 @@ def clip_gradients(parameters: list[nn.Parameter], max_norm: float, per_expert: 
     return norms
 
 
-def build_optimizer(parameters: list[nn.Parameter], config: Config, device: torch.device) -> torch.optim.AdamW:
+def build_optimizer(parameters: list[nn.Parameter], config: Config) -> torch.optim.AdamW:
     return torch.optim.AdamW(
         parameters,
         lr=config.learning_rate,
         betas=(0.9, 0.999),
         eps=1e-8,
         weight_decay=config.weight_decay,
-        fused=device.type == "cuda",
+        fused=True,  # one kernel over all parameters; on CPU too (measured: 7 ms vs 37 ms per step, stage 1)
     )
 
 
@@ -178,7 +178,7 @@ def train(job: Job, sampler: DeviceSampler, config: Config, distributed: Distrib
     place in `job.model`; the caller writes the artifacts (on rank 0)."""
     device = sampler.device
     parameters = list(job.trainable.values())
-    optimizer = build_optimizer(parameters, config, device)
+    optimizer = build_optimizer(parameters, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_factor(config.warmup_steps))
     table, lengths = round_robin_table(job.task_groups, device)
     groups = len(job.task_groups)

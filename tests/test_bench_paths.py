@@ -90,7 +90,7 @@ def test_fast_and_naive_steps_agree(short_naive_sampler, stage, experts):
     initial = [parameter.detach().clone() for parameter in trainable.values()]
 
     fast_parameters = list(trainable.values())
-    fast_optimizer = build_optimizer(fast_parameters, config, CPU)
+    fast_optimizer = build_optimizer(fast_parameters, config)
     fast_scheduler = LambdaLR(fast_optimizer, warmup_factor(config.warmup_steps))
     naive_parameters = [parameter for parameter in naive.parameters() if parameter.requires_grad]
     naive_optimizer_ = naive_optimizer(naive_parameters, config.learning_rate, config.weight_decay)
