@@ -204,8 +204,10 @@ def trains(module: nn.Module) -> bool:
     return any(parameter.requires_grad for parameter in module.parameters())
 
 
-def model_matmuls(model: PromptDecisionTransformer, rows: int, context: int, prompt: int) -> list[Matmul]:
-    """Every matrix product of one forward over `rows` sequences, from the inputs up. Not counted:
+def model_matmuls(model: PromptDecisionTransformer, rows: int, context: int, prompt: int,
+                  read: int) -> list[Matmul]:
+    """Every matrix product of one forward over `rows` sequences, from the inputs up, where the action head
+    reads `read` state tokens per row (training: every step's; evaluation: the last one). Not counted:
     LayerNorms, softmaxes, activations, the mixture's weighted sum (2·E·d per token, < 0.1%)."""
     length = 3 * (context + prompt)
     tokens = rows * length
@@ -214,29 +216,37 @@ def model_matmuls(model: PromptDecisionTransformer, rows: int, context: int, pro
              Matmul(2 * rows * prompt * linear_weights(model.embed_prompt), False, trains(model.embed_prompt))]
     below = trains(model.embed) or trains(model.embed_prompt)
     for block in model.blocks:
-        parts.append(Matmul(2 * tokens * linear_weights(block.attention), below, trains(block.attention)))
-        # Q K^T and P V over the full L x L (SDPA computes the masked entries too). Both operands are
+        # Keys and values come from every token; the last block's outputs only from the read ones when the
+        # model skips the others (m3dt/model.py), the reference's from every token.
+        outputs = rows * read if block is model.blocks[-1] and model.skip_unread_tokens else tokens
+        attention = block.attention
+        parts.append(Matmul(2 * tokens * linear_weights(attention.qkv), below, trains(attention.qkv)))
+        parts.append(Matmul(2 * outputs * linear_weights(attention.projection), below, trains(attention.projection)))
+        # Q K^T and P V over every key (SDPA computes the masked entries too). Both operands are
         # activations: a backward through them takes two products, counted as the two gradients.
-        parts.append(Matmul(2 * 2 * rows * length * length * width, below, below))
-        parts.append(Matmul(2 * tokens * linear_weights(block.mlp), below, trains(block.mlp)))
+        parts.append(Matmul(2 * 2 * outputs * length * width, below, below))
+        parts.append(Matmul(2 * outputs * linear_weights(block.mlp), below, trains(block.mlp)))
         mixture = block.expert_mixture
         if mixture is not None:
             experts = mixture.experts
             per_expert = experts.up_weight[0].numel() + experts.down_weight[0].numel()
             evaluated = experts.num_experts if mixture.router is not None else 1  # dense: all; assigned: one
-            parts.append(Matmul(2 * tokens * evaluated * per_expert, below, trains(experts)))
+            parts.append(Matmul(2 * outputs * evaluated * per_expert, below, trains(experts)))
             if mixture.router is not None:
-                parts.append(Matmul(2 * tokens * linear_weights(mixture.router), below, trains(mixture.router)))
+                parts.append(Matmul(2 * outputs * linear_weights(mixture.router), below, trains(mixture.router)))
         below = below or trains(block)
-    parts.append(Matmul(2 * rows * context * linear_weights(model.action_head), below, trains(model.action_head)))
+    parts.append(Matmul(2 * rows * read * linear_weights(model.action_head), below, trains(model.action_head)))
     return parts
 
 
-def case_flops(case: Case, config: Config, rows: int) -> tuple[float, float]:
-    """(forward, training step) FLOPs of `case` over `rows` sequences, counted on a weightless model."""
+def case_flops(case: Case, config: Config, rows: int, path: str, last_step_only: bool = False) -> tuple[float, float]:
+    """(forward, training step) FLOPs of `case` over `rows` sequences on `path` (the naive one computes
+    the last block on every token), counted on a weightless model."""
     with torch.device("meta"):
         model, _ = case_model(case, config)
-    parts = model_matmuls(model, rows, config.context_length, config.prompt_length)
+    model.skip_unread_tokens = path != "naive"
+    read = 1 if last_step_only else config.context_length
+    parts = model_matmuls(model, rows, config.context_length, config.prompt_length, read)
     return sum(part.flops for part in parts), sum(part.train_flops() for part in parts)
 
 
@@ -251,13 +261,14 @@ class Measurement:
     error: str = ""
 
 
-def measure(stage: str, paths: dict[str, Callable[[int], Any]], flops: float, settings: Settings,
+def measure(stage: str, paths: dict[str, Callable[[int], Any]], flops: Callable[[str], float], settings: Settings,
             expert_steps: int = 1) -> list[Measurement]:
+    """`flops`: a path's FLOPs per step."""
     medians = time_paths(paths, settings.warmup, settings.steps, settings.device)
     for path, median in medians.items():
         print(f"  {stage:<40} {path:<15} {median:10.1f} ms/step", flush=True)
     # The reference has one expert per step: only the project's paths train `expert_steps` experts.
-    return [Measurement(stage, path, median, flops, 1 if path == "naive" else expert_steps)
+    return [Measurement(stage, path, median, flops(path), 1 if path == "naive" else expert_steps)
             for path, median in medians.items()]
 
 
@@ -268,13 +279,16 @@ def measure_sampling(dataset: TaskDataset, naive_sampler: NaiveSampler, settings
     tasks = torch.arange(settings.tasks, device=settings.device)
     paths = {"naive": lambda number: naive_sampler.sample(number % settings.tasks),
              "fast": lambda number: sampler.sample(tasks[number % settings.tasks].view(1))}
-    return measure("batch sampling only", paths, 0.0, settings)
+    return measure("batch sampling only", paths, lambda path: 0.0, settings)
 
 
 def measure_case(case: Case, dataset: TaskDataset, naive_sampler: NaiveSampler,
                  settings: Settings) -> list[Measurement]:
     config = settings.config
-    _, flops = case_flops(case, config, config.batch_size * len(case.task_groups))
+
+    def flops(path: str) -> float:
+        return case_flops(case, config, config.batch_size * len(case.task_groups), path)[1]
+
     model, trainable = case_model(case, config)
     model.to(settings.device)
     paths = {}
@@ -288,7 +302,7 @@ def measure_case(case: Case, dataset: TaskDataset, naive_sampler: NaiveSampler,
         path = f"fast + compile {settings.compile}"
         if error:
             print(f"  {case.name:<40} {path}  failed: {error}", flush=True)
-            failures.append(Measurement(case.name, path, None, flops, len(case.task_groups), error))
+            failures.append(Measurement(case.name, path, None, flops(path), len(case.task_groups), error))
         else:
             paths[path] = compiled
     return measure(case.name, paths, flops, settings, expert_steps=len(case.task_groups)) + failures
@@ -336,7 +350,7 @@ def measure_evaluation(dataset: TaskDataset, settings: Settings) -> list[EvalMea
             rows = inputs.states.shape[0]
             print(f"  eval {case.name:<35} {path:<6} {rows:5d} rows {medians[path]:10.1f} ms/forward", flush=True)
             results.append(EvalMeasurement(case.name, rows, path, medians[path], rows / medians[path] * 1e3,
-                                           case_flops(case, config, rows)[0]))
+                                           case_flops(case, config, rows, path, last_step_only=True)[0]))
     return results
 
 
@@ -382,7 +396,7 @@ def policy_forward(model: nn.Module, batch: Batch, autocast) -> Callable[[int], 
 
     def forward(_: int) -> torch.Tensor:
         with torch.inference_mode(), autocast:
-            return model(batch)[:, -1].float().cpu()
+            return model(batch, last_step_only=True)[:, -1].float().cpu()
 
     return forward
 
@@ -407,13 +421,15 @@ def projected_hours(results: list[Measurement], settings: Settings) -> list[dict
 
     largest = max(settings.expert_counts)
     target = config.expert_num
-    scale = 1.0
-    if largest != target:
-        scale = (case_flops(Case("", 3, [[0]], target), config, config.batch_size)[1]
-                 / case_flops(Case("", 3, [[0]], largest), config, config.batch_size)[1])
+
+    def stage3_scale(path: str) -> float:
+        return (case_flops(Case("", 3, [[0]], target), config, config.batch_size, path)[1]
+                / case_flops(Case("", 3, [[0]], largest), config, config.batch_size, path)[1])
+
     stage3 = f"stage 3: routers, E={largest}"
     rows = []
     for path in ("naive", "fast"):
+        scale = stage3_scale(path)
         stage1 = by_key.get(("stage 1: backbone", path))
         router = by_key.get((stage3, path))
         expert = per_expert_step(path)

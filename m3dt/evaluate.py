@@ -207,7 +207,7 @@ class ModelPolicy:
             prompt_returns_to_go=prompt["returns_to_go"], prompt_timesteps=prompt["timesteps"],
             prompt_mask=prompt["mask"], action_mask=torch.ones(rows, 1, MAX_ACT_DIM, device=self.device, dtype=self.dtype),
         )
-        return self.model(batch)[:, -1].cpu().numpy().astype(np.float32)
+        return self.model(batch, last_step_only=True)[:, -1].cpu().numpy().astype(np.float32)
 
 
 class RandomPolicy:

@@ -40,13 +40,15 @@ class SelfAttention(nn.Module):
         self.attention_dropout = config.dropout
         self.residual_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, attention_bias: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attention_bias: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
+        """Outputs at token positions `rows` only (all by default); keys and values come from every token."""
         batch, length, width = x.shape
         query, key, value = self.qkv(x).split(width, dim=2)
-        query, key, value = (t.view(batch, length, self.n_head, width // self.n_head).transpose(1, 2) for t in (query, key, value))
+        query = query[:, rows]
+        query, key, value = (t.reshape(batch, -1, self.n_head, width // self.n_head).transpose(1, 2) for t in (query, key, value))
         dropout = self.attention_dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_bias, dropout_p=dropout)
-        out = out.transpose(1, 2).reshape(batch, length, width)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_bias[:, :, rows], dropout_p=dropout)
+        out = out.transpose(1, 2).reshape(batch, -1, width)
         return self.residual_dropout(self.projection(out))
 
 
@@ -71,8 +73,9 @@ class Block(nn.Module):
         self.residual = config.residual
         self.expert_mixture: ExpertMixture | None = None  # installed by stages 2 and 3
 
-    def forward(self, h: torch.Tensor, attention_bias: torch.Tensor) -> torch.Tensor:
-        h = h + self.attention(self.ln1(h), attention_bias)
+    def forward(self, h: torch.Tensor, attention_bias: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
+        """The block's output at token positions `rows` (all by default)."""
+        h = h[:, rows] + self.attention(self.ln1(h), attention_bias, rows)
         u = self.ln2(h)
         if self.expert_mixture is None:
             return h + self.mlp(u)
@@ -114,6 +117,10 @@ class PromptDecisionTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_final = nn.LayerNorm(config.embed_dim)
         self.action_head = nn.Linear(config.embed_dim, MAX_ACT_DIM)
+        # The last block computes only the tokens the action head reads: the same outputs for 9-13% less
+        # training arithmetic at the paper's size (counted by m3dt/bench.py). The bench's reference-style
+        # path turns it off (m3dt/naive.py).
+        self.skip_unread_tokens = True
         # GPT-2 init for the transformer blocks and final LayerNorm only; the rest keeps PyTorch's defaults.
         for module in [*self.blocks, self.ln_final]:
             module.apply(gpt2_init)
@@ -127,8 +134,9 @@ class PromptDecisionTransformer(nn.Module):
             block.expert_mixture = ExpertMixture(num_experts, config.embed_dim, config.dropout, routed, top_k,
                                                  layer_seeds, config.router_hidden)
 
-    def forward(self, batch: Batch) -> torch.Tensor:
-        """Predicted actions (B, K, 8), read from each step's state token."""
+    def forward(self, batch: Batch, last_step_only: bool = False) -> torch.Tensor:
+        """Predicted actions (B, K, 8), read from each step's state token; (B, 1, 8) with `last_step_only`
+        (evaluation acts on the last step)."""
         steps = batch.states.shape[1]
         tokens = self.embed_ln(self.embed(batch.states, batch.actions, batch.returns_to_go, batch.timesteps))
         prompt_tokens = self.embed_prompt(
@@ -137,11 +145,16 @@ class PromptDecisionTransformer(nn.Module):
         h = self.dropout(torch.cat((prompt_tokens, tokens), dim=1))
         token_mask = torch.cat((batch.prompt_mask, batch.mask), dim=1).repeat_interleave(3, dim=1)
         attention_bias = attention_bias_for(token_mask)
-        for block in self.blocks:
+        # Tokens are R, s, a per step and the action head reads the state tokens. Nothing later depends on
+        # the last block's other outputs, so with `skip_unread_tokens` that block computes the read ones only.
+        length = h.shape[1]
+        read = slice(length - 2, length - 1) if last_step_only else slice(length - 3 * steps + 1, None, 3)
+        for block in self.blocks[:-1]:
             h = block(h, attention_bias)
-        h = self.ln_final(h)
-        state_tokens = h[:, -3 * steps :][:, 1::3]  # tokens are R, s, a per step
-        return torch.tanh(self.action_head(state_tokens))
+        h = self.blocks[-1](h, attention_bias, read if self.skip_unread_tokens else slice(None))
+        if not self.skip_unread_tokens:
+            h = h[:, read]
+        return torch.tanh(self.action_head(self.ln_final(h)))
 
 
 def attention_bias_for(token_mask: torch.Tensor) -> torch.Tensor:

@@ -92,6 +92,7 @@ def naive_mixture(mixture: ExpertMixture) -> NaiveMixture:
 def naive_model(model: PromptDecisionTransformer) -> PromptDecisionTransformer:
     """A deep copy of `model` (same weights, same trainable flags) whose expert mixtures are NaiveMixtures."""
     naive = copy.deepcopy(model)
+    naive.skip_unread_tokens = False  # the reference's last block computes every token
     for block in naive.blocks:
         if block.expert_mixture is not None:
             block.expert_mixture = naive_mixture(block.expert_mixture)

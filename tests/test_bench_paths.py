@@ -117,17 +117,31 @@ def test_fast_and_naive_steps_agree(short_naive_sampler, stage, experts):
     assert all(not torch.equal(before, after) for before, after in zip(initial, fast_parameters))
 
 
-def test_training_flops_count_each_gradient_once():
+@pytest.mark.parametrize("path", ["naive", "fast"])
+def test_training_flops_count_each_gradient_once(path):
     """Stage 1 trains everything: 3x forward, less the embeddings' input gradients (their inputs are data).
     Stage 3 adds 2x for frozen layers the gradient passes through and 1x below every router."""
     config = Config(embed_dim=32, n_layer=2, n_head=4)
-    forward, train = bench.case_flops(bench.Case("", 1, [[0]]), config, rows=16)
+    forward, train = bench.case_flops(bench.Case("", 1, [[0]]), config, rows=16, path=path)
     with torch.device("meta"):
         model, _ = bench.case_model(bench.Case("", 1, [[0]]), config)
-    embeddings = sum(part.flops for part in bench.model_matmuls(model, 16, 20, 5)[:2])
+    embeddings = sum(part.flops for part in bench.model_matmuls(model, 16, 20, 5, read=20)[:2])
     assert train == pytest.approx(3 * forward - embeddings)
-    forward, train = bench.case_flops(bench.Case("", 3, [[0]], experts=4), config, rows=16)
+    forward, train = bench.case_flops(bench.Case("", 3, [[0]], experts=4), config, rows=16, path=path)
     assert 1 * forward < train < 2.5 * forward
+
+
+@pytest.mark.parametrize("last_step_only", [False, True])
+def test_fast_path_counts_its_last_block_on_the_read_tokens_only(last_step_only):
+    """The naive path's last block computes all 3(K+P) tokens per row, the fast one the K (or 1) read
+    state tokens: the difference is the projection, Q K^T and P V, and the MLP over the others."""
+    config = Config(embed_dim=32, n_layer=2, n_head=4)
+    rows, width, length = 16, 32, 3 * (20 + 5)
+    read = 1 if last_step_only else 20
+    naive, _ = bench.case_flops(bench.Case("", 1, [[0]]), config, rows, "naive", last_step_only)
+    fast, _ = bench.case_flops(bench.Case("", 1, [[0]]), config, rows, "fast", last_step_only)
+    per_token = 2 * (width * width + 2 * length * width + 2 * width * 4 * width)  # projection, attention, MLP
+    assert naive - fast == rows * (length - read) * per_token
 
 
 def test_bench_runs_end_to_end_with_tiny_settings(tmp_path):

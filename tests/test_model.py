@@ -82,6 +82,34 @@ def test_assigned_mixture_matches_per_expert_loop():
     torch.testing.assert_close(mixture(u), per_expert_reference(mixture, u, None), rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("experts, routed", [(0, False), (2, False), (3, True)])
+def test_last_block_on_read_tokens_only_gives_the_full_models_outputs_and_gradients(experts, routed):
+    """Computing the last block on the read state tokens only (the default) changes nothing the model
+    returns, for every step and for the last one, nor any gradient (float64, dropout off)."""
+    torch.manual_seed(0)
+    model = PromptDecisionTransformer(ModelConfig(embed_dim=32, n_layer=3, n_head=4, router_hidden=(16,)))
+    if experts:
+        model.install_experts(experts, routed=routed)
+    model = model.double().eval()
+    batch = Batch(**{key: value.double() if value.is_floating_point() else value
+                     for key, value in vars(random_batch(6, padded=3)).items()})
+    results = {}
+    for skip in (True, False):
+        model.skip_unread_tokens = skip
+        model.zero_grad()
+        predicted = model(batch)
+        action_loss(predicted, batch, groups=2 if experts == 2 else 1).backward()
+        gradients = {name: parameter.grad.clone() for name, parameter in model.named_parameters()}
+        results[skip] = predicted, model(batch, last_step_only=True), gradients
+    (predicted, last, gradients), (full_predicted, full_last, full_gradients) = results[True], results[False]
+    assert predicted.shape == (6, 20, 8) and last.shape == (6, 1, 8)
+    torch.testing.assert_close(predicted, full_predicted, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(last, full_predicted[:, -1:], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(full_last, full_predicted[:, -1:], rtol=1e-12, atol=1e-12)
+    for name, gradient in gradients.items():
+        torch.testing.assert_close(gradient, full_gradients[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
 def test_ln2_residual_changes_the_function_and_standard_does_not():
     """With zero expert output, the reference's LN2 residual still changes the block; the standard one not."""
     torch.manual_seed(0)
