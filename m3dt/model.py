@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from m3dt.data import Batch
+from m3dt.kernels import Dropout, attention
 from m3dt.moe import ExpertMixture
 from m3dt.tasks import MAX_ACT_DIM, MAX_OBS_DIM
 
@@ -38,16 +39,16 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(config.embed_dim, 3 * config.embed_dim)
         self.projection = nn.Linear(config.embed_dim, config.embed_dim)
         self.attention_dropout = config.dropout
-        self.residual_dropout = nn.Dropout(config.dropout)
+        self.residual_dropout = Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, attention_bias: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
         """Outputs at token positions `rows` only (all by default); keys and values come from every token."""
-        batch, length, width = x.shape
+        batch, _, width = x.shape
         query, key, value = self.qkv(x).split(width, dim=2)
         query = query[:, rows]
         query, key, value = (t.reshape(batch, -1, self.n_head, width // self.n_head).transpose(1, 2) for t in (query, key, value))
         dropout = self.attention_dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_bias[:, :, rows], dropout_p=dropout)
+        out = attention(query, key, value, attention_bias[:, :, rows], dropout)
         out = out.transpose(1, 2).reshape(batch, -1, width)
         return self.residual_dropout(self.projection(out))
 
@@ -57,7 +58,7 @@ class MLP(nn.Module):
         super().__init__()
         self.up = nn.Linear(config.embed_dim, 4 * config.embed_dim)
         self.down = nn.Linear(4 * config.embed_dim, config.embed_dim)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.down(F.relu(self.up(x))))
@@ -113,7 +114,7 @@ class PromptDecisionTransformer(nn.Module):
         self.embed = TokenEmbedding(config)
         self.embed_prompt = TokenEmbedding(config)
         self.embed_ln = nn.LayerNorm(config.embed_dim)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_final = nn.LayerNorm(config.embed_dim)
         self.action_head = nn.Linear(config.embed_dim, MAX_ACT_DIM)

@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from m3dt.kernels import Dropout
+
 
 class StackedExperts(nn.Module):
     """E two-layer MLPs d -> 4d -> d (ReLU, dropout on the output), weights stacked along dim 0.
@@ -31,7 +33,7 @@ class StackedExperts(nn.Module):
         self.up_bias = nn.Parameter(torch.zeros(num_experts, 1, hidden))
         self.down_weight = nn.Parameter(torch.empty(num_experts, hidden, embed_dim))
         self.down_bias = nn.Parameter(torch.zeros(num_experts, 1, embed_dim))
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.reset_parameters(seeds)
 
     @torch.no_grad()
