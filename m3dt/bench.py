@@ -184,24 +184,60 @@ def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
     return 2 * size**3 / (milliseconds / 1e3) / 1e12
 
 
-# ------------------------------------------------------------------------------------------ FLOPs
+def copy_bandwidth(device: torch.device) -> float:
+    """GB/s of a 256 MiB copy within the device's memory (beyond every cache), bytes read plus bytes
+    written (median of 5): the ceiling the bytes a step must move are compared with."""
+    source = torch.ones(2**26, device=device)
+    target = torch.empty_like(source)
+    milliseconds = time_paths({"copy": lambda _: target.copy_(source)}, warmup=2, steps=5, device=device)["copy"]
+    return 2 * source.numel() * source.element_size() / (milliseconds / 1e3) / 1e9
+
+
+def floor(flops: float, bytes_moved: float, peak_tflops: float, bandwidth: float) -> tuple[float, str]:
+    """The least time (ms) for this work on this device and what sets it: arithmetic at the matmul peak or
+    bytes at the copy bandwidth, whichever takes longer."""
+    arithmetic, memory = flops / peak_tflops / 1e9, bytes_moved / bandwidth / 1e6
+    return (arithmetic, "FLOPs") if arithmetic >= memory else (memory, "bytes")
+
+
+# ------------------------------------------------------------------------------------------ FLOPs and bytes
+BYTES_PER_VALUE = 4  # fp32
+OPTIMIZER_PASSES = 10  # per trainable value: fused AdamW reads p, g, m, v and writes p, m, v; clipping 3 more
+
+
 @dataclass
 class Matmul:
-    flops: float  # forward: 2 x multiply-adds
+    """`count` products (m x k) @ (k x n) of one layer: an input, a weight (a parameter; for attention's
+    Q K^T and P V an activation) and an output."""
+
+    count: int
+    m: int
+    k: int
+    n: int
     input_grad: bool  # some trainable weight lies below it, so its input gradient is computed
     weight_grad: bool  # its weight trains
+    shared_input: bool = False  # one input for all `count` products (the dense mixture's experts)
 
-    def train_flops(self) -> float:
-        """Forward plus backward: one product of the same size per gradient that autograd computes."""
-        return self.flops * (1 + self.input_grad + self.weight_grad)
+    def passes(self) -> int:
+        """Forward plus one product of the same size per gradient that autograd computes."""
+        return 1 + self.input_grad + self.weight_grad
 
+    def flops(self) -> float:
+        return 2.0 * self.count * self.m * self.k * self.n
 
-def linear_weights(module: nn.Module) -> int:
-    return sum(layer.in_features * layer.out_features for layer in module.modules() if isinstance(layer, nn.Linear))
+    def bytes(self) -> float:
+        """Each operand read once and the result written once (a gradient product moves the same sizes)."""
+        inputs = self.m * self.k * (1 if self.shared_input else self.count)
+        return BYTES_PER_VALUE * (inputs + self.count * (self.k * self.n + self.m * self.n))
 
 
 def trains(module: nn.Module) -> bool:
     return any(parameter.requires_grad for parameter in module.parameters())
+
+
+def linear_matmuls(module: nn.Module, tokens: int, input_grad: bool) -> list[Matmul]:
+    return [Matmul(1, tokens, layer.in_features, layer.out_features, input_grad, layer.weight.requires_grad)
+            for layer in module.modules() if isinstance(layer, nn.Linear)]
 
 
 def model_matmuls(model: PromptDecisionTransformer, rows: int, context: int, prompt: int,
@@ -211,43 +247,63 @@ def model_matmuls(model: PromptDecisionTransformer, rows: int, context: int, pro
     LayerNorms, softmaxes, activations, the mixture's weighted sum (2·E·d per token, < 0.1%)."""
     length = 3 * (context + prompt)
     tokens = rows * length
-    width = model.config.embed_dim
-    parts = [Matmul(2 * rows * context * linear_weights(model.embed), False, trains(model.embed)),
-             Matmul(2 * rows * prompt * linear_weights(model.embed_prompt), False, trains(model.embed_prompt))]
+    width, heads = model.config.embed_dim, model.config.n_head
+    parts = [*linear_matmuls(model.embed, rows * context, False),
+             *linear_matmuls(model.embed_prompt, rows * prompt, False)]
     below = trains(model.embed) or trains(model.embed_prompt)
     for block in model.blocks:
         # Keys and values come from every token; the last block's outputs only from the read ones when the
         # model skips the others (m3dt/model.py), the reference's from every token.
-        outputs = rows * read if block is model.blocks[-1] and model.skip_unread_tokens else tokens
-        attention = block.attention
-        parts.append(Matmul(2 * tokens * linear_weights(attention.qkv), below, trains(attention.qkv)))
-        parts.append(Matmul(2 * outputs * linear_weights(attention.projection), below, trains(attention.projection)))
-        # Q K^T and P V over every key (SDPA computes the masked entries too). Both operands are
-        # activations: a backward through them takes two products, counted as the two gradients.
-        parts.append(Matmul(2 * 2 * outputs * length * width, below, below))
-        parts.append(Matmul(2 * outputs * linear_weights(block.mlp), below, trains(block.mlp)))
+        queries = read if block is model.blocks[-1] and model.skip_unread_tokens else length
+        outputs = rows * queries
+        parts += linear_matmuls(block.attention.qkv, tokens, below)
+        parts += linear_matmuls(block.attention.projection, outputs, below)
+        # Q K^T and P V per head over every key (masked entries included). Both operands are activations:
+        # a backward through them takes two products, counted as the two gradients.
+        head_width = width // heads
+        parts += [Matmul(rows * heads, queries, head_width, length, below, below),
+                  Matmul(rows * heads, queries, length, head_width, below, below)]
+        parts += linear_matmuls(block.mlp, outputs, below)
         mixture = block.expert_mixture
         if mixture is not None:
             experts = mixture.experts
-            per_expert = experts.up_weight[0].numel() + experts.down_weight[0].numel()
-            evaluated = experts.num_experts if mixture.router is not None else 1  # dense: all; assigned: one
-            parts.append(Matmul(2 * outputs * evaluated * per_expert, below, trains(experts)))
+            # Dense mixture: every expert on every token; assigned: each expert on its own row group.
+            dense = mixture.router is not None
+            expert_tokens = outputs if dense else outputs // experts.num_experts
+            parts += [Matmul(experts.num_experts, expert_tokens, *experts.up_weight.shape[1:], below,
+                             experts.up_weight.requires_grad, shared_input=dense),
+                      Matmul(experts.num_experts, expert_tokens, *experts.down_weight.shape[1:], below,
+                             experts.down_weight.requires_grad)]
             if mixture.router is not None:
-                parts.append(Matmul(2 * outputs * linear_weights(mixture.router), below, trains(mixture.router)))
+                parts += linear_matmuls(mixture.router, outputs, below)
         below = below or trains(block)
-    parts.append(Matmul(2 * rows * read * linear_weights(model.action_head), below, trains(model.action_head)))
+    parts += linear_matmuls(model.action_head, rows * read, below)
     return parts
 
 
-def case_flops(case: Case, config: Config, rows: int, path: str, last_step_only: bool = False) -> tuple[float, float]:
-    """(forward, training step) FLOPs of `case` over `rows` sequences on `path` (the naive one computes
-    the last block on every token), counted on a weightless model."""
+@dataclass
+class Work:
+    """What one forward and one training step must compute and move, at the least."""
+
+    forward_flops: float
+    forward_bytes: float
+    train_flops: float
+    train_bytes: float  # the products' operands and results, and the optimiser's passes over trainable values
+
+
+def case_work(case: Case, config: Config, rows: int, path: str, last_step_only: bool = False) -> Work:
+    """The work of `case` over `rows` sequences on `path` (the naive one computes the last block on every
+    token), counted on a weightless model."""
     with torch.device("meta"):
-        model, _ = case_model(case, config)
+        model, trainable = case_model(case, config)
     model.skip_unread_tokens = path != "naive"
     read = 1 if last_step_only else config.context_length
     parts = model_matmuls(model, rows, config.context_length, config.prompt_length, read)
-    return sum(part.flops for part in parts), sum(part.train_flops() for part in parts)
+    optimizer_bytes = OPTIMIZER_PASSES * BYTES_PER_VALUE * sum(value.numel() for value in trainable.values())
+    return Work(forward_flops=sum(part.flops() for part in parts),
+                forward_bytes=sum(part.bytes() for part in parts),
+                train_flops=sum(part.flops() * part.passes() for part in parts),
+                train_bytes=sum(part.bytes() * part.passes() for part in parts) + optimizer_bytes)
 
 
 # ------------------------------------------------------------------------------------------ measurements
@@ -257,18 +313,20 @@ class Measurement:
     path: str  # naive | fast | fast + compile {mode}
     ms_per_step: float | None  # median; None when the path failed
     train_flops: float  # per step
+    train_bytes: float  # per step, at the least (see Work)
     expert_steps: int = 1  # experts trained by one step (the `--all` step trains every group's expert)
     error: str = ""
 
 
-def measure(stage: str, paths: dict[str, Callable[[int], Any]], flops: Callable[[str], float], settings: Settings,
+def measure(stage: str, paths: dict[str, Callable[[int], Any]], work: Callable[[str], Work], settings: Settings,
             expert_steps: int = 1) -> list[Measurement]:
-    """`flops`: a path's FLOPs per step."""
+    """`work`: a path's work per step."""
     medians = time_paths(paths, settings.warmup, settings.steps, settings.device)
     for path, median in medians.items():
         print(f"  {stage:<40} {path:<15} {median:10.1f} ms/step", flush=True)
     # The reference has one expert per step: only the project's paths train `expert_steps` experts.
-    return [Measurement(stage, path, median, flops(path), 1 if path == "naive" else expert_steps)
+    return [Measurement(stage, path, median, work(path).train_flops, work(path).train_bytes,
+                        1 if path == "naive" else expert_steps)
             for path, median in medians.items()]
 
 
@@ -279,15 +337,15 @@ def measure_sampling(dataset: TaskDataset, naive_sampler: NaiveSampler, settings
     tasks = torch.arange(settings.tasks, device=settings.device)
     paths = {"naive": lambda number: naive_sampler.sample(number % settings.tasks),
              "fast": lambda number: sampler.sample(tasks[number % settings.tasks].view(1))}
-    return measure("batch sampling only", paths, lambda path: 0.0, settings)
+    return measure("batch sampling only", paths, lambda path: Work(0.0, 0.0, 0.0, 0.0), settings)
 
 
 def measure_case(case: Case, dataset: TaskDataset, naive_sampler: NaiveSampler,
                  settings: Settings) -> list[Measurement]:
     config = settings.config
 
-    def flops(path: str) -> float:
-        return case_flops(case, config, config.batch_size * len(case.task_groups), path)[1]
+    def work(path: str) -> Work:
+        return case_work(case, config, config.batch_size * len(case.task_groups), path)
 
     model, trainable = case_model(case, config)
     model.to(settings.device)
@@ -302,10 +360,11 @@ def measure_case(case: Case, dataset: TaskDataset, naive_sampler: NaiveSampler,
         path = f"fast + compile {settings.compile}"
         if error:
             print(f"  {case.name:<40} {path}  failed: {error}", flush=True)
-            failures.append(Measurement(case.name, path, None, flops(path), len(case.task_groups), error))
+            failures.append(Measurement(case.name, path, None, work(path).train_flops, work(path).train_bytes,
+                                        len(case.task_groups), error))
         else:
             paths[path] = compiled
-    return measure(case.name, paths, flops, settings, expert_steps=len(case.task_groups)) + failures
+    return measure(case.name, paths, work, settings, expert_steps=len(case.task_groups)) + failures
 
 
 def compile_error(step: Callable[[int], Any]) -> str:
@@ -327,6 +386,7 @@ class EvalMeasurement:
     ms_per_forward: float
     rows_per_second: float
     forward_flops: float
+    forward_bytes: float
 
 
 def measure_evaluation(dataset: TaskDataset, settings: Settings) -> list[EvalMeasurement]:
@@ -349,8 +409,9 @@ def measure_evaluation(dataset: TaskDataset, settings: Settings) -> list[EvalMea
         for path, inputs in (("naive", single), ("fast", batch)):
             rows = inputs.states.shape[0]
             print(f"  eval {case.name:<35} {path:<6} {rows:5d} rows {medians[path]:10.1f} ms/forward", flush=True)
+            work = case_work(case, config, rows, path, last_step_only=True)
             results.append(EvalMeasurement(case.name, rows, path, medians[path], rows / medians[path] * 1e3,
-                                           case_flops(case, config, rows, path, last_step_only=True)[0]))
+                                           work.forward_flops, work.forward_bytes))
     return results
 
 
@@ -423,8 +484,8 @@ def projected_hours(results: list[Measurement], settings: Settings) -> list[dict
     target = config.expert_num
 
     def stage3_scale(path: str) -> float:
-        return (case_flops(Case("", 3, [[0]], target), config, config.batch_size, path)[1]
-                / case_flops(Case("", 3, [[0]], largest), config, config.batch_size, path)[1])
+        return (case_work(Case("", 3, [[0]], target), config, config.batch_size, path).train_flops
+                / case_work(Case("", 3, [[0]], largest), config, config.batch_size, path).train_flops)
 
     stage3 = f"stage 3: routers, E={largest}"
     rows = []
@@ -472,7 +533,7 @@ def format_number(value: float | None, digits: int = 1) -> str:
 
 def markdown_report(report: dict[str, Any]) -> str:
     sections = (header_lines(report), training_lines(report), projection_lines(report), evaluation_lines(report),
-                env_lines(report), ["## How FLOPs are counted", "", FLOP_NOTE])
+                env_lines(report), ["## How FLOPs and bytes are counted", "", WORK_NOTE])
     return "\n\n".join("\n".join(lines) for lines in sections) + "\n"
 
 
@@ -492,7 +553,10 @@ def header_lines(report: dict[str, Any]) -> list[str]:
         f"MT160 list, full-horizon episodes. Fast path {settings['precision']}; naive path fp32.",
         "",
         "Measured matmul peak: " + ", ".join(f"{dtype} {value:.2f} TFLOP/s"
-                                             for dtype, value in report["peak_tflops"].items()) + ".",
+                                             for dtype, value in report["peak_tflops"].items())
+        + f"; measured copy bandwidth: {report['bandwidth_gbs']:.1f} GB/s (bytes read plus written). The floor of "
+        "a step is the larger of its FLOPs over the peak and its bytes over the bandwidth (counted below); "
+        "time / floor is the gap to it.",
     ]
     if settings["device"].startswith("cpu"):
         lines.append(f"Torch threads: {report['threads']}; the process got {report['cpu_per_wall']:.2f} "
@@ -508,14 +572,19 @@ def training_lines(report: dict[str, Any]) -> list[str]:
     settings, peak = report["settings"], report["peak_tflops"]
     training = [Measurement(**row) for row in report["training"]]
     lines = ["## Training steps", "",
-             "| stage | path | ms/step | speedup vs naive | TFLOP/s | % of peak |", "|---|---|---:|---:|---:|---:|"]
+             "| stage | path | ms/step | speedup vs naive | TFLOP/s | % of peak | floor ms | bound by | time / floor |",
+             "|---|---|---:|---:|---:|---:|---:|---|---:|"]
     for result in training:
         speedup = speedup_vs_naive(result, training)
         tflops = result.train_flops / result.ms_per_step / 1e9 if result.ms_per_step and result.train_flops else None
         path_peak = peak["fp32" if result.path == "naive" else settings["precision"]]
         ms = format_number(result.ms_per_step) if result.ms_per_step else f"failed: {result.error}"
+        least, bound = floor(result.train_flops, result.train_bytes, path_peak, report["bandwidth_gbs"])
+        gap = result.ms_per_step / least if result.ms_per_step and least else None
         lines.append(f"| {result.stage} | {result.path} | {ms} | {format_number(speedup, 2)} | "
-                     f"{format_number(tflops, 3)} | {format_number(tflops and 100 * tflops / path_peak)} |")
+                     f"{format_number(tflops, 3)} | {format_number(tflops and 100 * tflops / path_peak)} | "
+                     f"{format_number(least if least else None, 2)} | {bound if least else '-'} | "
+                     f"{format_number(gap)} |")
     lines += ["", f"The `--all` step trains {settings['groups']} experts at once: its speedup is against "
               f"{settings['groups']} naive one-expert steps (the reference runs one process per expert)."]
     return lines
@@ -543,13 +612,17 @@ def evaluation_lines(report: dict[str, Any]) -> list[str]:
              f"Fast: one lockstep forward over {report['settings']['eval_rows']} rollouts; naive: "
              f"one rollout per forward, as the reference evaluates. One MT160 evaluation is "
              f"{report['mt160_eval_rows']:,} policy forwards (rollout steps at full horizon).", "",
-             "| model | path | rows/forward | ms/forward | rows/s | TFLOP/s | MT160 evaluation, model time (min) |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+             "| model | path | rows/forward | ms/forward | rows/s | TFLOP/s | floor ms | bound by | time / floor "
+             "| MT160 evaluation, model time (min) |",
+             "|---|---|---:|---:|---:|---:|---:|---|---:|---:|"]
     for row in report["evaluation"]:
         tflops = row["forward_flops"] / row["ms_per_forward"] / 1e9
+        peak = report["peak_tflops"]["fp32" if row["path"] == "naive" else report["settings"]["precision"]]
+        least, bound = floor(row["forward_flops"], row["forward_bytes"], peak, report["bandwidth_gbs"])
         minutes = report["mt160_eval_rows"] / row["rows_per_second"] / 60
         lines.append(f"| {row['model']} | {row['path']} | {row['rows']} | {format_number(row['ms_per_forward'])} | "
                      f"{format_number(row['rows_per_second'], 0)} | {format_number(tflops, 3)} | "
+                     f"{format_number(least, 2)} | {bound} | {format_number(row['ms_per_forward'] / least)} | "
                      f"{format_number(minutes)} |")
     return lines
 
@@ -568,19 +641,24 @@ def env_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-FLOP_NOTE = (
+WORK_NOTE = (
     "Matrix products only (2 FLOPs per multiply-add), counted from the model's layers: embeddings, "
-    "QKV/projection, the attention products against all L = 75 keys (masked entries included), MLP, experts (dense mixture: every "
-    "expert on every token; assigned: one), routers and action head. A training step counts each product "
-    "once forward and once more per gradient autograd computes: its weight's gradient when that weight "
-    "trains, its input's gradient when a trainable weight lies below it. So trained layers cost 3x forward, "
-    "frozen layers the gradient passes through 2x, frozen layers below every trainable weight (stages 2-3: "
-    "embeddings and block 0's attention and MLP) 1x. LayerNorm, softmax, activations, dropout, the optimiser "
-    "and the mixture's weighted sum are not counted. Each path is counted as it computes: the naive path's "
-    "last block computes every token, as the reference does; the fast path's only the state tokens the action "
-    "head reads (the last one in evaluation), from keys and values of every token. Both give the same "
-    "outputs, so the speedup compares the times of the same result and the fast path does 9-13% fewer "
-    "FLOPs in training, 12-16% fewer per evaluation forward, at the paper's size."
+    "QKV/projection, the attention products against all L = 75 keys (masked entries included), MLP, experts "
+    "(dense mixture: every expert on every token; assigned: each on its own rows), routers and action head. "
+    "A training step counts each product once forward and once more per gradient autograd computes: its "
+    "weight's gradient when that weight trains, its input's gradient when a trainable weight lies below it. "
+    "So trained layers cost 3x forward, frozen layers the gradient passes through 2x, frozen layers below "
+    "every trainable weight (stages 2-3: embeddings and block 0's attention and MLP) 1x. LayerNorm, softmax, "
+    "activations, dropout, the optimiser and the mixture's weighted sum are not counted. Bytes, the least a "
+    "step must move through memory: each of those products reads its two operands once and writes its result "
+    "once (fp32), and the optimiser makes 10 passes over the trainable values (fused AdamW reads weight, "
+    "gradient and two moments and writes three; clipping reads the gradient twice and writes it once); what "
+    "lies between the products (LayerNorm, softmax, dropout) is not counted, so the byte floor is low. Each "
+    "path is counted as it computes: the naive path's last block computes every token, as the reference does; "
+    "the fast path's only the state tokens the action head reads (the last one in evaluation), from keys and "
+    "values of every token. Both give the same outputs, so the speedup compares the times of the same result "
+    "and the fast path does 9-13% fewer FLOPs in training, 12-16% fewer per evaluation forward, at the "
+    "paper's size."
 )
 
 
@@ -663,7 +741,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     peak = {"fp32": matmul_peak(device, torch.float32)}
     if settings.precision == "bf16" or device.type == "cuda":
         peak["bf16"] = matmul_peak(device, torch.bfloat16)
-    print(f"{device_description(device)}: matmul peak " + ", ".join(f"{k} {v:.2f} TFLOP/s" for k, v in peak.items()))
+    bandwidth = copy_bandwidth(device)
+    print(f"{device_description(device)}: matmul peak " + ", ".join(f"{k} {v:.2f} TFLOP/s" for k, v in peak.items())
+          + f", copy bandwidth {bandwidth:.1f} GB/s")
 
     wall, cpu = time.perf_counter(), time.process_time()
     training = measure_sampling(dataset, naive_sampler, settings)
@@ -679,7 +759,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "device": device_name(device), "description": device_description(device), "torch": torch.__version__,
         "date": date.today().isoformat(), "command": " ".join(["python -m m3dt.bench", *argv]),
         "settings": {**asdict(settings), "device": str(device), "out": str(settings.out), "config": vars(config)},
-        "peak_tflops": peak, "threads": torch.get_num_threads(), "cpu_per_wall": cpu_per_wall,
+        "peak_tflops": peak, "bandwidth_gbs": bandwidth, "threads": torch.get_num_threads(), "cpu_per_wall": cpu_per_wall,
         "training": [asdict(result) for result in training],
         "projection": projected_hours(training, settings),
         "evaluation": [asdict(result) for result in evaluation],

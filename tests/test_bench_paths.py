@@ -122,13 +122,13 @@ def test_training_flops_count_each_gradient_once(path):
     """Stage 1 trains everything: 3x forward, less the embeddings' input gradients (their inputs are data).
     Stage 3 adds 2x for frozen layers the gradient passes through and 1x below every router."""
     config = Config(embed_dim=32, n_layer=2, n_head=4)
-    forward, train = bench.case_flops(bench.Case("", 1, [[0]]), config, rows=16, path=path)
+    work = bench.case_work(bench.Case("", 1, [[0]]), config, rows=16, path=path)
     with torch.device("meta"):
         model, _ = bench.case_model(bench.Case("", 1, [[0]]), config)
-    embeddings = sum(part.flops for part in bench.model_matmuls(model, 16, 20, 5, read=20)[:2])
-    assert train == pytest.approx(3 * forward - embeddings)
-    forward, train = bench.case_flops(bench.Case("", 3, [[0]], experts=4), config, rows=16, path=path)
-    assert 1 * forward < train < 2.5 * forward
+    embeddings = sum(part.flops() for part in bench.model_matmuls(model, 16, 20, 5, read=20)[:6])
+    assert work.train_flops == pytest.approx(3 * work.forward_flops - embeddings)
+    work = bench.case_work(bench.Case("", 3, [[0]], experts=4), config, rows=16, path=path)
+    assert 1 * work.forward_flops < work.train_flops < 2.5 * work.forward_flops
 
 
 @pytest.mark.parametrize("last_step_only", [False, True])
@@ -138,10 +138,36 @@ def test_fast_path_counts_its_last_block_on_the_read_tokens_only(last_step_only)
     config = Config(embed_dim=32, n_layer=2, n_head=4)
     rows, width, length = 16, 32, 3 * (20 + 5)
     read = 1 if last_step_only else 20
-    naive, _ = bench.case_flops(bench.Case("", 1, [[0]]), config, rows, "naive", last_step_only)
-    fast, _ = bench.case_flops(bench.Case("", 1, [[0]]), config, rows, "fast", last_step_only)
+    naive = bench.case_work(bench.Case("", 1, [[0]]), config, rows, "naive", last_step_only).forward_flops
+    fast = bench.case_work(bench.Case("", 1, [[0]]), config, rows, "fast", last_step_only).forward_flops
     per_token = 2 * (width * width + 2 * length * width + 2 * width * 4 * width)  # projection, attention, MLP
     assert naive - fast == rows * (length - read) * per_token
+
+
+def test_bytes_count_weights_once_per_forward_and_the_optimiser_passes():
+    """A forward reads each weight once whatever the row count, and its activations grow with the rows:
+    2 x bytes(1 row) - bytes(2 rows) is exactly the weights. A stage-2 step adds 10 passes over the
+    trainable (expert) values to its products' traffic."""
+    config = Config(embed_dim=32, n_layer=2, n_head=4, router_hidden="64,32")
+    case = bench.Case("", 3, [[0]], experts=4)
+    one, two = (bench.case_work(case, config, rows, "fast", last_step_only=True).forward_bytes for rows in (1, 2))
+    with torch.device("meta"):
+        model, _ = bench.case_model(case, config)
+    weights = sum(layer.weight.numel() for layer in model.modules() if isinstance(layer, torch.nn.Linear))
+    weights += sum(block.expert_mixture.experts.up_weight.numel() + block.expert_mixture.experts.down_weight.numel()
+                   for block in model.blocks)
+    assert 2 * one - two == 4 * weights
+    stage2 = bench.case_work(bench.Case("", 2, [[0]], experts=1), config, rows=16, path="fast")
+    with torch.device("meta"):
+        model, trainable = bench.case_model(bench.Case("", 2, [[0]], experts=1), config)
+    products = sum(part.bytes() * part.passes() for part in bench.model_matmuls(model, 16, 20, 5, read=20))
+    trainable_values = sum(value.numel() for value in trainable.values())
+    assert stage2.train_bytes == products + 10 * 4 * trainable_values
+
+
+def test_floor_is_set_by_the_slower_of_arithmetic_and_memory():
+    assert bench.floor(2e12, 1e9, peak_tflops=1.0, bandwidth=1000.0) == (2000.0, "FLOPs")  # 2 s vs 1 ms
+    assert bench.floor(1e9, 1e12, peak_tflops=1.0, bandwidth=1000.0) == (1000.0, "bytes")  # 1 ms vs 1 s
 
 
 def test_bench_runs_end_to_end_with_tiny_settings(tmp_path):
