@@ -11,7 +11,8 @@ dropout 0.1) and on synthetic data in the MT160 layout, one run times, per stage
 - naive: the same math done the reference's way (m3dt/naive.py): experts in a Python loop, batches built
   per sample in numpy and copied to the device, default AdamW, loss.item() every step.
 It reports the median ms/step after warm-up, the ratio, the achieved TFLOP/s against the measured matmul
-peak, the paper schedule's projected hours, policy forwards per second for lockstep evaluation, and env
+peak, the floor (FLOPs over that peak or bytes over the measured copy bandwidth, the larger) and the gap
+to it, the paper schedule's projected hours, policy forwards per second for lockstep evaluation, and env
 steps per second of the evaluator's worker pool with 1 worker and with every CPU. Writes
 benchmarks/{device}.md and .json.
 """
