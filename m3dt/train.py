@@ -15,6 +15,7 @@ Nothing in the loop waits for the device except at log and checkpoint boundaries
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 from contextlib import nullcontext
@@ -85,8 +86,11 @@ def start_distributed(device_name: str) -> tuple[Distributed, torch.device]:
 
 def stop_distributed() -> None:
     """Wait for every rank (rank 0 may still be writing artifacts), then shut the process group down; a
-    process that exits with it still open aborts in gloo's teardown."""
+    process that exits with it still open aborts in gloo's teardown. The DDP wrapper of the finished stage
+    sits in reference cycles: collect it first, so that no gloo work it holds outlives the group (a rank
+    aborted in teardown once in a full test run, SIGABRT after its last step)."""
     if dist.is_initialized():
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
 
