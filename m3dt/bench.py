@@ -194,7 +194,7 @@ def copy_bandwidth(device: torch.device) -> float:
     return 2 * source.numel() * source.element_size() / (milliseconds / 1e3) / 1e9
 
 
-def floor(flops: float, bytes_moved: float, peak_tflops: float, bandwidth: float) -> tuple[float, str]:
+def time_floor(flops: float, bytes_moved: float, peak_tflops: float, bandwidth: float) -> tuple[float, str]:
     """The least time (ms) for this work on this device and what sets it: arithmetic at the matmul peak or
     bytes at the copy bandwidth, whichever takes longer."""
     arithmetic, memory = flops / peak_tflops / 1e9, bytes_moved / bandwidth / 1e6
@@ -580,7 +580,7 @@ def training_lines(report: dict[str, Any]) -> list[str]:
         tflops = result.train_flops / result.ms_per_step / 1e9 if result.ms_per_step and result.train_flops else None
         path_peak = peak["fp32" if result.path == "naive" else settings["precision"]]
         ms = format_number(result.ms_per_step) if result.ms_per_step else f"failed: {result.error}"
-        least, bound = floor(result.train_flops, result.train_bytes, path_peak, report["bandwidth_gbs"])
+        least, bound = time_floor(result.train_flops, result.train_bytes, path_peak, report["bandwidth_gbs"])
         gap = result.ms_per_step / least if result.ms_per_step and least else None
         lines.append(f"| {result.stage} | {result.path} | {ms} | {format_number(speedup, 2)} | "
                      f"{format_number(tflops, 3)} | {format_number(tflops and 100 * tflops / path_peak)} | "
@@ -619,7 +619,7 @@ def evaluation_lines(report: dict[str, Any]) -> list[str]:
     for row in report["evaluation"]:
         tflops = row["forward_flops"] / row["ms_per_forward"] / 1e9
         peak = report["peak_tflops"]["fp32" if row["path"] == "naive" else report["settings"]["precision"]]
-        least, bound = floor(row["forward_flops"], row["forward_bytes"], peak, report["bandwidth_gbs"])
+        least, bound = time_floor(row["forward_flops"], row["forward_bytes"], peak, report["bandwidth_gbs"])
         minutes = report["mt160_eval_rows"] / row["rows_per_second"] / 60
         lines.append(f"| {row['model']} | {row['path']} | {row['rows']} | {format_number(row['ms_per_forward'])} | "
                      f"{format_number(row['rows_per_second'], 0)} | {format_number(tflops, 3)} | "

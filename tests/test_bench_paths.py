@@ -166,8 +166,8 @@ def test_bytes_count_weights_once_per_forward_and_the_optimiser_passes():
 
 
 def test_floor_is_set_by_the_slower_of_arithmetic_and_memory():
-    assert bench.floor(2e12, 1e9, peak_tflops=1.0, bandwidth=1000.0) == (2000.0, "FLOPs")  # 2 s vs 1 ms
-    assert bench.floor(1e9, 1e12, peak_tflops=1.0, bandwidth=1000.0) == (1000.0, "bytes")  # 1 ms vs 1 s
+    assert bench.time_floor(2e12, 1e9, peak_tflops=1.0, bandwidth=1000.0) == (2000.0, "FLOPs")  # 2 s vs 1 ms
+    assert bench.time_floor(1e9, 1e12, peak_tflops=1.0, bandwidth=1000.0) == (1000.0, "bytes")  # 1 ms vs 1 s
 
 
 def test_bench_runs_end_to_end_with_tiny_settings(tmp_path):
