@@ -584,7 +584,7 @@ def training_lines(report: dict[str, Any]) -> list[str]:
         gap = result.ms_per_step / least if result.ms_per_step and least else None
         lines.append(f"| {result.stage} | {result.path} | {ms} | {format_number(speedup, 2)} | "
                      f"{format_number(tflops, 3)} | {format_number(tflops and 100 * tflops / path_peak)} | "
-                     f"{format_number(least if least else None, 2)} | {bound if least else '-'} | "
+                     f"{format_number(least or None, 2)} | {bound if least else '-'} | "
                      f"{format_number(gap)} |")
     lines += ["", f"The `--all` step trains {settings['groups']} experts at once: its speedup is against "
               f"{settings['groups']} naive one-expert steps (the reference runs one process per expert)."]
