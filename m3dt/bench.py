@@ -635,6 +635,8 @@ def env_lines(report: dict[str, Any]) -> list[str]:
              "Env time of one MT160 evaluation = its env steps / steps per second; the whole evaluation takes "
              "about the model time above plus this (the forward waits for the envs and the envs for it).", "",
              "| workers | rollouts | env steps/s | MT160 evaluation, env time (min) |", "|---:|---:|---:|---:|"]
+    if not report["env_stepping"]:
+        return lines[:1] + ["", f"Not measured: {report['env_error'] or '--env_rollouts 0'}."]
     for row in report["env_stepping"]:
         minutes = report["mt160_eval_rows"] / row["env_steps_per_second"] / 60
         lines.append(f"| {row['workers']} | {row['rollouts']} | {format_number(row['env_steps_per_second'], 0)} | "
@@ -695,7 +697,7 @@ def parse_settings(argv: list[str] | None) -> Settings:
     parser.add_argument("--tasks", type=int, help="synthetic tasks (full 160, quick 48)")
     parser.add_argument("--eval_rows", type=int, help="rollouts per lockstep evaluation forward (full 1560, quick 16)")
     parser.add_argument("--env_rollouts", type=int,
-                        help="envs stepped together when timing the env workers (full 160, quick 32)")
+                        help="envs stepped together when timing the env workers (full 160, quick 32; 0: skip)")
     parser.add_argument("--env_steps", type=int, help="lockstep env steps timed (full 50, quick 20)")
     parser.add_argument("--compile", choices=CHOICES["compile"], default="none",
                         help="also time the fast path under torch.compile in this mode (reduce-overhead: CUDA graphs)")
@@ -721,8 +723,8 @@ def parse_settings(argv: list[str] | None) -> Settings:
         out=Path(args.out),
         config=Config(embed_dim=args.embed_dim, n_layer=args.n_layer, n_head=args.n_head, precision=args.precision),
     )
-    if settings.steps < 1 or settings.groups > settings.tasks:
-        parser.error("need --steps >= 1 and --groups <= --tasks")
+    if settings.steps < 1 or settings.groups > settings.tasks or settings.env_rollouts < 0:
+        parser.error("need --steps >= 1, --groups <= --tasks and --env_rollouts >= 0")
     return settings
 
 
@@ -754,7 +756,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # CPU-seconds this process got per second: the thread count on a machine of its own; less when the
     # host shares its cores (the measurements then run slower than the hardware can).
     cpu_per_wall = (time.process_time() - cpu) / (time.perf_counter() - wall)
-    env_stepping = measure_env_stepping(settings)  # after: this process mostly waits on its env workers
+    env_stepping, env_error = [], ""
+    if settings.env_rollouts:  # after the rest: this process mostly waits on its env workers
+        try:
+            env_stepping = measure_env_stepping(settings)
+        except Exception as error:  # noqa: BLE001 - env workers fail in many ways (a simulator package
+            # missing on this machine, a GL setting); the measurements above are still written.
+            env_error = f"{type(error).__name__}: {error}".splitlines()[0][:200]
+            print(f"  env steps: failed: {env_error}", flush=True)
 
     report = {
         "device": device_name(device), "description": device_description(device), "torch": torch.__version__,
@@ -764,7 +773,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "training": [asdict(result) for result in training],
         "projection": projected_hours(training, settings),
         "evaluation": [asdict(result) for result in evaluation],
-        "env_stepping": [asdict(result) for result in env_stepping],
+        "env_stepping": [asdict(result) for result in env_stepping], "env_error": env_error,
         "mt160_eval_rows": evaluation_rows(resolve_tasks("mt160", None, config.seed)),
     }
     path = write_report(report, settings.out)

@@ -185,3 +185,18 @@ def test_bench_runs_end_to_end_with_tiny_settings(tmp_path):
     assert all(row["rollouts"] == 4 and row["env_steps_per_second"] > 0 for row in report["env_stepping"])
     assert "| workers | rollouts | env steps/s |" in markdown
     assert json.loads((tmp_path / f"{report['device']}.json").read_text())["projection"][1]["path"] == "fast"
+
+
+def test_bench_keeps_its_measurements_when_the_env_workers_fail(tmp_path, monkeypatch):
+    """A machine without the simulators (a lent GPU, say) still gets its training and forward tables."""
+
+    def no_simulator(settings):
+        raise ModuleNotFoundError("No module named 'metaworld'")
+
+    monkeypatch.setattr(bench, "measure_env_stepping", no_simulator)
+    report = bench.main(["--quick", "--device", "cpu", "--embed_dim", "16", "--n_layer", "1", "--n_head", "2",
+                         "--tasks", "2", "--groups", "2", "--experts", "2", "--eval_rows", "2", "--steps", "1",
+                         "--warmup", "0", "--out", str(tmp_path)])
+    assert report["training"] and report["evaluation"] and report["env_stepping"] == []
+    markdown = (tmp_path / f"{report['device']}.md").read_text()
+    assert "Not measured: ModuleNotFoundError: No module named 'metaworld'." in markdown
