@@ -326,9 +326,12 @@ def measure(stage: str, paths: dict[str, Callable[[int], Any]], work: Callable[[
     for path, median in medians.items():
         print(f"  {stage:<40} {path:<15} {median:10.1f} ms/step", flush=True)
     # The reference has one expert per step: only the project's paths train `expert_steps` experts.
-    return [Measurement(stage, path, median, work(path).train_flops, work(path).train_bytes,
-                        1 if path == "naive" else expert_steps)
-            for path, median in medians.items()]
+    results = []
+    for path, median in medians.items():
+        counted = work(path)
+        results.append(Measurement(stage, path, median, counted.train_flops, counted.train_bytes,
+                                   1 if path == "naive" else expert_steps))
+    return results
 
 
 def measure_sampling(dataset: TaskDataset, naive_sampler: NaiveSampler, settings: Settings) -> list[Measurement]:
