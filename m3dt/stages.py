@@ -8,22 +8,26 @@ stage 3  train_router     routers only, over all tasks          -> stage3/{metho
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 
 from m3dt.cli import USER_ERRORS, exit_with_message
 from m3dt.config import Config, ConfigError, parse_config
-from m3dt.data import DeviceSampler, TaskDataset
+from m3dt import memory
+from m3dt.data import DeviceSampler, TaskDataset, episode_lengths
 from m3dt.grouping import gradient_features_gram, gradient_grouping, groups_to_json, random_grouping, task_gradients
 from m3dt.model import ModelConfig, PromptDecisionTransformer
 from m3dt.run import (ArtifactError, RunDir, check_inputs, check_model_fields, input_hashes, load_tensors,
                       manifest_path, read_json, read_manifest, save_tensors, write_json, write_manifest)
 from m3dt.tasks import resolve_tasks
-from m3dt.train import Distributed, Job, resolve_device, start_distributed, stop_distributed, train
+from m3dt.train import (Distributed, Job, resolve_device, set_deterministic, start_distributed, stop_distributed,
+                        train)
 
 
 
@@ -74,12 +78,29 @@ def load_backbone(run: RunDir, config: Config) -> PromptDecisionTransformer:
     return model
 
 
-def make_sampler(config: Config, tasks: list[str], device: torch.device, streams: list[int]) -> DeviceSampler:
+def make_sampler(config: Config, tasks: list[str], device: torch.device, streams: list[int],
+                 model: PromptDecisionTransformer) -> DeviceSampler:
+    """Plan the stage's peak memory and print it before reading the data, put the data where
+    `--data_device` says (m3dt/memory.py), then load it. `model`: the stage's model as it will train
+    (experts installed, frozen parts frozen), on any device; one row group per stream."""
     workers = os.cpu_count() if config.workers is None else config.workers
-    dataset = TaskDataset(config.data_path, tasks, config.max_episodes, config.prompt_length, workers)
-    gib = dataset.nbytes() / 2**30
-    print(f"loaded {len(tasks)} tasks, {len(dataset.returns_to_go):,} transitions ({gib:.2f} GiB) from {config.data_path}")
-    return DeviceSampler(dataset, config.context_length, config.batch_size, device, streams)
+    lengths = episode_lengths(config.data_path, tasks, config.max_episodes, workers)
+    data = memory.dataset_bytes(sum(map(sum, lengths)), sum(map(len, lengths)), len(tasks), config.prompt_length)
+    groups = len(streams)
+    plan = memory.plan_training(model, config.batch_size * groups, groups, config.context_length,
+                                config.prompt_length, data)
+    free, capacity = memory.free_memory(device)
+    data_device = memory.data_device(config.data_device, device, plan, free)
+    if data_device != device:
+        plan = dataclasses.replace(plan, data=0)
+    print(plan.describe(free, capacity, device))
+    if data_device != device:
+        print(f"the dataset ({data / memory.GIB:.2f} GiB) stays in host memory (--data_device {config.data_device}); "
+              "batches are gathered there and copied to the device")
+    dataset = TaskDataset(config.data_path, tasks, config.max_episodes, config.prompt_length, workers, lengths)
+    print(f"loaded {len(tasks)} tasks, {len(dataset.returns_to_go):,} transitions ({dataset.nbytes() / memory.GIB:.2f} GiB) "
+          f"from {config.data_path}")
+    return DeviceSampler(dataset, config.context_length, config.batch_size, device, streams, data_device)
 
 
 def finished(artifact: Path, steps: int, config: Config, identity: dict[str, Any]) -> bool:
@@ -166,24 +187,46 @@ def train_backbone(config: Config) -> Path:
         print(f"stage 1 already finished ({steps} steps): {run.backbone}; --restart to train again")
         return run.backbone
     torch.manual_seed(config.seed)  # the same initial weights on every rank
-    sampler = make_sampler(config, tasks, device, [seed_rank(config, distributed)])
-    model = build_model(config, config.dropout).to(device)
+    model = build_model(config, config.dropout)
+    share = rank_share(tasks, distributed)
+    sampler = make_sampler(config, share, device, [seed_rank(config, distributed)], model)
+    model.to(device)
     torch.manual_seed(seed_rank(config, distributed))  # each rank its own dropout stream
     job = Job(name="stage1", model=model, trainable=set_up_stage(model, stage=1),
-              task_groups=[list(range(len(tasks)))], task_names=tasks, steps=steps, job_dir=run.stage1,
+              task_groups=[list(range(len(share)))], task_names=share, steps=steps, job_dir=run.stage1,
               per_expert_clip=False, identity=identity)
     done = train(job, sampler, config, distributed)
+    stats = gather_shares(data_stats(sampler), len(tasks), distributed)
     if not distributed.is_main:
         return run.backbone
-    save_tensors(run.data_stats, data_stats(sampler))
+    save_tensors(run.data_stats, stats)
     save_tensors(run.backbone, model.state_dict())
     write_manifest(run.backbone, "stage1", vars(config), tasks, [], run.root, steps_done=done, identity=identity)
     print(f"stage 1: wrote {run.backbone}")
     return run.backbone
 
 
+def rank_share(tasks: list[str], distributed: Distributed) -> list[str]:
+    """The tasks this torchrun rank loads and trains: every world_size-th from its rank on (all of them in
+    one process), so that a rank holds about 1/world_size of the data (m3dt/train.py: the order of tasks)."""
+    if len(tasks) < distributed.world_size:
+        raise ConfigError(f"{len(tasks)} tasks for {distributed.world_size} torchrun ranks: each rank needs a task")
+    return tasks[distributed.rank :: distributed.world_size]
+
+
+def gather_shares(tensors: dict[str, torch.Tensor], count: int, distributed: Distributed) -> dict[str, torch.Tensor]:
+    """Per-task tensors of every rank's share (rank_share), put back in task-list order (`count` tasks)."""
+    if distributed.world_size == 1:
+        return tensors
+    shares: list[dict[str, torch.Tensor] | None] = [None] * distributed.world_size
+    dist.all_gather_object(shares, {name: tensor.cpu() for name, tensor in tensors.items()})
+    world = distributed.world_size
+    return {name: torch.stack([shares[task % world][name][task // world] for task in range(count)])
+            for name in tensors}
+
+
 def data_stats(sampler: DeviceSampler) -> dict[str, torch.Tensor]:
-    """What evaluation needs from the data, in stage-1 task order: state statistics and the eval prompt."""
+    """What evaluation needs from the data, in the sampler's task order: state statistics and the eval prompt."""
     prompts = sampler.prompts
     return {
         "state_mean": sampler.state_mean, "state_std": sampler.state_std,
@@ -204,8 +247,9 @@ def group_tasks(config: Config, method: str) -> Path:
     else:
         device = resolve_device(config.device)
         torch.manual_seed(config.seed)
-        sampler = make_sampler(config, tasks, device, [config.seed])
-        model = load_backbone(run, config).to(device)
+        model = load_backbone(run, config)
+        sampler = make_sampler(config, tasks, device, [config.seed], model)
+        model.to(device)
         gradients = task_gradients(model, sampler, len(tasks), config.grouping_gradients, config.grad_clip)
         groups = gradient_grouping(gradient_features_gram(gradients), config.group_num, config.seed,
                                    config.kmeans_restarts, config.kmeans_repeats, config.kmeans_iterations,
@@ -241,10 +285,10 @@ def train_experts(config: Config) -> list[Path]:
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     group_tasks_needed = [task for expert in expert_ids for task in groups[expert]]
-    sampler = make_sampler(config, group_tasks_needed, device, [expert_seed(config, e) for e in expert_ids])
     model = load_backbone(run, config)
     trainable = set_up_stage(model, stage=2, num_experts=len(expert_ids),
                              seeds=[expert_seed(config, e) for e in expert_ids])
+    sampler = make_sampler(config, group_tasks_needed, device, [expert_seed(config, e) for e in expert_ids], model)
     model.to(device)
     task_groups, offset = [], 0
     for expert in expert_ids:
@@ -286,11 +330,12 @@ def train_router(config: Config) -> Path:
     model = load_backbone(run, config)
     trainable = set_up_stage(model, stage=3, num_experts=len(groups), top_k=config.top_k)
     load_experts(model, expert_files)
-    sampler = make_sampler(config, tasks, device, [seed_rank(config, distributed)])
+    share = rank_share(tasks, distributed)
+    sampler = make_sampler(config, share, device, [seed_rank(config, distributed)], model)
     model.to(device)
     torch.manual_seed(seed_rank(config, distributed))  # each rank its own dropout stream
-    job = Job(name="stage3 router", model=model, trainable=trainable, task_groups=[list(range(len(tasks)))],
-              task_names=tasks, steps=steps, job_dir=run.stage3(config.grouping, config.expert_num),
+    job = Job(name="stage3 router", model=model, trainable=trainable, task_groups=[list(range(len(share)))],
+              task_names=share, steps=steps, job_dir=run.stage3(config.grouping, config.expert_num),
               per_expert_clip=False, identity=identity)
     done = train(job, sampler, config, distributed)
     if not distributed.is_main:
@@ -333,6 +378,7 @@ def run_cli(stage: Callable[[Config], Any], description: str, argv: list[str] | 
     try:
         config = parse_config(description, arguments)
         debug = config.debug
+        set_deterministic(config.deterministic, resolve_device(config.device))
         stage(config)
         stop_distributed()
     except USER_ERRORS as error:
