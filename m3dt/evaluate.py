@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from m3dt.cli import exit_with_message
 from m3dt.data import Batch
+from m3dt.memory import evaluation_rows, free_memory
 from m3dt.model import PromptDecisionTransformer
 from m3dt.run import ArtifactError, RunDir, atomic_path, load_tensors, read_manifest, write_json
 from m3dt.scores import episode_score
@@ -174,14 +175,26 @@ class History:
 class ModelPolicy:
     """The trained model: one forward over the live rollouts with the context window [t-K+1, t], left-padded
     with zeros (the reference pads evaluation contexts with normalised state 0 and action 0; padded steps
-    are masked either way) and each task's fixed higher-return prompt."""
+    are masked either way) and each task's fixed higher-return prompt.
+
+    The prompt tokens' keys and values are computed once per task (PromptCache: exact, since prompts come
+    first and attention is causal), and the live rollouts go through the model in chunks of at most
+    `eval_rows` rows (None: all in one forward; evaluate() picks what fits in half the device's free memory
+    by m3dt/memory.py's count), so that an MT160 evaluation at 48 experts fits a small GPU; chunks change
+    nothing but the peak memory."""
 
     def __init__(self, model: PromptDecisionTransformer, statistics: Statistics, rollouts: list[Rollout],
-                 context_length: int, device: torch.device, dtype: torch.dtype = torch.float32):
+                 context_length: int, device: torch.device, dtype: torch.dtype = torch.float32,
+                 eval_rows: int | None = None):
         self.model, self.context_length, self.device, self.dtype = model, context_length, device, dtype
-        slots = torch.tensor([rollout.task_slot for rollout in rollouts])
-        self.prompt = {key: value[slots].to(device, dtype if value.is_floating_point() else value.dtype)
-                       for key, value in statistics.prompts.items()}
+        slots, task_of_rollout = torch.unique(torch.tensor([rollout.task_slot for rollout in rollouts]),
+                                              return_inverse=True)
+        prompt = {key: value[slots].to(device, dtype if value.is_floating_point() else value.dtype)
+                  for key, value in statistics.prompts.items()}
+        self.prompt, self.task_of_rollout = prompt, task_of_rollout.to(device)
+        self.cache = model.cache_prompt(prompt["states"], prompt["actions"], prompt["returns_to_go"],
+                                        prompt["timesteps"], prompt["mask"])
+        self.eval_rows = eval_rows or len(rollouts)
 
     @torch.no_grad()
     def __call__(self, history: History, live: np.ndarray, t: int) -> np.ndarray:
@@ -198,8 +211,8 @@ class ModelPolicy:
         timesteps[:, padding:] = np.arange(start, t + 1)
         mask = torch.zeros(rows, self.context_length, device=self.device, dtype=self.dtype)
         mask[:, padding:] = 1.0
-        live_index = torch.from_numpy(live).to(self.device)
-        prompt = {key: value[live_index] for key, value in self.prompt.items()}
+        tasks = self.task_of_rollout[torch.from_numpy(live).to(self.device)]
+        prompt = {key: value[tasks] for key, value in self.prompt.items()}
         batch = Batch(
             states=window(history.states), actions=window(history.actions),
             returns_to_go=window(history.returns_to_go[..., None]), timesteps=torch.from_numpy(timesteps).to(self.device),
@@ -207,7 +220,13 @@ class ModelPolicy:
             prompt_returns_to_go=prompt["returns_to_go"], prompt_timesteps=prompt["timesteps"],
             prompt_mask=prompt["mask"], action_mask=torch.ones(rows, 1, MAX_ACT_DIM, device=self.device, dtype=self.dtype),
         )
-        return self.model(batch, last_step_only=True)[:, -1].cpu().numpy().astype(np.float32)
+        actions = []
+        for first in range(0, rows, self.eval_rows):
+            chunk = slice(first, first + self.eval_rows)
+            part = Batch(**{name: tensor[chunk] for name, tensor in vars(batch).items()})
+            predicted = self.model(part, last_step_only=True, prompt_cache=self.cache.select(tasks[chunk]))
+            actions.append(predicted[:, -1].float().cpu())
+        return torch.cat(actions).numpy()
 
 
 class RandomPolicy:
@@ -351,7 +370,7 @@ def plot_families(out_dir: Path, results: dict) -> None:
 # ------------------------------------------------------------------------------------------ CLI
 def evaluate(run_dir: str, stage: str, grouping: str = "gradient", expert_num: int = 48, prefix_name: str | None = None,
              tasks: str | None = None, episodes: int | None = None, max_steps: int | None = None, workers: int | None = None,
-             seed: int = 0, device: str = "auto", max_rollouts: int | None = None) -> dict:
+             seed: int = 0, device: str = "auto", max_rollouts: int | None = None, eval_rows: int | None = None) -> dict:
     """Evaluate stage "1" (Prompt-DT), stage "3" (M3DT) or a "random" policy; write and return the results."""
     from m3dt.train import resolve_device
 
@@ -371,11 +390,16 @@ def evaluate(run_dir: str, stage: str, grouping: str = "gradient", expert_num: i
         model, manifest = load_policy(run, int(stage), grouping, expert_num)
         model.to(torch_device)
         num_experts = manifest.get("num_experts", 0)
+        prompt_length = statistics.prompts["timesteps"].shape[1]
+        eval_rows = eval_rows or evaluation_rows(model, manifest["config"]["context_length"], prompt_length,
+                                                 free_memory(torch_device)[0])
+        print(f"evaluation forwards of at most {eval_rows} rollouts (--eval_rows)")
 
     def make_policy(wave: list[Rollout]):
         if model is None:
             return RandomPolicy(seed)
-        return ModelPolicy(model, statistics, wave, manifest["config"]["context_length"], torch_device)
+        return ModelPolicy(model, statistics, wave, manifest["config"]["context_length"], torch_device,
+                           eval_rows=eval_rows)
 
     started = time.perf_counter()
     workers = os.cpu_count() if workers is None else workers
@@ -413,11 +437,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--max_rollouts", type=int,
                         help="run the rollouts in waves of at most this many (bounds memory; default: all at once)")
+    parser.add_argument("--eval_rows", type=int,
+                        help="rollouts per model forward at most (default: what fits in half the free device memory)")
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args(argv)
     try:
         evaluate(args.run_dir, args.stage, args.grouping, args.expert_num, args.prefix_name, args.tasks, args.episodes,
-                 args.max_steps, args.workers, args.seed, args.device, args.max_rollouts)
+                 args.max_steps, args.workers, args.seed, args.device, args.max_rollouts, args.eval_rows)
     except (ArtifactError, TaskError) as error:
         exit_with_message(error, args.debug)
 

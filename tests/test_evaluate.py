@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from m3dt.config import Config
-from m3dt.evaluate import ModelPolicy, Rollout, evaluate, load_policy, load_statistics, main, run_rollouts
+from m3dt.evaluate import History, ModelPolicy, Rollout, evaluate, load_policy, load_statistics, main, run_rollouts
 from m3dt.run import RunDir
 from m3dt.stages import train_backbone
 from m3dt.tasks import get_task
@@ -85,3 +85,26 @@ def test_unknown_stage_artifact_is_a_clear_error(tiny_run, capsys):
         main(["--run_dir", str(tiny_run), "--stage", "3", "--expert_num", "7"])
     assert exit_info.value.code == 2
     assert "moe.safetensors: stage-3 model does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.device
+def test_policy_forwards_in_chunks_give_the_actions_of_one_forward(tiny_run, device):
+    """`--eval_rows` splits the live rollouts into forwards of at most that many rows, each with its
+    tasks' cached prompt: the actions are those of one forward over all of them (float64)."""
+    run = RunDir(tiny_run)
+    model, manifest = load_policy(run, 1, "gradient", 0)
+    model.double().to(device)
+    statistics = load_statistics(run)
+    rollouts = [Rollout(get_task(name), manifest["tasks"].index(name), episode)
+                for name in SMALL_TASKS for episode in (0, 1)]
+    generator = np.random.default_rng(0)
+    count, steps = len(rollouts), 30
+    history = History(generator.normal(size=(count, steps, 39)).astype(np.float32),
+                      generator.uniform(-1, 1, size=(count, steps, 8)).astype(np.float32),
+                      generator.normal(size=(count, steps)).astype(np.float32))
+    live = np.array([0, 1, 3, 4, 6, 8, 9, 10, 11])
+    for t in (3, 25):  # a padded context and a full one
+        whole = ModelPolicy(model, statistics, rollouts, 20, device, torch.float64, eval_rows=count)(history, live, t)
+        chunked = ModelPolicy(model, statistics, rollouts, 20, device, torch.float64, eval_rows=4)(history, live, t)
+        assert whole.shape == (len(live), 8)
+        np.testing.assert_allclose(chunked, whole, rtol=1e-12, atol=1e-12)
