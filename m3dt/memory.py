@@ -12,9 +12,11 @@ A plan has four parts, in bytes:
 
 Every part is counted in float32. `--precision bf16` holds about half the activations (and a bf16 copy of
 the weights inside autocast), so its plan is an upper bound; tf32 uses float32 tensors and the same memory.
-Not counted: the CUDA context and cuBLAS workspaces (outside PyTorch's allocator, not in the device's free
-memory once CUDA has started) and the caching allocator's rounding, which the margin of `--data_device auto`
-leaves room for. scripts/gpu_check.sh measures the peak of every stage on a GPU against its plan.
+Attention is counted the plain way, which keeps the attention weights for the backward; the fused kernels
+of CPUs and GPUs keep less, so that part too is an upper bound. Not counted: the CUDA context (outside
+PyTorch's allocator, and no longer in the device's free memory once CUDA has started), cuBLAS workspaces (a
+few MiB) and the caching allocator's rounding, which the margin of `--data_device auto` leaves room for.
+scripts/gpu_check.sh measures the peak of every stage on a GPU against its plan.
 """
 
 from __future__ import annotations

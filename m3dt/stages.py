@@ -17,9 +17,9 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from m3dt import memory
 from m3dt.cli import USER_ERRORS, exit_with_message
 from m3dt.config import Config, ConfigError, parse_config
-from m3dt import memory
 from m3dt.data import DeviceSampler, TaskDataset, episode_lengths
 from m3dt.grouping import gradient_features_gram, gradient_grouping, groups_to_json, random_grouping, task_gradients
 from m3dt.model import ModelConfig, PromptDecisionTransformer

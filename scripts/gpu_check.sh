@@ -9,11 +9,15 @@
 #   compile  training under --compile default and reduce-overhead equals eager
 #   memory   every stage's measured peak at the paper configuration against its plan (fp32, bf16)
 #   losses   the demo's stage 1 (configs/demo.yaml) on synthetic data, 400 steps in fp32, tf32 and bf16
-#   bench    python -m m3dt.bench --device cuda --quick at fp32, tf32 and bf16, with and without
-#            --compile reduce-overhead, combined into benchmarks/{gpu}.md and .json
-# The first four run side by side (none of them is timed); the bench runs after them, alone.
+#   bench    python -m m3dt.bench --device cuda --quick in fp32, tf32 and bf16 (every stage), then in bf16 with
+#            --compile reduce-overhead (stages 1 and 3)
+#   bench-compiled   the same in fp32 and tf32 with --compile reduce-overhead (stages 1 and 3)
+# The benches are combined into benchmarks/{gpu}.md and .json. The parts before the benches run side by side
+# (none of them is timed); the benches run after them, alone, one after another, in the order above; one that
+# would not finish within the budget is skipped and says so (a second run with GPU_CHECK_PARTS=bench-compiled
+# fills in, and `python -m m3dt.bench combine` joins the two runs' bench folders on any machine).
 #
-#   bash scripts/gpu_check.sh                               # on a GPU machine (about 6 minutes on an H100/H200)
+#   bash scripts/gpu_check.sh                               # on a GPU machine (at most ~7 minutes)
 #   GPU_CHECK_DEVICE=cpu bash scripts/gpu_check.sh --tiny   # rehearsal of the same parts on a CPU, small sizes
 #   GPU_CHECK_PARTS=bench,memory bash scripts/gpu_check.sh  # some parts only
 # Without a GPU (and without GPU_CHECK_DEVICE) it says so in one line and exits 0. Everything it writes is in
@@ -42,12 +46,13 @@ fi
 
 BUDGET=${GPU_CHECK_BUDGET:-$([ "$TINY" = 1 ] && echo 4000 || echo 400)}
 LIMIT_SCALE=$([ "$TINY" = 1 ] && echo 6 || echo 1)
-PARTS=${GPU_CHECK_PARTS:-tests,chain,compile,memory,losses,bench}
+PARTS=${GPU_CHECK_PARTS:-tests,chain,compile,memory,losses,bench,bench-compiled}
 WORK=${GPU_CHECK_WORK:-$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")}
 mkdir -p "$WORK/tmp"
 touch "$WORK/.started"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" MUJOCO_GL=${MUJOCO_GL:-disable} WANDB_MODE=${WANDB_MODE:-offline}
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$WORK/inductor}
+export PYTHONUNBUFFERED=1  # a part stopped at its time limit keeps what it printed
 STARTED=$SECONDS
 PYTEST=("$PYTHON" -m pytest -q -p no:cacheprovider --device "$DEVICE" -m device)  # + --basetemp per part
 # The bench: the paper's model in quick mode on a GPU; a tiny model on the CPU rehearsal. The benchmark file
@@ -57,7 +62,7 @@ MEMORY=("$PYTHON" -m m3dt.memory check --device "$DEVICE")
 BENCHMARKS=$ROOT/benchmarks
 LOSS_RUN=(--config configs/demo.yaml --max_iters 400 --log_every 100)
 if [ "$TINY" = 1 ]; then
-    LOSS_RUN=(--config configs/demo.yaml --max_iters 40 --log_every 10 --embed_dim 32 --n_layer 2 --n_head 2)
+    LOSS_RUN=(--config configs/demo.yaml --max_iters 8 --log_every 4 --embed_dim 32 --n_layer 2 --n_head 2)
     BENCH+=(--embed_dim 32 --n_layer 2 --n_head 2 --tasks 6 --groups 2 --experts 2 --eval_rows 16 --steps 2 --warmup 1)
     MEMORY+=(--tiny)
     BENCHMARKS=$WORK/benchmarks
@@ -76,7 +81,7 @@ EOF
 
 # ------------------------------------------------------------------------------------------ parts
 NAMES=() LOGS=() RESULTS=() TIMES=()
-declare -A PID_OF=() START_OF=()
+declare -A PID_OF=()
 
 wanted() { [[ ",$PARTS," == *",$1,"* ]]; }
 
@@ -84,30 +89,34 @@ launch() {  # launch NAME LIMIT COMMAND...: run in the background under a time l
     local name=$1 limit=$(($2 * LIMIT_SCALE))
     shift 2
     local left=$((BUDGET - (SECONDS - STARTED)))
+    local index=${#NAMES[@]}
     local log
-    log="$WORK/$(printf %02d "${#NAMES[@]}")-${name//[^a-z0-9]/_}.log"
+    log="$WORK/$(printf %02d "$index")-${name//[^a-z0-9]/_}.log"
     NAMES+=("$name")
     LOGS+=("$log")
-    if [ "$left" -lt 30 ]; then
-        RESULTS+=("SKIP (out of time)")
-        TIMES+=(0)
+    TIMES+=(0)
+    if [ "$left" -lt 30 ] || { [ "$left" -lt "$limit" ] && [ "$left" -lt $((limit / 2)) ]; }; then
+        RESULTS+=("SKIP (budget: ${left}s left)")
         return
     fi
     [ "$limit" -gt "$left" ] && limit=$left
     echo "[$(date +%T)] start  $name (limit ${limit}s)"
     RESULTS+=("running")
-    TIMES+=(0)
-    ( cd "$ROOT" && exec timeout --kill-after=10 "$limit" "$@" ) > "$log" 2>&1 &
-    PID_OF[$((${#NAMES[@]} - 1))]=$!
-    START_OF[$((${#NAMES[@]} - 1))]=$SECONDS
+    (
+        cd "$ROOT" || exit 1
+        begin=$SECONDS
+        timeout --kill-after=10 "$limit" "$@" > "$log" 2>&1
+        echo "$? $((SECONDS - begin))" > "$log.result"
+    ) &
+    PID_OF[$index]=$!
 }
 
 collect() {  # wait for every launched part and record how it ended
-    local index status
+    local index status seconds
     for index in "${!PID_OF[@]}"; do
         wait "${PID_OF[$index]}"
-        status=$?
-        TIMES[index]=$((SECONDS - START_OF[$index]))
+        read -r status seconds < "${LOGS[index]}.result" || status=255
+        TIMES[index]=${seconds:-0}
         case $status in
             0) RESULTS[index]=PASS ;;
             124 | 137) RESULTS[index]="TIMEOUT" ;;
@@ -138,35 +147,38 @@ for precision in ('fp32', 'tf32', 'bf16'):
 }
 
 # Side by side: nothing here is timed.
-wanted tests && launch "tests: equivalence on $DEVICE" 240 "${PYTEST[@]}" --basetemp "$WORK/tmp/tests" \
-    tests/test_model.py tests/test_data.py tests/test_precision.py tests/test_evaluate.py tests/test_imports.py \
-    tests/test_pipeline.py::test_deterministic_training_repeats_bit_for_bit
-wanted chain && launch "chain: every stage on $DEVICE" 240 "${PYTEST[@]}" --basetemp "$WORK/tmp/chain" \
+wanted tests && launch "tests: equivalence on $DEVICE" 180 "${PYTEST[@]}" --basetemp "$WORK/tmp/tests" \
+    tests/test_model.py tests/test_data.py tests/test_bench_paths.py tests/test_precision.py tests/test_evaluate.py \
+    tests/test_imports.py tests/test_pipeline.py::test_deterministic_training_repeats_bit_for_bit
+wanted chain && launch "chain: every stage on $DEVICE" 180 "${PYTEST[@]}" --basetemp "$WORK/tmp/chain" \
     tests/test_pipeline.py -k "not compiled and not deterministic"
-wanted compile && launch "compile: modes against eager" 300 "${PYTEST[@]}" --basetemp "$WORK/tmp/compile" \
+wanted compile && launch "compile: modes against eager" 200 "${PYTEST[@]}" --basetemp "$WORK/tmp/compile" \
     tests/test_pipeline.py -k compiled
 if wanted memory; then
-    launch "memory: peaks against plans, fp32" 240 "${MEMORY[@]}" --precision fp32 --out "$WORK/memory_fp32.json"
-    launch "memory: peaks against plans, bf16" 240 "${MEMORY[@]}" --precision bf16 --out "$WORK/memory_bf16.json"
+    launch "memory: peaks against plans, fp32" 150 "${MEMORY[@]}" --precision fp32 --out "$WORK/memory_fp32.json"
+    launch "memory: peaks against plans, bf16" 150 "${MEMORY[@]}" --precision bf16 --out "$WORK/memory_bf16.json"
 fi
-wanted losses && launch "losses: stage 1 in fp32, tf32, bf16" 240 \
+wanted losses && launch "losses: stage 1 in fp32, tf32, bf16" 150 \
     bash -c "$(declare -p LOSS_RUN PYTHON DEVICE WORK); $(declare -f stage1_losses); stage1_losses"
 collect
 
 # Alone, one after another, most wanted first: what does not fit the budget is reported as skipped.
 if wanted bench; then
-    run "bench: bf16 + compile reduce-overhead" 200 "${BENCH[@]}" --precision bf16 --compile reduce-overhead \
-        --stages 1,3 --out "$WORK/bench/1_bf16_compiled"
-    run "bench: fp32" 120 "${BENCH[@]}" --precision fp32 --out "$WORK/bench/2_fp32"
-    run "bench: tf32" 120 "${BENCH[@]}" --precision tf32 --out "$WORK/bench/3_tf32"
-    run "bench: bf16" 120 "${BENCH[@]}" --precision bf16 --out "$WORK/bench/4_bf16"
-    run "bench: fp32 + compile reduce-overhead" 200 "${BENCH[@]}" --precision fp32 --compile reduce-overhead \
+    run "bench: fp32" 90 "${BENCH[@]}" --precision fp32 --out "$WORK/bench/1_fp32"
+    run "bench: tf32" 90 "${BENCH[@]}" --precision tf32 --out "$WORK/bench/2_tf32"
+    run "bench: bf16" 90 "${BENCH[@]}" --precision bf16 --out "$WORK/bench/3_bf16"
+    run "bench: bf16 + compile reduce-overhead" 180 "${BENCH[@]}" --precision bf16 --compile reduce-overhead \
+        --stages 1,3 --out "$WORK/bench/4_bf16_compiled"
+fi
+if wanted bench-compiled; then
+    run "bench: fp32 + compile reduce-overhead" 180 "${BENCH[@]}" --precision fp32 --compile reduce-overhead \
         --stages 1,3 --out "$WORK/bench/5_fp32_compiled"
-    run "bench: tf32 + compile reduce-overhead" 200 "${BENCH[@]}" --precision tf32 --compile reduce-overhead \
+    run "bench: tf32 + compile reduce-overhead" 180 "${BENCH[@]}" --precision tf32 --compile reduce-overhead \
         --stages 1,3 --out "$WORK/bench/6_tf32_compiled"
-    if compgen -G "$WORK/bench/*/*.json" > /dev/null; then
-        run "bench: combined page" 60 "$PYTHON" -m m3dt.bench combine $(ls -d "$WORK"/bench/*/) --out "$BENCHMARKS"
-    fi
+fi
+if compgen -G "$WORK/bench/*/*.json" > /dev/null; then
+    BUDGET=$((BUDGET + 30)) run "bench: combined page" 30 "$PYTHON" -m m3dt.bench combine $(ls -d "$WORK"/bench/*/) \
+        --out "$BENCHMARKS"
 fi
 
 # ------------------------------------------------------------------------------------------ report
@@ -176,7 +188,7 @@ for index in "${!NAMES[@]}"; do
     failed=1
     echo
     echo "---- ${NAMES[index]}: ${RESULTS[index]}; last lines of ${LOGS[index]}"
-    [ -f "${LOGS[index]}" ] && grep -v '^\s*$' "${LOGS[index]}" | tail -n 25 | cut -c 1-400
+    [ -f "${LOGS[index]}" ] && grep -v '^\s*$' "${LOGS[index]}" | tail -n 15 | cut -c 1-300
 done
 for log in "${LOGS[@]}"; do  # the warnings the tests report (e.g. whether CUDA runs repeat without --deterministic)
     [ -f "$log" ] && grep -h "UserWarning: " "$log" | sed 's/^.*UserWarning: /note: /' | sort -u
@@ -212,7 +224,10 @@ if [ -n "${OUT:-}" ]; then
     mkdir -p "$OUT"
     cp "$summary" "$OUT/"
     [ -n "$page" ] && cp "$page" "${page%.md}.json" "$OUT/" 2>/dev/null
-    tar -czf "$OUT/gpu_check_logs.tar.gz" -C "$WORK" --exclude ./inductor --exclude ./tmp . 2>/dev/null
+    # the logs and results, not the synthetic data, run directories and compile caches the parts made
+    (cd "$WORK" && find . -path ./tmp -prune -o -path ./inductor -prune -o -path ./losses/data -prune -o -type f \
+        \( -name '*.log' -o -name '*.result' -o -name '*.json' -o -name '*.jsonl' -o -name '*.md' \) -print |
+        tar -czf "$OUT/gpu_check_logs.tar.gz" -T -) 2>/dev/null
 fi
 echo
 echo "gpu_check on $DEVICE: $((SECONDS - STARTED))s; logs in $WORK${OUT:+ (and \$OUT/gpu_check_logs.tar.gz)}"

@@ -98,7 +98,6 @@ def test_full_chain_both_groupings(pipeline_run, device):
     assert "already finished" in again.stdout
 
 
-@pytest.mark.device
 def test_mismatched_inputs_are_named(pipeline_run):
     run_dir, common = pipeline_run
     wrong_width = [*common, "--embed_dim", "64"]
