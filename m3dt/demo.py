@@ -37,7 +37,8 @@ def side_by_side(results: dict[str, dict]) -> str:
     for family in families:
         lines.append(f"| {family} | " + " | ".join(f"{results[name]['families'][family]['score']:.1f}" for name in names) + " |")
     lines.append("| **total** | " + " | ".join(f"**{results[name]['total']['score']:.1f}**" for name in names) + " |")
-    return "\n".join(lines)
+    notes = list(dict.fromkeys(result["protocol"]["note"] for result in results.values() if result["protocol"]["note"]))
+    return "\n".join(lines + ([""] + notes if notes else []))
 
 
 def check_demo_options(config: Config, task_names: list[str]) -> None:

@@ -67,20 +67,18 @@ class Rollout:
 
 
 # ------------------------------------------------------------------------------------------ environments
+def _in_env(task_name: str, episode: int, what: str, call: Callable[[], Any]) -> Any:
+    """`call()`, a failure of which becomes an EnvFailure naming the env (the simulators raise many types)."""
+    try:
+        return call()
+    except Exception as error:  # noqa: BLE001
+        raise EnvFailure(f"{task_name} episode {episode}: {what} failed: {one_line(error)}") from error
+
+
 def _build_env(task_name: str, episode: int, seed: int):
     from m3dt.envs import make_env
 
-    try:
-        return make_env(task_name, episode, seed)
-    except Exception as error:  # noqa: BLE001 - the simulators raise many types; the user needs which env
-        raise EnvFailure(f"{task_name} episode {episode}: the env could not be built: {one_line(error)}") from error
-
-
-def _env_call(env, method: str, *args):
-    try:
-        return getattr(env, method)(*args)
-    except Exception as error:  # noqa: BLE001 - as above
-        raise EnvFailure(f"{env.task.name} episode {env.episode}: {method} failed: {one_line(error)}") from error
+    return _in_env(task_name, episode, "building the env", lambda: make_env(task_name, episode, seed))
 
 
 def one_line(error: BaseException) -> str:
@@ -90,8 +88,8 @@ def one_line(error: BaseException) -> str:
 def _answer(envs: list, command: str, payload):
     """What `EnvPool` asks of a block of envs (in a worker or in this process)."""
     if command == "reset":
-        return np.stack([_env_call(env, "reset") for env in envs])
-    results = [_env_call(envs[i], "step", action) for i, action in payload]
+        return np.stack([_in_env(env.task.name, env.episode, "reset", env.reset) for env in envs])
+    results = [_in_env(envs[i].task.name, envs[i].episode, "step", lambda: envs[i].step(action)) for i, action in payload]
     return [(obs, reward, done, info["success"]) for obs, reward, done, info in results]
 
 

@@ -105,7 +105,7 @@ def test_env_failure_in_a_worker_is_one_line(tiny_run):
     for workers in (0, 1):
         with pytest.raises(EnvFailure) as raised:
             run_rollouts(RandomPolicy(0), statistics, rollouts, seed=0, workers=workers, max_steps=2)
-        assert str(raised.value) == ("reach-v2 episode 50: the env could not be built: ValueError: reach-v2: episode 50 "
+        assert str(raised.value) == ("reach-v2 episode 50: building the env failed: ValueError: reach-v2: episode 50 "
                                      "has no goal; MT1 samples 50 goals per seed (use another seed for more)")
 
 
