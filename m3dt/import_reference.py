@@ -125,12 +125,13 @@ def reference_expert_shape(name: str, shape: torch.Size) -> tuple[int, ...]:
     return tuple(shape[-1:]) if name.endswith("bias") else tuple(shape)
 
 
-def model_shapes(config: Config) -> dict[str, torch.Size]:
-    """Every tensor shape of this run's stage-3 model (backbone, experts, routers), from a model built for it
-    (at the paper's size with 48 experts: 0.7 GB for a few seconds; the meta device would take longer here, to
-    import PyTorch's reference kernels)."""
+def model_shapes(config: Config, with_experts: bool) -> dict[str, torch.Size]:
+    """Every tensor shape of this run's model, with `--expert_num` experts and routers when `with_experts`,
+    from a model built for it (at the paper's size with 48 experts: 0.7 GB for a few seconds; the meta device
+    takes longer, to import PyTorch's reference kernels)."""
     model = build_model(config, dropout=0.0)
-    model.install_experts(config.expert_num, routed=True)
+    if with_experts:
+        model.install_experts(config.expert_num, routed=True)
     return {key: value.shape for key, value in model.state_dict().items()}
 
 
@@ -324,7 +325,8 @@ def check_same_experts(moe: ReferenceFile, from_moe: list[Tensors], files: list[
         for key, value in in_file.items():
             if not torch.equal(in_moe[key], value):
                 raise moe.error(f"'{reference_expert_key(key, f'experts.{expert}.')}' differs from "
-                                f"'{reference_expert_key(key)}' of {file.path} (the MoE was trained over other experts)")
+                                f"'{reference_expert_key(key)}' of {file.path} (the MoE was trained over other "
+                                "experts)")
 
 
 # ------------------------------------------------------------------------------------------ writing the run
@@ -340,15 +342,15 @@ def steps_done(file: ReferenceFile, schedule: int) -> int:
     return schedule if found is None else found
 
 
-def check_replaceable(artifact: Path, file: ReferenceFile, restart: bool) -> None:
+def check_replaceable(artifact: Path, source_path: Path, sha256: str, restart: bool) -> None:
     """An artifact already in the run directory is replaced only when it was imported from the same file, or
-    with --restart (an import must not silently overwrite a trained model)."""
+    with --restart (an import must not silently overwrite a trained model or a grouping)."""
     if restart or not artifact.exists():
         return
     manifest = manifest_path(artifact)
     recorded = read_json(manifest, "manifest").get("source") if manifest.exists() else None
-    if not recorded or recorded.get("sha256") != file.sha256:
-        raise ArtifactError(f"{artifact}: exists and was not imported from {file.path}; use another --run_dir, "
+    if not recorded or recorded.get("sha256") != sha256:
+        raise ArtifactError(f"{artifact}: exists and was not imported from {source_path}; use another --run_dir, "
                             "or --restart to replace it")
 
 
@@ -368,7 +370,7 @@ class Reference:
 
 def read_reference(config: Config, tasks: list[str]) -> Reference:
     """Read and check every file given (backbone, groups, experts, MoE) before anything is written."""
-    shapes = model_shapes(config)
+    shapes = model_shapes(config, with_experts=bool(config.experts or config.moe))
     reference = Reference(*read_backbone(Path(config.backbone), config, shapes))
     if config.groups:
         path = Path(config.groups)
@@ -401,16 +403,30 @@ def import_reference(config: Config) -> RunDir:
     workers = os.cpu_count() if config.workers is None else config.workers
     state_mean, state_std, prompts = read_statistics(config.data_path, tasks, config.max_episodes,
                                                      config.prompt_length, workers)
-    expert_outputs = [run.expert(config.grouping, config.expert_num, index)
-                      for index in range(len(reference.experts))]
-    targets = [(run.backbone, reference.backbone_file), *zip(expert_outputs, reference.expert_files)]
+    statistics = data_stats(torch.from_numpy(state_mean), torch.from_numpy(state_std),
+                            Prompts.from_arrays(prompts, torch.device("cpu")))
+    targets = [(run.backbone, reference.backbone_file.path, reference.backbone_file.sha256)]
+    if reference.groups is not None:
+        groups_path = Path(config.groups)
+        targets.append((run.groups(config.grouping, config.expert_num), groups_path, file_hash(groups_path)))
+    targets += [(run.expert(config.grouping, config.expert_num, index), file.path, file.sha256)
+                for index, file in enumerate(reference.expert_files)]
     if reference.moe_file:
-        targets.append((run.moe(config.grouping, config.expert_num), reference.moe_file))
-    for artifact, file in targets:
-        check_replaceable(artifact, file, config.restart)
+        moe_file = reference.moe_file
+        targets.append((run.moe(config.grouping, config.expert_num), moe_file.path, moe_file.sha256))
+    for artifact, path, sha256 in targets:
+        check_replaceable(artifact, path, sha256, config.restart)
 
-    save_tensors(run.data_stats, data_stats(torch.from_numpy(state_mean), torch.from_numpy(state_std),
-                                            Prompts.from_arrays(prompts, torch.device("cpu"))))
+    write_run(run, config, tasks, reference, statistics)
+    stage = "3" if reference.moe_file else "1"
+    print(f"evaluate it: python -m m3dt.evaluate --run_dir {run.root} --stage {stage}"
+          + (f" --grouping {config.grouping} --expert_num {config.expert_num}" if stage == "3" else ""))
+    return run
+
+
+def write_run(run: RunDir, config: Config, tasks: list[str], reference: Reference, statistics: Tensors) -> None:
+    """The artifacts and manifests our stages would write, each manifest with the file it came from."""
+    save_tensors(run.data_stats, statistics)
     save_tensors(run.backbone, reference.backbone)
     write_manifest(run.backbone, "stage1", vars(config), tasks, [], run.root,
                    steps_done=steps_done(reference.backbone_file, config.backbone_steps),
@@ -418,7 +434,7 @@ def import_reference(config: Config) -> RunDir:
                    source=source(reference.backbone_file, reference.unused))
     print(f"imported {config.backbone} -> {run.backbone} ({len(reference.unused)} unused keys, listed in its manifest)")
     if reference.groups is None:
-        return run
+        return
 
     groups_file = run.groups(config.grouping, config.expert_num)
     write_json(groups_file, {f"expert_{index}": group for index, group in enumerate(reference.groups)})
@@ -428,6 +444,8 @@ def import_reference(config: Config) -> RunDir:
                            "layout": "the authors' group file"})
     print(f"imported {config.groups} -> {groups_file}")
     identity = stage_identity(config, tasks, run, [run.backbone, groups_file])
+    expert_outputs = [run.expert(config.grouping, config.expert_num, index)
+                      for index in range(len(reference.experts))]
     for index, (output, file) in enumerate(zip(expert_outputs, reference.expert_files)):
         save_tensors(output, reference.experts[index])
         part = f"experts.{index} of every block" if file is reference.moe_file else None
@@ -437,7 +455,7 @@ def import_reference(config: Config) -> RunDir:
     if expert_outputs:
         print(f"imported {len(expert_outputs)} experts -> {expert_outputs[0].parent}")
     if reference.moe_file is None:
-        return run
+        return
 
     output = run.moe(config.grouping, config.expert_num)
     inputs = [run.backbone, groups_file, *expert_outputs]
@@ -447,7 +465,6 @@ def import_reference(config: Config) -> RunDir:
                    identity=stage_identity(config, tasks, run, inputs), num_experts=config.expert_num, top_k=0,
                    source=source(reference.moe_file))
     print(f"imported {config.moe} -> {output}")
-    return run
 
 
 def moe_state(backbone: Tensors, routers: Tensors, experts: list[Tensors], n_layer: int) -> Tensors:

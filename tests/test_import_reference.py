@@ -172,6 +172,13 @@ def test_moe_alone_gives_the_experts_too(reference_files, small_data, tmp_path, 
     assert manifest["source"]["part"] == "experts.3 of every block"
 
 
+def test_backbone_alone(reference_files, small_data, tmp_path, capsys):
+    main(import_argv({"backbone": reference_files["backbone"]}, small_data, tmp_path, "--expert_num", "48"))
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["stage1"]
+    load_policy(RunDir(tmp_path), 1, "gradient", 0)
+    assert f"python -m m3dt.evaluate --run_dir {tmp_path} --stage 1\n" in capsys.readouterr().out
+
+
 def test_expert_files_by_folder_pattern_or_list(tmp_path):
     for expert in range(2):
         for iteration in (100, 200):
@@ -287,3 +294,9 @@ def test_a_trained_artifact_is_not_replaced_without_restart(imported, reference_
     assert "backbone.safetensors: exists and was not imported from" in capsys.readouterr().err
     main(import_argv(reference_files, small_data, run_dir, "--restart"))
     main(import_argv(reference_files, small_data, run_dir))  # importing the same files again is allowed
+    # a grouping of the run's own (as the grouping stage writes it) is not replaced either
+    groups_manifest = run_dir / "stage2" / "groups_gradient_4.manifest.json"
+    groups_manifest.write_text(json.dumps({"stage": "stage2_grouping_gradient", "inputs": {}}))
+    with pytest.raises(SystemExit):
+        main(import_argv(reference_files, small_data, run_dir))
+    assert "groups_gradient_4.json: exists and was not imported from" in capsys.readouterr().err
