@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from m3dt import bench, collect, demo, evaluate, report
+from m3dt import bench, collect, demo, evaluate, import_reference, report
 from tests.conftest import REPO
 
 STAGE_SCRIPTS = ("stage1_backbone_train.py", "stage2_task_grouping_gradient.py", "stage2_task_grouping_random.py",
                  "stage2_expert_train.py", "stage3_router_train.py")
 MODULES = {"m3dt.evaluate": evaluate.main, "m3dt.report": report.main, "m3dt.collect": collect.main,
-           "m3dt.demo": demo.main, "m3dt.bench": bench.main}
+           "m3dt.demo": demo.main, "m3dt.bench": bench.main, "m3dt.import_reference": import_reference.main}
 SHELL_SCRIPT = "stage2_expert_train_total.sh"
 
 
@@ -34,6 +34,9 @@ def bad_inputs(entry: str, tmp: Path) -> dict[str, tuple[list[str], str]]:
     if entry == "stage1_backbone_train.py":
         return {**stage, "missing data": ([*tasks, "--data_path", str(nowhere), "--run_dir", str(tmp)],
                                           f"{nowhere}: data root does not exist")}
+    if entry == "m3dt.import_reference":
+        return {**stage, "missing checkpoint file": ([*tasks, "--backbone", f"{nowhere}.pt", "--run_dir", str(tmp)],
+                                                     f"{nowhere}.pt: the authors' stage-1 Prompt-DT state_dict does not exist")}
     if entry in STAGE_SCRIPTS or entry == SHELL_SCRIPT:
         return {**stage, "missing run dir": ([*tasks, "--run_dir", str(nowhere)], f"{nowhere}/stage1/backbone")}
     if entry == "m3dt.evaluate":
