@@ -148,7 +148,7 @@ for precision in ('fp32', 'tf32', 'bf16'):
 
 # Side by side: nothing here is timed.
 wanted tests && launch "tests: equivalence on $DEVICE" 180 "${PYTEST[@]}" --basetemp "$WORK/tmp/tests" \
-    tests/test_model.py tests/test_data.py tests/test_bench_paths.py tests/test_precision.py tests/test_evaluate.py \
+    tests/test_model.py tests/test_data.py tests/test_bench_paths.py tests/test_precision.py tests/test_evaluation_forward.py \
     tests/test_imports.py tests/test_pipeline.py::test_deterministic_training_repeats_bit_for_bit
 wanted chain && launch "chain: every stage on $DEVICE" 180 "${PYTEST[@]}" --basetemp "$WORK/tmp/chain" \
     tests/test_pipeline.py -k "not compiled and not deterministic"

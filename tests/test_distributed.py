@@ -28,7 +28,8 @@ def test_stage1_and_stage3_under_torchrun(small_data, tmp_path):
     result = torchrun("stage1_backbone_train.py", "--tasks", ",".join(SMALL_TASKS), "--max_iters", "60", *common)
     # each rank loads only its half of the tasks; rank 0 still writes every task's statistics, in task order
     assert result.stdout.count(f"loaded {len(SMALL_TASKS) // 2} tasks") == 2
-    expected = data_stats(DeviceSampler(TaskDataset(small_data, SMALL_TASKS), 20, 16, torch.device("cpu"), [0]))
+    sampler = DeviceSampler(TaskDataset(small_data, SMALL_TASKS), 20, 16, torch.device("cpu"), [0])
+    expected = data_stats(sampler.state_mean, sampler.state_std, sampler.prompts)
     written = load_file(tmp_path / "stage1" / "data_stats.safetensors")
     assert written.keys() == expected.keys() and all(torch.equal(written[key], expected[key]) for key in expected)
     manifest = json.loads((tmp_path / "stage1" / "backbone.manifest.json").read_text())

@@ -12,7 +12,8 @@ from tests.conftest import REPO
 
 SIMULATORS = ("gymnasium", "mujoco", "metaworld", "dm_control", "stable_baselines3", "wandb")
 GPU_CHECK_MODULES = ("m3dt.bench", "m3dt.memory", "m3dt.stages", "m3dt.evaluate", "m3dt.train", "m3dt.naive",
-                     "tests.test_model", "tests.test_data", "tests.test_precision", "tests.test_evaluate",
+                     "tests.test_model", "tests.test_data", "tests.test_precision", "tests.test_evaluation_forward",
+                     "tests.test_bench_paths",
                      "tests.test_pipeline", "tests.test_memory")
 
 
