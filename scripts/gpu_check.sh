@@ -22,7 +22,7 @@
 #   GPU_CHECK_PARTS=bench,memory bash scripts/gpu_check.sh  # some parts only
 # Without a GPU (and without GPU_CHECK_DEVICE) it says so in one line and exits 0. Everything it writes is in
 # a work folder (printed), benchmarks/ (GPU runs only) and, when $OUT is set, copied there. It exits 1 when
-# a part failed or ran out of time. GPU_CHECK_BUDGET: seconds for all parts (default 400; --tiny 4000, and each
+# a part failed or ran out of time. GPU_CHECK_BUDGET: seconds for all parts (default 380; --tiny 4000, and each
 # part's limit x 6: a shared 2-core CPU is that much slower than a GPU machine).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -44,7 +44,7 @@ if [ "$DEVICE" = cuda ] && [ "$cuda" != 1 ]; then
     exit 0
 fi
 
-BUDGET=${GPU_CHECK_BUDGET:-$([ "$TINY" = 1 ] && echo 4000 || echo 400)}
+BUDGET=${GPU_CHECK_BUDGET:-$([ "$TINY" = 1 ] && echo 4000 || echo 380)}
 LIMIT_SCALE=$([ "$TINY" = 1 ] && echo 6 || echo 1)
 PARTS=${GPU_CHECK_PARTS:-tests,chain,compile,memory,losses,bench,bench-compiled}
 WORK=${GPU_CHECK_WORK:-$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")}
@@ -147,12 +147,12 @@ for precision in ('fp32', 'tf32', 'bf16'):
 }
 
 # Side by side: nothing here is timed.
-wanted tests && launch "tests: equivalence on $DEVICE" 180 "${PYTEST[@]}" --basetemp "$WORK/tmp/tests" \
+wanted tests && launch "tests: equivalence on $DEVICE" 170 "${PYTEST[@]}" --basetemp "$WORK/tmp/tests" \
     tests/test_model.py tests/test_data.py tests/test_bench_paths.py tests/test_precision.py tests/test_evaluation_forward.py \
     tests/test_imports.py tests/test_pipeline.py::test_deterministic_training_repeats_bit_for_bit
-wanted chain && launch "chain: every stage on $DEVICE" 180 "${PYTEST[@]}" --basetemp "$WORK/tmp/chain" \
+wanted chain && launch "chain: every stage on $DEVICE" 170 "${PYTEST[@]}" --basetemp "$WORK/tmp/chain" \
     tests/test_pipeline.py -k "not compiled and not deterministic"
-wanted compile && launch "compile: modes against eager" 200 "${PYTEST[@]}" --basetemp "$WORK/tmp/compile" \
+wanted compile && launch "compile: modes against eager" 170 "${PYTEST[@]}" --basetemp "$WORK/tmp/compile" \
     tests/test_pipeline.py -k compiled
 if wanted memory; then
     launch "memory: peaks against plans, fp32" 150 "${MEMORY[@]}" --precision fp32 --out "$WORK/memory_fp32.json"
