@@ -219,15 +219,20 @@ def test_compiled_training_matches_eager(small_data, tmp_path, device):
 
 
 @pytest.fixture
-def restore_determinism():
-    """--deterministic switches PyTorch's deterministic mode for the process: switch it back after the test."""
+def in_process_stages():
+    """Stages run in this process: one CPU thread, as run_stage gives the stage scripts (a tiny model gains
+    nothing from more, and OpenMP threads wait on each other on a busy machine); afterwards the thread count
+    and PyTorch's deterministic mode (--deterministic) as they were."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
+    torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(False)
     torch.backends.cudnn.deterministic = False
 
 
 @pytest.mark.device
-def test_deterministic_training_repeats_bit_for_bit(small_data, tmp_path, device, restore_determinism):
+def test_deterministic_training_repeats_bit_for_bit(small_data, tmp_path, device, in_process_stages):
     """Two stage-1 runs with --deterministic end with the same weights, bit for bit (on a CPU every run
     does; on a GPU this is PyTorch's deterministic kernels at work). In this process, through the stage's
     command line. Whether runs without it repeat on a GPU is reported as a warning, not asserted: PyTorch
