@@ -1,8 +1,9 @@
-"""Evaluate a trained model in the real simulators with the protocol of SPEC section 5.
+"""Evaluate a trained model in the real simulators with the protocol of the README's "Evaluation".
 
-    python -m m3dt.evaluate --run_dir runs/mt160_seed0 --stage 1          # Prompt-DT (the stage-1 backbone)
-    python -m m3dt.evaluate --run_dir runs/mt160_seed0 --stage 3 --grouping gradient --expert_num 48
-    python -m m3dt.evaluate --run_dir runs/mt160_seed0 --stage random   # the floor: uniform random actions
+    python -m m3dt.evaluate --run_dir runs/mt160_seed0 --method prompt-dt   # the stage-1 backbone (--stage 1)
+    python -m m3dt.evaluate --run_dir runs/mt160_seed0 --method m3dt --grouping gradient --expert_num 48  # (--stage 3)
+    python -m m3dt.evaluate --run_dir runs/mt160_seed0 --method random      # the floor: uniform random actions
+    python -m m3dt.evaluate --run_dir runs/mt160_seed0 --method mtdt        # or harmodt, m3dt-end2end, m3dt-no-grouping
 
 All (task, episode) rollouts advance in lockstep: at every env step, one batched model forward over all
 live rollouts, then every env steps, spread over worker processes. Rollouts start together, so at step t
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from m3dt.baselines import METHODS as BASELINES, load_baseline, method_module
 from m3dt.cli import exit_with_message
 from m3dt.data import Batch
 from m3dt.model import PromptDecisionTransformer
@@ -37,13 +39,20 @@ from m3dt.scores import episode_score
 from m3dt.tasks import FAMILIES, MAX_ACT_DIM, MAX_OBS_DIM, Task, TaskError, get_task, resolve_tasks
 
 EPISODES_PER_FAMILY = {"metaworld": 10, "dmc": 10, "ant_dir": 1, "cheetah_vel": 1}
-METHOD_NAMES = {"1": "Prompt-DT", "3": "M3DT", "random": "random policy"}
+STAGE_METHODS = {"1": "prompt-dt", "3": "m3dt", "random": "random"}  # --stage values, aliases of --method
+METHODS = ("prompt-dt", "m3dt", *BASELINES, "random")
+
+
+def method_name(method: str) -> str:
+    """The display name of a --method value (results.json "method")."""
+    names = {"prompt-dt": "Prompt-DT", "m3dt": "M3DT", "random": "random policy"}
+    return names[method] if method in names else method_module(method).NAME
 
 
 @dataclass(frozen=True)
 class Rollout:
     task: Task
-    task_slot: int  # index of the task in the stage-1 statistics
+    task_slot: int  # index of the task in the evaluated model's task list (and its data statistics)
     episode: int
 
 
@@ -129,18 +138,36 @@ class EnvPool:
 
 
 # ------------------------------------------------------------------------------------------ model
-def load_policy(run: RunDir, stage: int, grouping: str, expert_num: int) -> tuple[PromptDecisionTransformer, dict]:
-    """The trained model of a stage, built from what its manifest says."""
+def method_files(run: RunDir, method: str, grouping: str, expert_num: int) -> tuple[Path, Path]:
+    """The artifact a method's evaluation reads (its manifest lists the trained tasks) and the data
+    statistics file that goes with it. The random policy needs only the latter: stage 1's, or a comparison
+    method's in a run directory without stage 1."""
+    if method in BASELINES:
+        return run.baseline_model(method), run.baseline_data_stats(method)
+    if method == "m3dt":
+        return run.moe(grouping, expert_num), run.data_stats
+    if method == "random" and not run.backbone.exists():
+        for baseline in BASELINES:
+            if run.baseline_model(baseline).exists():
+                return run.baseline_model(baseline), run.baseline_data_stats(baseline)
+    return run.backbone, run.data_stats
+
+
+def load_policy(run: RunDir, method: str, grouping: str, expert_num: int) -> tuple[torch.nn.Module, dict]:
+    """The trained model of a method, built from what its manifest says (eval mode)."""
     from m3dt.stages import build_model
 
-    artifact = run.backbone if stage == 1 else run.moe(grouping, expert_num)
-    manifest = read_manifest(artifact, f"stage-{stage} model")
+    if method in BASELINES:
+        return load_baseline(run, method)
+    artifact, _ = method_files(run, method, grouping, expert_num)
+    what = f"{method_name(method)} model"
+    manifest = read_manifest(artifact, what)
     config = manifest["config"]
     model = build_model(config, dropout=0.0)
-    if stage == 3:
+    if method == "m3dt":
         model.install_experts(manifest["num_experts"], routed=True, top_k=manifest.get("top_k", 0))
     try:
-        model.load_state_dict(load_tensors(artifact, f"stage-{stage} model"))
+        model.load_state_dict(load_tensors(artifact, what))
     except RuntimeError as error:
         raise ArtifactError(f"{artifact}: does not fit the model its manifest describes ({str(error).splitlines()[0]})") from None
     return model.eval(), manifest
@@ -148,15 +175,15 @@ def load_policy(run: RunDir, stage: int, grouping: str, expert_num: int) -> tupl
 
 @dataclass
 class Statistics:
-    """What evaluation needs from the training data (written by stage 1), indexed by task slot."""
+    """What evaluation needs from the training data (written by the training stage), indexed by task slot."""
 
     state_mean: np.ndarray
     state_std: np.ndarray
     prompts: dict[str, torch.Tensor]
 
 
-def load_statistics(run: RunDir) -> Statistics:
-    tensors = load_tensors(run.data_stats, "data statistics")
+def load_statistics(path: Path) -> Statistics:
+    tensors = load_tensors(path, "data statistics")
     prompts = {key.removeprefix("prompt_"): value for key, value in tensors.items() if key.startswith("prompt_")}
     return Statistics(tensors["state_mean"].numpy(), tensors["state_std"].numpy(), prompts)
 
@@ -176,10 +203,11 @@ class ModelPolicy:
     with zeros (the reference pads evaluation contexts with normalised state 0 and action 0; padded steps
     are masked either way) and each task's fixed higher-return prompt."""
 
-    def __init__(self, model: PromptDecisionTransformer, statistics: Statistics, rollouts: list[Rollout],
+    def __init__(self, model: torch.nn.Module, statistics: Statistics, rollouts: list[Rollout],
                  context_length: int, device: torch.device, dtype: torch.dtype = torch.float32):
         self.model, self.context_length, self.device, self.dtype = model, context_length, device, dtype
         slots = torch.tensor([rollout.task_slot for rollout in rollouts])
+        self.task_index = slots.to(device)
         self.prompt = {key: value[slots].to(device, dtype if value.is_floating_point() else value.dtype)
                        for key, value in statistics.prompts.items()}
 
@@ -206,6 +234,7 @@ class ModelPolicy:
             mask=mask, prompt_states=prompt["states"], prompt_actions=prompt["actions"],
             prompt_returns_to_go=prompt["returns_to_go"], prompt_timesteps=prompt["timesteps"],
             prompt_mask=prompt["mask"], action_mask=torch.ones(rows, 1, MAX_ACT_DIM, device=self.device, dtype=self.dtype),
+            task_index=self.task_index[live_index],
         )
         return self.model(batch, last_step_only=True)[:, -1].cpu().numpy().astype(np.float32)
 
@@ -270,7 +299,7 @@ def run_rollouts(policy: Callable[[History, np.ndarray, int], np.ndarray], stati
 
 # ------------------------------------------------------------------------------------------ results
 def summarise(rollouts: list[Rollout], outcome: dict[str, np.ndarray]) -> dict:
-    """Per-task scores (SPEC normalisation), per-family and total unweighted means over tasks."""
+    """Per-task scores (README "Evaluation"), per-family and total unweighted means over tasks."""
     per_task: dict[str, dict] = {}
     for name in dict.fromkeys(rollout.task.name for rollout in rollouts):
         indices = [i for i, rollout in enumerate(rollouts) if rollout.task.name == name]
@@ -349,26 +378,29 @@ def plot_families(out_dir: Path, results: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------ CLI
-def evaluate(run_dir: str, stage: str, grouping: str = "gradient", expert_num: int = 48, prefix_name: str | None = None,
+def evaluate(run_dir: str, method: str, grouping: str = "gradient", expert_num: int = 48, prefix_name: str | None = None,
              tasks: str | None = None, episodes: int | None = None, max_steps: int | None = None, workers: int | None = None,
              seed: int = 0, device: str = "auto", max_rollouts: int | None = None) -> dict:
-    """Evaluate stage "1" (Prompt-DT), stage "3" (M3DT) or a "random" policy; write and return the results."""
+    """Evaluate `method` (one of METHODS, or a --stage value: "1" Prompt-DT, "3" M3DT, "random"); write and
+    return the results."""
     from m3dt.train import resolve_device
 
+    method = STAGE_METHODS.get(method, method)
     run = RunDir(run_dir)
-    trained = read_manifest(run.backbone, "stage-1 backbone")["tasks"]
+    artifact, statistics_file = method_files(run, method, grouping, expert_num)
+    trained = read_manifest(artifact, f"{method_name(method)} model")["tasks"]
     chosen = resolve_tasks(prefix_name, tasks, seed) if (prefix_name or tasks) else trained
     untrained = [name for name in chosen if name not in trained]
     if untrained:
-        raise TaskError(f"{run.backbone}: the run was not trained on {', '.join(untrained[:3])}")
+        raise TaskError(f"{artifact}: the run was not trained on {', '.join(untrained[:3])}")
     rollouts = [Rollout(get_task(name), trained.index(name), episode)
                 for name in chosen
                 for episode in range(episodes or EPISODES_PER_FAMILY[get_task(name).family])]
-    statistics = load_statistics(run)
+    statistics = load_statistics(statistics_file)
     num_experts, model = 0, None
-    if stage != "random":
+    if method != "random":
         torch_device = resolve_device(device)
-        model, manifest = load_policy(run, int(stage), grouping, expert_num)
+        model, manifest = load_policy(run, method, grouping, expert_num)
         model.to(torch_device)
         num_experts = manifest.get("num_experts", 0)
 
@@ -385,11 +417,11 @@ def evaluate(run_dir: str, stage: str, grouping: str = "gradient", expert_num: i
     outcomes = [run_rollouts(make_policy(wave), statistics, wave, seed, workers, max_steps) for wave in waves]
     outcome = {key: np.concatenate([part[key] for part in outcomes]) for key in ("returns", "success", "steps")}
     results = {
-        "run_dir": str(run.root), "stage": stage, "method": METHOD_NAMES[stage], "seed": seed,
-        "num_experts": num_experts, "grouping": grouping if stage == "3" else None,
+        "run_dir": str(run.root), "method": method_name(method), "method_id": method, "seed": seed,
+        "num_experts": num_experts, "grouping": grouping if method == "m3dt" else None,
         "max_steps": max_steps, "seconds": time.perf_counter() - started, **summarise(rollouts, outcome),
     }
-    label = f"stage3_{grouping}_{expert_num}" if stage == "3" else {"1": "stage1", "random": "random"}[stage]
+    label = {"prompt-dt": "stage1", "m3dt": f"stage3_{grouping}_{expert_num}"}.get(method, method)
     out_dir = run.root / "eval" / label
     write_results(out_dir, results)
     print(markdown_table(results))
@@ -400,8 +432,11 @@ def evaluate(run_dir: str, stage: str, grouping: str = "gradient", expert_num: i
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run_dir", required=True)
-    parser.add_argument("--stage", choices=("1", "3", "random"), required=True,
-                        help="1: the stage-1 backbone (Prompt-DT); 3: the M3DT model; random: uniform random actions")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--method", choices=METHODS,
+                       help="prompt-dt: the stage-1 backbone; m3dt: the stage-3 model; random: uniform random actions; "
+                            "the others: the comparison methods of python -m m3dt.baselines")
+    which.add_argument("--stage", choices=tuple(STAGE_METHODS), help="the same as --method: 1 prompt-dt, 3 m3dt, random")
     parser.add_argument("--grouping", default="gradient", choices=("gradient", "random"))
     parser.add_argument("--expert_num", type=int, default=48)
     parser.add_argument("--prefix_name", help="evaluate an official suite (default: every task the run trained on)")
@@ -416,7 +451,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args(argv)
     try:
-        evaluate(args.run_dir, args.stage, args.grouping, args.expert_num, args.prefix_name, args.tasks, args.episodes,
+        evaluate(args.run_dir, args.method or args.stage, args.grouping, args.expert_num, args.prefix_name, args.tasks, args.episodes,
                  args.max_steps, args.workers, args.seed, args.device, args.max_rollouts)
     except (ArtifactError, TaskError) as error:
         exit_with_message(error, args.debug)

@@ -1,6 +1,6 @@
 """Task grouping for stage 2: gradient features + K-means, or a random split.
 
-Gradient method (SPEC section 3): per task, the mean of 10 full-model gradients of the stage-1 backbone
+Gradient method (README, "The MT160 pipeline"; the reference's stage-2 grouping script): per task, the mean of 10 full-model gradients of the stage-1 backbone
 (batch 16 of that task, dropout on, each gradient clipped to global norm 0.25 first); coordinates that are
 zero for every task are dropped; the feature of task i is (mean gradient over tasks) * g_i elementwise.
 K-means (Euclidean, random data points as initial centroids, <= 100 iterations, tol 1e-4) is restarted 40
@@ -22,16 +22,19 @@ from m3dt.data import DeviceSampler
 from m3dt.model import PromptDecisionTransformer, action_loss
 
 
-def task_gradients(model: PromptDecisionTransformer, sampler: DeviceSampler, task_count: int, samples: int,
-                   max_norm: float) -> torch.Tensor:
-    """(tasks, parameters) float32: per task the mean of `samples` clipped full-model gradients."""
+def task_gradients(model: PromptDecisionTransformer, sampler: DeviceSampler, tasks: list[int], samples: int,
+                   max_norm: float, generator: torch.Generator | None = None, progress: bool = True) -> torch.Tensor:
+    """(len(tasks), parameters) float32 on the CPU: per task (dataset index) the mean of `samples` clipped
+    gradients of every trainable parameter, flattened in `model.parameters()` order. Batches come from the
+    sampler's stream, or from `generator` (which leaves the training stream as it was)."""
     parameters = [p for p in model.parameters() if p.requires_grad]
     model.train()  # dropout on, as the reference computes them
+    generators = None if generator is None else [generator]
     rows = []
-    for task in tqdm(range(task_count), desc="task gradients"):
+    for task in tqdm(tasks, desc="task gradients", disable=not progress):
         total = None
         for _ in range(samples):
-            batch = sampler.sample(torch.tensor([task]))
+            batch = sampler.sample(torch.tensor([task]), generators)
             model.zero_grad(set_to_none=True)
             action_loss(model(batch), batch).backward()
             torch.nn.utils.clip_grad_norm_(parameters, max_norm)

@@ -42,9 +42,9 @@ def test_evaluate_cli_writes_results_table_and_plots(tiny_run, capsys):
 
 def test_batched_and_one_at_a_time_rollouts_agree(tiny_run):
     run = RunDir(tiny_run)
-    model, manifest = load_policy(run, 1, "gradient", 0)
+    model, manifest = load_policy(run, "prompt-dt", "gradient", 0)
     model.double()
-    statistics = load_statistics(run)
+    statistics = load_statistics(run.data_stats)
     trained = manifest["tasks"]
     rollouts = [Rollout(get_task(name), trained.index(name), episode) for name in ONE_PER_FAMILY for episode in (0, 1)]
 
@@ -84,4 +84,4 @@ def test_unknown_stage_artifact_is_a_clear_error(tiny_run, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--run_dir", str(tiny_run), "--stage", "3", "--expert_num", "7"])
     assert exit_info.value.code == 2
-    assert "moe.safetensors: stage-3 model does not exist" in capsys.readouterr().err
+    assert "moe.safetensors: M3DT model does not exist" in capsys.readouterr().err
