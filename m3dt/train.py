@@ -1,5 +1,6 @@
-"""The one training loop every stage uses. Stages differ only in what is trainable, which tasks each step
-draws, and whether gradients are clipped globally or per expert.
+"""The one training loop every stage and comparison method uses. They differ only in what is trainable,
+which tasks each step draws, whether gradients are clipped globally or per expert, and the hooks a method
+adds around the update (`TrainingHooks`: HarmoDT's task masks, the stage-1 gradient-conflict measure).
 
 Each step draws one task per row group round-robin (`task = tasks[step % n_tasks]`), a batch of 16 segments
 from it, and takes one AdamW step with linear warmup and global-norm clipping at 0.25. `--all` expert
