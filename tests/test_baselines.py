@@ -203,3 +203,16 @@ def test_dense_configs_match_m3dt_parameter_counts():
         dense = parameter_count(Config(**load_yaml(str(path))))
         assert abs(dense / parameter_count(paper, experts) - 1) < 0.01, path
     assert set(dense_configs()) == {8, 16, 24, 32, 40, 48}
+
+
+def test_harmodt_checkpoint_state_restores_masks_and_tie_breaking(small_data):
+    config = Config(**SIZE)
+    sampler = DeviceSampler(TaskDataset(small_data, SMALL_TASKS), 20, 4, torch.device("cpu"), seeds=[0])
+    model, _ = harmodt.build(config, None)
+    hooks = harmodt.hooks(model, sampler, config, total_steps=100)
+    hooks.swap(torch.randn(len(SMALL_TASKS), hooks.masks.shape[1]), 7)
+    state = hooks.state_dict()
+    resumed = harmodt.hooks(model, sampler, Config(**SIZE, seed=5), total_steps=100)
+    resumed.load_state_dict(state)
+    assert torch.equal(resumed.masks, hooks.masks)
+    assert torch.equal(torch.rand(3, generator=resumed.generator), torch.rand(3, generator=hooks.generator))

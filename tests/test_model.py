@@ -91,7 +91,7 @@ def test_last_block_on_read_tokens_only_gives_the_full_models_outputs_and_gradie
     if experts:
         model.install_experts(experts, routed=routed)
     model = model.double().eval()
-    batch = Batch(**{key: value.double() if value.is_floating_point() else value
+    batch = Batch(**{key: value.double() if value is not None and value.is_floating_point() else value
                      for key, value in vars(random_batch(6, padded=3)).items()})
     results = {}
     for skip in (True, False):
