@@ -21,7 +21,8 @@ from m3dt.stages import build_model, train_backbone
 from m3dt.train import build_optimizer, train_step, warmup_factor
 from tests.conftest import SMALL_TASKS
 
-SIZE = dict(embed_dim=32, n_layer=2, n_head=2, warmup_steps=5, learning_rate=1e-3, device="cpu", workers=0)
+SIZE = dict(embed_dim=32, n_layer=2, n_head=2, warmup_steps=5, learning_rate=1e-3, device="cpu", workers=0,
+            router_hidden="16,16")  # the routers at the width of this tiny model
 FLAGS = [item for name, value in {**SIZE, "log_every": 10, "save_every": 40, "expert_num": 2,
                                  "harmodt_mask_interval": 20, "harmodt_eta_max": 40}.items()
          for item in (f"--{name}", str(value))]
