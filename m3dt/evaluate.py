@@ -33,7 +33,6 @@ from tqdm import tqdm
 from m3dt.baselines import METHODS as BASELINES, load_baseline, method_module
 from m3dt.cli import exit_with_message
 from m3dt.data import Batch
-from m3dt.model import PromptDecisionTransformer
 from m3dt.run import ArtifactError, RunDir, atomic_path, load_tensors, read_manifest, write_json
 from m3dt.scores import episode_score
 from m3dt.tasks import FAMILIES, MAX_ACT_DIM, MAX_OBS_DIM, Task, TaskError, get_task, resolve_tasks
@@ -153,10 +152,11 @@ def method_files(run: RunDir, method: str, grouping: str, expert_num: int) -> tu
     return run.backbone, run.data_stats
 
 
-def load_policy(run: RunDir, method: str, grouping: str, expert_num: int) -> tuple[torch.nn.Module, dict]:
-    """The trained model of a method, built from what its manifest says (eval mode)."""
+def load_policy(run: RunDir, method: str | int, grouping: str, expert_num: int) -> tuple[torch.nn.Module, dict]:
+    """The trained model of a method (or --stage value), built from what its manifest says (eval mode)."""
     from m3dt.stages import build_model
 
+    method = STAGE_METHODS.get(str(method), method)
     if method in BASELINES:
         return load_baseline(run, method)
     artifact, _ = method_files(run, method, grouping, expert_num)

@@ -32,10 +32,8 @@ import torch
 
 from m3dt.config import Config, ConfigError
 from m3dt.model import PromptDecisionTransformer
-from m3dt.run import (ArtifactError, RunDir, input_hashes, load_tensors, read_manifest, save_tensors,
-                      write_manifest)
-from m3dt.stages import (build_model, data_stats, finished, make_sampler, optimisation_identity, seed_rank,
-                         stage1_tasks)
+from m3dt.run import ArtifactError, RunDir, load_tensors, read_manifest, save_tensors, write_manifest
+from m3dt.stages import build_model, data_stats, finished, make_sampler, seed_rank, stage1_tasks, stage_identity
 from m3dt.tasks import resolve_tasks
 from m3dt.train import Job, TrainingHooks, start_distributed, train
 
@@ -63,8 +61,8 @@ def train_baseline(config: Config, method_id: str) -> Path:
     if distributed.world_size > 1 and not getattr(method, "DISTRIBUTED", True):
         raise ConfigError(f"--method {method_id} does not run under torchrun (one process)")
     hyperparameters = {name: getattr(config, name) for name in getattr(method, "HYPERPARAMETERS", ())}
-    identity = {**optimisation_identity(config, tasks, distributed.world_size), "method": method_id,
-                **hyperparameters, "inputs": input_hashes(inputs, run.root)}
+    identity = {**stage_identity(config, tasks, run, inputs, distributed.world_size), "method": method_id,
+                **hyperparameters}
     output = run.baseline_model(method_id)
     if finished(output, steps, config, identity):
         print(f"{method_id} already finished ({steps} steps): {output}; --restart to train again")
@@ -82,7 +80,7 @@ def train_baseline(config: Config, method_id: str) -> Path:
     done = train(job, sampler, config, distributed)
     if not distributed.is_main:
         return output
-    save_tensors(run.baseline_data_stats(method_id), data_stats(sampler))
+    save_tensors(run.baseline_data_stats(method_id), data_stats(sampler.state_mean, sampler.state_std, sampler.prompts))
     extra = method.artifact_tensors(hooks) if hasattr(method, "artifact_tensors") else {}
     save_tensors(output, {**model.state_dict(), **extra})
     write_manifest(output, f"baseline_{method_id}", vars(config), tasks, inputs, run.root, method=method_id,
