@@ -25,6 +25,7 @@ def random_batch(rows: int, steps: int = 20, prompt_steps: int = 5, padded: int 
         prompt_timesteps=torch.randint(0, 500, (rows, prompt_steps), generator=generator),
         prompt_mask=torch.ones(rows, prompt_steps),
         action_mask=(torch.arange(8) < 4).float().expand(rows, 1, 8),
+        task_index=torch.zeros(rows, dtype=torch.long),
     )
 
 
@@ -91,7 +92,7 @@ def test_last_block_on_read_tokens_only_gives_the_full_models_outputs_and_gradie
     if experts:
         model.install_experts(experts, routed=routed)
     model = model.double().eval()
-    batch = Batch(**{key: value.double() if value is not None and value.is_floating_point() else value
+    batch = Batch(**{key: value.double() if value.is_floating_point() else value
                      for key, value in vars(random_batch(6, padded=3)).items()})
     results = {}
     for skip in (True, False):
