@@ -64,12 +64,12 @@ def test_method_loss_falls_and_it_evaluates(trained, method):
     assert all(np.isfinite(row["score"]) and row["steps_mean"] == 3 for row in results["tasks"].values())
 
 
-def test_rerun_is_finished_and_missing_method_is_one_line(trained, capsys):
+def test_rerun_is_finished_and_missing_method_is_one_line(trained, capsys, tmp_path):
     run, common = trained
     baselines_main(["--method", "mtdt", "--max_iters", "60", "--tasks", ",".join(SMALL_TASKS), *common])
     assert "mtdt already finished (60 steps)" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_info:
-        evaluate_main(["--run_dir", str(run.root / "nowhere"), "--method", "harmodt"])
+        evaluate_main(["--run_dir", str(tmp_path), "--method", "harmodt"])
     assert exit_info.value.code == 2 and "HarmoDT model does not exist" in capsys.readouterr().err
 
 
