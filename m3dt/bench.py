@@ -39,6 +39,7 @@ import torch
 import torch.nn as nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from m3dt.cli import command
 from m3dt.config import CHOICES, Config
 from m3dt.data import Batch, DeviceSampler, TaskDataset
 from m3dt.evaluate import EPISODES_PER_FAMILY, EnvPool, Rollout  # env packages load inside the env workers
@@ -731,6 +732,7 @@ def parse_settings(argv: list[str] | None) -> Settings:
     return settings
 
 
+@command
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = sys.argv[1:] if argv is None else argv
     settings = parse_settings(argv)

@@ -4,8 +4,8 @@
     python -m m3dt.collect train-expert --expert cheetah_vel --steps 1000000 --out DATA_ROOT
     python -m m3dt.collect --tasks cheetah_vel --episodes 1002 --out DATA_ROOT     # its 40 tasks, that expert
 
-Layout (SPEC section 4): `{out}/{task}/{i}.npz`, i = 0..N-1, N = --episodes files in all, of which the
-loader uses the last two as the task's prompt trajectories. Keys: observations (T,39) and actions (T,8)
+Layout (README, "The MT160 pipeline, command by command"): `{out}/{task}/{i}.npz`, i = 0..N-1,
+N = --episodes files in all, of which the loader uses the last two as the task's prompt trajectories. Keys: observations (T,39) and actions (T,8)
 zero-padded (the env receives the first act_dim dims), rewards (T,), terminals (T,) (True only where the
 env ended the episode, i.e. an ant falling; the horizon or --max_steps is not a terminal), and one key the
 loader ignores: successes (T,), Meta-World's per-step info success (False elsewhere), from which
@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Callable
@@ -55,7 +56,7 @@ from stable_baselines3.common.callbacks import BaseCallback  # noqa: E402
 from stable_baselines3.common.logger import configure as configure_logger  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from m3dt.cli import exit_with_message  # noqa: E402
+from m3dt.cli import command, exit_with_message  # noqa: E402
 from m3dt.data import MIN_EPISODES, DataError, load_episode  # noqa: E402
 from m3dt.envs import TaskEnv, make_env  # noqa: E402
 from m3dt.envs.metaworld import scripted_policy  # noqa: E402
@@ -410,6 +411,12 @@ def task_entry(task: Task, settings: dict, summaries: list[EpisodeSummary]) -> d
     }
 
 
+def start_worker() -> None:
+    """One torch thread per worker; Ctrl-C is the main process's to handle (one line; it ends the pool)."""
+    torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def run_jobs(jobs: list[EpisodeJob], workers: int) -> list[tuple[str, EpisodeSummary]]:
     """Collect the episodes of `jobs` in `workers` processes (0: in this process), whole episodes each."""
     progress = {"total": len(jobs), "desc": "episodes", "dynamic_ncols": True}
@@ -418,7 +425,7 @@ def run_jobs(jobs: list[EpisodeJob], workers: int) -> list[tuple[str, EpisodeSum
     # spawn: MuJoCo and torch state must not be forked. One torch thread per worker: the expert is a small
     # MLP evaluated once per step, and more threads would only compete with the other workers.
     context = multiprocessing.get_context("spawn")
-    with context.Pool(min(workers, len(jobs)), initializer=torch.set_num_threads, initargs=(1,)) as pool:
+    with context.Pool(min(workers, len(jobs)), initializer=start_worker) as pool:
         return list(tqdm(pool.imap_unordered(collect_episode, jobs), **progress))
 
 
@@ -547,6 +554,7 @@ def run_command(argv: list[str]) -> None:
     print_table(summary, task_names)
 
 
+@command
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     try:

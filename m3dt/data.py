@@ -1,8 +1,8 @@
 """The MT160 data layout: loading, per-task statistics, and a batch sampler that runs on the device.
 
-Layout (SPEC section 4): `{data_root}/{task}/{i}.npz`, one episode per file, i = 0..n-1. Files 0..n-3 are
-training data, the last two are the prompt trajectories. Keys: observations (T,39), actions (T,8),
-rewards (T,), terminals or dones (T,).
+Layout (README, "The MT160 pipeline, command by command"): `{data_root}/{task}/{i}.npz`, one episode per
+file, i = 0..n-1. Files 0..n-3 are training data, the last two are the prompt trajectories. Keys:
+observations (T,39), actions (T,8), rewards (T,), terminals or dones (T,).
 
 All training transitions of all tasks live in flat float32 arrays (stored once: observations, actions and
 scaled return-to-go; timesteps are derived from the episode starts). Sampling a batch is index arithmetic
@@ -11,7 +11,9 @@ on those tensors, so the whole dataset can sit on the GPU and no step builds sam
 
 from __future__ import annotations
 
+import hashlib
 import multiprocessing
+import signal
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -58,6 +60,27 @@ def episode_files(task_dir: Path, max_episodes: int) -> list[Path]:
     if count < MIN_EPISODES:
         raise DataError(f"{task_dir}: {count} episode(s); a task needs at least {MIN_EPISODES} (2 are prompts)")
     return [task_dir / f"{index}.npz" for index in range(count)]
+
+
+def existing_data_root(data_root: str | Path) -> Path:
+    root = Path(data_root)
+    if not root.is_dir():
+        raise DataError(f"{root}: data root does not exist (download MT160 or run python -m m3dt.collect)")
+    return root
+
+
+def files_fingerprint(data_root: str | Path, task_names: list[str], max_episodes: int) -> dict[str, str]:
+    """Per task, the sha256 of the names and byte sizes of the episode files a run reads: cheap (no file is
+    opened), so a stage compares it before loading. Files of the same sizes with other contents are told
+    apart after loading, by `TaskDataset.statistics_fingerprints`."""
+    root = existing_data_root(data_root)
+    fingerprints = {}
+    for name in task_names:
+        digest = hashlib.sha256()
+        for path in episode_files(root / name, max_episodes):
+            digest.update(f"{path.name} {path.stat().st_size}\n".encode())
+        fingerprints[name] = digest.hexdigest()
+    return fingerprints
 
 
 def open_npz(path: Path) -> NpzFile:
@@ -252,7 +275,8 @@ def worker_pool(workers: int) -> Iterator:
     if workers <= 1:
         yield SimpleNamespace(map=lambda function, items: list(map(function, items)))
         return
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+    # Workers ignore Ctrl-C: the main process handles it (one line) and ends the pool.
+    with multiprocessing.get_context("spawn").Pool(workers, signal.signal, (signal.SIGINT, signal.SIG_IGN)) as pool:
         yield pool
 
 
@@ -267,9 +291,7 @@ class TaskDataset:
 
     def __init__(self, data_root: str | Path, task_names: list[str], max_episodes: int = 2000, prompt_length: int = 5,
                  workers: int = 0):
-        root = Path(data_root)
-        if not root.is_dir():
-            raise DataError(f"{root}: data root does not exist (download MT160 or run python -m m3dt.collect)")
+        root = existing_data_root(data_root)
         self.root = root
         self.tasks = [get_task(name) for name in task_names]
         self.prompt_length = prompt_length
@@ -309,6 +331,18 @@ class TaskDataset:
     @property
     def task_names(self) -> list[str]:
         return [task.name for task in self.tasks]
+
+    def statistics_fingerprints(self) -> dict[str, str]:
+        """Per task, the sha256 of what training and evaluation take from its data besides the batches: the
+        state mean and std and both prompt windows (the same data gives the same bits)."""
+        fingerprints = {}
+        for index, name in enumerate(self.task_names):
+            digest = hashlib.sha256()
+            for array in (self.state_mean[index], self.state_std[index],
+                          *(self.prompts[key][index] for key in sorted(self.prompts))):
+                digest.update(np.ascontiguousarray(array).tobytes())
+            fingerprints[name] = digest.hexdigest()
+        return fingerprints
 
     def nbytes(self) -> int:
         return self.observations.nbytes + self.actions.nbytes + self.returns_to_go.nbytes + self.episode_starts.nbytes

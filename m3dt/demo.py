@@ -20,7 +20,7 @@ from pathlib import Path
 from m3dt.collect import CollectError, collect, print_table
 from m3dt.config import Config, parse_config
 from m3dt.evaluate import evaluate
-from m3dt.cli import USER_ERRORS, exit_with_message
+from m3dt.cli import USER_ERRORS, command, exit_with_message
 from m3dt.stages import group_tasks, train_backbone, train_experts, train_router
 from m3dt.tasks import FAMILIES, resolve_tasks
 
@@ -66,6 +66,7 @@ def run_demo(config: Config) -> dict[str, dict]:
     return results
 
 
+@command
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if "--config" not in argv:

@@ -1,4 +1,4 @@
-"""Evaluate a trained model in the real simulators with the protocol of SPEC section 5.
+"""Evaluate a trained model in the real simulators with the protocol of the README's "Evaluation".
 
     python -m m3dt.evaluate --run_dir runs/mt160_seed0 --stage 1          # Prompt-DT (the stage-1 backbone)
     python -m m3dt.evaluate --run_dir runs/mt160_seed0 --stage 3 --grouping gradient --expert_num 48
@@ -20,6 +20,7 @@ import argparse
 import csv
 import multiprocessing
 import os
+import signal
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -29,12 +30,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from m3dt.cli import exit_with_message
+from m3dt.cli import command, exit_with_message
 from m3dt.data import Batch
 from m3dt.model import PromptDecisionTransformer
-from m3dt.run import ArtifactError, RunDir, atomic_path, load_tensors, read_manifest, write_json
+from m3dt.run import (ArtifactError, RunDir, atomic_path, check_inputs, file_hash, input_hashes, load_tensors,
+                      read_manifest, write_json)
 from m3dt.scores import episode_score
-from m3dt.tasks import FAMILIES, MAX_ACT_DIM, MAX_OBS_DIM, Task, TaskError, get_task, resolve_tasks
+from m3dt.tasks import (FAMILIES, MAX_ACT_DIM, MAX_OBS_DIM, Task, TaskError, check_timesteps, get_task,
+                        resolve_tasks)
 
 EPISODES_PER_FAMILY = {"metaworld": 10, "dmc": 10, "ant_dir": 1, "cheetah_vel": 1}
 METHOD_NAMES = {"1": "Prompt-DT", "3": "M3DT", "random": "random policy"}
@@ -49,8 +52,11 @@ class Rollout:
 
 # ------------------------------------------------------------------------------------------ environments
 def _worker(connection, rollouts: list[tuple[str, int]], seed: int) -> None:
-    """Owns the envs of some rollouts; answers 'reset' and 'step' messages until 'close'."""
+    """Owns the envs of some rollouts; answers 'reset' and 'step' messages until 'close'. Ctrl-C is the main
+    process's to handle (one line); it then sends 'close'."""
     from m3dt.envs import make_env
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     envs = [make_env(task, episode, seed) for task, episode in rollouts]
     while True:
@@ -135,6 +141,8 @@ def load_policy(run: RunDir, stage: int, grouping: str, expert_num: int) -> tupl
 
     artifact = run.backbone if stage == 1 else run.moe(grouping, expert_num)
     manifest = read_manifest(artifact, f"stage-{stage} model")
+    if stage == 3:  # the statistics evaluation uses are stage 1's: the model must sit on that backbone
+        check_inputs(manifest, input_hashes([run.backbone], run.root), artifact)
     config = manifest["config"]
     model = build_model(config, dropout=0.0)
     if stage == 3:
@@ -156,6 +164,11 @@ class Statistics:
 
 
 def load_statistics(run: RunDir) -> Statistics:
+    """Stage 1's statistics of its training data, checked to be the file stage 1 wrote with its backbone."""
+    recorded = read_manifest(run.backbone, "stage-1 backbone").get("data_stats_sha256")
+    if recorded is not None and run.data_stats.is_file() and file_hash(run.data_stats) != recorded:
+        raise ArtifactError(f"{run.data_stats}: not the data statistics stage 1 wrote with {run.backbone.name} "
+                            "(another sha256 than its manifest records); rerun stage 1")
     tensors = load_tensors(run.data_stats, "data statistics")
     prompts = {key.removeprefix("prompt_"): value for key, value in tensors.items() if key.startswith("prompt_")}
     return Statistics(tensors["state_mean"].numpy(), tensors["state_std"].numpy(), prompts)
@@ -270,7 +283,7 @@ def run_rollouts(policy: Callable[[History, np.ndarray, int], np.ndarray], stati
 
 # ------------------------------------------------------------------------------------------ results
 def summarise(rollouts: list[Rollout], outcome: dict[str, np.ndarray]) -> dict:
-    """Per-task scores (SPEC normalisation), per-family and total unweighted means over tasks."""
+    """Per-task scores (m3dt/scores.py), per-family and total unweighted means over tasks."""
     per_task: dict[str, dict] = {}
     for name in dict.fromkeys(rollout.task.name for rollout in rollouts):
         indices = [i for i, rollout in enumerate(rollouts) if rollout.task.name == name]
@@ -369,6 +382,7 @@ def evaluate(run_dir: str, stage: str, grouping: str = "gradient", expert_num: i
     if stage != "random":
         torch_device = resolve_device(device)
         model, manifest = load_policy(run, int(stage), grouping, expert_num)
+        check_timesteps(manifest["config"]["max_timestep"], chosen)
         model.to(torch_device)
         num_experts = manifest.get("num_experts", 0)
 
@@ -397,6 +411,7 @@ def evaluate(run_dir: str, stage: str, grouping: str = "gradient", expert_num: i
     return results
 
 
+@command
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run_dir", required=True)

@@ -1,4 +1,4 @@
-"""Per-task normalised scores of the evaluation protocol (SPEC section 5)."""
+"""Per-task normalised scores of the evaluation protocol (README, "Evaluation")."""
 
 from __future__ import annotations
 
