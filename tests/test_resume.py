@@ -59,8 +59,10 @@ def kill_at_random_step(script: str, args: list[str], metrics: Path, log: Path, 
     target = rng.randrange(2 * SAVE_EVERY, STEPS - 20 + 1)
     environment = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     with open(log, "w") as output:
+        # a shell's background job ignores SIGINT, and so would the stage: give it Ctrl-C back
         process = subprocess.Popen([sys.executable, str(REPO / script), *args], stdout=output, stderr=output,
-                                   cwd=REPO, env=environment)
+                                   cwd=REPO, env=environment,
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.monotonic() + 300
         while last_logged_step(metrics) < target and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.005)
@@ -138,41 +140,36 @@ def test_expert_training_resumes_bit_for_bit(small_data, reference_run, killed_s
         assert_same_tensors(run_dir / name, reference_run / name)
 
 
-def test_router_training_resumes_bit_for_bit(small_data, reference_run, tmp_path):
+@pytest.mark.parametrize("signal_number", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "Ctrl-C"])
+def test_router_training_resumes_bit_for_bit(small_data, reference_run, tmp_path, signal_number):
+    """Killed, or interrupted with Ctrl-C, which ends it with one line saying where it stopped and from which
+    step the same command resumes."""
     run_dir = tmp_path / "run"
     shutil.copytree(reference_run / "stage1", run_dir / "stage1")
     shutil.copytree(reference_run / "stage2", run_dir / "stage2")
     args = [*ROUTER_ARGS, *stage_args(small_data, run_dir)]
     stage3 = f"stage3/random_{GROUPS}"
-    kill_at_random_step("stage3_router_train.py", args, run_dir / stage3 / "metrics.jsonl",
-                        run_dir / "killed_router.log", random.Random())
+    log = run_dir / "stopped_router.log"
+    kill_at_random_step("stage3_router_train.py", args, run_dir / stage3 / "metrics.jsonl", log, random.Random(),
+                        signal_number)
     assert not (run_dir / stage3 / "moe.safetensors").exists()
+    said = interrupted_message_step(log.read_text(), run_dir / stage3 / "train_state.pt") \
+        if signal_number == signal.SIGINT else None
     rerun = run_stage("stage3_router_train.py", *args)
-    assert resumed_step(rerun.stdout) < STEPS
+    assert resumed_step(rerun.stdout) < STEPS and said in (None, resumed_step(rerun.stdout))
     assert_same_tensors(run_dir / stage3 / "moe.safetensors", reference_run / stage3 / "moe.safetensors")
     assert logged_losses(run_dir / stage3 / "metrics.jsonl") == logged_losses(reference_run / stage3 / "metrics.jsonl")
 
 
-def test_ctrl_c_is_one_line_saying_where_and_the_rerun_resumes_bit_for_bit(small_data, reference_run, tmp_path):
-    run_dir = tmp_path / "run"
-    shutil.copytree(reference_run / "stage1", run_dir / "stage1")
-    shutil.copytree(reference_run / "stage2", run_dir / "stage2")
-    args = [*ROUTER_ARGS, *stage_args(small_data, run_dir)]
-    stage3 = f"stage3/random_{GROUPS}"
-    log = run_dir / "interrupted.log"
-    kill_at_random_step("stage3_router_train.py", args, run_dir / stage3 / "metrics.jsonl", log, random.Random(),
-                        signal.SIGINT)
-    output = log.read_text()
+def interrupted_message_step(output: str, checkpoint: Path) -> int:
+    """Checks the one line Ctrl-C leaves (no traceback) and returns the step it says a rerun resumes from."""
     assert "Traceback" not in output and output.count("interrupted") == 1
-    message = output.splitlines()[-1]
     match = re.fullmatch(r"interrupted \(Ctrl-C\): \[stage3 router\] stopped at step (\d+) of 60; rerun the same "
-                         r"command to resume from step (\d+) \((.+)\)", message)
-    assert match, message
+                         r"command to resume from step (\d+) \((.+)\)", output.splitlines()[-1])
+    assert match, output.splitlines()[-1]
     stopped, saved = int(match.group(1)), int(match.group(2))
-    assert saved <= stopped < STEPS and saved % SAVE_EVERY == 0 and match.group(3) == str(run_dir / stage3 / "train_state.pt")
-    rerun = run_stage("stage3_router_train.py", *args)
-    assert resumed_step(rerun.stdout) == saved
-    assert_same_tensors(run_dir / stage3 / "moe.safetensors", reference_run / stage3 / "moe.safetensors")
+    assert saved <= stopped < STEPS and saved % SAVE_EVERY == 0 and match.group(3) == str(checkpoint)
+    return saved
 
 
 def test_finished_stage_is_not_redone_unless_restarted(small_data, reference_run, tmp_path):
