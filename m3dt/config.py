@@ -13,7 +13,7 @@ import inspect
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
@@ -22,6 +22,14 @@ from m3dt.moe import tied_router_hidden
 
 class ConfigError(ValueError):
     """A config file or option that cannot be used."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with its errors (an unknown option, a value that does not parse or is not a choice) as one
+    line and exit code 2, like every other bad input, instead of the usage block followed by the error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (--help lists the options)\n")
 
 
 @dataclass
@@ -84,6 +92,8 @@ class Config:
     demo_noise: float = 0.1  # std of the Gaussian noise on the scripted actions
     eval_episodes: int | None = None  # episodes per task; None: the protocol's per family
     eval_max_steps: int | None = None  # None: each task's full horizon
+    context_actions: str = "full"  # evaluation context: full 8-d predicted actions (the reference) | masked: dims >= act_dim zeroed
+    demo_collect_seed: int = 100  # the demo's collection seed: its MT1 goals; evaluation uses those of --seed
     workers: int | None = None  # processes that read the data and step envs; None: the CPU count
 
     # running
@@ -124,6 +134,7 @@ CHOICES = {
     "kmeans_stop": ("reference", "relative", "summed"),
     "precision": ("fp32", "bf16"),
     "compile": ("none", "default", "reduce-overhead", "max-autotune"),
+    "context_actions": ("full", "masked"),
 }
 # Sizes and intervals below 1 would fail deep inside a stage (a division by zero, an empty tensor).
 POSITIVE = ("embed_dim", "n_layer", "n_head", "context_length", "prompt_length", "max_timestep", "batch_size",
@@ -146,9 +157,9 @@ def field_comments() -> dict[str, str]:
     return dict(re.findall(r"^\s+(\w+): [^#\n]*#\s*(.+)$", inspect.getsource(Config), flags=re.MULTILINE))
 
 
-def build_parser(description: str) -> argparse.ArgumentParser:
+def build_parser(description: str) -> ArgumentParser:
     """A parser with one flag per Config field; unspecified flags stay absent so that YAML values survive."""
-    parser = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
+    parser = ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
     comments = field_comments()
     for config_field in dataclasses.fields(Config):
         flag = f"--{config_field.name}"
