@@ -11,7 +11,9 @@ on those tensors, so the whole dataset can sit on the GPU and no step builds sam
 
 from __future__ import annotations
 
+import hashlib
 import multiprocessing
+import signal
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -280,6 +282,32 @@ def task_files(data_root: str | Path, tasks: list[Task], max_episodes: int) -> l
     return [episode_files(root / task.name, max_episodes) for task in tasks]
 
 
+def files_fingerprint(data_root: str | Path, task_names: list[str], max_episodes: int) -> dict[str, str]:
+    """Per task, the sha256 of the names and byte sizes of the episode files a run reads: cheap (no file is
+    opened), so a stage compares it before loading. Files of the same sizes with other contents are told
+    apart after loading, by `statistics_fingerprints`."""
+    fingerprints = {}
+    for name, paths in zip(task_names, task_files(data_root, [get_task(name) for name in task_names], max_episodes)):
+        digest = hashlib.sha256()
+        for path in paths:
+            digest.update(f"{path.name} {path.stat().st_size}\n".encode())
+        fingerprints[name] = digest.hexdigest()
+    return fingerprints
+
+
+def statistics_fingerprints(task_names: list[str], state_mean: np.ndarray, state_std: np.ndarray,
+                            prompts: dict[str, np.ndarray]) -> dict[str, str]:
+    """Per task, the sha256 of what training and evaluation take from its data besides the batches: the
+    state mean and std and both prompt windows (stack_statistics' arrays; the same data gives the same bits)."""
+    fingerprints = {}
+    for index, name in enumerate(task_names):
+        digest = hashlib.sha256()
+        for array in (state_mean[index], state_std[index], *(prompts[key][index] for key in sorted(prompts))):
+            digest.update(np.ascontiguousarray(array).tobytes())
+        fingerprints[name] = digest.hexdigest()
+    return fingerprints
+
+
 def read_statistics(data_root: str | Path, task_names: list[str], max_episodes: int = 2000, prompt_length: int = 5,
                     workers: int = 0) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """The per-task statistics that TaskDataset computes (stack_statistics' result), without keeping the
@@ -300,7 +328,8 @@ def worker_pool(workers: int) -> Iterator:
     if workers <= 1:
         yield SimpleNamespace(map=lambda function, items: list(map(function, items)))
         return
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+    # Workers ignore Ctrl-C: the main process handles it (one line) and ends the pool.
+    with multiprocessing.get_context("spawn").Pool(workers, signal.signal, (signal.SIGINT, signal.SIG_IGN)) as pool:
         yield pool
 
 
@@ -350,6 +379,9 @@ class TaskDataset:
     @property
     def task_names(self) -> list[str]:
         return [task.name for task in self.tasks]
+
+    def statistics_fingerprints(self) -> dict[str, str]:
+        return statistics_fingerprints(self.task_names, self.state_mean, self.state_std, self.prompts)
 
     def nbytes(self) -> int:
         return self.observations.nbytes + self.actions.nbytes + self.returns_to_go.nbytes + self.episode_starts.nbytes

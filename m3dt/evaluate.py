@@ -31,6 +31,7 @@ import argparse
 import csv
 import multiprocessing
 import os
+import signal
 import sys
 import time
 import traceback
@@ -43,12 +44,15 @@ import torch
 from tqdm import tqdm
 
 from m3dt.baselines import METHODS as BASELINES, load_baseline, method_module
-from m3dt.cli import USER_ERRORS, exit_with_message
+from m3dt.cli import USER_ERRORS, command, exit_with_message
 from m3dt.config import CHOICES, ArgumentParser, Config, ConfigError, check_values, field_comments, load_yaml
 from m3dt.data import Batch
-from m3dt.run import ArtifactError, RunDir, atomic_path, file_hash, load_tensors, read_json, read_manifest, write_json
+from m3dt.model import PromptDecisionTransformer
+from m3dt.run import (ArtifactError, RunDir, atomic_path, check_inputs, file_hash, input_hashes, load_tensors,
+                      read_json, read_manifest, write_json)
 from m3dt.scores import SCORE_AXIS, episode_score
-from m3dt.tasks import FAMILIES, MAX_ACT_DIM, MAX_OBS_DIM, MT1_GOALS, Task, get_task, resolve_tasks
+from m3dt.tasks import (FAMILIES, MAX_ACT_DIM, MAX_OBS_DIM, MT1_GOALS, Task, check_timesteps, get_task,
+                        resolve_tasks)
 
 EPISODES_PER_FAMILY = {"metaworld": 10, "dmc": 10, "ant_dir": 1, "cheetah_vel": 1}  # the protocol's
 MAX_EPISODES_PER_FAMILY = {"metaworld": MT1_GOALS}  # episode e uses the e-th goal of an MT1 of 50 goals
@@ -104,7 +108,9 @@ def _answer(envs: list, command: str, payload):
 
 def _worker(connection, rollouts: list[tuple[str, int]], seed: int) -> None:
     """Owns the envs of some rollouts; answers 'reset' and 'step' messages with ("ok", answer) until 'close',
-    or with ("error", one line, traceback) once, when an env fails, and stops."""
+    or with ("error", one line, traceback) once, when an env fails, and stops. Ctrl-C is the main process's to
+    handle (one line); it then sends 'close'."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     envs = []
     try:
         envs = [_build_env(task, episode, seed) for task, episode in rollouts]
@@ -227,6 +233,8 @@ def load_policy(run: RunDir, method: str | int, grouping: str, expert_num: int) 
         return load_baseline(run, method)
     artifact, _, what = method_files(run, method, grouping, expert_num)
     manifest = read_manifest(artifact, what)
+    if method == "m3dt":  # the statistics evaluation uses are stage 1's: the model must sit on that backbone
+        check_inputs(manifest, input_hashes([run.backbone], run.root), artifact)
     config = manifest["config"]
     model = build_model(config, dropout=0.0)
     if method == "m3dt":
@@ -248,8 +256,17 @@ class Statistics:
 
 
 def load_statistics(source: RunDir | Path) -> Statistics:
-    """From a run directory's stage-1 statistics, or from a statistics file."""
-    tensors = load_tensors(source.data_stats if isinstance(source, RunDir) else source, "data statistics")
+    """A run directory's stage-1 statistics, checked to be the file stage 1 wrote with its backbone, or a
+    statistics file (a comparison method's)."""
+    path = source
+    if isinstance(source, RunDir):
+        run = source
+        recorded = read_manifest(run.backbone, "stage-1 backbone").get("data_stats_sha256")
+        if recorded is not None and run.data_stats.is_file() and file_hash(run.data_stats) != recorded:
+            raise ArtifactError(f"{run.data_stats}: not the data statistics stage 1 wrote with {run.backbone.name} "
+                                "(another sha256 than its manifest records); rerun stage 1")
+        path = run.data_stats
+    tensors = load_tensors(path, "data statistics")
     prompts = {key.removeprefix("prompt_"): value for key, value in tensors.items() if key.startswith("prompt_")}
     return Statistics(tensors["state_mean"].numpy(), tensors["state_std"].numpy(), prompts)
 
@@ -615,13 +632,14 @@ def evaluate(run_dir: str, method: str, grouping: str = "gradient", expert_num: 
     rollouts = [Rollout(get_task(name), trained.index(name), episode)
                 for name in chosen
                 for episode in range(episodes or EPISODES_PER_FAMILY[get_task(name).family])]
-    statistics = load_statistics(statistics_file)
+    statistics = load_statistics(run if statistics_file == run.data_stats else statistics_file)
     if len(statistics.state_mean) != len(trained):
         raise ArtifactError(f"{statistics_file}: holds {len(statistics.state_mean)} tasks, the model {len(trained)}")
     num_experts, model, checkpoint = 0, None, None
     if method != "random":
         torch_device = resolve_device(device)
         model, manifest = load_policy(run, method, grouping, expert_num)
+        check_timesteps(manifest["config"]["max_timestep"], chosen)
         model.to(torch_device)
         num_experts = manifest.get("num_experts", 0)
         checkpoint = checkpoint_identity(run, run.root / manifest["artifact"])
@@ -676,6 +694,7 @@ def merged_options(config_file: str | None, flags: dict[str, Any]) -> dict[str, 
     return options
 
 
+@command
 def main(argv: list[str] | None = None) -> None:
     comments = field_comments()
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -32,8 +32,9 @@ import torch
 
 from m3dt.config import Config, ConfigError
 from m3dt.model import PromptDecisionTransformer
-from m3dt.run import ArtifactError, RunDir, load_tensors, read_manifest, save_tensors, write_manifest
-from m3dt.stages import build_model, data_stats, finished, make_sampler, seed_rank, stage1_tasks, stage_identity
+from m3dt.run import ArtifactError, RunDir, file_hash, load_tensors, read_manifest, save_tensors, write_manifest
+from m3dt.stages import (build_model, data_files, data_stats, finished, make_sampler, recorded_config, seed_rank,
+                         stage1_tasks, stage_identity)
 from m3dt.tasks import resolve_tasks
 from m3dt.train import Job, TrainingHooks, start_distributed, train
 
@@ -61,8 +62,9 @@ def train_baseline(config: Config, method_id: str) -> Path:
     if distributed.world_size > 1 and not getattr(method, "DISTRIBUTED", True):
         raise ConfigError(f"--method {method_id} does not run under torchrun (one process)")
     hyperparameters = {name: getattr(config, name) for name in getattr(method, "HYPERPARAMETERS", ())}
+    files = data_files(config, tasks, run if uses_backbone else None)
     identity = {**stage_identity(config, tasks, run, inputs, distributed.world_size), "method": method_id,
-                **hyperparameters}
+                **hyperparameters, "data": files}
     output = run.baseline_model(method_id)
     if finished(output, steps, config, identity):
         print(f"{method_id} already finished ({steps} steps): {output}; --restart to train again")
@@ -70,21 +72,24 @@ def train_baseline(config: Config, method_id: str) -> Path:
 
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     model, trainable = method.build(config, run)
-    sampler = make_sampler(config, tasks, device, [seed_rank(config, distributed)])
+    sampler, statistics = make_sampler(config, tasks, device, [seed_rank(config, distributed)],
+                                       run if uses_backbone else None)
     model.to(device)
     torch.manual_seed(seed_rank(config, distributed))  # each rank its own dropout stream
     hooks = method.hooks(model, sampler, config, steps) if hasattr(method, "hooks") else TrainingHooks()
     job = Job(name=method_id, model=model, trainable=trainable, task_groups=[list(range(len(tasks)))],
               task_names=tasks, steps=steps, job_dir=run.baseline(method_id), per_expert_clip=False,
-              identity=identity, hooks=hooks)
+              identity={**identity, "data_statistics": statistics}, hooks=hooks)
     done = train(job, sampler, config, distributed)
     if not distributed.is_main:
         return output
     save_tensors(run.baseline_data_stats(method_id), data_stats(sampler.state_mean, sampler.state_std, sampler.prompts))
     extra = method.artifact_tensors(hooks) if hasattr(method, "artifact_tensors") else {}
     save_tensors(output, {**model.state_dict(), **extra})
-    write_manifest(output, f"baseline_{method_id}", vars(config), tasks, inputs, run.root, method=method_id,
-                   steps_done=done, identity=identity, num_experts=experts_of(model), top_k=config.top_k)
+    write_manifest(output, f"baseline_{method_id}", recorded_config(config, device), tasks, inputs, run.root,
+                   method=method_id, steps_done=done, identity=identity, num_experts=experts_of(model),
+                   top_k=config.top_k, data={"files": files, "statistics": statistics},
+                   data_stats_sha256=file_hash(run.baseline_data_stats(method_id)))
     print(f"{method_id}: wrote {output}")
     return output
 
