@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n_layer", type=int, help="print the matching width at this depth instead")
     args = parser.parse_args(argv)
-    print(f"M3DT at the paper's size (width 256, 6 layers, 8 heads, routers {Config().router_hidden}); "
+    print(f"M3DT at the paper's size (width 256, 6 layers, 8 heads, routers {Config().router_widths()}); "
           "parameters as built by this project")
     print(table(args.n_layer))
 
