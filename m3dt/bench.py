@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from m3dt.cli import exit_with_message
+from m3dt.cli import command, exit_with_message
 from m3dt.config import CHOICES, ArgumentParser, Config, ConfigError
 from m3dt.data import Batch, DeviceSampler, TaskDataset
 from m3dt.evaluate import EPISODES_PER_FAMILY, EnvPool, Rollout  # env packages load inside the env workers
@@ -415,7 +415,7 @@ def measure_evaluation(dataset: TaskDataset, settings: Settings) -> list[EvalMea
     config, device = settings.config, settings.device
     sampler = DeviceSampler(dataset, config.context_length, settings.eval_rows, device, seeds=[0])
     batch = sampler.sample(torch.tensor([0], device=device))
-    single = Batch(**{key: value[:1] for key, value in vars(batch).items()})
+    single = batch.rows(slice(0, 1))
     cases = [Case("Prompt-DT backbone (stage 1)", 1, [[0]]),
              *[Case(f"M3DT, E={count} (stage 3)", 3, [[0]], experts=count)
                for count in settings.expert_counts]]
@@ -494,7 +494,7 @@ def policy_forward(model: nn.Module, batch: Batch, precision: Precision, cache: 
         actions = []
         with torch.inference_mode(), precision:
             for first in range(0, rows, chunk):
-                part = Batch(**{key: value[first : first + chunk] for key, value in vars(batch).items()})
+                part = batch.rows(slice(first, first + chunk))
                 selected = None if cache is None else cache.select(cache_rows[first : first + chunk])
                 actions.append(model(part, last_step_only=True, prompt_cache=selected)[:, -1].float().cpu())
         return torch.cat(actions)
@@ -843,6 +843,7 @@ def parse_settings(argv: list[str] | None) -> Settings:
     return settings
 
 
+@command
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = sys.argv[1:] if argv is None else argv
     try:

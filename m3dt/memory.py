@@ -165,6 +165,7 @@ def forward_bytes(model: PromptDecisionTransformer, rows: int, context_length: i
     config = model.config
     was_training = model.training
     model.eval()
+    cached_prompt = cached_prompt and model.embed_prompt is not None  # MTDT has no prompt
     with torch.no_grad(), LiveMemory() as live:
         cache = PromptCache.empty(len(model.blocks), rows, config.n_head, 3 * prompt_length,
                                   config.embed_dim // config.n_head, "meta") if cached_prompt else None

@@ -129,6 +129,15 @@ collect() {  # wait for every launched part and record how it ended
 
 run() { launch "$@"; collect; }
 
+stop_parts() {  # when the script ends early (interrupted, killed by a caller's limit): stop the running parts
+    local pid
+    for pid in ${PID_OF[@]+"${PID_OF[@]}"}; do
+        pkill -TERM -P "$pid" 2>/dev/null  # the part's timeout process, which passes it on to the part
+    done
+}
+trap stop_parts EXIT
+trap 'exit 130' INT TERM
+
 stage1_losses() {  # the demo's stage 1 on synthetic data of its 10 tasks, in each precision; losses by step
     local data="$WORK/losses/data" precision
     "$PYTHON" -c "import pathlib, sys; from m3dt.config import load_yaml; from m3dt.synthetic import make_dataset

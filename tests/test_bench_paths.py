@@ -148,14 +148,14 @@ def test_prompt_cache_counts_no_work_for_the_prompt_tokens():
     """With the prompt's keys and values cached, an evaluation forward skips the prompt embedding, the 15
     prompt tokens' QKV in every block, and their projection, attention and MLP in every block but the last
     (which computes only the one read token either way)."""
-    config = Config(embed_dim=32, n_layer=3, n_head=4)
+    config = Config(embed_dim=32, n_layer=3, n_head=4, router_hidden="64,32")
     rows, width, layers, length, prompt_tokens = 16, 32, 3, 75, 15
     case = bench.Case("", 3, [[0]], experts=2)
     full, cached = (bench.case_work(case, config, rows, "fast", last_step_only=True, cached_prompt=cached).forward_flops
                     for cached in (False, True))
     embedding = 2 * rows * 5 * (1 + 39 + 8) * width
     qkv, rest = 2 * width * 3 * width, 2 * width * width + 2 * 2 * length * width + 2 * 2 * width * 4 * width
-    experts_and_router = 2 * 2 * 2 * width * 4 * width + 2 * (width * 1024 + 1024 * 1024 * 2 + 1024 * 512 + 512 * 2)
+    experts_and_router = 2 * 2 * 2 * width * 4 * width + 2 * (width * 64 + 64 * 32 + 32 * 2)
     per_token = layers * qkv + (layers - 1) * (rest + experts_and_router)
     assert full - cached == embedding + rows * prompt_tokens * per_token
 
