@@ -266,6 +266,8 @@ def measured_peak(case: StageCase, model_fields: dict, device: torch.device, pre
 
     batch = meta_batch(case.rows, context_length, prompt_length, device)
     for tensor in vars(batch).values():
+        if tensor is None:  # the optional task_index
+            continue
         if tensor.is_floating_point():
             tensor.uniform_()
         else:

@@ -86,3 +86,13 @@ def test_evaluation_rows_keep_each_forward_within_its_share_of_free_memory():
             with memory.LiveMemory() as live:
                 model(batch, last_step_only=True, prompt_cache=cache)
         assert (live.peak <= memory.EVAL_MEMORY_SHARE * free) == within
+
+
+def test_measured_peak_of_a_stage_is_near_its_plan_on_a_cpu():
+    """`python -m m3dt.memory check` on a CPU: two real router steps (model, optimizer, batch) and their peak
+    of live tensors, which holds the weights and stays near the plan (the CPU's own dropout and attention
+    kernels, m3dt/kernels.py, make it differ a little; a GPU holds it to the plan)."""
+    case = memory.StageCase("stage 3", 3, 2, 8)
+    plan = memory.plan_case(case, TINY)
+    measured = memory.measured_peak(case, TINY, torch.device("cpu"))
+    assert plan.weights < measured < 1.3 * plan.total
