@@ -9,7 +9,12 @@ loader uses the last two as the task's prompt trajectories. Keys: observations (
 zero-padded (the env receives the first act_dim dims), rewards (T,), terminals (T,) (True only where the
 env ended the episode, i.e. an ant falling; the horizon or --max_steps is not a terminal), and one key the
 loader ignores: successes (T,), Meta-World's per-step info success (False elsewhere), from which
-collect.json's success rates are computed.
+collect.json's success rates are computed, and final_observation (39,), the observation after the last
+step (Minari datasets store it).
+
+`--format minari` also writes each task as the Minari dataset `{--minari_namespace}/{task}-v0` in Minari's
+datasets root (MINARI_DATASETS_PATH, default ~/.minari/datasets), with its collect.json entry in the
+metadata (m3dt/minari_io.py); `--data_path minari:{namespace}` then trains on them.
 
 Policies:
 - Meta-World: the scripted expert that ships with `metaworld`. Episode i has its own goal: goal i % 50 of
@@ -325,6 +330,7 @@ def collect_episode(job: EpisodeJob) -> tuple[str, EpisodeSummary]:
     steps = min(task.horizon, job.max_steps or task.horizon)
     rows = []  # (observation, padded action, reward, terminal, success) per step
     observation = env.reset()
+    next_observation = observation
     for _ in range(steps):
         action = np.clip(policy(observation) + job.noise * noise_rng.standard_normal(task.act_dim), -1.0, 1.0)
         next_observation, reward, done, info = env.step(action)
@@ -342,6 +348,7 @@ def collect_episode(job: EpisodeJob) -> tuple[str, EpisodeSummary]:
         "rewards": np.asarray(rewards, dtype=np.float32),
         "terminals": np.asarray(terminals, dtype=bool),
         "successes": np.asarray(successes, dtype=bool),
+        "final_observation": np.asarray(next_observation, dtype=np.float32),
     }
     with atomic_path(episode_path(job.out, task.name, job.episode)) as temporary, open(temporary, "wb") as file:
         np.savez_compressed(file, **arrays)  # a file object: numpy would append .npz to the temporary name
@@ -482,6 +489,10 @@ def collect_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=os.cpu_count(),
                         help="worker processes, whole episodes each (default: CPU count; 0: in-process)")
     parser.add_argument("--max_steps", type=int, help="cut episodes to this many steps, for quick checks")
+    parser.add_argument("--format", choices=("npz", "minari"), default="npz",
+                        help="npz: the MT160 layout only; minari: also each task as the Minari dataset "
+                             "{minari_namespace}/{task}-v0 in Minari's datasets root (MINARI_DATASETS_PATH)")
+    parser.add_argument("--minari_namespace", default="m3dt", help="namespace of the Minari datasets written")
     parser.add_argument("--debug", action="store_true", help="tracebacks instead of one-line errors")
     return parser
 
@@ -545,6 +556,13 @@ def run_command(argv: list[str]) -> None:
     task_names = collection_tasks(args.tasks)
     summary = collect(task_names, args.episodes, Path(args.out), args.seed, args.noise, args.workers, args.max_steps)
     print_table(summary, task_names)
+    if args.format == "minari":
+        from m3dt.minari_io import export_collected_task
+
+        for name in tqdm(task_names, desc="Minari datasets", dynamic_ncols=True):
+            folder = export_collected_task(get_task(name), Path(args.out) / name, args.episodes, summary[name],
+                                           args.minari_namespace)
+        print(f"wrote {len(task_names)} Minari dataset(s) {args.minari_namespace}/{{task}}-v0 under {folder.parent}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,4 +1,4 @@
-"""Evaluate a trained model in the real simulators with the protocol of SPEC section 5.
+"""Evaluate a trained model in the real simulators with the protocol of the README's "Evaluation".
 
     python -m m3dt.evaluate --run_dir runs/mt160_seed0 --stage 1          # Prompt-DT (the stage-1 backbone)
     python -m m3dt.evaluate --run_dir runs/mt160_seed0 --stage 3 --grouping gradient --expert_num 48
@@ -33,10 +33,13 @@ from m3dt.cli import exit_with_message
 from m3dt.data import Batch
 from m3dt.model import PromptDecisionTransformer
 from m3dt.run import ArtifactError, RunDir, atomic_path, load_tensors, read_manifest, write_json
-from m3dt.scores import episode_score
-from m3dt.tasks import FAMILIES, MAX_ACT_DIM, MAX_OBS_DIM, Task, TaskError, get_task, resolve_tasks
+from m3dt.scores import task_score
+from m3dt.tasks import (FAMILIES, GYMNASIUM, MAX_ACT_DIM, MAX_OBS_DIM, Task, TaskError, get_task, register_task_rows,
+                        resolve_tasks)
+from m3dt.video import VideoError, video_path
 
-EPISODES_PER_FAMILY = {"metaworld": 10, "dmc": 10, "ant_dir": 1, "cheetah_vel": 1}
+# A user's gymnasium task (README "Your own tasks") gets 10 episodes, as D4RL-style evaluations do.
+EPISODES_PER_FAMILY = {"metaworld": 10, "dmc": 10, "ant_dir": 1, "cheetah_vel": 1, GYMNASIUM: 10}
 METHOD_NAMES = {"1": "Prompt-DT", "3": "M3DT", "random": "random policy"}
 
 
@@ -45,14 +48,15 @@ class Rollout:
     task: Task
     task_slot: int  # index of the task in the stage-1 statistics
     episode: int
+    video: Path | None = None  # where its env worker writes the rollout's MP4 (--video)
 
 
 # ------------------------------------------------------------------------------------------ environments
-def _worker(connection, rollouts: list[tuple[str, int]], seed: int) -> None:
+def _worker(connection, rollouts: list[tuple[Task, int, Path | None]], seed: int) -> None:
     """Owns the envs of some rollouts; answers 'reset' and 'step' messages until 'close'."""
-    from m3dt.envs import make_env
+    from m3dt.video import make_recorded_env
 
-    envs = [make_env(task, episode, seed) for task, episode in rollouts]
+    envs = [make_recorded_env(task, episode, seed, video) for task, episode, video in rollouts]
     while True:
         command, payload = connection.recv()
         if command == "reset":
@@ -73,14 +77,14 @@ class EnvPool:
     task and process). Every env is seeded by its (task, episode), so results never depend on the workers."""
 
     def __init__(self, rollouts: list[Rollout], seed: int, workers: int):
-        specs = [(rollout.task.name, rollout.episode) for rollout in rollouts]
+        specs = [(rollout.task, rollout.episode, rollout.video) for rollout in rollouts]
         self.count = len(rollouts)
         self.workers = max(1, min(workers, self.count))
         self.local = workers <= 0
         if self.local:
-            from m3dt.envs import make_env
+            from m3dt.video import make_recorded_env
 
-            self.envs = [make_env(task, episode, seed) for task, episode in specs]
+            self.envs = [make_recorded_env(task, episode, seed, video) for task, episode, video in specs]
             return
         context = multiprocessing.get_context("spawn")  # MuJoCo state must not be forked
         self.connections, self.processes = [], []
@@ -270,7 +274,7 @@ def run_rollouts(policy: Callable[[History, np.ndarray, int], np.ndarray], stati
 
 # ------------------------------------------------------------------------------------------ results
 def summarise(rollouts: list[Rollout], outcome: dict[str, np.ndarray]) -> dict:
-    """Per-task scores (SPEC normalisation), per-family and total unweighted means over tasks."""
+    """Per-task scores (the protocol's normalisation), per-family and total unweighted means over tasks."""
     per_task: dict[str, dict] = {}
     for name in dict.fromkeys(rollout.task.name for rollout in rollouts):
         indices = [i for i, rollout in enumerate(rollouts) if rollout.task.name == name]
@@ -279,7 +283,7 @@ def summarise(rollouts: list[Rollout], outcome: dict[str, np.ndarray]) -> dict:
         successes = outcome["success"][indices].tolist()
         per_task[name] = {
             "family": task.family,
-            "score": episode_score(task.family, returns, successes),
+            "score": task_score(task, returns, successes),
             "return_mean": float(np.mean(returns)),
             "success_rate": float(np.mean(successes)) if task.family == "metaworld" else None,
             "episodes": len(indices),
@@ -287,25 +291,37 @@ def summarise(rollouts: list[Rollout], outcome: dict[str, np.ndarray]) -> dict:
             "reference_score": task.single_task_score,
         }
     families = {}
-    for family in FAMILIES:
+    for family in dict.fromkeys([*FAMILIES, *(row["family"] for row in per_task.values())]):
         scores = [row["score"] for row in per_task.values() if row["family"] == family]
         references = [row["reference_score"] for row in per_task.values() if row["family"] == family]
         if scores:
-            families[family] = {"score": float(np.mean(scores)), "reference_score": float(np.mean(references)),
+            families[family] = {"score": float(np.mean(scores)), "reference_score": mean_reference(references),
                                 "tasks": len(scores)}
     total = float(np.mean([row["score"] for row in per_task.values()]))
-    reference_total = float(np.mean([row["reference_score"] for row in per_task.values()]))
+    reference_total = mean_reference([row["reference_score"] for row in per_task.values()])
     return {"tasks": per_task, "families": families, "total": {"score": total, "reference_score": reference_total,
                                                                "tasks": len(per_task)}}
+
+
+def mean_reference(references: list[float | None]) -> float | None:
+    """The mean single-task reference score, or None when a task has none (a user's own task)."""
+    return None if None in references else float(np.mean(references))
+
+
+def reference_text(reference: float | None) -> str:
+    return "-" if reference is None else f"{reference:.2f}"
 
 
 def markdown_table(results: dict) -> str:
     method = results["method"]
     lines = [f"| family | tasks | {method} | single-task DT (reference) |", "|---|---|---|---|"]
     for family, row in results["families"].items():
-        lines.append(f"| {family} | {row['tasks']} | {row['score']:.2f} | {row['reference_score']:.2f} |")
+        lines.append(f"| {family} | {row['tasks']} | {row['score']:.2f} | {reference_text(row['reference_score'])} |")
     total = results["total"]
-    lines.append(f"| **total** | {total['tasks']} | **{total['score']:.2f}** | {total['reference_score']:.2f} |")
+    lines.append(f"| **total** | {total['tasks']} | **{total['score']:.2f}** | {reference_text(total['reference_score'])} |")
+    if results.get("videos"):
+        lines += ["", "Videos: " + ", ".join(f"[{Path(path).stem}]({path})" for paths in results["videos"].values()
+                                            for path in paths)]
     return "\n".join(lines)
 
 
@@ -318,7 +334,7 @@ def write_results(out_dir: Path, results: dict) -> None:
             for name, row in results["tasks"].items():
                 writer.writerow([name, row["family"], f"{row['score']:.4f}", f"{row['return_mean']:.4f}",
                                  "" if row["success_rate"] is None else f"{row['success_rate']:.4f}",
-                                 row["episodes"], row["reference_score"]])
+                                 row["episodes"], "" if row["reference_score"] is None else row["reference_score"]])
     with atomic_path(out_dir / "table.md") as temporary:
         temporary.write_text(markdown_table(results) + "\n")
     plot_families(out_dir, results)
@@ -336,8 +352,10 @@ def plot_families(out_dir: Path, results: dict) -> None:
         figure, axes = plt.subplots(figsize=(max(6.0, 0.32 * len(rows) + 2), 4))
         positions = np.arange(len(rows))
         axes.bar(positions, [row["score"] for _, row in rows], color="tab:blue", label=results["method"])
-        axes.scatter(positions, [row["reference_score"] for _, row in rows], color="black", marker="_", s=200,
-                     label="single-task DT (paper)", zorder=3)
+        referenced = [(position, row["reference_score"]) for position, (_, row) in zip(positions, rows)
+                      if row["reference_score"] is not None]
+        if referenced:
+            axes.scatter(*zip(*referenced), color="black", marker="_", s=200, label="single-task DT (paper)", zorder=3)
         axes.set_xticks(positions, [name for name, _ in rows], rotation=75, ha="right", fontsize=7)
         axes.set_ylabel("normalised score")
         axes.set_title(f"{family}: mean {results['families'][family]['score']:.1f}")
@@ -351,17 +369,28 @@ def plot_families(out_dir: Path, results: dict) -> None:
 # ------------------------------------------------------------------------------------------ CLI
 def evaluate(run_dir: str, stage: str, grouping: str = "gradient", expert_num: int = 48, prefix_name: str | None = None,
              tasks: str | None = None, episodes: int | None = None, max_steps: int | None = None, workers: int | None = None,
-             seed: int = 0, device: str = "auto", max_rollouts: int | None = None) -> dict:
-    """Evaluate stage "1" (Prompt-DT), stage "3" (M3DT) or a "random" policy; write and return the results."""
+             seed: int = 0, device: str = "auto", max_rollouts: int | None = None, video: int = 0) -> dict:
+    """Evaluate stage "1" (Prompt-DT), stage "3" (M3DT) or a "random" policy; write and return the results.
+    `video` K > 0 records the first K episodes of every task as MP4 files (m3dt/video.py)."""
     from m3dt.train import resolve_device
 
     run = RunDir(run_dir)
-    trained = read_manifest(run.backbone, "stage-1 backbone")["tasks"]
+    backbone_manifest = read_manifest(run.backbone, "stage-1 backbone")
+    # A user's own tasks travel in the stage-1 manifest (README "Your own tasks").
+    register_task_rows(backbone_manifest.get("user_tasks", []), str(run.backbone))
+    trained = backbone_manifest["tasks"]
     chosen = resolve_tasks(prefix_name, tasks, seed) if (prefix_name or tasks) else trained
     untrained = [name for name in chosen if name not in trained]
     if untrained:
         raise TaskError(f"{run.backbone}: the run was not trained on {', '.join(untrained[:3])}")
-    rollouts = [Rollout(get_task(name), trained.index(name), episode)
+    label = f"stage3_{grouping}_{expert_num}" if stage == "3" else {"1": "stage1", "random": "random"}[stage]
+    out_dir = run.root / "eval" / label
+    if video:
+        from m3dt.video import choose_gl_backend
+
+        print(f"videos: MuJoCo renders with MUJOCO_GL={choose_gl_backend(gpu=torch.cuda.is_available())}")
+    rollouts = [Rollout(get_task(name), trained.index(name), episode,
+                        video_path(out_dir / "videos", name, episode) if episode < video else None)
                 for name in chosen
                 for episode in range(episodes or EPISODES_PER_FAMILY[get_task(name).family])]
     statistics = load_statistics(run)
@@ -389,8 +418,9 @@ def evaluate(run_dir: str, stage: str, grouping: str = "gradient", expert_num: i
         "num_experts": num_experts, "grouping": grouping if stage == "3" else None,
         "max_steps": max_steps, "seconds": time.perf_counter() - started, **summarise(rollouts, outcome),
     }
-    label = f"stage3_{grouping}_{expert_num}" if stage == "3" else {"1": "stage1", "random": "random"}[stage]
-    out_dir = run.root / "eval" / label
+    if video:  # paths relative to the results' folder, as the tables link them
+        results["videos"] = {name: [str(rollout.video.relative_to(out_dir)) for rollout in rollouts
+                                    if rollout.task.name == name and rollout.video is not None] for name in chosen}
     write_results(out_dir, results)
     print(markdown_table(results))
     print(f"wrote {out_dir}/results.json, results.csv, table.md and scores_*.png")
@@ -413,12 +443,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--max_rollouts", type=int,
                         help="run the rollouts in waves of at most this many (bounds memory; default: all at once)")
+    parser.add_argument("--video", type=int, default=0, metavar="K",
+                        help="write an MP4 of the first K episodes of each task into eval/{label}/videos/")
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args(argv)
+    if args.video < 0:
+        parser.error("--video must be at least 0")
     try:
         evaluate(args.run_dir, args.stage, args.grouping, args.expert_num, args.prefix_name, args.tasks, args.episodes,
-                 args.max_steps, args.workers, args.seed, args.device, args.max_rollouts)
-    except (ArtifactError, TaskError) as error:
+                 args.max_steps, args.workers, args.seed, args.device, args.max_rollouts, args.video)
+    except (ArtifactError, TaskError, VideoError) as error:
         exit_with_message(error, args.debug)
 
 

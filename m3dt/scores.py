@@ -1,8 +1,10 @@
-"""Per-task normalised scores of the evaluation protocol (SPEC section 5)."""
+"""Per-task normalised scores of the evaluation protocol (README "Evaluation")."""
 
 from __future__ import annotations
 
 import numpy as np
+
+from m3dt.tasks import Task
 
 
 def episode_score(family: str, returns: list[float], successes: list[bool]) -> float:
@@ -23,3 +25,13 @@ def episode_score(family: str, returns: list[float], successes: list[bool]) -> f
     if family == "cheetah_vel":
         return float(np.clip((mean_return + 100.0) / 70.0 * 100.0, 0.0, 100.0))
     raise ValueError(f"unknown family '{family}'")
+
+
+def task_score(task: Task, returns: list[float], successes: list[bool]) -> float:
+    """A task's score: its family's rule (`episode_score`), or for a user's gymnasium task
+    100 * (mean return - score_min_return) / (score_max_return - score_min_return), not clipped (D4RL's and
+    Minari's normalised score)."""
+    if task.score_returns is None:
+        return episode_score(task.family, returns, successes)
+    low, high = task.score_returns
+    return 100.0 * (float(np.mean(returns)) - low) / (high - low)

@@ -22,7 +22,7 @@ from m3dt.grouping import gradient_features_gram, gradient_grouping, groups_to_j
 from m3dt.model import ModelConfig, PromptDecisionTransformer
 from m3dt.run import (ArtifactError, RunDir, check_inputs, check_model_fields, input_hashes, load_tensors,
                       manifest_path, read_json, read_manifest, save_tensors, write_json, write_manifest)
-from m3dt.tasks import resolve_tasks
+from m3dt.tasks import get_task, register_task_rows, resolve_tasks, use_task_table, user_task_rows
 from m3dt.train import Distributed, Job, resolve_device, start_distributed, stop_distributed, train
 
 
@@ -55,6 +55,7 @@ def stage1_tasks(run: RunDir, config: Config) -> list[str]:
     """The stage-1 task list; an explicit --prefix_name/--tasks must agree with it."""
     manifest = read_manifest(run.backbone, "stage-1 backbone")
     check_model_fields(manifest, config.model_fields(), run.backbone)
+    register_task_rows(manifest.get("user_tasks", []), str(run.backbone))  # the run's own tasks, if any
     tasks = manifest["tasks"]
     if config.prefix_name or config.tasks:
         asked = resolve_tasks(config.prefix_name, config.tasks, config.seed)
@@ -159,6 +160,10 @@ def set_up_stage(model: PromptDecisionTransformer, stage: int, num_experts: int 
 def train_backbone(config: Config) -> Path:
     run = RunDir(config.resolved_run_dir())
     tasks = resolve_tasks(config.prefix_name, config.tasks, config.seed)
+    too_long = [name for name in tasks if get_task(name).horizon > config.max_timestep]
+    if too_long:
+        raise ConfigError(f"task '{too_long[0]}' has a horizon of {get_task(too_long[0]).horizon} steps, more than "
+                          f"--max_timestep {config.max_timestep} (the timestep embedding's size): raise --max_timestep")
     steps = config.stage_steps(config.backbone_steps)
     distributed, device = start_distributed(config.device)
     identity = optimisation_identity(config, tasks, distributed.world_size)
@@ -177,7 +182,8 @@ def train_backbone(config: Config) -> Path:
         return run.backbone
     save_tensors(run.data_stats, data_stats(sampler))
     save_tensors(run.backbone, model.state_dict())
-    write_manifest(run.backbone, "stage1", vars(config), tasks, [], run.root, steps_done=done, identity=identity)
+    write_manifest(run.backbone, "stage1", vars(config), tasks, [], run.root, steps_done=done, identity=identity,
+                   user_tasks=user_task_rows(tasks))
     print(f"stage 1: wrote {run.backbone}")
     return run.backbone
 
@@ -333,6 +339,8 @@ def run_cli(stage: Callable[[Config], Any], description: str, argv: list[str] | 
     try:
         config = parse_config(description, arguments)
         debug = config.debug
+        if config.task_table:
+            use_task_table(config.task_table)
         stage(config)
         stop_distributed()
     except USER_ERRORS as error:

@@ -42,6 +42,14 @@ class TaskEnv:
     def close(self) -> None:
         pass
 
+    # What m3dt.video renders: the MuJoCo model and data of the current state, and the camera to use (an id
+    # or name of a camera of the model, or a mujoco.MjvCamera; None: the default tracking camera).
+    def physics(self):
+        raise NotImplementedError(f"{type(self).__name__} cannot be rendered")
+
+    def camera(self):
+        return None
+
     # Family modules implement these two on native (unpadded) observations.
     def _reset(self) -> np.ndarray:
         raise NotImplementedError
