@@ -87,7 +87,8 @@ def test_own_gymnasium_tasks_train_and_evaluate(tmp_path, monkeypatch, one_threa
     # The evaluator knows the tasks from the stage-1 manifest alone, and its env workers from the Task objects.
     for name in ("own-hopper", "own-pendulum"):
         task_module._user_tasks.pop(name)
-    results = evaluate(str(run_dir), "1", episodes=2, max_steps=6, workers=1, device="cpu")
+    monkeypatch.setenv("MUJOCO_GL", "disable")  # the evaluator picks a GL backend for the video itself
+    results = evaluate(str(run_dir), "1", episodes=2, max_steps=6, workers=1, device="cpu", video=1)
     assert set(results["families"]) == {"gymnasium"} and results["families"]["gymnasium"]["reference_score"] is None
     for row in ROWS:
         outcome = results["tasks"][row["task"]]
@@ -95,6 +96,8 @@ def test_own_gymnasium_tasks_train_and_evaluate(tmp_path, monkeypatch, one_threa
         assert outcome["score"] == pytest.approx(100 * (outcome["return_mean"] - low) / (high - low))
         assert outcome["episodes"] == 2 and 1 <= outcome["steps_mean"] <= 6
     assert (run_dir / "eval" / "stage1" / "table.md").read_text().count("| gymnasium | 2 |")
+    assert results["videos"]["own-hopper"] == ["videos/own-hopper_episode0.mp4"]
+    assert (run_dir / "eval" / "stage1" / "videos" / "own-hopper_episode0.mp4").stat().st_size > 1000
 
 
 def test_actions_are_rescaled_to_the_env_bounds(tmp_path):
