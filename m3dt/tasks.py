@@ -153,15 +153,20 @@ def task_from_row(row: dict, where: str, index: int) -> Task:
     )
 
 
+def read_json_file(path: Path, what: str):
+    """A user's JSON file (task list or task table); TaskError naming it when missing or not JSON."""
+    if not path.is_file():
+        raise TaskError(f"{what} {path} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise TaskError(f"{what} {path} is not valid JSON: {error}") from None
+
+
 def read_task_table(path: str | Path) -> list[dict]:
     """The rows of a task table file: {"tasks": [row, ...]} as the shipped one, or a plain list of rows."""
     file = Path(path)
-    if not file.is_file():
-        raise TaskError(f"task table {file} does not exist")
-    try:
-        content = json.loads(file.read_text())
-    except json.JSONDecodeError as error:
-        raise TaskError(f"task table {file} is not valid JSON: {error}") from None
+    content = read_json_file(file, "task table")
     rows = content.get("tasks") if isinstance(content, dict) else content
     if not isinstance(rows, list) or not rows:
         raise TaskError(f"task table {file} must hold a non-empty list of tasks (or {{\"tasks\": [...]}})")
@@ -233,12 +238,7 @@ def resolve_tasks(prefix_name: str | None, tasks: str | None, seed: int) -> list
     if tasks:
         if tasks.startswith("@"):
             path = Path(tasks[1:])
-            if not path.is_file():
-                raise TaskError(f"task list file {path} does not exist")
-            try:
-                names = json.loads(path.read_text())
-            except json.JSONDecodeError as error:
-                raise TaskError(f"task list file {path} is not valid JSON: {error}") from None
+            names = read_json_file(path, "task list file")
             if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
                 raise TaskError(f"task list file {path} must hold a JSON list of task names")
         else:
