@@ -229,6 +229,9 @@ def train_expert(name: str, steps: int, out: Path, seed: int, save_every: int, l
     files = ExpertFiles.of(out, name)
     resume = files.model.is_file() and files.replay_buffer.is_file() and files.state.is_file()
     start = read_json(files.state, f"state of the {name} expert")["steps_done"] if resume else 0
+    if start >= steps:
+        print(f"expert {name}: already trained for {start} steps ({files.model})")
+        return
     # A resumed run draws new goals and reset states rather than replaying those of its first episodes.
     env = ExpertTrainingEnv(name, derived_seed(seed, start))
     if resume:
@@ -506,7 +509,7 @@ def train_parser() -> argparse.ArgumentParser:
                     "--steps trains further.")
     parser.add_argument("--expert", required=True,
                         help="ant_dir or cheetah_vel (one goal-conditioned expert for the family's 40 tasks), "
-                             "or a DMC task name (an expert for that task)")
+                             "a DMC task name (an expert for that task), or dmc (one expert per DMC task, in turn)")
     parser.add_argument("--steps", type=int, default=1_000_000, help="environment steps in all")
     parser.add_argument("--out", required=True, help="data root (the expert goes to its _experts/ folder)")
     parser.add_argument("--seed", type=int, default=0)
@@ -541,12 +544,15 @@ def run_command(argv: list[str]) -> None:
         positive("save_every", args.save_every, 1)
         positive("learning_starts", args.learning_starts, 0)
         positive("buffer_size", args.buffer_size, 1)
-        expert_task(args.expert)  # validates the name before anything is built
+        names = collection_tasks("dmc") if args.expert == "dmc" else [args.expert]
+        for name in names:
+            expert_task(name)  # validates the name before anything is built
         # SAC's networks are small (256x256, batch 256): on CPU a second intra-op thread gains little, and on
         # a busy machine it made each step ~10x slower (measured: 66 vs 5 steps/s).
         torch.set_num_threads(1)
-        train_expert(args.expert, args.steps, Path(args.out), args.seed, args.save_every, args.learning_starts,
-                     args.buffer_size, args.device)
+        for name in names:  # each resumes from its own checkpoint, so a rerun skips the finished ones
+            train_expert(name, args.steps, Path(args.out), args.seed, args.save_every, args.learning_starts,
+                         args.buffer_size, args.device)
         return
     args = collect_parser().parse_args(argv)
     positive("episodes", args.episodes, MIN_EPISODES)
