@@ -87,7 +87,9 @@ class MinariEpisodes:
         return f"{self.where} episode {self.indices[position]}"
 
     def lengths(self) -> list[int]:
-        return [episode.rewards.shape[0] for episode in self.load()]
+        """From the episodes' metadata (both Minari storages record total_steps), without reading them."""
+        metadata = open_dataset(self.data_path).storage.get_episode_metadata(self.indices)
+        return [int(episode["total_steps"]) for episode in metadata]
 
     def load(self) -> list[Episode]:
         dataset = open_dataset(self.data_path)
