@@ -4,7 +4,7 @@
     python -m m3dt.collect train-expert --expert cheetah_vel --steps 1000000 --out DATA_ROOT
     python -m m3dt.collect --tasks cheetah_vel --episodes 1002 --out DATA_ROOT     # its 40 tasks, that expert
 
-Layout (SPEC section 4): `{out}/{task}/{i}.npz`, i = 0..N-1, N = --episodes files in all, of which the
+Layout (README "The MT160 pipeline"): `{out}/{task}/{i}.npz`, i = 0..N-1, N = --episodes files in all, of which the
 loader uses the last two as the task's prompt trajectories. Keys: observations (T,39) and actions (T,8)
 zero-padded (the env receives the first act_dim dims), rewards (T,), terminals (T,) (True only where the
 env ended the episode, i.e. an ant falling; the horizon or --max_steps is not a terminal), and one key the
@@ -25,7 +25,8 @@ Policies:
   velocity in [0, 3], the table's goals span 0.075..3.0), rolled out with the task's goal; the goal is
   appended to the expert's input only, never stored.
 - DMC: no expert ships with the packages; train one per task with the same command
-  (`train-expert --expert walker-walk`).
+  (`train-expert --expert walker-walk`, or `--expert dmc` for all 30 in turn), in the protocol's env
+  (action repeat 2, 500 steps).
 Experts live in `{out}/_experts/`; the loader reads only the folders of the tasks it is given, so this
 folder is never taken for data.
 

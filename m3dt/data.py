@@ -273,7 +273,8 @@ def task_source(data_path: str, task: Task, max_episodes: int) -> EpisodeSource:
         source = (minari_io.minari_episodes(str(folder), task, max_episodes) if minari_io.is_minari_folder(folder)
                   else NpzEpisodes(tuple(episode_files(folder, max_episodes))))
     if len(source) < MIN_EPISODES:
-        raise DataError(f"{source.where}: {len(source)} episode(s); a task needs at least {MIN_EPISODES} (2 are prompts)")
+        raise DataError(f"{source.where}: {len(source)} episode(s); a task needs at least {MIN_EPISODES} "
+                        "(2 are prompts)")
     return source
 
 

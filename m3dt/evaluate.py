@@ -318,7 +318,8 @@ def markdown_table(results: dict) -> str:
     for family, row in results["families"].items():
         lines.append(f"| {family} | {row['tasks']} | {row['score']:.2f} | {reference_text(row['reference_score'])} |")
     total = results["total"]
-    lines.append(f"| **total** | {total['tasks']} | **{total['score']:.2f}** | {reference_text(total['reference_score'])} |")
+    reference = reference_text(total["reference_score"])
+    lines.append(f"| **total** | {total['tasks']} | **{total['score']:.2f}** | {reference} |")
     if results.get("videos"):
         lines += ["", "Videos: " + ", ".join(f"[{Path(path).stem}]({path})" for paths in results["videos"].values()
                                             for path in paths)]

@@ -145,7 +145,8 @@ def open_dataset(data_path: Path):
     try:
         return minari.MinariDataset(data_path)
     except Exception as error:  # minari and h5py raise many types for a damaged or foreign folder
-        raise DataError(f"{data_path.parent}: not a readable Minari dataset ({type(error).__name__}: {error})") from None
+        raise DataError(f"{data_path.parent}: not a readable Minari dataset "
+                        f"({type(error).__name__}: {error})") from None
 
 
 def minari_episodes(spec: str, task: Task, max_episodes: int) -> MinariEpisodes:
