@@ -128,3 +128,14 @@ def test_bad_rows_are_one_line(tmp_path, capsys, change, message):
     with pytest.raises(SystemExit) as exited:
         run_cli(train_backbone, "stage 1", [*TINY, "--task_table", str(tmp_path / "table.json"), "--tasks", "x"])
     assert exited.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_family_row_builds_that_familys_env(tmp_path):
+    row = {"task": "acrobot-swingup-sparse", "family": "dmc", "obs_dim": 6, "act_dim": 1, "horizon": 500,
+           "return_target": 1000.0, "rtg_scale": 200.0}
+    (task,) = task_module.register_task_rows([row], "test")
+    env = make_env(task, episode=0)
+    assert env.reset().shape == (39,) and env.step(np.zeros(1))[1] >= 0.0  # a DMC reward, action repeat 2
+    wrong = task_module.task_from_row({**row, "obs_dim": 7}, "test", 0)
+    with pytest.raises(TaskError, match="its env observes 6 dims, the task table says obs_dim 7"):
+        make_env(wrong, episode=0).reset()
