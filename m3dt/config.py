@@ -13,13 +13,21 @@ import inspect
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
 
 class ConfigError(ValueError):
     """A config file or option that cannot be used."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with its errors (an unknown option, a value that does not parse or is not a choice) as one
+    line and exit code 2, like every other bad input, instead of the usage block followed by the error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (--help lists the options)\n")
 
 
 @dataclass
@@ -71,11 +79,19 @@ class Config:
     kmeans_iterations: int = 100  # Lloyd iterations per K-means run at most
     kmeans_tolerance: float = 1e-4  # a run stops once the centroids move less (sum of squared shifts)
 
+    # importing the authors' trained checkpoints (python -m m3dt.import_reference)
+    backbone: str | None = None  # their stage-1 file (prompt_model_{prefix}_iter_N_seedS)
+    experts: str | None = None  # their expert files: a folder of expert_{i}_iter_N, or file,file,... in expert order
+    groups: str | None = None  # their group file, JSON {"expert_0": [task, ...], ...}; needed by --experts/--moe
+    moe: str | None = None  # their stage-3 file (moe__iter_N): routers and experts of every block
+
     # the demo (m3dt.demo) collects its own data and evaluates with these
     demo_episodes: int = 30  # episodes collected per task; the last two are the prompts
     demo_noise: float = 0.1  # std of the Gaussian noise on the scripted actions
     eval_episodes: int | None = None  # episodes per task; None: the protocol's per family
     eval_max_steps: int | None = None  # None: each task's full horizon
+    context_actions: str = "full"  # evaluation context: full 8-d predicted actions (the reference) | masked: dims >= act_dim zeroed
+    demo_collect_seed: int = 100  # the demo's collection seed: its MT1 goals; evaluation uses those of --seed
     workers: int | None = None  # processes that read the data and step envs; None: the CPU count
 
     # running
@@ -110,6 +126,7 @@ CHOICES = {
     "grouping": ("gradient", "random"),
     "precision": ("fp32", "bf16"),
     "compile": ("none", "default", "reduce-overhead", "max-autotune"),
+    "context_actions": ("full", "masked"),
 }
 # Sizes and intervals below 1 would fail deep inside a stage (a division by zero, an empty tensor).
 POSITIVE = ("embed_dim", "n_layer", "n_head", "context_length", "prompt_length", "max_timestep", "batch_size",
@@ -132,9 +149,9 @@ def field_comments() -> dict[str, str]:
     return dict(re.findall(r"^\s+(\w+): [^#\n]*#\s*(.+)$", inspect.getsource(Config), flags=re.MULTILINE))
 
 
-def build_parser(description: str) -> argparse.ArgumentParser:
+def build_parser(description: str) -> ArgumentParser:
     """A parser with one flag per Config field; unspecified flags stay absent so that YAML values survive."""
-    parser = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
+    parser = ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
     comments = field_comments()
     for config_field in dataclasses.fields(Config):
         flag = f"--{config_field.name}"

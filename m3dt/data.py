@@ -24,6 +24,7 @@ from typing import Iterator
 import numpy as np
 import torch
 from numpy.lib.npyio import NpzFile
+from tqdm import tqdm
 
 from m3dt.tasks import MAX_ACT_DIM, MAX_OBS_DIM, Task, get_task
 
@@ -169,6 +170,17 @@ class Prompts:
     timesteps: torch.Tensor  # (tasks, 2, P) long
     mask: torch.Tensor  # (tasks, 2, P) float, 1 on real steps
 
+    @classmethod
+    def from_arrays(cls, prompts: dict[str, np.ndarray], device: torch.device) -> Prompts:
+        """From the stacked numpy prompts of TaskDataset / read_statistics."""
+        return cls(
+            states=torch.from_numpy(prompts["states"]).float().to(device),
+            actions=torch.from_numpy(prompts["actions"]).float().to(device),
+            returns_to_go=torch.from_numpy(prompts["returns_to_go"]).float().unsqueeze(-1).to(device),
+            timesteps=torch.from_numpy(prompts["timesteps"]).long().to(device),
+            mask=torch.ones(prompts["timesteps"].shape, device=device),
+        )
+
 
 @dataclass
 class Batch:
@@ -216,6 +228,15 @@ def load_prompts(task: Task, source: EpisodeSource, length: int) -> dict[str, np
 
 
 @dataclass
+class TaskStatistics:
+    """What evaluation needs from one task's data: its state statistics and both prompt windows."""
+
+    state_mean: np.ndarray  # (39,) over all training states
+    state_std: np.ndarray  # (39,), plus STD_EPSILON
+    prompts: dict[str, np.ndarray]  # load_prompts: (2, P, ...) each, lower return first
+
+
+@dataclass
 class TaskPart:
     """One task's training data, read by a worker and copied into the flat arrays."""
 
@@ -223,9 +244,7 @@ class TaskPart:
     actions: np.ndarray
     returns_to_go: np.ndarray  # scaled
     episode_lengths: list[int]
-    state_mean: np.ndarray
-    state_std: np.ndarray
-    prompts: dict[str, np.ndarray]
+    statistics: TaskStatistics
 
 
 @dataclass(frozen=True)
@@ -292,10 +311,31 @@ def read_task(task: Task, source: EpisodeSource, prompt_length: int) -> TaskPart
         actions=np.concatenate([episode.actions for episode in episodes]),
         returns_to_go=np.concatenate([returns_to_go(episode.rewards) for episode in episodes]) / task.rtg_scale,
         episode_lengths=[episode.rewards.shape[0] for episode in episodes],
-        state_mean=mean,
-        state_std=std + STD_EPSILON,
-        prompts=load_prompts(task, source.part(-PROMPT_EPISODES), prompt_length),
+        statistics=TaskStatistics(mean, std + STD_EPSILON,
+                                  load_prompts(task, source.part(-PROMPT_EPISODES), prompt_length)),
     )
+
+
+def stack_statistics(statistics: list[TaskStatistics]) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """Per-task statistics stacked in task order: state mean and std (tasks, 39) float32, and the prompts
+    (tasks, 2, P, ...)."""
+    prompts = {key: np.stack([task.prompts[key] for task in statistics]) for key in statistics[0].prompts}
+    return (np.stack([task.state_mean for task in statistics]).astype(np.float32),
+            np.stack([task.state_std for task in statistics]).astype(np.float32), prompts)
+
+
+def read_statistics(data_root: str | Path, task_names: list[str], max_episodes: int = 2000, prompt_length: int = 5,
+                    workers: int = 0) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """The per-task statistics that TaskDataset computes (stack_statistics' result), without keeping the
+    transitions: each worker holds one task at a time, and only its statistics come back."""
+    tasks = [get_task(name) for name in task_names]
+    sources = [task_source(str(data_root), task, max_episodes) for task in tasks]
+    workers = min(workers, MAX_LOADING_WORKERS, len(tasks))
+    with worker_pool(workers) as pool:
+        parts = bounded_map(pool, partial(read_statistics_star, prompt_length=prompt_length), list(zip(tasks, sources)),
+                            max(1, workers))
+        statistics = list(tqdm(parts, total=len(tasks), desc="task statistics", unit="task", dynamic_ncols=True))
+    return stack_statistics(statistics)
 
 
 @contextmanager
@@ -331,7 +371,7 @@ class TaskDataset:
             self.returns_to_go = np.empty(total, dtype=np.float32)
             parts = bounded_map(pool, partial(read_task_star, prompt_length=prompt_length), list(zip(self.tasks, sources)),
                                 max(1, workers))
-            episode_starts, task_offsets, state_means, state_stds, prompt_parts = [], [], [], [], []
+            episode_starts, task_offsets, statistics = [], [], []
             row = 0
             for source, expected, part in zip(sources, lengths, parts):
                 if part.episode_lengths != expected:
@@ -341,18 +381,14 @@ class TaskDataset:
                     part.observations, part.actions, part.returns_to_go)
                 task_offsets.append(row)
                 episode_starts.extend(row + np.cumsum([0, *part.episode_lengths[:-1]]))
-                state_means.append(part.state_mean)
-                state_stds.append(part.state_std)
-                prompt_parts.append(part.prompts)
+                statistics.append(part.statistics)
                 row = rows.stop
         episode_starts.append(row)
 
         self.episode_starts = np.asarray(episode_starts, dtype=np.int64)
         self.task_offsets = np.asarray(task_offsets, dtype=np.int64)
         self.task_sizes = np.asarray([sum(task_lengths) for task_lengths in lengths], dtype=np.int64)
-        self.state_mean = np.stack(state_means).astype(np.float32)
-        self.state_std = np.stack(state_stds).astype(np.float32)
-        self.prompts = {key: np.stack([part[key] for part in prompt_parts]) for key in prompt_parts[0]}
+        self.state_mean, self.state_std, self.prompts = stack_statistics(statistics)
 
     @property
     def task_names(self) -> list[str]:
@@ -370,6 +406,10 @@ def bounded_map(pool, function, items: list, in_flight: int) -> Iterator:
 
 def read_task_star(arguments: tuple[Task, EpisodeSource], prompt_length: int) -> TaskPart:
     return read_task(*arguments, prompt_length)
+
+
+def read_statistics_star(arguments: tuple[Task, EpisodeSource], prompt_length: int) -> TaskStatistics:
+    return read_task(*arguments, prompt_length).statistics
 
 
 class DeviceSampler:
@@ -396,14 +436,7 @@ class DeviceSampler:
         self.horizons = torch.tensor([task.horizon for task in dataset.tasks], device=device)
         act_dims = torch.tensor([task.act_dim for task in dataset.tasks], device=device)
         self.action_masks = (torch.arange(MAX_ACT_DIM, device=device) < act_dims[:, None]).float()
-        prompts = dataset.prompts
-        self.prompts = Prompts(
-            states=torch.from_numpy(prompts["states"]).float().to(device),
-            actions=torch.from_numpy(prompts["actions"]).float().to(device),
-            returns_to_go=torch.from_numpy(prompts["returns_to_go"]).float().unsqueeze(-1).to(device),
-            timesteps=torch.from_numpy(prompts["timesteps"]).long().to(device),
-            mask=torch.ones(prompts["timesteps"].shape, device=device),
-        )
+        self.prompts = Prompts.from_arrays(dataset.prompts, device)
         # Which prompt trajectory each row of a task's batch uses: rows 0 and 2 the lower-return one.
         prompt_choice = torch.ones(batch_size, dtype=torch.long)
         prompt_choice[[row for row in LOW_RETURN_PROMPT_ROWS if row < batch_size]] = 0

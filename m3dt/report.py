@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from m3dt.cli import exit_with_message
+from m3dt.config import ArgumentParser, Config, ConfigError, load_yaml
 from m3dt.run import atomic_path
 from m3dt.tasks import FAMILIES
 
@@ -134,16 +135,19 @@ def build_report(run_dirs: list[Path], out_dir: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dirs", nargs="+", type=Path)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dirs", nargs="*", type=Path, help="evaluated run directories (default: --config's run dir)")
+    parser.add_argument("--config", help="YAML file of options (the stages' format): its run dir is reported")
     parser.add_argument("--out", type=Path, default=Path("report"))
     args = parser.parse_args(argv)
     try:
-        print(build_report(args.run_dirs, args.out))
-    except FileNotFoundError as error:
+        config_run_dirs = [Config(**load_yaml(args.config)).resolved_run_dir()] if args.config else []
+        if not (args.run_dirs or config_run_dirs):
+            parser.error("give run directories or --config")
+        print(build_report(args.run_dirs or config_run_dirs, args.out))
+    except (FileNotFoundError, ConfigError) as error:
         exit_with_message(error, debug=False)
     print(f"wrote {args.out}/report.md and plots")
-
 
 if __name__ == "__main__":
     main()

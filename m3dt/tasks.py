@@ -25,6 +25,7 @@ FAMILIES = ("metaworld", "dmc", "ant_dir", "cheetah_vel")
 GYMNASIUM = "gymnasium"  # the family of a user's task given by a gymnasium env id
 MAX_OBS_DIM = 39  # every observation is zero-padded to this width
 MAX_ACT_DIM = 8  # every action is zero-padded to this width
+MT1_GOALS = 50  # goals that one seeded metaworld.MT1 samples per task: Meta-World episodes per seed
 
 
 class TaskError(ValueError):

@@ -134,6 +134,10 @@ class RecordedEnv:
     def task(self):
         return self.env.task
 
+    @property
+    def episode(self) -> int:
+        return self.env.episode
+
     def frame(self) -> np.ndarray:
         """The current state as an RGB image (HEIGHT, WIDTH, 3) uint8."""
         _, data = self.env.physics()  # asked each time: an env may rebuild its data on reset

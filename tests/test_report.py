@@ -35,3 +35,12 @@ def test_run_without_evaluation_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(tmp_path)])
     assert "no eval/*/results.json" in capsys.readouterr().err
+
+
+def test_report_takes_the_run_dir_of_a_config_file(tmp_path, capsys):
+    run = tmp_path / "mt10_seed0"
+    write_result(run, "stage1", "Prompt-DT", 10, 0, 80.0, {"metaworld": 70.0})
+    config_file = tmp_path / "run.yaml"  # the stages' format
+    config_file.write_text(f"run_dir: {run}\nembed_dim: 32\n")
+    main(["--config", str(config_file), "--out", str(tmp_path / "out")])
+    assert "| 10 | Prompt-DT | 70.00 | - | - | - | 80.00 |" in capsys.readouterr().out
