@@ -44,7 +44,8 @@ from m3dt.cli import USER_ERRORS, exit_with_message
 from m3dt.config import CHOICES, ArgumentParser, Config, ConfigError, check_values, field_comments, load_yaml
 from m3dt.data import Batch
 from m3dt.model import PromptDecisionTransformer
-from m3dt.run import ArtifactError, RunDir, atomic_path, file_hash, load_tensors, read_json, read_manifest, write_json
+from m3dt.run import (ArtifactError, RunDir, atomic_path, file_hash, load_tensors, manifest_path, read_json,
+                      read_manifest, write_json)
 from m3dt.scores import SCORE_AXIS, task_score
 from m3dt.tasks import (FAMILIES, GYMNASIUM, MAX_ACT_DIM, MAX_OBS_DIM, MT1_GOALS, Task, get_task, register_task_rows,
                         resolve_tasks)
@@ -538,10 +539,14 @@ def open_run(run_dir: str) -> tuple[RunDir, dict]:
     run = RunDir(run_dir)
     if not run.root.is_dir():
         raise ArtifactError(f"{run.root}: run directory does not exist")
-    manifest = read_manifest(run.backbone, "stage-1 backbone")
-    # A user's own tasks travel in the stage-1 manifest (README "Your own tasks").
-    register_task_rows(manifest.get("user_tasks", []), str(run.backbone))
-    return run, manifest
+    return run, read_manifest(run.backbone, "stage-1 backbone")
+
+
+def register_run_tasks(run_dir: str) -> None:
+    """Make a run's own tasks (README "Your own tasks"), which its stage-1 manifest records, known by name."""
+    path = manifest_path(RunDir(run_dir).backbone)
+    if path.is_file():
+        register_task_rows(read_json(path, "stage-1 manifest").get("user_tasks", []), str(path))
 
 
 def shared_training_goals(stage1_manifest: dict, rollouts: list[Rollout], seed: int) -> dict | None:
@@ -600,8 +605,10 @@ def evaluate(run_dir: str, stage: str, grouping: str = "gradient", expert_num: i
     check_options(episodes, max_steps, workers, max_rollouts, seed, context_actions)
     if video < 0:
         raise ConfigError(f"--video must be at least 0, got {video}")
-    run, stage1_manifest = open_run(run_dir)  # first: a run's own tasks are known once its manifest is read
+    register_run_tasks(run_dir)
     asked = resolve_tasks(prefix_name, tasks, seed) if (prefix_name or tasks) else None
+    check_episodes(asked or [], episodes)
+    run, stage1_manifest = open_run(run_dir)
     trained = stage1_manifest["tasks"]
     chosen = asked or trained
     check_episodes(chosen, episodes)
