@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from m3dt.cli import exit_with_message
+from m3dt.cli import command, exit_with_message
 from m3dt.config import CHOICES, ArgumentParser, Config, ConfigError
 from m3dt.data import Batch, DeviceSampler, TaskDataset
 from m3dt.evaluate import EPISODES_PER_FAMILY, EnvPool, Rollout  # env packages load inside the env workers
@@ -735,6 +735,7 @@ def parse_settings(argv: list[str] | None) -> Settings:
     return settings
 
 
+@command
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = sys.argv[1:] if argv is None else argv
     try:

@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Callable
@@ -63,7 +64,7 @@ from stable_baselines3.common.callbacks import BaseCallback  # noqa: E402
 from stable_baselines3.common.logger import configure as configure_logger  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from m3dt.cli import exit_with_message  # noqa: E402
+from m3dt.cli import command, exit_with_message  # noqa: E402
 from m3dt.config import ArgumentParser  # noqa: E402
 from m3dt.data import MIN_EPISODES, DataError, load_episode  # noqa: E402
 from m3dt.envs import TaskEnv, make_env  # noqa: E402
@@ -439,6 +440,12 @@ def task_entry(task: Task, settings: dict, summaries: list[EpisodeSummary]) -> d
     }
 
 
+def start_worker() -> None:
+    """One torch thread per worker; Ctrl-C is the main process's to handle (one line; it ends the pool)."""
+    torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def run_jobs(jobs: list[EpisodeJob], workers: int) -> list[tuple[str, EpisodeSummary]]:
     """Collect the episodes of `jobs` in `workers` processes (0: in this process), whole episodes each."""
     progress = {"total": len(jobs), "desc": "episodes", "dynamic_ncols": True}
@@ -447,7 +454,7 @@ def run_jobs(jobs: list[EpisodeJob], workers: int) -> list[tuple[str, EpisodeSum
     # spawn: MuJoCo and torch state must not be forked. One torch thread per worker: the expert is a small
     # MLP evaluated once per step, and more threads would only compete with the other workers.
     context = multiprocessing.get_context("spawn")
-    with context.Pool(min(workers, len(jobs)), initializer=torch.set_num_threads, initargs=(1,)) as pool:
+    with context.Pool(min(workers, len(jobs)), initializer=start_worker) as pool:
         return list(tqdm(pool.imap_unordered(collect_episode, jobs), **progress))
 
 
@@ -590,6 +597,7 @@ def run_command(argv: list[str]) -> None:
         print(f"wrote {len(task_names)} Minari dataset(s) {args.minari_namespace}/{{task}}-v0 under {folder.parent}")
 
 
+@command
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     try:

@@ -17,6 +17,8 @@ from typing import Any, NoReturn
 
 import yaml
 
+from m3dt.moe import tied_router_hidden
+
 
 class ConfigError(ValueError):
     """A config file or option that cannot be used."""
@@ -50,8 +52,8 @@ class Config:
     prompt_length: int = 5  # steps of the prompt window
     max_timestep: int = 1000  # size of the timestep embedding table
     residual: str = "ln2"  # "ln2": the reference's u + MLP(u) once experts are installed; "standard": h + MLP(u)
-    top_k: int = 0  # 0: dense soft mixture over all experts (the paper); k > 0: renormalised top-k gating
-    router_hidden: str = "1024,1024,1024,512"  # hidden widths of each block's router MLP (the paper's)
+    top_k: int = 0  # 0: dense soft mixture over all experts (the paper); k > 0: the k most probable experts, weighted by their softmax probabilities
+    router_hidden: str | None = None  # hidden widths of each block's router MLP, "a,b,..."; default: the reference's 4d,4d,4d,2d for d = embed_dim
 
     # optimisation (all stages)
     batch_size: int = 16  # segments per task per step (per rank under torchrun)
@@ -77,7 +79,8 @@ class Config:
     kmeans_restarts: int = 40  # K-means runs per repetition; the lowest sum of distances wins
     kmeans_repeats: int = 40  # repetitions; the partition with the most even group sizes wins
     kmeans_iterations: int = 100  # Lloyd iterations per K-means run at most
-    kmeans_tolerance: float = 1e-4  # a run stops once the centroids move less (sum of squared shifts)
+    kmeans_stop: str = "reference"  # K-means stop: reference (every centroid coordinate moved < tolerance; the centroids from before that update), relative (summed squared shift <= tolerance x the features' total variance), summed (summed squared shift <= tolerance)
+    kmeans_tolerance: float = 1e-4  # the tolerance of --kmeans_stop
 
     # importing the authors' trained checkpoints (python -m m3dt.import_reference)
     backbone: str | None = None  # their stage-1 file (prompt_model_{prefix}_iter_N_seedS)
@@ -115,15 +118,21 @@ class Config:
         return self.max_iters if self.max_iters is not None else default
 
     def model_fields(self) -> dict[str, Any]:
-        """The options that fix the shape and function of the model: a later stage must agree on them."""
-        names = ("embed_dim", "n_layer", "n_head", "context_length", "prompt_length", "max_timestep", "residual",
-                 "router_hidden")
-        return {name: getattr(self, name) for name in names}
+        """The options that fix the shape and function of the model: a later stage must agree on them.
+        The router widths are resolved, so a tied default and the same widths given explicitly agree."""
+        names = ("embed_dim", "n_layer", "n_head", "context_length", "prompt_length", "max_timestep", "residual")
+        return {**{name: getattr(self, name) for name in names}, "router_hidden": self.router_widths()}
+
+    def router_widths(self) -> str:
+        """--router_hidden without spaces, or the widths tied to --embed_dim."""
+        widths = (self.router_hidden.split(",") if self.router_hidden else tied_router_hidden(self.embed_dim))
+        return ",".join(str(int(width)) for width in widths)
 
 
 CHOICES = {
     "residual": ("ln2", "standard"),
     "grouping": ("gradient", "random"),
+    "kmeans_stop": ("reference", "relative", "summed"),
     "precision": ("fp32", "bf16"),
     "compile": ("none", "default", "reduce-overhead", "max-autotune"),
     "context_actions": ("full", "masked"),
@@ -225,5 +234,6 @@ def check_values(config: Config) -> None:
             raise ConfigError(f"--shard must be i/n with 0 <= i < n, got {config.shard!r}")
         if not config.all:
             raise ConfigError("--shard goes with --all")
-    if not all(width.strip().isdigit() and int(width) > 0 for width in config.router_hidden.split(",")):
+    if config.router_hidden is not None and not all(
+            width.strip().isdigit() and int(width) > 0 for width in config.router_hidden.split(",")):
         raise ConfigError(f"--router_hidden must be comma-separated positive widths, got {config.router_hidden!r}")

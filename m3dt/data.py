@@ -13,7 +13,9 @@ on those tensors, so the whole dataset can sit on the GPU and no step builds sam
 
 from __future__ import annotations
 
+import hashlib
 import multiprocessing
+import signal
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -272,6 +274,9 @@ class NpzEpisodes:
     def load(self) -> list[Episode]:
         return [load_episode(path) for path in self.files]
 
+    def stored_files(self) -> list[Path]:
+        return list(self.files)
+
 
 EpisodeSource = NpzEpisodes  # or m3dt.minari_io.MinariEpisodes: the same methods
 
@@ -324,6 +329,34 @@ def stack_statistics(statistics: list[TaskStatistics]) -> tuple[np.ndarray, np.n
             np.stack([task.state_std for task in statistics]).astype(np.float32), prompts)
 
 
+def files_fingerprint(data_root: str | Path, task_names: list[str], max_episodes: int) -> dict[str, str]:
+    """Per task, the sha256 of the names and byte sizes of the files a run reads (episode files, or a Minari dataset's): cheap (no file is
+    opened), so a stage compares it before loading. Files of the same sizes with other contents are told
+    apart after loading, by `statistics_fingerprints`."""
+    fingerprints = {}
+    for name in task_names:
+        source = task_source(str(data_root), get_task(name), max_episodes)
+        digest = hashlib.sha256()
+        for path in source.stored_files():
+            digest.update(f"{path.name} {path.stat().st_size}\n".encode())
+        digest.update(f"{len(source)} episodes\n".encode())  # a Minari dataset's files hold all of its episodes
+        fingerprints[name] = digest.hexdigest()
+    return fingerprints
+
+
+def statistics_fingerprints(task_names: list[str], state_mean: np.ndarray, state_std: np.ndarray,
+                            prompts: dict[str, np.ndarray]) -> dict[str, str]:
+    """Per task, the sha256 of what training and evaluation take from its data besides the batches: the
+    state mean and std and both prompt windows (stack_statistics' arrays; the same data gives the same bits)."""
+    fingerprints = {}
+    for index, name in enumerate(task_names):
+        digest = hashlib.sha256()
+        for array in (state_mean[index], state_std[index], *(prompts[key][index] for key in sorted(prompts))):
+            digest.update(np.ascontiguousarray(array).tobytes())
+        fingerprints[name] = digest.hexdigest()
+    return fingerprints
+
+
 def read_statistics(data_root: str | Path, task_names: list[str], max_episodes: int = 2000, prompt_length: int = 5,
                     workers: int = 0) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """The per-task statistics that TaskDataset computes (stack_statistics' result), without keeping the
@@ -344,7 +377,8 @@ def worker_pool(workers: int) -> Iterator:
     if workers <= 1:
         yield SimpleNamespace(map=lambda function, items: list(map(function, items)))
         return
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+    # Workers ignore Ctrl-C: the main process handles it (one line) and ends the pool.
+    with multiprocessing.get_context("spawn").Pool(workers, signal.signal, (signal.SIGINT, signal.SIG_IGN)) as pool:
         yield pool
 
 
@@ -393,6 +427,9 @@ class TaskDataset:
     @property
     def task_names(self) -> list[str]:
         return [task.name for task in self.tasks]
+
+    def statistics_fingerprints(self) -> dict[str, str]:
+        return statistics_fingerprints(self.task_names, self.state_mean, self.state_std, self.prompts)
 
     def nbytes(self) -> int:
         return self.observations.nbytes + self.actions.nbytes + self.returns_to_go.nbytes + self.episode_starts.nbytes

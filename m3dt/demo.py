@@ -22,7 +22,7 @@ from m3dt.collect import CollectError, collect, print_table
 from m3dt.config import Config, ConfigError, parse_config
 from m3dt.data import MIN_EPISODES
 from m3dt.evaluate import check_episodes, check_options, evaluate
-from m3dt.cli import USER_ERRORS, exit_with_message
+from m3dt.cli import USER_ERRORS, command, exit_with_message
 from m3dt.stages import group_tasks, train_backbone, train_experts, train_router
 from m3dt.tasks import FAMILIES, resolve_tasks
 
@@ -82,6 +82,7 @@ def run_demo(config: Config) -> dict[str, dict]:
     return results
 
 
+@command
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if "--config" not in argv:

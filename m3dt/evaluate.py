@@ -29,6 +29,7 @@ import argparse
 import csv
 import multiprocessing
 import os
+import signal
 import sys
 import time
 import traceback
@@ -40,15 +41,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from m3dt.cli import USER_ERRORS, exit_with_message
+from m3dt.cli import USER_ERRORS, command, exit_with_message
 from m3dt.config import CHOICES, ArgumentParser, Config, ConfigError, check_values, field_comments, load_yaml
 from m3dt.data import Batch
 from m3dt.model import PromptDecisionTransformer
-from m3dt.run import (ArtifactError, RunDir, atomic_path, file_hash, load_tensors, manifest_path, read_json,
-                      read_manifest, write_json)
+from m3dt.run import (ArtifactError, RunDir, atomic_path, check_inputs, file_hash, input_hashes, load_tensors,
+                      manifest_path, read_json, read_manifest, write_json)
 from m3dt.scores import SCORE_AXIS, task_score
-from m3dt.tasks import (FAMILIES, GYMNASIUM, MAX_ACT_DIM, MAX_OBS_DIM, MT1_GOALS, Task, get_task, register_task_rows,
-                        resolve_tasks)
+from m3dt.tasks import (FAMILIES, GYMNASIUM, MAX_ACT_DIM, MAX_OBS_DIM, MT1_GOALS, Task, check_timesteps, get_task,
+                        register_task_rows, resolve_tasks)
 from m3dt.video import VideoError, video_path
 
 # the protocol's; a gymnasium task of one's own (README "Your own tasks") gets 10, as D4RL-style evaluations do
@@ -103,7 +104,9 @@ def _answer(envs: list, command: str, payload):
 
 def _worker(connection, rollouts: list[tuple[Task, int, Path | None]], seed: int) -> None:
     """Owns the envs of some rollouts; answers 'reset' and 'step' messages with ("ok", answer) until 'close',
-    or with ("error", one line, traceback) once, when an env fails, and stops."""
+    or with ("error", one line, traceback) once, when an env fails, and stops. Ctrl-C is the main process's to
+    handle (one line); it then sends 'close'."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     envs = []
     try:
         envs = [_build_env(task, episode, seed, video) for task, episode, video in rollouts]
@@ -208,6 +211,8 @@ def load_policy(run: RunDir, stage: int, grouping: str, expert_num: int) -> tupl
 
     artifact = run.backbone if stage == 1 else run.moe(grouping, expert_num)
     manifest = read_manifest(artifact, f"stage-{stage} model")
+    if stage == 3:  # the statistics evaluation uses are stage 1's: the model must sit on that backbone
+        check_inputs(manifest, input_hashes([run.backbone], run.root), artifact)
     config = manifest["config"]
     model = build_model(config, dropout=0.0)
     if stage == 3:
@@ -229,6 +234,11 @@ class Statistics:
 
 
 def load_statistics(run: RunDir) -> Statistics:
+    """Stage 1's statistics of its training data, checked to be the file stage 1 wrote with its backbone."""
+    recorded = read_manifest(run.backbone, "stage-1 backbone").get("data_stats_sha256")
+    if recorded is not None and run.data_stats.is_file() and file_hash(run.data_stats) != recorded:
+        raise ArtifactError(f"{run.data_stats}: not the data statistics stage 1 wrote with {run.backbone.name} "
+                            "(another sha256 than its manifest records); rerun stage 1")
     tensors = load_tensors(run.data_stats, "data statistics")
     prompts = {key.removeprefix("prompt_"): value for key, value in tensors.items() if key.startswith("prompt_")}
     return Statistics(tensors["state_mean"].numpy(), tensors["state_std"].numpy(), prompts)
@@ -628,6 +638,7 @@ def evaluate(run_dir: str, stage: str, grouping: str = "gradient", expert_num: i
     if stage != "random":
         torch_device = resolve_device(device)
         model, manifest = load_policy(run, int(stage), grouping, expert_num)
+        check_timesteps(manifest["config"]["max_timestep"], chosen)
         model.to(torch_device)
         num_experts = manifest.get("num_experts", 0)
         checkpoint = checkpoint_identity(run, run.backbone if stage == "1" else run.moe(grouping, expert_num))
@@ -688,6 +699,7 @@ def merged_options(config_file: str | None, flags: dict[str, Any]) -> dict[str, 
     return options
 
 
+@command
 def main(argv: list[str] | None = None) -> None:
     comments = field_comments()
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

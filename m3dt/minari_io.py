@@ -86,6 +86,9 @@ class MinariEpisodes:
     def location(self, position: int) -> str:
         return f"{self.where} episode {self.indices[position]}"
 
+    def stored_files(self) -> list[Path]:
+        return sorted(path for path in self.data_path.iterdir() if path.is_file())
+
     def lengths(self) -> list[int]:
         """From the episodes' metadata (both Minari storages record total_steps), without reading them."""
         metadata = open_dataset(self.data_path).storage.get_episode_metadata(self.indices)

@@ -2,7 +2,8 @@
 
 Each block has a slot for an expert mixture (m3dt/moe.py). Stage 1 trains the plain backbone; stage 2
 installs experts in assigned mode (one expert per row group); stage 3 installs all experts plus a router
-per block. SPEC section 2 is the reference for every detail here.
+per block. What follows the reference code and what is an option: the README's "Faithfulness, and
+options that deviate"; the docstrings below give the details.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class ModelConfig:
     dropout: float = 0.1
     max_timestep: int = 1000
     residual: str = "ln2"  # "ln2" (reference, once experts are installed) or "standard"
-    router_hidden: tuple[int, ...] = (1024, 1024, 1024, 512)
+    router_hidden: tuple[int, ...] | None = None  # None: tied to embed_dim (4d, 4d, 4d, 2d), as the reference
 
 
 class SelfAttention(nn.Module):

@@ -1,7 +1,7 @@
 """The reference implementation's way of running a training step, kept as the baseline of `m3dt/bench.py`.
 
 It does the same math as the project's path (tests/test_bench_paths.py checks that losses and updated
-weights agree), computed the way the authors' code computes it (SPEC section 6):
+weights agree), computed the way the authors' code computes it (README, "Speed"):
 
 - experts are a Python list of separate MLP modules called one after another; in stage 3 every expert runs
   on every token and the outputs are summed with the router's softmax weights; stage 2 holds one expert;

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from m3dt.cli import exit_with_message
+from m3dt.cli import command, exit_with_message
 from m3dt.config import ArgumentParser, Config, ConfigError, load_yaml
 from m3dt.run import atomic_path
 from m3dt.tasks import FAMILIES
 
-# Published M3DT totals (SPEC section 1) by task count, and the best baseline's.
+# Published M3DT totals (Kong et al., ICML 2025) by task count, and the best baseline's.
 PAPER_M3DT = {10: 89.23, 80: 80.66, 160: 78.21}
 PAPER_BEST_BASELINE = {10: 88.92, 80: 75.70, 160: 71.65}
 
@@ -111,7 +111,7 @@ def build_report(run_dirs: list[Path], out_dir: Path) -> str:
 
     text = ["# M3DT results", "", "## Score by number of tasks and method", "", table(by_tasks, ("tasks", "method")), "",
             "## M3DT score by number of experts", "", table(by_experts, ("tasks", "experts")) if by_experts else "(no M3DT runs)",
-            "", "Paper (SPEC section 1), total score by number of tasks:", "",
+            "", "Paper (Kong et al., ICML 2025), total score by number of tasks:", "",
             "| tasks | " + " | ".join(map(str, PAPER_M3DT)) + " |", "|---|" + "---|" * len(PAPER_M3DT),
             "| M3DT | " + " | ".join(f"{score:.2f}" for score in PAPER_M3DT.values()) + " |",
             "| best baseline | " + " | ".join(f"{score:.2f}" for score in PAPER_BEST_BASELINE.values()) + " |", "",
@@ -134,6 +134,7 @@ def build_report(run_dirs: list[Path], out_dir: Path) -> str:
     return report
 
 
+@command
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", nargs="*", type=Path, help="evaluated run directories (default: --config's run dir)")

@@ -33,17 +33,27 @@ class ArtifactError(ValueError):
 
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path` for the caller to create; on success fsync it and rename it over
-    `path`. The writer creates the file, so it gets the usual permissions (a mkstemp file would be 0600)."""
+    """Yield a temporary path beside `path` for the caller to create; on success fsync it, give it the
+    permissions the user's umask gives new files, and rename it over `path`. Writers differ in the mode
+    they create files with (safetensors 0.8 writes 0600, owner only), so the mode is set here, for every
+    artifact alike."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary_path = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         yield temporary_path
         with open(temporary_path, "rb") as file:
             os.fsync(file.fileno())
+        os.chmod(temporary_path, 0o666 & ~current_umask())
         os.replace(temporary_path, path)
     finally:
         temporary_path.unlink(missing_ok=True)
+
+
+def current_umask() -> int:
+    """The process's umask (reading it means setting it: set it back at once)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
 
 
 def remove_stale_temporaries(path: Path) -> None:

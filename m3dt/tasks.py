@@ -258,3 +258,14 @@ def resolve_tasks(prefix_name: str | None, tasks: str | None, seed: int) -> list
     for name in names:
         get_task(name)
     return names
+
+
+def check_timesteps(max_timestep: int, task_names: list[str]) -> None:
+    """Timesteps run from 0 to horizon - 1 in training (the data's are capped there, as the reference caps
+    them), in the prompts and in evaluation; the timestep embedding of `max_timestep` entries must hold each.
+    Raises TaskError naming the task with the longest horizon."""
+    longest = max((get_task(name) for name in task_names), key=lambda task: task.horizon)
+    if max_timestep < longest.horizon:
+        raise TaskError(f"--max_timestep {max_timestep} is below the horizon of {longest.name} ({longest.horizon} "
+                        f"steps): training, prompts and evaluation use timesteps up to {longest.horizon - 1}; "
+                        f"use --max_timestep {longest.horizon} or more (the reference uses 1000)")

@@ -18,10 +18,10 @@ from __future__ import annotations
 import gc
 import os
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -37,6 +37,9 @@ from m3dt.run import (ArtifactError, append_jsonl, load_checkpoint, remove_stale
 
 TRAIN_STATE = "train_state.pt"
 METRICS = "metrics.jsonl"
+# How a resume refusal names the parts of a job's identity that are not an option of their own.
+IDENTITY_NAMES = {"data": "data (--data_path, --max_episodes: other episode files)",
+                  "data_statistics": "data (the same files with other contents: other per-task statistics)"}
 
 
 class TrainingError(RuntimeError):
@@ -134,19 +137,32 @@ def build_optimizer(parameters: list[nn.Parameter], config: Config) -> torch.opt
 
 
 def rng_state(sampler: DeviceSampler) -> dict[str, Any]:
+    """Every random stream of the training device: torch's CPU generator, the sampler's streams and, on a
+    GPU, that GPU's default generator (dropout), which is the training device's, not the current device's."""
+    device = sampler.device
     # One tensor per generator: Generator.set_state crashes (segfault) on a row view of a stacked tensor.
-    state = {"torch": torch.get_rng_state(), "sampler": [generator.get_state() for generator in sampler.generators]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
+    state = {"device": device.type, "torch": torch.get_rng_state(),
+             "sampler": [generator.get_state() for generator in sampler.generators]}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
+
+
+def check_rng_device(state: dict[str, Any], device: torch.device, path: Path) -> None:
+    """CPU and CUDA generators have different states and streams, so a checkpoint resumes only on the device
+    type it was trained on; a CUDA state moves between GPUs unchanged (cuda:0 -> cuda:1 is fine)."""
+    saved = state.get("device", "an unrecorded device")
+    if saved != device.type:
+        raise ArtifactError(f"{path}: checkpoint was trained on {saved}; its random streams cannot continue on "
+                            f"{device}: rerun with --device {saved} to resume, or --restart")
 
 
 def restore_rng_state(state: dict[str, Any], sampler: DeviceSampler) -> None:
     torch.set_rng_state(state["torch"])
     for generator, generator_state in zip(sampler.generators, state["sampler"]):
         generator.set_state(generator_state)
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+    if sampler.device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], sampler.device)
 
 
 def start_wandb(config: Config, job: Job):
@@ -198,6 +214,11 @@ def train(job: Job, sampler: DeviceSampler, config: Config, distributed: Distrib
         truncate_jsonl(job.job_dir / METRICS, start)
     if start >= job.steps:
         return start
+    if distributed.is_main:
+        print(f"[{job.name}] training on {device} ({config.precision}), steps {start}..{job.steps}")
+        if job.steps < config.warmup_steps:
+            print(f"[{job.name}] note: {job.steps} steps end inside the {config.warmup_steps}-step warmup: the "
+                  f"learning rate reaches only {job.steps / config.warmup_steps:.1%} of {config.learning_rate:g}")
 
     autocast = autocast_for(device, config.precision)
     run = start_wandb(config, job) if config.wandb and distributed.is_main else None
@@ -210,7 +231,7 @@ def train(job: Job, sampler: DeviceSampler, config: Config, distributed: Distrib
     window_start = time.perf_counter()
     # closed on an error too, so that the error message starts on a line of its own
     with tqdm(range(start, job.steps), desc=job.name, initial=start, total=job.steps, dynamic_ncols=True,
-              disable=not distributed.is_main) as progress:
+              disable=not distributed.is_main) as progress, say_where_interrupted(job, progress, state_file):
         for step in progress:
             task_indices = table[group_index, round_robin_position(step, distributed) % lengths]
             batch = sampler.sample(task_indices)
@@ -241,6 +262,29 @@ def train(job: Job, sampler: DeviceSampler, config: Config, distributed: Distrib
     if run is not None:
         run.finish()
     return job.steps
+
+
+@contextmanager
+def say_where_interrupted(job: Job, progress: tqdm, state_file: Path) -> Iterator[None]:
+    """Turn Ctrl-C into a KeyboardInterrupt that says at which step training stopped and from which
+    checkpoint the same command resumes (m3dt/cli.py prints it as one line)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        saved = checkpoint_step(state_file)
+        # the bar counts a step once the next begins, so a step just saved may not be counted yet
+        where = f"[{job.name}] stopped at step {max(progress.n, saved or 0)} of {job.steps}"
+        if saved is None:
+            raise KeyboardInterrupt(f"{where}; no checkpoint yet (one every --save_every steps): rerunning the "
+                                    "same command starts this stage over") from None
+        raise KeyboardInterrupt(f"{where}; rerun the same command to resume from step {saved} ({state_file})") from None
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step of the checkpoint at `path` (None: there is none), read without loading its tensors."""
+    if not path.exists():
+        return None
+    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"])
 
 
 def round_robin_position(step: int, distributed: Distributed) -> int:
@@ -292,9 +336,13 @@ def resume(path: Path, job: Job, optimizer, scheduler, sampler: DeviceSampler, d
     state = load_checkpoint(path)
     saved = state.get("identity", {})
     changed = [name for name, value in job.identity.items() if saved.get(name) != value]
+    if "data" in changed and "data_statistics" in changed:  # other files have other statistics: say it once
+        changed.remove("data_statistics")
+    changed = [IDENTITY_NAMES.get(name, name) for name in changed]
     if changed:
         raise ArtifactError(f"{path}: checkpoint was made with another {', '.join(changed)}; "
                             f"rerun with --restart to start over")
+    check_rng_device(state["rng"][distributed.rank], sampler.device, path)
     with torch.no_grad():
         for name, parameter in job.trainable.items():
             if name not in state["trainable"] or state["trainable"][name].shape != parameter.shape:

@@ -4,6 +4,7 @@ import fcntl
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -35,8 +36,12 @@ def run_stage(script: str, *args: str, check: bool = True) -> subprocess.Complet
 def pipeline_run(small_data, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
     common = [*TINY, "--data_path", str(small_data), "--run_dir", str(run_dir)]
-    run_stage("stage1_backbone_train.py", "--tasks", ",".join(SMALL_TASKS), "--max_iters", "200", *common)
-    return run_dir, common
+    previous = os.umask(0o022)  # the stages inherit it; every file they write must be 0644 (readable by all)
+    try:
+        run_stage("stage1_backbone_train.py", "--tasks", ",".join(SMALL_TASKS), "--max_iters", "200", *common)
+        yield run_dir, common
+    finally:
+        os.umask(previous)
 
 
 def read_losses(path):
@@ -89,6 +94,19 @@ def test_full_chain_both_groupings(pipeline_run):
     # a finished stage rerun does nothing and says so
     again = run_stage("stage3_router_train.py", "--grouping", "gradient", "--expert_num", "3", "--max_iters", "30", *common)
     assert "already finished" in again.stdout
+
+    # every artifact kind the run directory holds, evaluation outputs included, follows the umask (022: 0644)
+    environment = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "m3dt.evaluate", "--run_dir", str(run_dir), "--stage", "3", "--expert_num",
+                    "3", "--tasks", "pendulum-swingup", "--episodes", "1", "--max_steps", "3", "--workers", "0",
+                    "--device", "cpu"], check=True, cwd=REPO, env=environment, capture_output=True, timeout=600)
+    files = [path for path in run_dir.rglob("*") if path.is_file()]
+    kinds = {path.suffix for path in files} | {path.name for path in files if path.name.endswith(".manifest.json")}
+    assert {".safetensors", ".json", ".pt", ".jsonl", ".csv", ".md", ".png", ".log"} <= kinds
+    assert {"backbone.manifest.json", "groups_gradient_3.manifest.json", "expert_0.manifest.json",
+            "moe.manifest.json", "results.json"} <= {path.name for path in files}
+    assert {path.relative_to(run_dir): oct(stat.S_IMODE(path.stat().st_mode)) for path in files
+            if stat.S_IMODE(path.stat().st_mode) != 0o644} == {}
 
 
 def test_mismatched_inputs_are_named(pipeline_run):
