@@ -68,6 +68,11 @@ class Config:
     router_steps: int = 400_000  # stage 3
     max_iters: int | None = None  # steps of the stage being run, instead of its schedule above
 
+    # stage 1: gradient conflict between tasks (metrics.jsonl and stage1/gradient_conflict.png)
+    conflict_every: int = 0  # stage 1: measure the gradient conflict between tasks every N steps; 0: off
+    conflict_tasks: int = 8  # tasks (spread over the task list) whose gradients the conflict measure compares
+    conflict_batches: int = 4  # batch gradients averaged per task for the conflict measure
+
     # stage 2
     grouping: str = "gradient"  # which grouping the expert and router stages use: gradient | random
     group_num: int = 48  # groups written by the grouping stage
@@ -81,6 +86,15 @@ class Config:
     kmeans_iterations: int = 100  # Lloyd iterations per K-means run at most
     kmeans_stop: str = "reference"  # K-means stop: reference (every centroid coordinate moved < tolerance; the centroids from before that update), relative (summed squared shift <= tolerance x the features' total variance), summed (summed squared shift <= tolerance)
     kmeans_tolerance: float = 1e-4  # the tolerance of --kmeans_stop
+
+    # comparison methods (python -m m3dt.baselines --method ...); README "Comparison methods"
+    harmodt_steps: int = 1_000_000  # HarmoDT's training steps (its code's max_iters)
+    harmodt_sparsity: float = 0.2  # HarmoDT: share of each task's mask that is 0, spread over layers by ERK
+    harmodt_mask_interval: int = 500  # HarmoDT: steps between updates of the task masks
+    harmodt_eta_min: int = 0  # HarmoDT: mask entries changed per task per update at the start and end
+    harmodt_eta_max: int = 100  # HarmoDT: mask entries changed per task per update halfway (cosine in between)
+    harmodt_gamma: float = 10.0  # HarmoDT: weight of the agreement with the mean gradient in the pruning score
+    harmodt_select: str = "fisher"  # HarmoDT: importance in the pruning score: fisher (gradient^2) or magnitude
 
     # importing the authors' trained checkpoints (python -m m3dt.import_reference)
     backbone: str | None = None  # their stage-1 file (prompt_model_{prefix}_iter_N_seedS)
@@ -135,11 +149,13 @@ CHOICES = {
     "kmeans_stop": ("reference", "relative", "summed"),
     "precision": ("fp32", "bf16"),
     "compile": ("none", "default", "reduce-overhead", "max-autotune"),
+    "harmodt_select": ("fisher", "magnitude"),
     "context_actions": ("full", "masked"),
 }
 # Sizes and intervals below 1 would fail deep inside a stage (a division by zero, an empty tensor).
 POSITIVE = ("embed_dim", "n_layer", "n_head", "context_length", "prompt_length", "max_timestep", "batch_size",
-            "warmup_steps", "log_every", "save_every", "group_num", "expert_num")
+            "warmup_steps", "log_every", "save_every", "group_num", "expert_num", "conflict_tasks", "conflict_batches",
+            "harmodt_mask_interval")
 
 
 def _option_type(field_type: str):
@@ -226,6 +242,13 @@ def check_values(config: Config) -> None:
     for name in POSITIVE:
         if getattr(config, name) < 1:
             raise ConfigError(f"--{name} must be at least 1, got {getattr(config, name)}")
+    if config.conflict_every < 0:
+        raise ConfigError(f"--conflict_every must be 0 (off) or a number of steps, got {config.conflict_every}")
+    if not 0.0 <= config.harmodt_sparsity < 1.0:
+        raise ConfigError(f"--harmodt_sparsity must be in [0, 1), got {config.harmodt_sparsity}")
+    if not 0 <= config.harmodt_eta_min <= config.harmodt_eta_max:
+        raise ConfigError(f"--harmodt_eta_min/--harmodt_eta_max must satisfy 0 <= min <= max, got "
+                          f"{config.harmodt_eta_min}, {config.harmodt_eta_max}")
     if config.embed_dim % config.n_head:
         raise ConfigError(f"--embed_dim {config.embed_dim} must be a multiple of --n_head {config.n_head}")
     if config.shard is not None:

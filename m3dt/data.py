@@ -199,6 +199,7 @@ class Batch:
     prompt_timesteps: torch.Tensor  # (B, P)
     prompt_mask: torch.Tensor  # (B, P)
     action_mask: torch.Tensor  # (B, 1, 8): 1 on the task's true action dims
+    task_index: torch.Tensor | None = None  # (B,) long: each row's task (in the run's task order), where known
 
 
 def prompt_window(episode: Episode, task: Task, length: int, where: Path | str) -> dict[str, np.ndarray]:
@@ -482,14 +483,16 @@ class DeviceSampler:
         # exactly as a separate run of expert g would.
         self.generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
 
-    def sample(self, task_indices: torch.Tensor) -> Batch:
+    def sample(self, task_indices: torch.Tensor, generators: list[torch.Generator] | None = None) -> Batch:
         """One batch of `batch_size` segments for each task in `task_indices` (shape (G,)), concatenated
-        task by task into G * batch_size rows."""
+        task by task into G * batch_size rows. `generators` (one per row group) instead of the sampler's own
+        streams draws a batch that leaves the training streams untouched (a diagnostic's batches)."""
         rows_task = task_indices.to(self.device).repeat_interleave(self.batch_size)  # (R,)
-        if len(task_indices) != len(self.generators):
-            raise ValueError(f"sampler has {len(self.generators)} streams, asked for {len(task_indices)} row groups")
+        generators = self.generators if generators is None else generators
+        if len(task_indices) != len(generators):
+            raise ValueError(f"sampler has {len(generators)} streams, asked for {len(task_indices)} row groups")
         uniform = torch.cat([torch.rand(self.batch_size, generator=generator, device=self.device)
-                             for generator in self.generators])
+                             for generator in generators])
         starts = self.task_offsets[rows_task] + (uniform * self.task_sizes[rows_task]).long()
         episode = torch.searchsorted(self.episode_starts, starts, right=True) - 1
         episode_start, episode_end = self.episode_starts[episode], self.episode_starts[episode + 1]
@@ -522,6 +525,7 @@ class DeviceSampler:
             prompt_timesteps=prompts.timesteps[rows_task, choice],
             prompt_mask=prompts.mask[rows_task, choice],
             action_mask=self.action_masks[rows_task, None],
+            task_index=rows_task,
         )
 
     def eval_prompt(self, task_index: int) -> dict[str, torch.Tensor]:

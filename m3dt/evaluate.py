@@ -3,6 +3,8 @@
     python -m m3dt.evaluate --run_dir runs/mt160_seed0 --stage 1          # Prompt-DT (the stage-1 backbone)
     python -m m3dt.evaluate --run_dir runs/mt160_seed0 --stage 3 --grouping gradient --expert_num 48
     python -m m3dt.evaluate --run_dir runs/mt160_seed0 --stage random   # the floor: uniform random actions
+    python -m m3dt.evaluate --run_dir runs/mt160_seed0 --method harmodt  # any method: --method prompt-dt (= --stage 1),
+        # m3dt (= --stage 3), random, mtdt, harmodt, m3dt-end2end, m3dt-no-grouping (python -m m3dt.baselines)
     python -m m3dt.evaluate --config configs/demo.yaml --stage 3        # run dir, tasks, episodes... from the YAML
 
 All (task, episode) rollouts advance in lockstep: at every env step, one batched model forward over all
@@ -41,6 +43,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from m3dt.baselines import METHODS as BASELINES, load_baseline, method_module
 from m3dt.cli import USER_ERRORS, command, exit_with_message
 from m3dt.config import CHOICES, ArgumentParser, Config, ConfigError, check_values, field_comments, load_yaml
 from m3dt.data import Batch
@@ -57,7 +60,14 @@ EPISODES_PER_FAMILY = {"metaworld": 10, "dmc": 10, "ant_dir": 1, "cheetah_vel": 
 MAX_EPISODES_PER_FAMILY = {"metaworld": MT1_GOALS}  # episode e uses the e-th goal of an MT1 of 50 goals
 FAMILY_NAMES = {"metaworld": "Meta-World", "dmc": "DMC", "ant_dir": "ant-dir", "cheetah_vel": "cheetah-vel",
                 GYMNASIUM: "gymnasium"}
-METHODS = {"1": ("prompt-dt", "Prompt-DT"), "3": ("m3dt", "M3DT"), "random": ("random", "random policy")}  # id, name
+STAGE_METHODS = {"1": "prompt-dt", "3": "m3dt", "random": "random"}  # --stage values, aliases of --method
+METHODS = ("prompt-dt", "m3dt", *BASELINES, "random")
+
+
+def method_name(method: str) -> str:
+    """The display name of a --method value (results.json "method")."""
+    names = {"prompt-dt": "Prompt-DT", "m3dt": "M3DT", "random": "random policy"}
+    return names[method] if method in names else method_module(method).NAME
 
 
 class EnvFailure(RuntimeError):
@@ -205,20 +215,38 @@ class EnvPool:
 
 
 # ------------------------------------------------------------------------------------------ model
-def load_policy(run: RunDir, stage: int, grouping: str, expert_num: int) -> tuple[PromptDecisionTransformer, dict]:
-    """The trained model of a stage, built from what its manifest says."""
+def method_files(run: RunDir, method: str, grouping: str, expert_num: int) -> tuple[Path, Path, str]:
+    """The artifact a method's evaluation reads (its manifest lists the trained tasks and the data), the data
+    statistics file that goes with it, and what to call the artifact in messages. The random policy needs
+    only the statistics: stage 1's, or a comparison method's in a run directory without stage 1."""
+    if method in BASELINES:
+        return run.baseline_model(method), run.baseline_data_stats(method), f"{method_name(method)} model"
+    if method == "m3dt":
+        return run.moe(grouping, expert_num), run.data_stats, "stage-3 model"
+    if method == "random" and not run.backbone.exists():
+        for baseline in BASELINES:
+            if run.baseline_model(baseline).exists():
+                return run.baseline_model(baseline), run.baseline_data_stats(baseline), f"{method_name(baseline)} model"
+    return run.backbone, run.data_stats, "stage-1 backbone"
+
+
+def load_policy(run: RunDir, method: str | int, grouping: str, expert_num: int) -> tuple[torch.nn.Module, dict]:
+    """The trained model of a method (or --stage value), built from what its manifest says (eval mode)."""
     from m3dt.stages import build_model
 
-    artifact = run.backbone if stage == 1 else run.moe(grouping, expert_num)
-    manifest = read_manifest(artifact, f"stage-{stage} model")
-    if stage == 3:  # the statistics evaluation uses are stage 1's: the model must sit on that backbone
+    method = STAGE_METHODS.get(str(method), method)
+    if method in BASELINES:
+        return load_baseline(run, method)
+    artifact, _, what = method_files(run, method, grouping, expert_num)
+    manifest = read_manifest(artifact, what)
+    if method == "m3dt":  # the statistics evaluation uses are stage 1's: the model must sit on that backbone
         check_inputs(manifest, input_hashes([run.backbone], run.root), artifact)
     config = manifest["config"]
     model = build_model(config, dropout=0.0)
-    if stage == 3:
+    if method == "m3dt":
         model.install_experts(manifest["num_experts"], routed=True, top_k=manifest.get("top_k", 0))
     try:
-        model.load_state_dict(load_tensors(artifact, f"stage-{stage} model"))
+        model.load_state_dict(load_tensors(artifact, what))
     except RuntimeError as error:
         raise ArtifactError(f"{artifact}: does not fit the model its manifest describes ({str(error).splitlines()[0]})") from None
     return model.eval(), manifest
@@ -226,20 +254,25 @@ def load_policy(run: RunDir, stage: int, grouping: str, expert_num: int) -> tupl
 
 @dataclass
 class Statistics:
-    """What evaluation needs from the training data (written by stage 1), indexed by task slot."""
+    """What evaluation needs from the training data (written by the training stage), indexed by task slot."""
 
     state_mean: np.ndarray
     state_std: np.ndarray
     prompts: dict[str, torch.Tensor]
 
 
-def load_statistics(run: RunDir) -> Statistics:
-    """Stage 1's statistics of its training data, checked to be the file stage 1 wrote with its backbone."""
-    recorded = read_manifest(run.backbone, "stage-1 backbone").get("data_stats_sha256")
-    if recorded is not None and run.data_stats.is_file() and file_hash(run.data_stats) != recorded:
-        raise ArtifactError(f"{run.data_stats}: not the data statistics stage 1 wrote with {run.backbone.name} "
-                            "(another sha256 than its manifest records); rerun stage 1")
-    tensors = load_tensors(run.data_stats, "data statistics")
+def load_statistics(source: RunDir | Path) -> Statistics:
+    """A run directory's stage-1 statistics, checked to be the file stage 1 wrote with its backbone, or a
+    statistics file (a comparison method's)."""
+    path = source
+    if isinstance(source, RunDir):
+        run = source
+        recorded = read_manifest(run.backbone, "stage-1 backbone").get("data_stats_sha256")
+        if recorded is not None and run.data_stats.is_file() and file_hash(run.data_stats) != recorded:
+            raise ArtifactError(f"{run.data_stats}: not the data statistics stage 1 wrote with {run.backbone.name} "
+                                "(another sha256 than its manifest records); rerun stage 1")
+        path = run.data_stats
+    tensors = load_tensors(path, "data statistics")
     prompts = {key.removeprefix("prompt_"): value for key, value in tensors.items() if key.startswith("prompt_")}
     return Statistics(tensors["state_mean"].numpy(), tensors["state_std"].numpy(), prompts)
 
@@ -259,10 +292,11 @@ class ModelPolicy:
     with zeros (the reference pads evaluation contexts with normalised state 0 and action 0; padded steps
     are masked either way) and each task's fixed higher-return prompt."""
 
-    def __init__(self, model: PromptDecisionTransformer, statistics: Statistics, rollouts: list[Rollout],
+    def __init__(self, model: torch.nn.Module, statistics: Statistics, rollouts: list[Rollout],
                  context_length: int, device: torch.device, dtype: torch.dtype = torch.float32):
         self.model, self.context_length, self.device, self.dtype = model, context_length, device, dtype
         slots = torch.tensor([rollout.task_slot for rollout in rollouts])
+        self.task_index = slots.to(device)
         self.prompt = {key: value[slots].to(device, dtype if value.is_floating_point() else value.dtype)
                        for key, value in statistics.prompts.items()}
 
@@ -289,6 +323,7 @@ class ModelPolicy:
             mask=mask, prompt_states=prompt["states"], prompt_actions=prompt["actions"],
             prompt_returns_to_go=prompt["returns_to_go"], prompt_timesteps=prompt["timesteps"],
             prompt_mask=prompt["mask"], action_mask=torch.ones(rows, 1, MAX_ACT_DIM, device=self.device, dtype=self.dtype),
+            task_index=self.task_index[live_index],
         )
         return self.model(batch, last_step_only=True)[:, -1].cpu().numpy().astype(np.float32)
 
@@ -544,12 +579,14 @@ def check_episodes(task_names: list[str], episodes: int | None) -> None:
                               f"and seed (metaworld.MT1; {over[0]}); use at most {limit}, or another --seed for others")
 
 
-def open_run(run_dir: str) -> tuple[RunDir, dict]:
-    """The run directory and its stage-1 manifest (the task list and the data it was trained on)."""
+def open_run(run_dir: str, method: str, grouping: str, expert_num: int) -> tuple[RunDir, dict, Path]:
+    """The run directory, the manifest of what `method` evaluates (the task list and the data it was trained
+    on) and the data statistics that go with it."""
     run = RunDir(run_dir)
     if not run.root.is_dir():
         raise ArtifactError(f"{run.root}: run directory does not exist")
-    return run, read_manifest(run.backbone, "stage-1 backbone")
+    artifact, statistics_file, what = method_files(run, method, grouping, expert_num)
+    return run, read_manifest(artifact, what), statistics_file
 
 
 def register_run_tasks(run_dir: str) -> None:
@@ -559,14 +596,14 @@ def register_run_tasks(run_dir: str) -> None:
         register_task_rows(read_json(path, "stage-1 manifest").get("user_tasks", []), str(path))
 
 
-def shared_training_goals(stage1_manifest: dict, rollouts: list[Rollout], seed: int) -> dict | None:
+def shared_training_goals(trained_manifest: dict, rollouts: list[Rollout], seed: int) -> dict | None:
     """How many Meta-World evaluation goals are also goals of the run's training data, from the collect.json
-    (m3dt.collect) of the data stage 1 read: its "mt1_goals" blocks say that the data holds goals 0..n-1 of
+    (m3dt.collect) of the data the model was trained on: its "mt1_goals" blocks say that the data holds goals 0..n-1 of
     metaworld.MT1(task, seed=s), and evaluation episode e uses goal e of MT1(task, seed=--seed). None when
     the data has no collect.json recording them (a dataset from elsewhere, or an older collection). The
     other families share their goal with the data by design (ant-dir's direction, cheetah-vel's velocity
     are the task; a DMC task has none)."""
-    summary_path = Path(stage1_manifest.get("config", {}).get("data_path", "")) / "collect.json"
+    summary_path = Path(trained_manifest.get("config", {}).get("data_path", "")) / "collect.json"
     if not summary_path.is_file():
         return None
     try:
@@ -590,10 +627,10 @@ def checkpoint_identity(run: RunDir, artifact: Path) -> dict[str, str]:
     return {"path": str(artifact.relative_to(run.root)), "sha256": file_hash(artifact)}
 
 
-def output_label(stage: str, grouping: str, expert_num: int, protocol: dict, context_actions: str) -> str:
+def output_label(method: str, grouping: str, expert_num: int, protocol: dict, context_actions: str) -> str:
     """The folder under eval/: the method, then what differs from the protocol and the faithful defaults,
     so that a quick check never overwrites a full evaluation."""
-    label = f"stage3_{grouping}_{expert_num}" if stage == "3" else {"1": "stage1", "random": "random"}[stage]
+    label = {"prompt-dt": "stage1", "m3dt": f"stage3_{grouping}_{expert_num}"}.get(method, method)
     if not protocol["full"]:
         label += "".join(f"_{name}{protocol[name]}" for name in ("episodes", "max_steps") if protocol[name] is not None)
     if context_actions != "full":
@@ -602,11 +639,12 @@ def output_label(stage: str, grouping: str, expert_num: int, protocol: dict, con
 
 
 # ------------------------------------------------------------------------------------------ CLI
-def evaluate(run_dir: str, stage: str, grouping: str = "gradient", expert_num: int = 48, prefix_name: str | None = None,
+def evaluate(run_dir: str, method: str, grouping: str = "gradient", expert_num: int = 48, prefix_name: str | None = None,
              tasks: str | None = None, episodes: int | None = None, max_steps: int | None = None, workers: int | None = None,
              seed: int = 0, device: str = "auto", max_rollouts: int | None = None, context_actions: str = "full",
              video: int = 0) -> dict:
-    """Evaluate stage "1" (Prompt-DT), stage "3" (M3DT) or a "random" policy; write and return the results.
+    """Evaluate `method` (one of METHODS, or a --stage value: "1" Prompt-DT, "3" M3DT, "random"); write and
+    return the results.
     Every input is checked (ConfigError, TaskError, ArtifactError) before an env is built; a failing env
     raises EnvFailure. `video` K > 0 records the first K episodes of every task as MP4 files
     (m3dt/video.py; VideoError when nothing renders here)."""
@@ -618,31 +656,32 @@ def evaluate(run_dir: str, stage: str, grouping: str = "gradient", expert_num: i
     register_run_tasks(run_dir)
     asked = resolve_tasks(prefix_name, tasks, seed) if (prefix_name or tasks) else None
     check_episodes(asked or [], episodes)
-    run, stage1_manifest = open_run(run_dir)
-    trained = stage1_manifest["tasks"]
+    method = STAGE_METHODS.get(method, method)
+    run, trained_manifest, statistics_file = open_run(run_dir, method, grouping, expert_num)
+    trained = trained_manifest["tasks"]
     chosen = asked or trained
     check_episodes(chosen, episodes)
     untrained = [name for name in chosen if name not in trained]
     if untrained:
-        raise ArtifactError(f"{run.backbone}: the run was not trained on {', '.join(untrained[:3])}")
+        raise ArtifactError(f"{trained_manifest['artifact']}: the model was not trained on {', '.join(untrained[:3])}")
     protocol = describe_protocol([get_task(name) for name in chosen], episodes, max_steps)
-    out_dir = run.root / "eval" / output_label(stage, grouping, expert_num, protocol, context_actions)
+    out_dir = run.root / "eval" / output_label(method, grouping, expert_num, protocol, context_actions)
     rollouts = [Rollout(get_task(name), trained.index(name), episode,
                         video_path(out_dir / "videos", name, episode) if episode < video else None)
                 for name in chosen
                 for episode in range(episodes or EPISODES_PER_FAMILY[get_task(name).family])]
-    statistics = load_statistics(run)
+    statistics = load_statistics(run if statistics_file == run.data_stats else statistics_file)
     if len(statistics.state_mean) != len(trained):
-        raise ArtifactError(f"{run.data_stats}: holds {len(statistics.state_mean)} tasks, the backbone {len(trained)}")
+        raise ArtifactError(f"{statistics_file}: holds {len(statistics.state_mean)} tasks, the model {len(trained)}")
     num_experts, model, checkpoint = 0, None, None
-    if stage != "random":
+    if method != "random":
         torch_device = resolve_device(device)
-        model, manifest = load_policy(run, int(stage), grouping, expert_num)
+        model, manifest = load_policy(run, method, grouping, expert_num)
         check_timesteps(manifest["config"]["max_timestep"], chosen)
         model.to(torch_device)
         num_experts = manifest.get("num_experts", 0)
-        checkpoint = checkpoint_identity(run, run.backbone if stage == "1" else run.moe(grouping, expert_num))
-    shared = shared_training_goals(stage1_manifest, rollouts, seed)
+        checkpoint = checkpoint_identity(run, run.root / manifest["artifact"])
+    shared = shared_training_goals(trained_manifest, rollouts, seed)
     if shared and shared["shared"]:
         print(f"warning: {shared['shared']} of {shared['evaluation_goals']} Meta-World evaluation goals are goals of "
               f"the training data ({len(shared['tasks'])} task(s), {shared['collect_json']}): the scores measure "
@@ -666,10 +705,10 @@ def evaluate(run_dir: str, stage: str, grouping: str = "gradient", expert_num: i
     outcomes = [run_rollouts(make_policy(wave), statistics, wave, seed, workers, max_steps, context_actions)
                 for wave in waves]
     outcome = {key: np.concatenate([part[key] for part in outcomes]) for key in ("returns", "success", "steps")}
-    method_id, method = METHODS[stage]
+    stage = {"prompt-dt": "1", "m3dt": "3", "random": "random"}.get(method)  # None: a comparison method
     results = {
-        "run_dir": str(run.root), "stage": stage, "method": method, "method_id": method_id,
-        "grouping": grouping if stage == "3" else None, "num_experts": num_experts, "checkpoint": checkpoint,
+        "run_dir": str(run.root), "stage": stage, "method": method_name(method), "method_id": method,
+        "grouping": grouping if method == "m3dt" else None, "num_experts": num_experts, "checkpoint": checkpoint,
         "seed": seed, "protocol": protocol, "context_actions": context_actions, "shared_goals": shared,
         "max_steps": max_steps, "seconds": time.perf_counter() - started, **summarise(rollouts, outcome, max_steps),
     }
@@ -706,8 +745,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", help="YAML file of options (the stages' format): run_dir, grouping, expert_num, "
                         "prefix_name, tasks, eval_episodes, eval_max_steps, workers, seed, device, context_actions")
     parser.add_argument("--run_dir", help="default: runs/{prefix_name or 'custom'}_seed{seed}, as the stages")
-    parser.add_argument("--stage", choices=("1", "3", "random"), required=True,
-                        help="1: the stage-1 backbone (Prompt-DT); 3: the M3DT model; random: uniform random actions")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--method", choices=METHODS,
+                       help="prompt-dt: the stage-1 backbone; m3dt: the stage-3 model; random: uniform random actions; "
+                            "the others: the comparison methods of python -m m3dt.baselines")
+    which.add_argument("--stage", choices=tuple(STAGE_METHODS), help="the same as --method: 1 prompt-dt, 3 m3dt, random")
     parser.add_argument("--grouping", choices=CHOICES["grouping"], help="stage 3: which grouping (default: gradient)")
     parser.add_argument("--expert_num", type=int, help="stage 3: its expert count (default: 48)")
     parser.add_argument("--prefix_name", help="evaluate an official suite (default: every task the run trained on)")
@@ -731,7 +773,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         options = merged_options(args.config, vars(args))
         debug = options.pop("debug")
-        evaluate(stage=args.stage, max_rollouts=args.max_rollouts, video=args.video, **options)
+        evaluate(method=args.method or args.stage, max_rollouts=args.max_rollouts, video=args.video, **options)
     except (*USER_ERRORS, EnvFailure, VideoError) as error:
         exit_with_message(error, debug)
 

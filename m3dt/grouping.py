@@ -42,16 +42,19 @@ KMEANS_STOPS = CHOICES["kmeans_stop"]
 COLUMN_CHUNK = 1 << 16  # feature coordinates per block when computing centroid shifts or the Gram matrix
 
 
-def task_gradients(model: PromptDecisionTransformer, sampler: DeviceSampler, task_count: int, samples: int,
-                   max_norm: float) -> torch.Tensor:
-    """(tasks, parameters) float32: per task the mean of `samples` clipped full-model gradients."""
+def task_gradients(model: PromptDecisionTransformer, sampler: DeviceSampler, tasks: list[int], samples: int,
+                   max_norm: float, generator: torch.Generator | None = None, progress: bool = True) -> torch.Tensor:
+    """(len(tasks), parameters) float32 on the CPU: per task (dataset index) the mean of `samples` clipped
+    gradients of every trainable parameter, flattened in `model.parameters()` order. Batches come from the
+    sampler's stream, or from `generator` (which leaves the training stream as it was)."""
     parameters = [p for p in model.parameters() if p.requires_grad]
     model.train()  # dropout on, as the reference computes them
+    generators = None if generator is None else [generator]
     rows = []
-    for task in tqdm(range(task_count), desc="task gradients"):
+    for task in tqdm(tasks, desc="task gradients", disable=not progress):
         total = None
         for _ in range(samples):
-            batch = sampler.sample(torch.tensor([task]))
+            batch = sampler.sample(torch.tensor([task]), generators)
             model.zero_grad(set_to_none=True)
             action_loss(model(batch), batch).backward()
             torch.nn.utils.clip_grad_norm_(parameters, max_norm)

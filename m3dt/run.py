@@ -5,6 +5,7 @@
       stage2/groups_{method}_{G}.json + groups_{method}_{G}.manifest.json
       stage2/experts_{method}_{G}/expert_{i}.safetensors + expert_{i}.manifest.json, jobs/{name}/...
       stage3/{method}_{G}/moe.safetensors, manifest.json, metrics.jsonl, train_state.pt
+      baselines/{method}/model.safetensors + model.manifest.json, data_stats.safetensors, metrics.jsonl, ...
       eval/...
 
 Every file is written atomically (temporary file in the same folder, flushed, renamed), so a reader never
@@ -182,6 +183,16 @@ class RunDir:
 
     def moe(self, method: str, group_count: int) -> Path:
         return self.stage3(method, group_count) / "moe.safetensors"
+
+    # comparison methods and ablations (m3dt/baselines)
+    def baseline(self, method: str) -> Path:
+        return self.root / "baselines" / method
+
+    def baseline_model(self, method: str) -> Path:
+        return self.baseline(method) / "model.safetensors"
+
+    def baseline_data_stats(self, method: str) -> Path:
+        return self.baseline(method) / "data_stats.safetensors"
 
 
 def manifest_path(artifact: Path) -> Path:

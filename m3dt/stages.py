@@ -18,23 +18,26 @@ import torch
 
 from m3dt.cli import USER_ERRORS, exit_interrupted, exit_with_message
 from m3dt.config import Config, ConfigError, parse_config
+from m3dt.conflict import PLOT as CONFLICT_PLOT, GradientConflict, plot_conflict, spread_tasks
 from m3dt.data import DeviceSampler, Prompts, TaskDataset, files_fingerprint
 from m3dt.grouping import gradient_features, gradient_grouping, groups_to_json, random_grouping, task_gradients
 from m3dt.model import ModelConfig, PromptDecisionTransformer
 from m3dt.run import (ArtifactError, RunDir, check_inputs, check_model_fields, file_hash, input_hashes,
                       load_tensors, manifest_path, read_json, read_manifest, save_tensors, write_json, write_manifest)
 from m3dt.tasks import check_timesteps, register_task_rows, resolve_tasks, use_task_table, user_task_rows
-from m3dt.train import Distributed, Job, resolve_device, start_distributed, stop_distributed, train
+from m3dt.train import (METRICS, Distributed, Job, TrainingHooks, resolve_device, start_distributed, stop_distributed,
+                        train)
 
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def build_model(config: Config | dict[str, Any], dropout: float) -> PromptDecisionTransformer:
+def build_model(config: Config | dict[str, Any], dropout: float, prompt: bool = True) -> PromptDecisionTransformer:
+    """The model a config (or a manifest's config) describes; `prompt=False`: without prompt embeddings (MTDT)."""
     fields = config.model_fields() if isinstance(config, Config) else config
     return PromptDecisionTransformer(ModelConfig(
         embed_dim=fields["embed_dim"], n_layer=fields["n_layer"], n_head=fields["n_head"], dropout=dropout,
         max_timestep=fields["max_timestep"], residual=fields["residual"],
-        router_hidden=tuple(int(width) for width in fields["router_hidden"].split(",")),
+        router_hidden=tuple(int(width) for width in fields["router_hidden"].split(",")), prompt=prompt,
     ))
 
 
@@ -195,13 +198,18 @@ def set_up_stage(model: PromptDecisionTransformer, stage: int, num_experts: int 
     """Install what `stage` trains (stage 2: experts assigned to row groups; stage 3: all experts and a router
     per block) and freeze the rest. Returns the trainable parameters by name."""
     if stage == 1:
-        return dict(model.named_parameters())
+        return set_trainable(model, "")
     model.install_experts(num_experts, routed=stage == 3, top_k=top_k, seeds=seeds)
-    trainable_part = ".router." if stage == 3 else ".expert_mixture."
+    return set_trainable(model, ".router." if stage == 3 else ".expert_mixture.")
+
+
+def set_trainable(model: PromptDecisionTransformer, part: str) -> dict[str, torch.nn.Parameter]:
+    """Train the parameters whose name contains `part` ("" = all of them) and freeze the rest. Returns the
+    trainable parameters by name."""
     selected = {}
     for name, parameter in model.named_parameters():
-        parameter.requires_grad_(trainable_part in name)
-        if trainable_part in name:
+        parameter.requires_grad_(part in name)
+        if part in name:
             selected[name] = parameter
     return selected
 
@@ -222,12 +230,18 @@ def train_backbone(config: Config) -> Path:
     model = build_model(config, config.dropout).to(device)
     torch.manual_seed(seed_rank(config, distributed))  # each rank its own dropout stream
     # a checkpoint resumes only on the same data: the same files, and (known once loaded) the same contents
+    hooks = TrainingHooks()
+    if config.conflict_every:
+        hooks = GradientConflict(model, sampler, spread_tasks(len(tasks), config.conflict_tasks),
+                                 config.conflict_every, config.conflict_batches, config.grad_clip, config.seed)
     job = Job(name="stage1", model=model, trainable=set_up_stage(model, stage=1),
               task_groups=[list(range(len(tasks)))], task_names=tasks, steps=steps, job_dir=run.stage1,
-              per_expert_clip=False, identity={**identity, "data_statistics": statistics})
+              per_expert_clip=False, identity={**identity, "data_statistics": statistics}, hooks=hooks)
     done = train(job, sampler, config, distributed)
     if not distributed.is_main:
         return run.backbone
+    if plot_conflict(run.stage1 / METRICS, run.stage1 / CONFLICT_PLOT):
+        print(f"stage 1: gradient conflict curve in {run.stage1 / CONFLICT_PLOT}")
     save_tensors(run.data_stats, data_stats(sampler.state_mean, sampler.state_std, sampler.prompts))
     save_tensors(run.backbone, model.state_dict())
     write_manifest(run.backbone, "stage1", recorded_config(config, device), tasks, [], run.root, steps_done=done,
@@ -264,7 +278,7 @@ def group_tasks(config: Config, method: str) -> Path:
         sampler, _ = make_sampler(config, tasks, device, [config.seed], run)
         model = load_backbone(run, config).to(device)
         print(f"task gradients on {device}")
-        gradients = task_gradients(model, sampler, len(tasks), config.grouping_gradients, config.grad_clip)
+        gradients = task_gradients(model, sampler, list(range(len(tasks))), config.grouping_gradients, config.grad_clip)
         features = gradient_features(gradients)
         extra["feature_max_abs"] = float(features.abs().max())
         grouping = gradient_grouping(features, config.group_num, config.seed, config.kmeans_restarts,

@@ -1,5 +1,6 @@
-"""The one training loop every stage uses. Stages differ only in what is trainable, which tasks each step
-draws, and whether gradients are clipped globally or per expert.
+"""The one training loop every stage and comparison method uses. They differ only in what is trainable,
+which tasks each step draws, whether gradients are clipped globally or per expert, and the hooks a method
+adds around the update (`TrainingHooks`: HarmoDT's task masks, the stage-1 gradient-conflict measure).
 
 Each step draws one task per row group round-robin (`task = tasks[step % n_tasks]`), a batch of 16 segments
 from it, and takes one AdamW step with linear warmup and global-norm clipping at 0.25. `--all` expert
@@ -19,7 +20,7 @@ import gc
 import os
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -46,6 +47,31 @@ class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss or gradient); the message says where and what to resume from."""
 
 
+class TrainingHooks:
+    """What a method adds to the step of the loop; the default adds nothing. HarmoDT masks the weights per
+    task around each update (m3dt/baselines/harmodt.py); stage 1 can measure gradient conflict
+    (m3dt/conflict.py). A hook's state is saved in the checkpoint with the weights and restored on resume."""
+
+    def before_forward(self, task_indices: torch.Tensor) -> None:
+        """Before the step's forward; `task_indices` (G,): the task of each row group."""
+
+    def before_update(self) -> None:
+        """Gradients are computed and clipped; the optimizer has not stepped yet."""
+
+    def after_update(self) -> None:
+        """The optimizer has stepped."""
+
+    def after_step(self, step: int) -> dict[str, float]:
+        """`step` steps are done. Returns metrics to log at this step (none by default)."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
 @dataclass
 class Job:
     """One training run of the loop."""
@@ -59,6 +85,7 @@ class Job:
     job_dir: Path
     per_expert_clip: bool  # trainable parameters are stacked per expert (leading dim = row groups)
     identity: dict[str, Any]  # what must match for a checkpoint to be resumed
+    hooks: TrainingHooks = field(default_factory=TrainingHooks)  # what the method adds to each step
 
 
 @dataclass(frozen=True)
@@ -179,16 +206,20 @@ def autocast_for(device: torch.device, precision: str):
 
 def train_step(model: Callable[[Batch], torch.Tensor], batch: Batch, groups: int, optimizer: torch.optim.Optimizer,
                scheduler: torch.optim.lr_scheduler.LambdaLR, parameters: list[nn.Parameter], max_norm: float,
-               per_expert_clip: bool, autocast) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimisation step on one batch. Returns the loss and the largest gradient norm (before clipping),
-    left on the device so that the loop never waits for it."""
+               per_expert_clip: bool, autocast, hooks: TrainingHooks = TrainingHooks(),
+               task_indices: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step on one batch of the tasks `task_indices` (one per row group). Returns the loss
+    and the largest gradient norm (before clipping), left on the device so that the loop never waits for it."""
+    hooks.before_forward(task_indices)
     with autocast:
         predicted = model(batch)
     loss = action_loss(predicted.float(), batch, groups)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norms = clip_gradients(parameters, max_norm, per_expert_clip)
+    hooks.before_update()
     optimizer.step()
+    hooks.after_update()
     scheduler.step()
     return loss.detach(), grad_norms.detach().max()  # max propagates NaN
 
@@ -236,12 +267,14 @@ def train(job: Job, sampler: DeviceSampler, config: Config, distributed: Distrib
             task_indices = table[group_index, round_robin_position(step, distributed) % lengths]
             batch = sampler.sample(task_indices)
             loss, grad_norm = train_step(model, batch, groups, optimizer, scheduler, parameters, config.grad_clip,
-                                         job.per_expert_clip, autocast)
+                                         job.per_expert_clip, autocast, job.hooks, task_indices)
             window_losses.append(loss)
             window_grad_norms.append(grad_norm)
 
             done = step + 1
-            if done % config.log_every == 0 or done % config.save_every == 0 or done == job.steps:
+            extra_metrics = job.hooks.after_step(done)
+            if (done % config.log_every == 0 or done % config.save_every == 0 or done == job.steps
+                    or extra_metrics):
                 window = torch.stack([torch.stack(window_losses) / groups, torch.stack(window_grad_norms)])
                 if distributed.world_size > 1:  # every rank sees the same numbers, so all stop together
                     dist.all_reduce(window)
@@ -250,7 +283,7 @@ def train(job: Job, sampler: DeviceSampler, config: Config, distributed: Distrib
                 check_finite(losses, grad_norms, done - len(losses), job, table, lengths, distributed)
                 elapsed = time.perf_counter() - window_start
                 record = {"step": done, "loss": losses.mean().item(), "lr": scheduler.get_last_lr()[0],
-                          "steps_per_second": len(losses) / max(elapsed, 1e-9)}
+                          "steps_per_second": len(losses) / max(elapsed, 1e-9), **extra_metrics}
                 if distributed.is_main:
                     append_jsonl(job.job_dir / METRICS, record)
                 progress.set_postfix(loss=f"{record['loss']:.4f}", steps_per_s=f"{record['steps_per_second']:.1f}")
@@ -329,6 +362,7 @@ def save_train_state(path: Path, job: Job, optimizer, scheduler, sampler: Device
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "rng": rng_states,
+        "hooks": job.hooks.state_dict(),
     })
 
 
@@ -351,6 +385,7 @@ def resume(path: Path, job: Job, optimizer, scheduler, sampler: DeviceSampler, d
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     restore_rng_state(state["rng"][distributed.rank], sampler)
+    job.hooks.load_state_dict(state.get("hooks", {}))
     return int(state["step"])
 
 

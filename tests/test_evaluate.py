@@ -133,9 +133,9 @@ def test_evaluation_warns_when_its_goals_are_training_goals(tmp_path, capsys):
 
 def test_batched_and_one_at_a_time_rollouts_agree(tiny_run):
     run = RunDir(tiny_run)
-    model, manifest = load_policy(run, 1, "gradient", 0)
+    model, manifest = load_policy(run, "prompt-dt", "gradient", 0)
     model.double()
-    statistics = load_statistics(run)
+    statistics = load_statistics(run.data_stats)
     trained = manifest["tasks"]
     rollouts = [Rollout(get_task(name), trained.index(name), episode) for name in ONE_PER_FAMILY for episode in (0, 1)]
 

@@ -26,6 +26,7 @@ def random_batch(rows: int, steps: int = 20, prompt_steps: int = 5, padded: int 
         prompt_timesteps=torch.randint(0, 500, (rows, prompt_steps), generator=generator),
         prompt_mask=torch.ones(rows, prompt_steps),
         action_mask=(torch.arange(8) < 4).float().expand(rows, 1, 8),
+        task_index=torch.zeros(rows, dtype=torch.long),
     )
 
 
