@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -90,6 +91,15 @@ def plot_lines(path: Path, series: dict[str, dict[int, float]], x_label: str, ti
     plt.close(figure)
 
 
+def video_links(run_dirs: list[Path], out_dir: Path) -> list[str]:
+    """A section linking every rollout video the evaluations wrote (m3dt.evaluate --video), relative to the
+    report's folder."""
+    videos = sorted(path for run_dir in run_dirs for path in run_dir.glob("eval/*/videos/*.mp4"))
+    links = [f"- {path.parents[3].name}, {path.parents[1].name}: [{path.stem}]({os.path.relpath(path, out_dir)})"
+             for path in videos]
+    return ["## Videos of rollouts", "", *links, ""] if links else []
+
+
 def build_report(run_dirs: list[Path], out_dir: Path) -> str:
     results = collect_results(run_dirs)
     by_tasks: dict[tuple, list[dict]] = defaultdict(list)
@@ -104,7 +114,8 @@ def build_report(run_dirs: list[Path], out_dir: Path) -> str:
             "", "Paper (Kong et al., ICML 2025), total score by number of tasks:", "",
             "| tasks | " + " | ".join(map(str, PAPER_M3DT)) + " |", "|---|" + "---|" * len(PAPER_M3DT),
             "| M3DT | " + " | ".join(f"{score:.2f}" for score in PAPER_M3DT.values()) + " |",
-            "| best baseline | " + " | ".join(f"{score:.2f}" for score in PAPER_BEST_BASELINE.values()) + " |", ""]
+            "| best baseline | " + " | ".join(f"{score:.2f}" for score in PAPER_BEST_BASELINE.values()) + " |", "",
+            *video_links(run_dirs, out_dir)]
     report = "\n".join(text)
 
     series: dict[str, dict[int, float]] = defaultdict(dict)
