@@ -27,7 +27,6 @@ import statistics
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from datetime import date
 from pathlib import Path
@@ -43,12 +42,13 @@ from m3dt.config import CHOICES, ArgumentParser, Config, ConfigError
 from m3dt.data import Batch, DeviceSampler, TaskDataset
 from m3dt.evaluate import EPISODES_PER_FAMILY, EnvPool, Rollout  # env packages load inside the env workers
 from m3dt.grouping import random_grouping
-from m3dt.model import PromptDecisionTransformer
+from m3dt.model import PromptCache, PromptDecisionTransformer
 from m3dt.naive import NaiveSampler, naive_model, naive_optimizer, naive_train_step
 from m3dt.stages import build_model, set_up_stage
 from m3dt.synthetic import make_dataset
 from m3dt.tasks import get_task, resolve_tasks
-from m3dt.train import autocast_for, build_optimizer, resolve_device, round_robin_table, train_step, warmup_factor
+from m3dt.memory import peak_bytes
+from m3dt.train import Precision, build_optimizer, resolve_device, round_robin_table, train_step, warmup_factor
 
 MALLOC_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 TRAIN_EPISODES = 2  # synthetic training episodes per task (each task also gets its 2 prompt episodes)
@@ -63,7 +63,7 @@ DEFAULTS = {
 @dataclass
 class Settings:
     device: torch.device
-    precision: str  # of the fast path; the naive path is fp32 as the reference
+    precision: str  # of the fast path (fp32, tf32, bf16); the naive path is fp32 as the reference
     mode: str  # full | quick
     steps: int  # timed steps per measurement
     warmup: int  # untimed steps before them
@@ -74,6 +74,7 @@ class Settings:
     env_rollouts: int  # envs stepped together when timing the env workers
     env_steps: int  # lockstep env steps timed
     compile: str  # also time the fast path under torch.compile with this mode ("none": do not)
+    stages: list[int]  # the training stages timed (1, 2, 3)
     out: Path
     config: Config  # model and optimisation options: the paper's unless overridden (smoke tests)
 
@@ -93,13 +94,14 @@ class Case:
 def training_cases(settings: Settings) -> list[Case]:
     every_task = list(range(settings.tasks))
     groups = random_grouping(settings.tasks, settings.groups, seed=0)
-    return [
+    cases = [
         Case("stage 1: backbone", 1, [every_task]),
         Case("stage 2: one expert", 2, [groups[0]], experts=1),
         Case(f"stage 2: all {settings.groups} experts in one step", 2, groups, experts=settings.groups, naive=False),
         *[Case(f"stage 3: routers, E={count}", 3, [every_task], experts=count)
           for count in settings.expert_counts],
     ]
+    return [case for case in cases if case.stage in settings.stages]
 
 
 def case_model(case: Case, config: Config) -> tuple[PromptDecisionTransformer, dict[str, nn.Parameter]]:
@@ -120,12 +122,12 @@ def fast_stepper(case: Case, model: PromptDecisionTransformer, trainable: dict[s
     table, lengths = round_robin_table(case.task_groups, device)
     group_index = torch.arange(groups, device=device)
     forward = model if compile_mode == "none" else torch.compile(model, mode=compile_mode)
-    autocast = autocast_for(settings.device, settings.precision)
+    numerics = Precision(settings.device, settings.precision)
 
     def step(number: int) -> None:
         batch = sampler.sample(table[group_index, number % lengths])
         train_step(forward, batch, groups, optimizer, scheduler, parameters, config.grad_clip,
-                        per_expert_clip=case.stage == 2, autocast=autocast)
+                   per_expert_clip=case.stage == 2, precision=numerics)
 
     return step
 
@@ -176,12 +178,19 @@ def time_paths(paths: dict[str, Callable[[int], Any]], warmup: int, steps: int,
     return {path: statistics.median(values) for path, values in times.items()}
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
-    """TFLOP/s of a large square matmul (median of 5): the ceiling achieved TFLOP/s are compared with."""
+def matmul_peak(device: torch.device, precision: str) -> float:
+    """TFLOP/s of a large square matmul in `precision` (median of 5): the ceiling achieved TFLOP/s are
+    compared with."""
     size = 8192 if device.type == "cuda" else 2048
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     left = torch.randn(size, size, device=device, dtype=dtype)
     right = torch.randn(size, size, device=device, dtype=dtype)
-    milliseconds = time_paths({"matmul": lambda _: left @ right}, warmup=2, steps=5, device=device)["matmul"]
+
+    def product(_: int) -> torch.Tensor:
+        with Precision(device, precision):
+            return left @ right
+
+    milliseconds = time_paths({"matmul": product}, warmup=2, steps=5, device=device)["matmul"]
     return 2 * size**3 / (milliseconds / 1e3) / 1e12
 
 
@@ -242,20 +251,22 @@ def linear_matmuls(module: nn.Module, tokens: int, input_grad: bool) -> list[Mat
 
 
 def model_matmuls(model: PromptDecisionTransformer, rows: int, context: int, prompt: int,
-                  read: int) -> list[Matmul]:
+                  read: int, cached_prompt: bool = False) -> list[Matmul]:
     """Every matrix product of one forward over `rows` sequences, from the inputs up, where the action head
-    reads `read` state tokens per row (training: every step's; evaluation: the last one). Not counted:
+    reads `read` state tokens per row (training: every step's; evaluation: the last one); with
+    `cached_prompt`, the prompt tokens' keys and values come from a PromptCache (evaluation). Not counted:
     LayerNorms, softmaxes, activations, the mixture's weighted sum (2·E·d per token, < 0.1%)."""
-    length = 3 * (context + prompt)
-    tokens = rows * length
+    length = 3 * (context + prompt)  # keys per row
+    computed = 3 * context if cached_prompt else length  # tokens each block computes
+    tokens = rows * computed
     width, heads = model.config.embed_dim, model.config.n_head
     parts = [*linear_matmuls(model.embed, rows * context, False),
-             *linear_matmuls(model.embed_prompt, rows * prompt, False)]
+             *([] if cached_prompt else linear_matmuls(model.embed_prompt, rows * prompt, False))]
     below = trains(model.embed) or trains(model.embed_prompt)
     for block in model.blocks:
         # Keys and values come from every token; the last block's outputs only from the read ones when the
         # model skips the others (m3dt/model.py), the reference's from every token.
-        queries = read if block is model.blocks[-1] and model.skip_unread_tokens else length
+        queries = read if block is model.blocks[-1] and model.skip_unread_tokens else computed
         outputs = rows * queries
         parts += linear_matmuls(block.attention.qkv, tokens, below)
         parts += linear_matmuls(block.attention.projection, outputs, below)
@@ -292,14 +303,15 @@ class Work:
     train_bytes: float  # the products' operands and results, and the optimiser's passes over trainable values
 
 
-def case_work(case: Case, config: Config, rows: int, path: str, last_step_only: bool = False) -> Work:
+def case_work(case: Case, config: Config, rows: int, path: str, last_step_only: bool = False,
+              cached_prompt: bool = False) -> Work:
     """The work of `case` over `rows` sequences on `path` (the naive one computes the last block on every
     token), counted on a weightless model."""
     with torch.device("meta"):
         model, trainable = case_model(case, config)
     model.skip_unread_tokens = path != "naive"
     read = 1 if last_step_only else config.context_length
-    parts = model_matmuls(model, rows, config.context_length, config.prompt_length, read)
+    parts = model_matmuls(model, rows, config.context_length, config.prompt_length, read, cached_prompt)
     optimizer_bytes = OPTIMIZER_PASSES * BYTES_PER_VALUE * sum(value.numel() for value in trainable.values())
     return Work(forward_flops=sum(part.flops() for part in parts),
                 forward_bytes=sum(part.bytes() for part in parts),
@@ -385,37 +397,51 @@ def compile_error(step: Callable[[int], Any]) -> str:
 @dataclass
 class EvalMeasurement:
     model: str
-    rows: int  # rollouts per forward
+    rows: int  # rollouts per call
     path: str
-    ms_per_forward: float
+    ms_per_forward: float  # per call (all its rows)
     rows_per_second: float
     forward_flops: float
     forward_bytes: float
+    rows_per_forward: int  # rows of each model forward of a call (fewer than `rows`: split by --eval_rows)
+    peak_bytes: int  # measured memory peak of one call (memory.peak_bytes: CUDA allocator, or live tensors on a CPU)
 
 
 def measure_evaluation(dataset: TaskDataset, settings: Settings) -> list[EvalMeasurement]:
-    """One lockstep policy forward over `eval_rows` rollouts (K=20 context, inference mode, actions to
-    the host) for the fast path; one rollout per forward for the naive path, as the reference evaluates."""
+    """Lockstep policy forwards over `eval_rows` rollouts (K=20 context, inference mode, actions to the
+    host), as the evaluator (m3dt/evaluate.py ModelPolicy) runs them: one forward without and with the
+    prompt cache, and with the cache split into forwards of a quarter of the rows (`--eval_rows`); the
+    naive path takes one rollout per forward, as the reference evaluates."""
     config, device = settings.config, settings.device
     sampler = DeviceSampler(dataset, config.context_length, settings.eval_rows, device, seeds=[0])
     batch = sampler.sample(torch.tensor([0], device=device))
-    single = Batch(**{key: value[:1] for key, value in vars(batch).items()})
+    single = batch.rows(slice(0, 1))
     cases = [Case("Prompt-DT backbone (stage 1)", 1, [[0]]),
              *[Case(f"M3DT, E={count} (stage 3)", 3, [[0]], experts=count)
                for count in settings.expert_counts]]
+    numerics = Precision(device, settings.precision)
+    quarter = max(1, settings.eval_rows // 4)
+    variants = {"naive": (single, False, 1), "fast": (batch, False, settings.eval_rows),
+                "fast + prompt cache": (batch, True, settings.eval_rows),
+                f"fast + prompt cache, forwards of {quarter} rows": (batch, True, quarter)}
     results = []
     for case in cases:
         model, _ = case_model(case, config)
         model.to(device).eval()
-        paths = {"naive": policy_forward(naive_model(model), single, nullcontext()),
-                 "fast": policy_forward(model, batch, autocast_for(settings.device, settings.precision))}
+        cache = model.cache_prompt(batch.prompt_states[:1], batch.prompt_actions[:1], batch.prompt_returns_to_go[:1],
+                                   batch.prompt_timesteps[:1], batch.prompt_mask[:1])  # every row is task 0
+        paths = {path: policy_forward(naive_model(model), inputs, Precision(device, "fp32")) if path == "naive" else
+                 policy_forward(model, inputs, numerics, cache if cached else None, rows_per_forward)
+                 for path, (inputs, cached, rows_per_forward) in variants.items()}
         medians = time_paths(paths, settings.warmup, settings.steps, device)
-        for path, inputs in (("naive", single), ("fast", batch)):
+        for path, (inputs, cached, rows_per_forward) in variants.items():
             rows = inputs.states.shape[0]
-            print(f"  eval {case.name:<35} {path:<6} {rows:5d} rows {medians[path]:10.1f} ms/forward", flush=True)
-            work = case_work(case, config, rows, path, last_step_only=True)
+            peak = peak_bytes(lambda: paths[path](0), device)
+            print(f"  eval {case.name:<30} {path:<40} {rows:5d} rows {medians[path]:10.1f} ms, peak "
+                  f"{peak / 2**20:,.0f} MiB", flush=True)
+            work = case_work(case, config, rows, path, last_step_only=True, cached_prompt=cached)
             results.append(EvalMeasurement(case.name, rows, path, medians[path], rows / medians[path] * 1e3,
-                                           work.forward_flops, work.forward_bytes))
+                                           work.forward_flops, work.forward_bytes, rows_per_forward, peak))
     return results
 
 
@@ -456,12 +482,22 @@ def measure_env_stepping(settings: Settings) -> list[EnvMeasurement]:
     return results
 
 
-def policy_forward(model: nn.Module, batch: Batch, autocast) -> Callable[[int], torch.Tensor]:
-    """One evaluation forward; each lockstep step needs the actions on the host."""
+def policy_forward(model: nn.Module, batch: Batch, precision: Precision, cache: PromptCache | None = None,
+                   rows_per_forward: int | None = None) -> Callable[[int], torch.Tensor]:
+    """One lockstep step's forwards (`rows_per_forward` rows each; the cache's row 0 for every row); each
+    step needs the actions on the host."""
+    rows = batch.states.shape[0]
+    chunk = rows_per_forward or rows
+    cache_rows = torch.zeros(rows, dtype=torch.long, device=batch.states.device)
 
     def forward(_: int) -> torch.Tensor:
-        with torch.inference_mode(), autocast:
-            return model(batch, last_step_only=True)[:, -1].float().cpu()
+        actions = []
+        with torch.inference_mode(), precision:
+            for first in range(0, rows, chunk):
+                part = batch.rows(slice(first, first + chunk))
+                selected = None if cache is None else cache.select(cache_rows[first : first + chunk])
+                actions.append(model(part, last_step_only=True, prompt_cache=selected)[:, -1].float().cpu())
+        return torch.cat(actions)
 
     return forward
 
@@ -613,19 +649,23 @@ def projection_lines(report: dict[str, Any]) -> list[str]:
 def evaluation_lines(report: dict[str, Any]) -> list[str]:
     lines = ["## Evaluation: policy forwards", "",
              "Model forward only (inference mode, actions copied to the host); env stepping is timed below. "
-             f"Fast: one lockstep forward over {report['settings']['eval_rows']} rollouts; naive: "
-             f"one rollout per forward, as the reference evaluates. One MT160 evaluation is "
-             f"{report['mt160_eval_rows']:,} policy forwards (rollout steps at full horizon).", "",
-             "| model | path | rows/forward | ms/forward | rows/s | TFLOP/s | floor ms | bound by | time / floor "
-             "| MT160 evaluation, model time (min) |",
-             "|---|---|---:|---:|---:|---:|---:|---|---:|---:|"]
+             f"Fast: the evaluator's lockstep forwards over {report['settings']['eval_rows']} rollouts, without "
+             "and with the prompt cache (the prompt tokens' keys and values computed once per task), and split "
+             "into forwards of fewer rows (`--eval_rows`); naive: one rollout per forward, as the reference "
+             "evaluates. Peak: the memory one call allocated at most (on a GPU the allocator's peak, on a CPU "
+             f"the tensors alive at once). One MT160 evaluation is {report['mt160_eval_rows']:,} policy "
+             "forwards (rollout steps at full horizon).", "",
+             "| model | path | rows | rows per forward | ms per call | rows/s | peak MiB | TFLOP/s | floor ms | bound by "
+             "| time / floor | MT160 evaluation, model time (min) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
     for row in report["evaluation"]:
         tflops = row["forward_flops"] / row["ms_per_forward"] / 1e9
         peak = report["peak_tflops"]["fp32" if row["path"] == "naive" else report["settings"]["precision"]]
         least, bound = time_floor(row["forward_flops"], row["forward_bytes"], peak, report["bandwidth_gbs"])
         minutes = report["mt160_eval_rows"] / row["rows_per_second"] / 60
-        lines.append(f"| {row['model']} | {row['path']} | {row['rows']} | {format_number(row['ms_per_forward'])} | "
-                     f"{format_number(row['rows_per_second'], 0)} | {format_number(tflops, 3)} | "
+        lines.append(f"| {row['model']} | {row['path']} | {row['rows']} | {row['rows_per_forward']} | "
+                     f"{format_number(row['ms_per_forward'])} | {format_number(row['rows_per_second'], 0)} | "
+                     f"{format_number(row['peak_bytes'] / 2**20)} | {format_number(tflops, 3)} | "
                      f"{format_number(least, 2)} | {bound} | {format_number(row['ms_per_forward'] / least)} | "
                      f"{format_number(minutes)} |")
     return lines
@@ -687,11 +727,78 @@ def write_report(report: dict[str, Any], out: Path) -> Path:
     return markdown
 
 
+def run_label(report: dict[str, Any], path: str) -> str:
+    """A path of a run, named by its precision: "naive", "bf16", "bf16 + compile reduce-overhead"."""
+    return path if path == "naive" else path.replace("fast", report["settings"]["precision"], 1)
+
+
+def combined_markdown(reports: list[dict[str, Any]]) -> str:
+    """One page for several runs on one device (scripts/gpu_check.sh runs one per precision and compile
+    mode): each stage's ms/step and speedup over the naive path by run, evaluation rows/s by run, then each
+    run's own page."""
+    first = reports[0]
+    columns: dict[str, None] = {}
+    training: dict[str, dict[str, str]] = {}
+    for report in reports:
+        rows = [Measurement(**row) for row in report["training"]]
+        for row in rows:
+            label = run_label(report, row.path)
+            if label == "naive" and label in training.get(row.stage, {}):
+                continue  # every run times the naive path; the first run's stands
+            speedup = None if row.path == "naive" else speedup_vs_naive(row, rows)
+            cell = f"failed: {row.error}" if row.ms_per_step is None else format_number(row.ms_per_step, 2)
+            training.setdefault(row.stage, {})[label] = cell + (f" ({speedup:.1f}x)" if speedup else "")
+            columns[label] = None
+    evaluation: dict[str, dict[str, str]] = {}
+    eval_columns: dict[str, None] = {}
+    for report in reports:
+        for row in report["evaluation"]:
+            label = run_label(report, row["path"])
+            evaluation.setdefault(row["model"], {}).setdefault(label, format_number(row["rows_per_second"], 0))
+            eval_columns[label] = None
+    commands = "; ".join(f"`{report['command']}`" for report in reports)
+    lines = [f"# Speed: {first['device']}", "",
+             f"{first['description']}, torch {first['torch']}, {first['date']}. Runs: {commands}. Each run's own "
+             "page follows (its settings, floors and what bounds each step).", "",
+             "## Training: ms/step (speedup over the naive path, fp32, of the same run)", "",
+             "| stage | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    lines += [f"| {stage} | " + " | ".join(cells.get(label, "-") for label in columns) + " |"
+              for stage, cells in training.items()]
+    lines += ["", f"## Evaluation forwards: rows/s ({first['settings']['eval_rows']} rollouts per call)", "",
+              "| model | " + " | ".join(eval_columns) + " |", "|---|" + "---:|" * len(eval_columns)]
+    lines += [f"| {model} | " + " | ".join(cells.get(label, "-") for label in eval_columns) + " |"
+              for model, cells in evaluation.items()]
+    pages = [f"## Run: {run_label(report, 'fast')}" + markdown_report(report).replace("\n#", "\n##").split("\n", 1)[1]
+             for report in reports]
+    return "\n".join(lines) + "\n\n" + "\n".join(pages)
+
+
+def combine(argv: list[str]) -> Path:
+    """`python -m m3dt.bench combine DIR... --out benchmarks`: the reports ({device}.json) in DIR... as one
+    page, {out}/{device}.md, and their list, {out}/{device}.json."""
+    parser = argparse.ArgumentParser(description="Several bench runs on one device as one page.")
+    parser.add_argument("folders", nargs="+", help="--out folders of the runs, in the order of the page")
+    parser.add_argument("--out", default="benchmarks")
+    args = parser.parse_args(argv)
+    reports = [json.loads(path.read_text()) for folder in args.folders for path in sorted(Path(folder).glob("*.json"))]
+    if not reports:
+        raise SystemExit(f"error: no bench report (*.json) in {', '.join(args.folders)}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    markdown = out / f"{reports[0]['device']}.md"
+    markdown.write_text(combined_markdown(reports))
+    markdown.with_suffix(".json").write_text(json.dumps(reports, indent=2))
+    print(f"wrote {markdown} and {markdown.with_suffix('.json')}")
+    return markdown
+
+
 # ------------------------------------------------------------------------------------------ main
 def parse_settings(argv: list[str] | None) -> Settings:
     parser = ArgumentParser(description="Time every stage: the project's step against the reference's way.")
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="autocast of the fast path")
+    parser.add_argument("--precision", choices=CHOICES["precision"], default="fp32",
+                        help="of the fast path: fp32, tf32 (TF32 matmuls on GPUs), bf16 (autocast)")
+    parser.add_argument("--stages", default="1,2,3", help="training stages to time, comma-separated (default 1,2,3)")
     parser.add_argument("--quick", action="store_true", help="fewer steps, experts and rows: < 5 min on 2 CPU cores")
     parser.add_argument("--steps", type=int, help="timed steps per measurement (full 20, quick 5)")
     parser.add_argument("--warmup", type=int, help="untimed steps before them (full 5, quick 2)")
@@ -727,6 +834,7 @@ def parse_settings(argv: list[str] | None) -> Settings:
         warmup=option("warmup"), expert_counts=[int(count) for count in expert_counts],
         groups=option("groups"), tasks=option("tasks"), eval_rows=option("eval_rows"),
         env_rollouts=option("env_rollouts"), env_steps=option("env_steps"), compile=args.compile,
+        stages=[int(stage) for stage in args.stages.split(",")],
         out=Path(args.out),
         config=Config(embed_dim=args.embed_dim, n_layer=args.n_layer, n_head=args.n_head, precision=args.precision),
     )
@@ -752,9 +860,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         dataset = TaskDataset(root, task_names, prompt_length=config.prompt_length)
         naive_sampler = NaiveSampler(root, task_names, config.context_length, config.batch_size,
                                      config.prompt_length, device, seed=config.seed)
-    peak = {"fp32": matmul_peak(device, torch.float32)}
-    if settings.precision == "bf16" or device.type == "cuda":
-        peak["bf16"] = matmul_peak(device, torch.bfloat16)
+    precisions = CHOICES["precision"] if device.type == "cuda" else sorted({"fp32", settings.precision})
+    peak = {precision: matmul_peak(device, precision) for precision in precisions}
     bandwidth = copy_bandwidth(device)
     print(f"{device_description(device)}: matmul peak " + ", ".join(f"{k} {v:.2f} TFLOP/s" for k, v in peak.items())
           + f", copy bandwidth {bandwidth:.1f} GB/s")
@@ -794,4 +901,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["combine"]:
+        combine(sys.argv[2:])
+    else:
+        main()

@@ -113,7 +113,9 @@ class Config:
 
     # running
     device: str = "auto"  # auto: cuda when available, else cpu
-    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    data_device: str = "auto"  # where the dataset lives: auto (the training device when the planned peak fits its free memory with a margin, else host memory), cuda, cpu
+    precision: str = "fp32"  # fp32 | tf32 (float32 with TF32 tensor-core matmuls on GPUs) | bf16 (autocast)
+    deterministic: bool = False  # PyTorch's deterministic kernels (on CUDA: bit-reproducible training)
     compile: str = "none"  # torch.compile mode of the training forward; reduce-overhead: CUDA graphs on a GPU
     log_every: int = 100  # steps between lines of metrics.jsonl (and the only host syncs)
     save_every: int = 5000  # steps between checkpoints (train_state.pt)
@@ -147,7 +149,8 @@ CHOICES = {
     "residual": ("ln2", "standard"),
     "grouping": ("gradient", "random"),
     "kmeans_stop": ("reference", "relative", "summed"),
-    "precision": ("fp32", "bf16"),
+    "precision": ("fp32", "tf32", "bf16"),
+    "data_device": ("auto", "cuda", "cpu"),
     "compile": ("none", "default", "reduce-overhead", "max-autotune"),
     "harmodt_select": ("fisher", "magnitude"),
     "context_actions": ("full", "masked"),

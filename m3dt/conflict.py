@@ -56,7 +56,7 @@ class GradientConflict(TrainingHooks):
             raise ConfigError("--conflict_every needs at least two tasks (and --conflict_tasks >= 2)")
         self.model, self.sampler, self.tasks, self.every = model, sampler, tasks, every
         self.batches, self.max_norm = batches, max_norm
-        self.generator = torch.Generator(device=sampler.device).manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(seed)  # a CPU generator, as the sampler's streams
 
     def after_step(self, step: int) -> dict[str, float]:
         if step % self.every:

@@ -1,4 +1,4 @@
-"""The MT160 data layout: loading, per-task statistics, and a batch sampler that runs on the device.
+"""The MT160 data layout: loading, per-task statistics, and a batch sampler that runs where the data lives.
 
 Layout (README "The MT160 pipeline"): `{data_root}/{task}/{i}.npz`, one episode per file, i = 0..n-1.
 Files 0..n-3 are training data, the last two are the prompt trajectories. Keys: observations (T,39),
@@ -8,7 +8,8 @@ or the task-table column `dataset`.
 
 All training transitions of all tasks live in flat float32 arrays (stored once: observations, actions and
 scaled return-to-go; timesteps are derived from the episode starts). Sampling a batch is index arithmetic
-on those tensors, so the whole dataset can sit on the GPU and no step builds samples in Python.
+on those tensors, so the whole dataset can sit on the GPU (or in host memory, when it does not fit) and no
+step builds samples in Python.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -34,10 +35,10 @@ PAD_ACTION = -10.0  # training pads actions with -10 (states 0 before normalisin
 STD_EPSILON = 1e-6
 PROMPT_EPISODES = 2  # the last two episodes of a task are its prompt trajectories
 MIN_EPISODES = PROMPT_EPISODES + 1
-LOW_RETURN_PROMPT_ROWS = (0, 2)
+LOW_RETURN_PROMPT_ROWS = (0, 2)  # batch rows that use the lower-return prompt trajectory
 # Each task being read costs about twice its size in memory (a 1M-transition task: ~400 MB) on top of the
 # dataset; 4 tasks in flight keep MT160 (17.2 GiB) within a 24 GiB host.
-MAX_LOADING_WORKERS = 4  # batch rows that use the lower-return prompt trajectory
+MAX_LOADING_WORKERS = 4
 
 
 class DataError(ValueError):
@@ -200,6 +201,14 @@ class Batch:
     prompt_mask: torch.Tensor  # (B, P)
     action_mask: torch.Tensor  # (B, 1, 8): 1 on the task's true action dims
     task_index: torch.Tensor | None = None  # (B,) long: each row's task (in the run's task order), where known
+
+    def apply(self, function: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
+        """The batch with `function` applied to every tensor (an absent task_index stays absent)."""
+        return Batch(**{name: None if tensor is None else function(tensor) for name, tensor in vars(self).items()})
+
+    def rows(self, index: slice | torch.Tensor) -> Batch:
+        """The rows `index` of every tensor."""
+        return self.apply(lambda tensor: tensor[index])
 
 
 def prompt_window(episode: Episode, task: Task, length: int, where: Path | str) -> dict[str, np.ndarray]:
@@ -393,13 +402,15 @@ class TaskDataset:
     """
 
     def __init__(self, data_root: str | Path, task_names: list[str], max_episodes: int = 2000, prompt_length: int = 5,
-                 workers: int = 0):
+                 workers: int = 0, lengths: list[list[int]] | None = None):
+        """`lengths`: the training episodes' lengths per task when already read (episode_lengths)."""
         self.tasks = [get_task(name) for name in task_names]
         self.prompt_length = prompt_length
         sources = [task_source(str(data_root), task, max_episodes) for task in self.tasks]
         workers = min(workers, MAX_LOADING_WORKERS, len(self.tasks))
         with worker_pool(workers) as pool:
-            lengths = pool.map(read_lengths, [source.part(0, -PROMPT_EPISODES) for source in sources])
+            if lengths is None:
+                lengths = pool.map(read_lengths, [source.part(0, -PROMPT_EPISODES) for source in sources])
             total = sum(map(sum, lengths))
             self.observations = np.empty((total, MAX_OBS_DIM), dtype=np.float32)
             self.actions = np.empty((total, MAX_ACT_DIM), dtype=np.float32)
@@ -436,6 +447,15 @@ class TaskDataset:
         return self.observations.nbytes + self.actions.nbytes + self.returns_to_go.nbytes + self.episode_starts.nbytes
 
 
+def episode_lengths(data_root: str | Path, task_names: list[str], max_episodes: int = 2000,
+                    workers: int = 0) -> list[list[int]]:
+    """The steps of every training episode of each task, from the files' headers only: what a stage needs
+    to plan its memory before it reads the data (then pass them to TaskDataset, which reads them otherwise)."""
+    sources = [task_source(str(data_root), get_task(name), max_episodes) for name in task_names]
+    with worker_pool(min(workers, MAX_LOADING_WORKERS, len(task_names))) as pool:
+        return pool.map(read_lengths, [source.part(0, -PROMPT_EPISODES) for source in sources])
+
+
 def bounded_map(pool, function, items: list, in_flight: int) -> Iterator:
     """pool.map over `in_flight` items at a time, so that at most that many tasks' arrays wait in memory."""
     for start in range(0, len(items), in_flight):
@@ -451,54 +471,65 @@ def read_statistics_star(arguments: tuple[Task, EpisodeSource], prompt_length: i
 
 
 class DeviceSampler:
-    """Draws training batches with tensor ops on `device` (the dataset is copied there once).
+    """Draws training batches with tensor ops on `data_device`, where the dataset is copied once, and hands
+    them to the training `device`.
 
     For one task, a segment starts at a transition drawn uniformly over the task's training transitions
     (the same distribution as the reference's "episode in proportion to its length, start uniform within
     it"), runs up to K steps without crossing its episode's end, and is left-padded to K.
+
+    `data_device` is the training device (the default) or the CPU (`--data_device cpu`, or `auto` when
+    the dataset does not fit the GPU): batches are then gathered in host memory and copied to the GPU from
+    pinned memory without waiting (the host prepares the next batch while the GPU trains on this one).
+    The random draws come from CPU generators in both placements and the rest is exact arithmetic
+    (gathers, and one IEEE subtraction and division per state value), so both placements give the same
+    batches bit for bit.
     """
 
     def __init__(self, dataset: TaskDataset, context_length: int, batch_size: int, device: torch.device,
-                 seeds: list[int]):
+                 seeds: list[int], data_device: torch.device | None = None):
         self.device = device
+        self.data_device = data_device = device if data_device is None else data_device
         self.context_length = context_length
         self.batch_size = batch_size
-        self.observations = torch.from_numpy(dataset.observations).to(device)
-        self.actions = torch.from_numpy(dataset.actions).to(device)
-        self.returns_to_go = torch.from_numpy(dataset.returns_to_go).to(device)
-        self.episode_starts = torch.from_numpy(dataset.episode_starts).to(device)
-        self.task_offsets = torch.from_numpy(dataset.task_offsets).to(device)
-        self.task_sizes = torch.from_numpy(dataset.task_sizes).to(device)
-        self.state_mean = torch.from_numpy(dataset.state_mean).to(device)
-        self.state_std = torch.from_numpy(dataset.state_std).to(device)
-        self.horizons = torch.tensor([task.horizon for task in dataset.tasks], device=device)
-        act_dims = torch.tensor([task.act_dim for task in dataset.tasks], device=device)
-        self.action_masks = (torch.arange(MAX_ACT_DIM, device=device) < act_dims[:, None]).float()
-        self.prompts = Prompts.from_arrays(dataset.prompts, device)
+        self.observations = torch.from_numpy(dataset.observations).to(data_device)
+        self.actions = torch.from_numpy(dataset.actions).to(data_device)
+        self.returns_to_go = torch.from_numpy(dataset.returns_to_go).to(data_device)
+        self.episode_starts = torch.from_numpy(dataset.episode_starts).to(data_device)
+        self.task_offsets = torch.from_numpy(dataset.task_offsets).to(data_device)
+        self.task_sizes = torch.from_numpy(dataset.task_sizes).to(data_device)
+        self.state_mean = torch.from_numpy(dataset.state_mean).to(data_device)
+        self.state_std = torch.from_numpy(dataset.state_std).to(data_device)
+        self.horizons = torch.tensor([task.horizon for task in dataset.tasks], device=data_device)
+        act_dims = torch.tensor([task.act_dim for task in dataset.tasks], device=data_device)
+        self.action_masks = (torch.arange(MAX_ACT_DIM, device=data_device) < act_dims[:, None]).float()
+        self.prompts = Prompts.from_arrays(dataset.prompts, data_device)
         # Which prompt trajectory each row of a task's batch uses: rows 0 and 2 the lower-return one.
         prompt_choice = torch.ones(batch_size, dtype=torch.long)
         prompt_choice[[row for row in LOW_RETURN_PROMPT_ROWS if row < batch_size]] = 0
-        self.prompt_choice = prompt_choice.to(device)
+        self.prompt_choice = prompt_choice.to(data_device)
         # One random stream per row group: `--all` expert training draws group g's rows from stream g,
-        # exactly as a separate run of expert g would.
-        self.generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
+        # exactly as a separate run of expert g would. CPU generators whatever the device (a few numbers
+        # per step), so that the draws do not depend on where the data lives.
+        self.generators = [torch.Generator().manual_seed(seed) for seed in seeds]
 
     def sample(self, task_indices: torch.Tensor, generators: list[torch.Generator] | None = None) -> Batch:
-        """One batch of `batch_size` segments for each task in `task_indices` (shape (G,)), concatenated
-        task by task into G * batch_size rows. `generators` (one per row group) instead of the sampler's own
-        streams draws a batch that leaves the training streams untouched (a diagnostic's batches)."""
-        rows_task = task_indices.to(self.device).repeat_interleave(self.batch_size)  # (R,)
+        """One batch of `batch_size` segments for each task in `task_indices` (shape (G,), on data_device
+        to avoid a copy), concatenated task by task into G * batch_size rows, on `device`. `generators` (CPU
+        generators, one per row group) instead of the sampler's own streams draws a batch that leaves the
+        training streams untouched (a diagnostic's batches)."""
         generators = self.generators if generators is None else generators
         if len(task_indices) != len(generators):
             raise ValueError(f"sampler has {len(generators)} streams, asked for {len(task_indices)} row groups")
-        uniform = torch.cat([torch.rand(self.batch_size, generator=generator, device=self.device)
-                             for generator in generators])
+        rows_task = task_indices.to(self.data_device).repeat_interleave(self.batch_size)  # (R,)
+        uniform = to_device(torch.cat([torch.rand(self.batch_size, generator=generator) for generator in generators]),
+                            self.data_device)
         starts = self.task_offsets[rows_task] + (uniform * self.task_sizes[rows_task]).long()
         episode = torch.searchsorted(self.episode_starts, starts, right=True) - 1
         episode_start, episode_end = self.episode_starts[episode], self.episode_starts[episode + 1]
         valid_steps = torch.clamp(episode_end - starts, max=self.context_length)  # (R,)
         padding = self.context_length - valid_steps
-        positions = torch.arange(self.context_length, device=self.device)
+        positions = torch.arange(self.context_length, device=self.data_device)
         source = starts[:, None] + positions[None, :] - padding[:, None]  # (R, K), left-padded
         mask = positions[None, :] >= padding[:, None]
         source = torch.where(mask, source, starts[:, None])  # any valid row index; masked out below
@@ -513,7 +544,7 @@ class DeviceSampler:
 
         choice = self.prompt_choice.repeat(task_indices.shape[0])
         prompts = self.prompts
-        return Batch(
+        batch = Batch(
             states=states,
             actions=actions,
             returns_to_go=returns,
@@ -527,6 +558,9 @@ class DeviceSampler:
             action_mask=self.action_masks[rows_task, None],
             task_index=rows_task,
         )
+        if self.data_device == self.device:
+            return batch
+        return batch.apply(lambda tensor: to_device(tensor, self.device))
 
     def eval_prompt(self, task_index: int) -> dict[str, torch.Tensor]:
         """The higher-return prompt of a task, as evaluation uses it (each tensor without batch dim)."""
@@ -538,3 +572,13 @@ class DeviceSampler:
             "timesteps": prompts.timesteps[task_index, 1],
             "mask": prompts.mask[task_index, 1],
         }
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` on `device`; from host to GPU through pinned memory, without waiting for the copy (PyTorch's
+    pinned-memory cache keeps the buffer until the copy is done)."""
+    if tensor.device == device:
+        return tensor
+    if tensor.device.type == "cpu" and device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)

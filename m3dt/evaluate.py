@@ -47,6 +47,7 @@ from m3dt.baselines import METHODS as BASELINES, load_baseline, method_module
 from m3dt.cli import USER_ERRORS, command, exit_with_message
 from m3dt.config import CHOICES, ArgumentParser, Config, ConfigError, check_values, field_comments, load_yaml
 from m3dt.data import Batch
+from m3dt.memory import evaluation_rows, free_memory
 from m3dt.model import PromptDecisionTransformer
 from m3dt.run import (ArtifactError, RunDir, atomic_path, check_inputs, file_hash, input_hashes, load_tensors,
                       manifest_path, read_json, read_manifest, write_json)
@@ -290,15 +291,30 @@ class History:
 class ModelPolicy:
     """The trained model: one forward over the live rollouts with the context window [t-K+1, t], left-padded
     with zeros (the reference pads evaluation contexts with normalised state 0 and action 0; padded steps
-    are masked either way) and each task's fixed higher-return prompt."""
+    are masked either way) and each task's fixed higher-return prompt.
+
+    The prompt tokens' keys and values are computed once per task (PromptCache: exact, since prompts come
+    first and attention is causal), and the live rollouts go through the model in chunks of at most
+    `eval_rows` rows (None: all in one forward; evaluate() picks what fits in half the device's free memory
+    by m3dt/memory.py's count), so that an MT160 evaluation at 48 experts fits a small GPU; chunks change
+    nothing but the peak memory."""
 
     def __init__(self, model: torch.nn.Module, statistics: Statistics, rollouts: list[Rollout],
-                 context_length: int, device: torch.device, dtype: torch.dtype = torch.float32):
+                 context_length: int, device: torch.device, dtype: torch.dtype = torch.float32,
+                 eval_rows: int | None = None):
         self.model, self.context_length, self.device, self.dtype = model, context_length, device, dtype
-        slots = torch.tensor([rollout.task_slot for rollout in rollouts])
-        self.task_index = slots.to(device)
+        slots, task_of_rollout = torch.unique(torch.tensor([rollout.task_slot for rollout in rollouts]),
+                                              return_inverse=True)
+        self.slots, self.task_of_rollout = slots.to(device), task_of_rollout.to(device)  # run's task index, per task
         self.prompt = {key: value[slots].to(device, dtype if value.is_floating_point() else value.dtype)
                        for key, value in statistics.prompts.items()}
+        # Our transformer with prompt embeddings takes the cache; other policies (MTDT has no prompt, HarmoDT
+        # masks the weights per task) the plain forward.
+        cached = isinstance(model, PromptDecisionTransformer) and model.embed_prompt is not None
+        prompt = self.prompt
+        self.cache = model.cache_prompt(prompt["states"], prompt["actions"], prompt["returns_to_go"],
+                                        prompt["timesteps"], prompt["mask"]) if cached else None
+        self.eval_rows = eval_rows or len(rollouts)
 
     @torch.no_grad()
     def __call__(self, history: History, live: np.ndarray, t: int) -> np.ndarray:
@@ -315,17 +331,23 @@ class ModelPolicy:
         timesteps[:, padding:] = np.arange(start, t + 1)
         mask = torch.zeros(rows, self.context_length, device=self.device, dtype=self.dtype)
         mask[:, padding:] = 1.0
-        live_index = torch.from_numpy(live).to(self.device)
-        prompt = {key: value[live_index] for key, value in self.prompt.items()}
+        tasks = self.task_of_rollout[torch.from_numpy(live).to(self.device)]
+        prompt = {key: value[tasks] for key, value in self.prompt.items()}
         batch = Batch(
             states=window(history.states), actions=window(history.actions),
             returns_to_go=window(history.returns_to_go[..., None]), timesteps=torch.from_numpy(timesteps).to(self.device),
             mask=mask, prompt_states=prompt["states"], prompt_actions=prompt["actions"],
             prompt_returns_to_go=prompt["returns_to_go"], prompt_timesteps=prompt["timesteps"],
             prompt_mask=prompt["mask"], action_mask=torch.ones(rows, 1, MAX_ACT_DIM, device=self.device, dtype=self.dtype),
-            task_index=self.task_index[live_index],
+            task_index=self.slots[tasks],
         )
-        return self.model(batch, last_step_only=True)[:, -1].cpu().numpy().astype(np.float32)
+        actions = []
+        for first in range(0, rows, self.eval_rows):
+            chunk = slice(first, first + self.eval_rows)
+            cache = {} if self.cache is None else {"prompt_cache": self.cache.select(tasks[chunk])}
+            predicted = self.model(batch.rows(chunk), last_step_only=True, **cache)
+            actions.append(predicted[:, -1].float().cpu())
+        return torch.cat(actions).numpy()
 
 
 class RandomPolicy:
@@ -557,10 +579,10 @@ def plot_families(out_dir: Path, results: dict) -> None:
 
 # ------------------------------------------------------------------------------------------ what is evaluated
 def check_options(episodes: int | None, max_steps: int | None, workers: int | None, max_rollouts: int | None,
-                  seed: int, context_actions: str) -> None:
+                  seed: int, context_actions: str, eval_rows: int | None = None) -> None:
     """The evaluation's numbers and choices, before anything is read or started."""
     for name, value, minimum in (("episodes", episodes, 1), ("max_steps", max_steps, 1), ("workers", workers, 0),
-                                 ("max_rollouts", max_rollouts, 1), ("seed", seed, 0)):
+                                 ("max_rollouts", max_rollouts, 1), ("seed", seed, 0), ("eval_rows", eval_rows, 1)):
         if value is not None and value < minimum:
             raise ConfigError(f"--{name} must be at least {minimum}, got {value}")
     if seed >= 2**32:
@@ -642,7 +664,7 @@ def output_label(method: str, grouping: str, expert_num: int, protocol: dict, co
 def evaluate(run_dir: str, method: str, grouping: str = "gradient", expert_num: int = 48, prefix_name: str | None = None,
              tasks: str | None = None, episodes: int | None = None, max_steps: int | None = None, workers: int | None = None,
              seed: int = 0, device: str = "auto", max_rollouts: int | None = None, context_actions: str = "full",
-             video: int = 0) -> dict:
+             eval_rows: int | None = None, video: int = 0) -> dict:
     """Evaluate `method` (one of METHODS, or a --stage value: "1" Prompt-DT, "3" M3DT, "random"); write and
     return the results.
     Every input is checked (ConfigError, TaskError, ArtifactError) before an env is built; a failing env
@@ -650,7 +672,7 @@ def evaluate(run_dir: str, method: str, grouping: str = "gradient", expert_num: 
     (m3dt/video.py; VideoError when nothing renders here)."""
     from m3dt.train import resolve_device
 
-    check_options(episodes, max_steps, workers, max_rollouts, seed, context_actions)
+    check_options(episodes, max_steps, workers, max_rollouts, seed, context_actions, eval_rows)
     if video < 0:
         raise ConfigError(f"--video must be at least 0, got {video}")
     register_run_tasks(run_dir)
@@ -680,6 +702,11 @@ def evaluate(run_dir: str, method: str, grouping: str = "gradient", expert_num: 
         check_timesteps(manifest["config"]["max_timestep"], chosen)
         model.to(torch_device)
         num_experts = manifest.get("num_experts", 0)
+        if isinstance(model, PromptDecisionTransformer) and not eval_rows:
+            prompt_length = statistics.prompts["timesteps"].shape[1]
+            eval_rows = evaluation_rows(model, manifest["config"]["context_length"], prompt_length,
+                                        free_memory(torch_device)[0])
+        print(f"evaluation forwards of at most {eval_rows or len(rollouts)} rollouts (--eval_rows)")
         checkpoint = checkpoint_identity(run, run.root / manifest["artifact"])
     shared = shared_training_goals(trained_manifest, rollouts, seed)
     if shared and shared["shared"]:
@@ -695,7 +722,8 @@ def evaluate(run_dir: str, method: str, grouping: str = "gradient", expert_num: 
     def make_policy(wave: list[Rollout]):
         if model is None:
             return RandomPolicy(seed)
-        return ModelPolicy(model, statistics, wave, manifest["config"]["context_length"], torch_device)
+        return ModelPolicy(model, statistics, wave, manifest["config"]["context_length"], torch_device,
+                           eval_rows=eval_rows)
 
     started = time.perf_counter()
     workers = os.cpu_count() if workers is None else workers
@@ -764,6 +792,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", help="auto (default): cuda when available, else cpu")
     parser.add_argument("--max_rollouts", type=int,
                         help="run the rollouts in waves of at most this many (bounds memory; default: all at once)")
+    parser.add_argument("--eval_rows", type=int,
+                        help="rollouts per model forward at most (default: what fits in half the free device memory)")
     parser.add_argument("--context_actions", choices=CHOICES["context_actions"], help=comments["context_actions"])
     parser.add_argument("--video", type=int, default=0, metavar="K",
                         help="write an MP4 of the first K episodes of each task into eval/{label}/videos/")
@@ -773,7 +803,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         options = merged_options(args.config, vars(args))
         debug = options.pop("debug")
-        evaluate(method=args.method or args.stage, max_rollouts=args.max_rollouts, video=args.video, **options)
+        evaluate(method=args.method or args.stage, max_rollouts=args.max_rollouts, eval_rows=args.eval_rows,
+                 video=args.video, **options)
     except (*USER_ERRORS, EnvFailure, VideoError) as error:
         exit_with_message(error, debug)
 

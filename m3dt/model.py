@@ -43,12 +43,25 @@ class SelfAttention(nn.Module):
         self.attention_dropout = config.dropout
         self.residual_dropout = Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, attention_bias: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
-        """Outputs at token positions `rows` only (all by default); keys and values come from every token."""
+    def heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, L, d) -> (B, H, L, d / H)."""
+        batch, _, width = x.shape
+        return x.reshape(batch, -1, self.n_head, width // self.n_head).transpose(1, 2)
+
+    def keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values of the tokens x (B, L, d), each (B, H, L, d / H)."""
+        _, key, value = self.qkv(x).split(x.shape[-1], dim=2)
+        return self.heads(key), self.heads(value)
+
+    def forward(self, x: torch.Tensor, attention_bias: torch.Tensor, rows: slice = slice(None),
+                past: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Outputs at token positions `rows` of x only (all by default); keys and values come from every
+        token of x, after the keys and values `past` of earlier tokens when given (a PromptCache's)."""
         batch, _, width = x.shape
         query, key, value = self.qkv(x).split(width, dim=2)
-        query = query[:, rows]
-        query, key, value = (t.reshape(batch, -1, self.n_head, width // self.n_head).transpose(1, 2) for t in (query, key, value))
+        query, key, value = self.heads(query[:, rows]), self.heads(key), self.heads(value)
+        if past is not None:
+            key, value = torch.cat((past[0], key), dim=2), torch.cat((past[1], value), dim=2)
         dropout = self.attention_dropout if self.training else 0.0
         out = attention(query, key, value, attention_bias[:, :, rows], dropout)
         out = out.transpose(1, 2).reshape(batch, -1, width)
@@ -76,9 +89,11 @@ class Block(nn.Module):
         self.residual = config.residual
         self.expert_mixture: ExpertMixture | None = None  # installed by stages 2 and 3
 
-    def forward(self, h: torch.Tensor, attention_bias: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
-        """The block's output at token positions `rows` (all by default)."""
-        h = h[:, rows] + self.attention(self.ln1(h), attention_bias, rows)
+    def forward(self, h: torch.Tensor, attention_bias: torch.Tensor, rows: slice = slice(None),
+                past: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """The block's output at token positions `rows` (all by default); `past`: keys and values of tokens
+        before h (see SelfAttention)."""
+        h = h[:, rows] + self.attention(self.ln1(h), attention_bias, rows, past)
         u = self.ln2(h)
         if self.expert_mixture is None:
             return h + self.mlp(u)
@@ -137,31 +152,83 @@ class PromptDecisionTransformer(nn.Module):
             block.expert_mixture = ExpertMixture(num_experts, config.embed_dim, config.dropout, routed, top_k,
                                                  layer_seeds, config.router_hidden)
 
-    def forward(self, batch: Batch, last_step_only: bool = False) -> torch.Tensor:
+    def forward(self, batch: Batch, last_step_only: bool = False, prompt_cache: PromptCache | None = None) -> torch.Tensor:
         """Predicted actions (B, K, 8), read from each step's state token; (B, 1, 8) with `last_step_only`
-        (evaluation acts on the last step). Without prompt embeddings the prompt fields of `batch` are unused."""
+        (evaluation acts on the last step). Without prompt embeddings (MTDT) the prompt fields of `batch` are
+        unused. With `prompt_cache` (evaluation only: it holds the prompt tokens' keys and values of every
+        block, see cache_prompt) the prompt tokens are not computed again."""
         steps = batch.states.shape[1]
         tokens = self.embed_ln(self.embed(batch.states, batch.actions, batch.returns_to_go, batch.timesteps))
         token_mask = batch.mask
         if self.embed_prompt is not None:
-            prompt_tokens = self.embed_prompt(
-                batch.prompt_states, batch.prompt_actions, batch.prompt_returns_to_go, batch.prompt_timesteps
-            )
-            tokens = torch.cat((prompt_tokens, tokens), dim=1)
             token_mask = torch.cat((batch.prompt_mask, batch.mask), dim=1)
+            if prompt_cache is None:
+                prompt_tokens = self.embed_prompt(
+                    batch.prompt_states, batch.prompt_actions, batch.prompt_returns_to_go, batch.prompt_timesteps
+                )
+                tokens = torch.cat((prompt_tokens, tokens), dim=1)
         h = self.dropout(tokens)
         token_mask = token_mask.repeat_interleave(3, dim=1)
         attention_bias = attention_bias_for(token_mask)
+        pasts = [None] * len(self.blocks)
+        if prompt_cache is not None:
+            if self.training:
+                raise ValueError("a prompt cache is for evaluation: in training, dropout changes the prompt tokens")
+            attention_bias = attention_bias[:, :, attention_bias.shape[-1] - h.shape[1]:]  # the trajectory's queries
+            pasts = list(zip(prompt_cache.keys, prompt_cache.values))
         # Tokens are R, s, a per step and the action head reads the state tokens. Nothing later depends on
         # the last block's other outputs, so with `skip_unread_tokens` that block computes the read ones only.
         length = h.shape[1]
         read = slice(length - 2, length - 1) if last_step_only else slice(length - 3 * steps + 1, None, 3)
-        for block in self.blocks[:-1]:
-            h = block(h, attention_bias)
-        h = self.blocks[-1](h, attention_bias, read if self.skip_unread_tokens else slice(None))
+        for block, past in zip(self.blocks[:-1], pasts):
+            h = block(h, attention_bias, past=past)
+        h = self.blocks[-1](h, attention_bias, read if self.skip_unread_tokens else slice(None), pasts[-1])
         if not self.skip_unread_tokens:
             h = h[:, read]
         return torch.tanh(self.action_head(self.ln_final(h)))
+
+    @torch.no_grad()
+    def cache_prompt(self, states: torch.Tensor, actions: torch.Tensor, returns_to_go: torch.Tensor,
+                     timesteps: torch.Tensor, mask: torch.Tensor) -> PromptCache:
+        """Keys and values of prompt tokens at every block, one row per prompt (the shapes of a Batch's
+        prompt_* fields). Prompt tokens come first and attention is causal, so they never see the
+        trajectory: in evaluation (no dropout) a task's fixed prompt gives the same keys and values at every
+        step, and a forward with this cache equals one without (exactly, up to rounding: test in float64)."""
+        if self.training:
+            raise ValueError("a prompt cache is for evaluation: in training, dropout changes the prompt tokens")
+        if self.embed_prompt is None:
+            raise ValueError("this model has no prompt embeddings (MTDT): there is no prompt to cache")
+        h = self.embed_prompt(states, actions, returns_to_go, timesteps)
+        attention_bias = attention_bias_for(mask.repeat_interleave(3, dim=1))
+        keys, values = [], []
+        for block in self.blocks:
+            key, value = block.attention.keys_values(block.ln1(h))
+            keys.append(key)
+            values.append(value)
+            if block is not self.blocks[-1]:
+                h = block(h, attention_bias)
+        return PromptCache(keys, values)
+
+
+@dataclass
+class PromptCache:
+    """Keys and values of the prompt tokens at every block: per block (rows, heads, 3 x prompt steps,
+    embed_dim / heads) each; row i belongs to row i of the batch it was made from."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+    @staticmethod
+    def empty(blocks: int, rows: int, heads: int, tokens: int, head_width: int, device: torch.device | str) -> PromptCache:
+        """A cache of the right shapes with unset values (to count memory on "meta")."""
+        def tensors() -> list[torch.Tensor]:
+            return [torch.empty(rows, heads, tokens, head_width, device=device) for _ in range(blocks)]
+
+        return PromptCache(tensors(), tensors())
+
+    def select(self, rows: torch.Tensor) -> PromptCache:
+        """The cache of the given rows (an index tensor), in that order."""
+        return PromptCache([key[rows] for key in self.keys], [value[rows] for value in self.values])
 
 
 def attention_bias_for(token_mask: torch.Tensor) -> torch.Tensor:

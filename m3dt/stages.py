@@ -8,6 +8,7 @@ stage 3  train_router     routers only, over all tasks          -> stage3/{metho
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -15,18 +16,20 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
+from m3dt import memory
 from m3dt.cli import USER_ERRORS, exit_interrupted, exit_with_message
 from m3dt.config import Config, ConfigError, parse_config
 from m3dt.conflict import PLOT as CONFLICT_PLOT, GradientConflict, plot_conflict, spread_tasks
-from m3dt.data import DeviceSampler, Prompts, TaskDataset, files_fingerprint
+from m3dt.data import DeviceSampler, Prompts, TaskDataset, episode_lengths, files_fingerprint
 from m3dt.grouping import gradient_features, gradient_grouping, groups_to_json, random_grouping, task_gradients
 from m3dt.model import ModelConfig, PromptDecisionTransformer
 from m3dt.run import (ArtifactError, RunDir, check_inputs, check_model_fields, file_hash, input_hashes,
                       load_tensors, manifest_path, read_json, read_manifest, save_tensors, write_json, write_manifest)
 from m3dt.tasks import check_timesteps, register_task_rows, resolve_tasks, use_task_table, user_task_rows
-from m3dt.train import (METRICS, Distributed, Job, TrainingHooks, resolve_device, start_distributed, stop_distributed,
-                        train)
+from m3dt.train import (METRICS, Distributed, Job, TrainingHooks, resolve_device, set_deterministic, start_distributed,
+                        stop_distributed, train)
 
 
 
@@ -87,19 +90,35 @@ def load_backbone(run: RunDir, config: Config) -> PromptDecisionTransformer:
 
 
 def make_sampler(config: Config, tasks: list[str], device: torch.device, streams: list[int],
-                 run: RunDir | None = None) -> tuple[DeviceSampler, dict[str, str]]:
-    """Load `tasks` from --data_path onto `device`. Returns the sampler and the per-task statistics
-    fingerprints; with `run` (stages after stage 1), they must equal what stage 1 recorded."""
+                 model: PromptDecisionTransformer, run: RunDir | None = None) -> tuple[DeviceSampler, dict[str, str]]:
+    """Plan the stage's peak memory and print it before reading the data (m3dt/memory.py), put the data
+    where `--data_device` says, then load `tasks` from --data_path. `model`: the stage's model as it will
+    train (experts installed, frozen parts frozen), on any device; one row group per stream. Returns the
+    sampler and the per-task statistics fingerprints; with `run` (stages after stage 1), they must equal
+    what stage 1 recorded."""
     check_timesteps(config.max_timestep, tasks)
     workers = os.cpu_count() if config.workers is None else config.workers
-    dataset = TaskDataset(config.data_path, tasks, config.max_episodes, config.prompt_length, workers)
-    gib = dataset.nbytes() / 2**30
-    print(f"loaded {len(tasks)} tasks, {len(dataset.returns_to_go):,} transitions ({gib:.2f} GiB) from {config.data_path}")
+    lengths = episode_lengths(config.data_path, tasks, config.max_episodes, workers)
+    data = memory.dataset_bytes(sum(map(sum, lengths)), sum(map(len, lengths)), len(tasks), config.prompt_length)
+    groups = len(streams)
+    plan = memory.plan_training(model, config.batch_size * groups, groups, config.context_length,
+                                config.prompt_length, data)
+    free, capacity = memory.free_memory(device)
+    data_device = memory.data_device(config.data_device, device, plan, free)
+    if data_device != device:
+        plan = dataclasses.replace(plan, data=0)
+    print(plan.describe(free, capacity, device))
+    if data_device != device:
+        print(f"the dataset ({data / memory.GIB:.2f} GiB) stays in host memory (--data_device {config.data_device}); "
+              "batches are gathered there and copied to the device")
+    dataset = TaskDataset(config.data_path, tasks, config.max_episodes, config.prompt_length, workers, lengths)
+    print(f"loaded {len(tasks)} tasks, {len(dataset.returns_to_go):,} transitions ({dataset.nbytes() / memory.GIB:.2f} GiB) "
+          f"from {config.data_path}")
     statistics = dataset.statistics_fingerprints()
     if run is not None:
         compare_with_stage1(run, "statistics", statistics, f"the files under --data_path {config.data_path} hold "
                             "other episodes (other state statistics or prompts)")
-    return DeviceSampler(dataset, config.context_length, config.batch_size, device, streams), statistics
+    return DeviceSampler(dataset, config.context_length, config.batch_size, device, streams, data_device), statistics
 
 
 def data_files(config: Config, tasks: list[str], run: RunDir | None = None) -> dict[str, str]:
@@ -226,23 +245,27 @@ def train_backbone(config: Config) -> Path:
         print(f"stage 1 already finished ({steps} steps): {run.backbone}; --restart to train again")
         return run.backbone
     torch.manual_seed(config.seed)  # the same initial weights on every rank
-    sampler, statistics = make_sampler(config, tasks, device, [seed_rank(config, distributed)])
-    model = build_model(config, config.dropout).to(device)
+    model = build_model(config, config.dropout)
+    share = rank_share(tasks, distributed)
+    sampler, share_statistics = make_sampler(config, share, device, [seed_rank(config, distributed)], model)
+    statistics = gather_statistics(share_statistics, distributed)  # every task's, on every rank
+    model.to(device)
     torch.manual_seed(seed_rank(config, distributed))  # each rank its own dropout stream
     # a checkpoint resumes only on the same data: the same files, and (known once loaded) the same contents
     hooks = TrainingHooks()
-    if config.conflict_every:
-        hooks = GradientConflict(model, sampler, spread_tasks(len(tasks), config.conflict_tasks),
+    if config.conflict_every:  # under torchrun, over the tasks of each rank's share
+        hooks = GradientConflict(model, sampler, spread_tasks(len(share), config.conflict_tasks),
                                  config.conflict_every, config.conflict_batches, config.grad_clip, config.seed)
     job = Job(name="stage1", model=model, trainable=set_up_stage(model, stage=1),
-              task_groups=[list(range(len(tasks)))], task_names=tasks, steps=steps, job_dir=run.stage1,
+              task_groups=[list(range(len(share)))], task_names=share, steps=steps, job_dir=run.stage1,
               per_expert_clip=False, identity={**identity, "data_statistics": statistics}, hooks=hooks)
     done = train(job, sampler, config, distributed)
+    stats = gather_shares(data_stats(sampler.state_mean, sampler.state_std, sampler.prompts), len(tasks), distributed)
     if not distributed.is_main:
         return run.backbone
     if plot_conflict(run.stage1 / METRICS, run.stage1 / CONFLICT_PLOT):
         print(f"stage 1: gradient conflict curve in {run.stage1 / CONFLICT_PLOT}")
-    save_tensors(run.data_stats, data_stats(sampler.state_mean, sampler.state_std, sampler.prompts))
+    save_tensors(run.data_stats, stats)
     save_tensors(run.backbone, model.state_dict())
     write_manifest(run.backbone, "stage1", recorded_config(config, device), tasks, [], run.root, steps_done=done,
                    identity=identity, data={"files": files, "statistics": statistics},
@@ -251,9 +274,37 @@ def train_backbone(config: Config) -> Path:
     return run.backbone
 
 
+def rank_share(tasks: list[str], distributed: Distributed) -> list[str]:
+    """The tasks this torchrun rank loads and trains: every world_size-th from its rank on (all of them in
+    one process), so that a rank holds about 1/world_size of the data (m3dt/train.py: the order of tasks)."""
+    if len(tasks) < distributed.world_size:
+        raise ConfigError(f"{len(tasks)} tasks for {distributed.world_size} torchrun ranks: each rank needs a task")
+    return tasks[distributed.rank :: distributed.world_size]
+
+
+def gather_shares(tensors: dict[str, torch.Tensor], count: int, distributed: Distributed) -> dict[str, torch.Tensor]:
+    """Per-task tensors of every rank's share (rank_share), put back in task-list order (`count` tasks)."""
+    if distributed.world_size == 1:
+        return tensors
+    shares: list[dict[str, torch.Tensor] | None] = [None] * distributed.world_size
+    dist.all_gather_object(shares, {name: tensor.cpu() for name, tensor in tensors.items()})
+    world = distributed.world_size
+    return {name: torch.stack([shares[task % world][name][task // world] for task in range(count)])
+            for name in tensors}
+
+
+def gather_statistics(share_statistics: dict[str, str], distributed: Distributed) -> dict[str, str]:
+    """Every rank's per-task statistics fingerprints, so that all ranks hold the same identity."""
+    if distributed.world_size == 1:
+        return share_statistics
+    shares: list[dict[str, str] | None] = [None] * distributed.world_size
+    dist.all_gather_object(shares, share_statistics)
+    return {task: digest for share in shares for task, digest in share.items()}
+
+
 def data_stats(state_mean: torch.Tensor, state_std: torch.Tensor, prompts: Prompts) -> dict[str, torch.Tensor]:
-    """What evaluation needs from the data, in stage-1 task order: state statistics (tasks, 39) and the eval
-    prompt (the higher-return one, index 1)."""
+    """What evaluation needs from the data, in the order of the tasks given: state statistics (tasks, 39) and
+    the eval prompt (the higher-return one, index 1)."""
     return {
         "state_mean": state_mean, "state_std": state_std,
         "prompt_states": prompts.states[:, 1], "prompt_actions": prompts.actions[:, 1],
@@ -275,8 +326,9 @@ def group_tasks(config: Config, method: str) -> Path:
         device = resolve_device(config.device)
         data_files(config, tasks, run)
         torch.manual_seed(config.seed)
-        sampler, _ = make_sampler(config, tasks, device, [config.seed], run)
-        model = load_backbone(run, config).to(device)
+        model = load_backbone(run, config)
+        sampler, _ = make_sampler(config, tasks, device, [config.seed], model, run)
+        model.to(device)
         print(f"task gradients on {device}")
         gradients = task_gradients(model, sampler, list(range(len(tasks))), config.grouping_gradients, config.grad_clip)
         features = gradient_features(gradients)
@@ -323,10 +375,11 @@ def train_experts(config: Config) -> list[Path]:
 
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
-    sampler, _ = make_sampler(config, group_tasks_needed, device, [expert_seed(config, e) for e in expert_ids], run)
     model = load_backbone(run, config)
     trainable = set_up_stage(model, stage=2, num_experts=len(expert_ids),
                              seeds=[expert_seed(config, e) for e in expert_ids])
+    sampler, _ = make_sampler(config, group_tasks_needed, device, [expert_seed(config, e) for e in expert_ids], model,
+                              run)
     model.to(device)
     task_groups, offset = [], 0
     for expert in expert_ids:
@@ -369,11 +422,12 @@ def train_router(config: Config) -> Path:
     model = load_backbone(run, config)
     trainable = set_up_stage(model, stage=3, num_experts=len(groups), top_k=config.top_k)
     load_experts(model, expert_files)
-    sampler, _ = make_sampler(config, tasks, device, [seed_rank(config, distributed)], run)
+    share = rank_share(tasks, distributed)
+    sampler, _ = make_sampler(config, share, device, [seed_rank(config, distributed)], model, run)
     model.to(device)
     torch.manual_seed(seed_rank(config, distributed))  # each rank its own dropout stream
-    job = Job(name="stage3 router", model=model, trainable=trainable, task_groups=[list(range(len(tasks)))],
-              task_names=tasks, steps=steps, job_dir=run.stage3(config.grouping, config.expert_num),
+    job = Job(name="stage3 router", model=model, trainable=trainable, task_groups=[list(range(len(share)))],
+              task_names=share, steps=steps, job_dir=run.stage3(config.grouping, config.expert_num),
               per_expert_clip=False, identity=identity)
     done = train(job, sampler, config, distributed)
     if not distributed.is_main:
@@ -416,6 +470,7 @@ def run_cli(stage: Callable[[Config], Any], description: str, argv: list[str] | 
     try:
         config = parse_config(description, arguments)
         debug = config.debug
+        set_deterministic(config.deterministic, resolve_device(config.device))
         if config.task_table:
             use_task_table(config.task_table)
         stage(config)

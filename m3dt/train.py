@@ -8,8 +8,12 @@ training has G row groups (one per expert) in the same step; since every expert'
 slice of the stacked parameters, one AdamW over them equals G separate AdamWs, and clipping is done per
 expert, so each expert is optimised exactly as in its own run.
 
-Under torchrun (stages 1 and 3), rank r of R takes task (step * R + r) of the round-robin and DDP averages
-the gradients: an effective batch of R x 16 segments from R different tasks per step. Only rank 0 writes.
+Under torchrun (stages 1 and 3), rank r of R loads and trains only tasks r, r + R, r + 2R, ... of the task
+list (m3dt/stages.py), cycling through them, and DDP averages the gradients: an effective batch of R x 16
+segments from R different tasks per step. When R divides the task count, step s trains tasks
+(s * R + r) mod n, the round-robin of the single-process order taken R entries at a time; otherwise the
+ranks' shares differ by one task, and a task in a shorter share is drawn a little more often. Only rank 0
+writes.
 
 Nothing in the loop waits for the device except at log and checkpoint boundaries.
 """
@@ -199,23 +203,77 @@ def start_wandb(config: Config, job: Job):
     return wandb.init(project=config.wandb_project, name=job.name, dir=str(job.job_dir), config=vars(config))
 
 
-def autocast_for(device: torch.device, precision: str):
-    """bf16 autocast for `--precision bf16`; nothing for fp32."""
-    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+class TF32:
+    """Reusable context: float32 matmuls and convolutions on TF32 tensor cores (`enabled`) or in full float32
+    inside it. PyTorch's switches are process-wide; they are set on entry and restored on exit, so that paths
+    of different precision can take turns in one process (m3dt/bench.py)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.saved: list[tuple[bool, bool]] = []
+
+    def __enter__(self) -> "TF32":
+        self.saved.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.enabled
+        return self
+
+    def __exit__(self, *exception) -> None:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.saved.pop()
+
+
+class Precision:
+    """The arithmetic of the forward passes run inside it (`with Precision(device, "tf32"): ...`), reusable:
+    - fp32: float32 matmuls in full precision (TF32 off, PyTorch's default for matmuls);
+    - tf32: float32 tensors, matmuls and convolutions on TF32 tensor cores (10-bit mantissa inputs, float32
+      accumulation; NVIDIA Ampere and later; on a CPU the same as fp32);
+    - bf16: autocast to bfloat16 (matmuls in bf16; what autocast keeps in float32, such as layer norms, in
+      float32; the loss in float32).
+    A backward pass runs in `.matmuls` (the TF32 switch alone: autocast covers forwards only, and the
+    backward of an autocast forward follows its dtypes by itself)."""
+
+    def __init__(self, device: torch.device, precision: str):
+        self.precision = precision
+        self.matmuls = TF32(precision == "tf32")
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+
+    def __enter__(self) -> "Precision":
+        self.matmuls.__enter__()
+        self.autocast.__enter__()
+        return self
+
+    def __exit__(self, *exception) -> None:
+        self.autocast.__exit__(*exception)
+        self.matmuls.__exit__(*exception)
+
+
+def set_deterministic(enabled: bool, device: torch.device) -> None:
+    """`--deterministic` on a GPU: PyTorch's deterministic kernels wherever it has them (an error where it
+    has none), e.g. for the attention backward and the embedding gradient; cuBLAS then needs a fixed
+    workspace (CUBLAS_WORKSPACE_CONFIG, read when cuBLAS starts, so set before the first matmul). On a CPU
+    every kernel this project uses is deterministic already (resumed runs are tested bit for bit), and
+    PyTorch's deterministic mode would only slow it down, so there it changes nothing."""
+    if not enabled or device.type != "cuda":
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
 
 
 def train_step(model: Callable[[Batch], torch.Tensor], batch: Batch, groups: int, optimizer: torch.optim.Optimizer,
                scheduler: torch.optim.lr_scheduler.LambdaLR, parameters: list[nn.Parameter], max_norm: float,
-               per_expert_clip: bool, autocast, hooks: TrainingHooks = TrainingHooks(),
+               per_expert_clip: bool, precision: Precision, hooks: TrainingHooks = TrainingHooks(),
                task_indices: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimisation step on one batch of the tasks `task_indices` (one per row group). Returns the loss
-    and the largest gradient norm (before clipping), left on the device so that the loop never waits for it."""
+    """One optimisation step on one batch of the tasks `task_indices` (one per row group), its forward in
+    `precision`. Returns the loss and the largest gradient norm (before clipping), left on the device so
+    that the loop never waits for it."""
     hooks.before_forward(task_indices)
-    with autocast:
+    with precision:
         predicted = model(batch)
     loss = action_loss(predicted.float(), batch, groups)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    with precision.matmuls:
+        loss.backward()
     grad_norms = clip_gradients(parameters, max_norm, per_expert_clip)
     hooks.before_update()
     optimizer.step()
@@ -231,9 +289,10 @@ def train(job: Job, sampler: DeviceSampler, config: Config, distributed: Distrib
     parameters = list(job.trainable.values())
     optimizer = build_optimizer(parameters, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_factor(config.warmup_steps))
-    table, lengths = round_robin_table(job.task_groups, device)
+    # The round-robin lives with the data, so that choosing a step's tasks never waits for the device.
+    table, lengths = round_robin_table(job.task_groups, sampler.data_device)
     groups = len(job.task_groups)
-    group_index = torch.arange(groups, device=device)
+    group_index = torch.arange(groups, device=sampler.data_device)
     state_file = job.job_dir / TRAIN_STATE
 
     start = 0
@@ -251,7 +310,7 @@ def train(job: Job, sampler: DeviceSampler, config: Config, distributed: Distrib
             print(f"[{job.name}] note: {job.steps} steps end inside the {config.warmup_steps}-step warmup: the "
                   f"learning rate reaches only {job.steps / config.warmup_steps:.1%} of {config.learning_rate:g}")
 
-    autocast = autocast_for(device, config.precision)
+    precision = Precision(device, config.precision)
     run = start_wandb(config, job) if config.wandb and distributed.is_main else None
     job.model.train()  # dropout on in every module, frozen ones included (as the reference)
     model = DistributedDataParallel(job.model) if distributed.world_size > 1 else job.model
@@ -264,10 +323,10 @@ def train(job: Job, sampler: DeviceSampler, config: Config, distributed: Distrib
     with tqdm(range(start, job.steps), desc=job.name, initial=start, total=job.steps, dynamic_ncols=True,
               disable=not distributed.is_main) as progress, say_where_interrupted(job, progress, state_file):
         for step in progress:
-            task_indices = table[group_index, round_robin_position(step, distributed) % lengths]
+            task_indices = table[group_index, step % lengths]
             batch = sampler.sample(task_indices)
             loss, grad_norm = train_step(model, batch, groups, optimizer, scheduler, parameters, config.grad_clip,
-                                         job.per_expert_clip, autocast, job.hooks, task_indices)
+                                         job.per_expert_clip, precision, job.hooks, task_indices)
             window_losses.append(loss)
             window_grad_norms.append(grad_norm)
 
@@ -320,11 +379,6 @@ def checkpoint_step(path: Path) -> int | None:
     return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"])
 
 
-def round_robin_position(step: int, distributed: Distributed) -> int:
-    """Which entry of the round-robin this rank trains on at `step`."""
-    return step * distributed.world_size + distributed.rank
-
-
 def check_finite(losses: torch.Tensor, grad_norms: torch.Tensor, first_step: int, job: Job, table: torch.Tensor,
                  lengths: torch.Tensor, distributed: Distributed) -> None:
     """Stop before a window with a non-finite loss or gradient (whose update made the weights NaN) is saved.
@@ -336,10 +390,11 @@ def check_finite(losses: torch.Tensor, grad_norms: torch.Tensor, first_step: int
     index = int(bad[0])
     step = first_step + index
     what = "gradient" if finite_loss[index] else "loss"
-    positions = [round_robin_position(step, Distributed(rank, distributed.world_size))
-                 for rank in range(distributed.world_size)]
-    tasks = [job.task_names[int(table[g, position % int(lengths[g])])]
-             for position in positions for g in range(len(job.task_groups))]
+    tasks = [job.task_names[int(table[g, step % int(lengths[g])])] for g in range(len(job.task_groups))]
+    if distributed.world_size > 1:  # every rank sees the same reduced window, so every rank is here
+        every_rank: list[list[str] | None] = [None] * distributed.world_size
+        dist.all_gather_object(every_rank, tasks)
+        tasks = [task for rank_tasks in every_rank for task in rank_tasks]
     last_good = job.job_dir / TRAIN_STATE
     pointer = f"last good checkpoint: {last_good}" if last_good.exists() else "no checkpoint was written yet"
     raise TrainingError(f"[{job.name}] non-finite {what} at step {step + 1} on task(s) {', '.join(tasks)}; "

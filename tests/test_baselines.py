@@ -18,7 +18,7 @@ from m3dt.data import DeviceSampler, TaskDataset
 from m3dt.evaluate import main as evaluate_main
 from m3dt.run import RunDir
 from m3dt.stages import build_model, train_backbone
-from m3dt.train import build_optimizer, train_step, warmup_factor
+from m3dt.train import Precision, build_optimizer, train_step, warmup_factor
 from tests.conftest import SMALL_TASKS
 
 SIZE = dict(embed_dim=32, n_layer=2, n_head=2, warmup_steps=5, learning_rate=1e-3, device="cpu", workers=0,
@@ -144,7 +144,7 @@ def test_harmodt_step_updates_each_task_inside_its_mask_only(small_data):
     before = torch.cat([p.detach().flatten() for p in parameters])
     up_before = trainable["blocks.0.mlp.up.weight"].detach().clone()
     train_step(model, sampler.sample(task), 1, optimizer, scheduler, parameters, 0.25, False,
-               torch.autocast("cpu", enabled=False), hooks, task)
+               Precision(torch.device("cpu"), "fp32"), hooks, task)
     after = torch.cat([p.detach().flatten() for p in parameters])
     mask = hooks.masks[3]
     assert torch.equal(after[~mask], before[~mask])  # masked-out entries untouched, the zeroing undone

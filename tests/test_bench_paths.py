@@ -4,7 +4,6 @@ reference-style step give the same losses and the same updated weights. Nothing 
 
 import json
 import os
-from contextlib import nullcontext
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ from m3dt import bench
 from m3dt.config import Config
 from m3dt.data import Batch, DeviceSampler, TaskDataset
 from m3dt.naive import NaiveSampler, naive_model, naive_optimizer, naive_train_step
-from m3dt.train import build_optimizer, train_step, warmup_factor
+from m3dt.train import Precision, build_optimizer, train_step, warmup_factor
 from tests.conftest import SMALL_TASKS
 
 CPU = torch.device("cpu")
@@ -32,9 +31,9 @@ def naive_sampler(small_data):
 
 
 @pytest.fixture(scope="module")
-def short_naive_sampler(small_data):
+def short_naive_sampler(small_data, device):
     """Fewer, shorter rows for the training-step comparison, to keep the float64 router cheap."""
-    return NaiveSampler(small_data, SMALL_TASKS, context_length=8, batch_size=4, prompt_length=5, device=CPU, seed=1)
+    return NaiveSampler(small_data, SMALL_TASKS, context_length=8, batch_size=4, prompt_length=5, device=device, seed=1)
 
 
 def device_sampler_draws(dataset: TaskDataset, seed: int, task: int) -> list[tuple[int, int]]:
@@ -72,8 +71,9 @@ def double(batch: Batch) -> Batch:
     return Batch(**{key: value.double() if value.is_floating_point() else value for key, value in vars(batch).items()})
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("stage, experts", [(1, 0), (2, 1), (3, 3)])
-def test_fast_and_naive_steps_agree(short_naive_sampler, stage, experts):
+def test_fast_and_naive_steps_agree(short_naive_sampler, stage, experts, device):
     # Dropout off: the two paths draw their dropout masks in a different order. A tight clip so that
     # clipping acts at every step.
     config = Config(embed_dim=32, n_layer=2, n_head=4, router_hidden="64,32", dropout=0.0, learning_rate=1e-3,
@@ -81,7 +81,7 @@ def test_fast_and_naive_steps_agree(short_naive_sampler, stage, experts):
     case = bench.Case("test", stage, [[0]], experts=experts)
     torch.manual_seed(stage)
     fast, trainable = bench.case_model(case, config)
-    fast.double()
+    fast.double().to(device)
     with torch.no_grad():
         for name, parameter in fast.named_parameters():
             if "_bias" in name:  # non-zero expert biases, so that converting them is checked too
@@ -101,7 +101,7 @@ def test_fast_and_naive_steps_agree(short_naive_sampler, stage, experts):
         task = step % len(SMALL_TASKS)
         batch = double(short_naive_sampler.sample(task))
         fast_loss, _ = train_step(fast, batch, 1, fast_optimizer, fast_scheduler, fast_parameters,
-                                  config.grad_clip, per_expert_clip=stage == 2, autocast=nullcontext())
+                                  config.grad_clip, per_expert_clip=stage == 2, precision=Precision(device, "fp32"))
         naive_loss = naive_train_step(naive, batch, short_naive_sampler.act_dim(task), naive_optimizer_,
                                       naive_scheduler, naive_parameters, config.grad_clip)
         # Float64 models, but the project's step computes the loss from `predicted.float()` (for bf16
@@ -142,6 +142,22 @@ def test_fast_path_counts_its_last_block_on_the_read_tokens_only(last_step_only)
     fast = bench.case_work(bench.Case("", 1, [[0]]), config, rows, "fast", last_step_only).forward_flops
     per_token = 2 * (width * width + 2 * length * width + 2 * width * 4 * width)  # projection, attention, MLP
     assert naive - fast == rows * (length - read) * per_token
+
+
+def test_prompt_cache_counts_no_work_for_the_prompt_tokens():
+    """With the prompt's keys and values cached, an evaluation forward skips the prompt embedding, the 15
+    prompt tokens' QKV in every block, and their projection, attention and MLP in every block but the last
+    (which computes only the one read token either way)."""
+    config = Config(embed_dim=32, n_layer=3, n_head=4, router_hidden="64,32")
+    rows, width, layers, length, prompt_tokens = 16, 32, 3, 75, 15
+    case = bench.Case("", 3, [[0]], experts=2)
+    full, cached = (bench.case_work(case, config, rows, "fast", last_step_only=True, cached_prompt=cached).forward_flops
+                    for cached in (False, True))
+    embedding = 2 * rows * 5 * (1 + 39 + 8) * width
+    qkv, rest = 2 * width * 3 * width, 2 * width * width + 2 * 2 * length * width + 2 * 2 * width * 4 * width
+    experts_and_router = 2 * 2 * 2 * width * 4 * width + 2 * (width * 64 + 64 * 32 + 32 * 2)
+    per_token = layers * qkv + (layers - 1) * (rest + experts_and_router)
+    assert full - cached == embedding + rows * prompt_tokens * per_token
 
 
 def test_bytes_count_weights_once_per_forward_and_the_optimiser_passes():

@@ -140,3 +140,18 @@ def test_worker_processes_read_the_same_dataset(dataset, small_data):
 def test_missing_task_folder_is_a_clear_error(small_data):
     with pytest.raises(DataError, match="walker-run: task folder does not exist"):
         TaskDataset(small_data, ["walker-run"])
+
+
+@pytest.mark.device
+def test_both_data_placements_give_the_same_batches(dataset, device):
+    """The dataset on the training device and in host memory (batches gathered there and copied) give the
+    same batches bit for bit from the same seeds, and so does a sampler resumed from the other's state
+    (on a CPU both placements are the host; scripts/gpu_check.sh runs this with the data on a GPU)."""
+    on_device, on_host = (DeviceSampler(dataset, 20, 16, device, seeds=[3, 4], data_device=place)
+                          for place in (device, torch.device("cpu")))
+    for step in range(4):
+        tasks = torch.tensor([step % 6, (step + 2) % 6])
+        first, second = on_device.sample(tasks.to(on_device.data_device)), on_host.sample(tasks)
+        for key, value in vars(first).items():
+            assert value.device.type == device.type and getattr(second, key).device.type == device.type
+            assert torch.equal(value, getattr(second, key)), key

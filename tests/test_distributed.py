@@ -1,4 +1,4 @@
-"""Stages 1 and 3 under torchrun: 2 CPU processes with the gloo backend."""
+"""Stages 1 and 3 under torchrun: 2 CPU processes with the gloo backend, each loading half of the tasks."""
 
 import json
 import os
@@ -8,6 +8,8 @@ import sys
 import torch
 from safetensors.torch import load_file
 
+from m3dt.data import DeviceSampler, TaskDataset
+from m3dt.stages import data_stats
 from tests.conftest import REPO, SMALL_TASKS
 from tests.test_pipeline import TINY, run_stage
 
@@ -23,7 +25,13 @@ def torchrun(script: str, *args: str) -> subprocess.CompletedProcess:
 
 def test_stage1_and_stage3_under_torchrun(small_data, tmp_path):
     common = [*TINY, "--data_path", str(small_data), "--run_dir", str(tmp_path)]
-    torchrun("stage1_backbone_train.py", "--tasks", ",".join(SMALL_TASKS), "--max_iters", "60", *common)
+    result = torchrun("stage1_backbone_train.py", "--tasks", ",".join(SMALL_TASKS), "--max_iters", "60", *common)
+    # each rank loads only its half of the tasks; rank 0 still writes every task's statistics, in task order
+    assert result.stdout.count(f"loaded {len(SMALL_TASKS) // 2} tasks") == 2
+    sampler = DeviceSampler(TaskDataset(small_data, SMALL_TASKS), 20, 16, torch.device("cpu"), [0])
+    expected = data_stats(sampler.state_mean, sampler.state_std, sampler.prompts)
+    written = load_file(tmp_path / "stage1" / "data_stats.safetensors")
+    assert written.keys() == expected.keys() and all(torch.equal(written[key], expected[key]) for key in expected)
     manifest = json.loads((tmp_path / "stage1" / "backbone.manifest.json").read_text())
     assert manifest["identity"]["world_size"] == 2 and manifest["steps_done"] == 60
     steps = [json.loads(line)["step"] for line in (tmp_path / "stage1" / "metrics.jsonl").read_text().splitlines()]

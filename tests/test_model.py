@@ -10,6 +10,12 @@ from m3dt.model import ModelConfig, PromptDecisionTransformer, action_loss
 from m3dt.moe import ExpertMixture, gate_weights
 
 
+def on(batch: Batch, device: torch.device, dtype: torch.dtype | None = None) -> Batch:
+    """The batch on `device`, its floating tensors in `dtype` when given."""
+    return Batch(**{key: value.to(device, dtype if dtype and value.is_floating_point() else value.dtype)
+                    for key, value in vars(batch).items()})
+
+
 def random_batch(rows: int, steps: int = 20, prompt_steps: int = 5, padded: int = 0, seed: int = 0) -> Batch:
     generator = torch.Generator().manual_seed(seed)
     mask = torch.ones(rows, steps)
@@ -62,39 +68,41 @@ def per_expert_reference(mixture: ExpertMixture, u: torch.Tensor, weights: torch
     return sum(weights[..., e : e + 1] * outputs[e] for e in range(experts.num_experts))
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("top_k", [0, 2])
-def test_routed_mixture_matches_per_expert_loop(top_k):
+def test_routed_mixture_matches_per_expert_loop(top_k, device):
     torch.manual_seed(0)
-    mixture = ExpertMixture(5, 32, dropout=0.0, routed=True, top_k=top_k).double().eval()
+    mixture = ExpertMixture(5, 32, dropout=0.0, routed=True, top_k=top_k).double().eval().to(device)
     for parameter in mixture.experts.parameters():
         parameter.data.normal_()  # non-zero biases too
-    u = torch.randn(3, 7, 32, dtype=torch.float64)
+    u = torch.randn(3, 7, 32, dtype=torch.float64, device=device)
     weights = gate_weights(mixture.router(u), top_k)
     if top_k:
         assert ((weights > 0).sum(-1) == top_k).all()
     torch.testing.assert_close(mixture(u), per_expert_reference(mixture, u, weights), rtol=1e-10, atol=1e-10)
 
 
-def test_assigned_mixture_matches_per_expert_loop():
+@pytest.mark.device
+def test_assigned_mixture_matches_per_expert_loop(device):
     torch.manual_seed(1)
-    mixture = ExpertMixture(4, 16, dropout=0.0, routed=False).double().eval()
+    mixture = ExpertMixture(4, 16, dropout=0.0, routed=False).double().eval().to(device)
     for parameter in mixture.experts.parameters():
         parameter.data.normal_()
-    u = torch.randn(8, 5, 16, dtype=torch.float64)  # 4 experts x 2 rows
+    u = torch.randn(8, 5, 16, dtype=torch.float64, device=device)  # 4 experts x 2 rows
     torch.testing.assert_close(mixture(u), per_expert_reference(mixture, u, None), rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("experts, routed", [(0, False), (2, False), (3, True)])
-def test_last_block_on_read_tokens_only_gives_the_full_models_outputs_and_gradients(experts, routed):
+def test_last_block_on_read_tokens_only_gives_the_full_models_outputs_and_gradients(experts, routed, device):
     """Computing the last block on the read state tokens only (the default) changes nothing the model
     returns, for every step and for the last one, nor any gradient (float64, dropout off)."""
     torch.manual_seed(0)
     model = PromptDecisionTransformer(ModelConfig(embed_dim=32, n_layer=3, n_head=4, router_hidden=(16,)))
     if experts:
         model.install_experts(experts, routed=routed)
-    model = model.double().eval()
-    batch = Batch(**{key: value.double() if value.is_floating_point() else value
-                     for key, value in vars(random_batch(6, padded=3)).items()})
+    model = model.double().eval().to(device)
+    batch = on(random_batch(6, padded=3), device, torch.float64)
     results = {}
     for skip in (True, False):
         model.skip_unread_tokens = skip
@@ -110,6 +118,33 @@ def test_last_block_on_read_tokens_only_gives_the_full_models_outputs_and_gradie
     torch.testing.assert_close(full_last, full_predicted[:, -1:], rtol=1e-12, atol=1e-12)
     for name, gradient in gradients.items():
         torch.testing.assert_close(gradient, full_gradients[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.device
+@pytest.mark.parametrize("experts", [0, 3])
+def test_prompt_cache_gives_the_uncached_outputs(experts, device):
+    """Evaluation with the prompt tokens' keys and values cached per task equals the full forward, for the
+    last step and every step, with padded trajectories (float64; the cache is made once per prompt and
+    selected per row, as the evaluator does)."""
+    torch.manual_seed(0)
+    model = PromptDecisionTransformer(ModelConfig(embed_dim=32, n_layer=3, n_head=4, router_hidden=(16,)))
+    if experts:
+        model.install_experts(experts, routed=True, top_k=2)
+    model = model.double().eval().to(device)
+    batch = on(random_batch(6, padded=4), device, torch.float64)
+    batch.prompt_mask[0, :2] = 0.0  # a padded prompt too
+    prompts = torch.tensor([0, 1, 2], device=device)  # three tasks; row r uses prompt r % 3
+    cache = model.cache_prompt(batch.prompt_states[prompts], batch.prompt_actions[prompts],
+                               batch.prompt_returns_to_go[prompts], batch.prompt_timesteps[prompts],
+                               batch.prompt_mask[prompts])
+    rows = torch.arange(6, device=device) % 3
+    batch = Batch(**{key: value[rows] if key.startswith("prompt_") else value for key, value in vars(batch).items()})
+    for last_step_only in (True, False):
+        expected = model(batch, last_step_only)
+        cached = model(batch, last_step_only, prompt_cache=cache.select(rows))
+        torch.testing.assert_close(cached, expected, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="for evaluation"):
+        model.train()(batch, prompt_cache=cache.select(rows))
 
 
 def test_ln2_residual_changes_the_function_and_standard_does_not():

@@ -33,8 +33,8 @@ import torch
 from m3dt.config import Config, ConfigError
 from m3dt.model import PromptDecisionTransformer
 from m3dt.run import ArtifactError, RunDir, file_hash, load_tensors, read_manifest, save_tensors, write_manifest
-from m3dt.stages import (build_model, data_files, data_stats, finished, make_sampler, recorded_config, seed_rank,
-                         stage1_tasks, stage_identity)
+from m3dt.stages import (build_model, data_files, data_stats, finished, gather_shares, gather_statistics, make_sampler,
+                         rank_share, recorded_config, seed_rank, stage1_tasks, stage_identity)
 from m3dt.tasks import resolve_tasks
 from m3dt.train import Job, TrainingHooks, start_distributed, train
 
@@ -72,18 +72,21 @@ def train_baseline(config: Config, method_id: str) -> Path:
 
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     model, trainable = method.build(config, run)
-    sampler, statistics = make_sampler(config, tasks, device, [seed_rank(config, distributed)],
-                                       run if uses_backbone else None)
+    share = rank_share(tasks, distributed)  # under torchrun each rank loads and trains its share, as the stages
+    sampler, share_statistics = make_sampler(config, share, device, [seed_rank(config, distributed)], model,
+                                             run if uses_backbone else None)
+    statistics = gather_statistics(share_statistics, distributed)
     model.to(device)
     torch.manual_seed(seed_rank(config, distributed))  # each rank its own dropout stream
     hooks = method.hooks(model, sampler, config, steps) if hasattr(method, "hooks") else TrainingHooks()
-    job = Job(name=method_id, model=model, trainable=trainable, task_groups=[list(range(len(tasks)))],
-              task_names=tasks, steps=steps, job_dir=run.baseline(method_id), per_expert_clip=False,
+    job = Job(name=method_id, model=model, trainable=trainable, task_groups=[list(range(len(share)))],
+              task_names=share, steps=steps, job_dir=run.baseline(method_id), per_expert_clip=False,
               identity={**identity, "data_statistics": statistics}, hooks=hooks)
     done = train(job, sampler, config, distributed)
+    stats = gather_shares(data_stats(sampler.state_mean, sampler.state_std, sampler.prompts), len(tasks), distributed)
     if not distributed.is_main:
         return output
-    save_tensors(run.baseline_data_stats(method_id), data_stats(sampler.state_mean, sampler.state_std, sampler.prompts))
+    save_tensors(run.baseline_data_stats(method_id), stats)
     extra = method.artifact_tensors(hooks) if hasattr(method, "artifact_tensors") else {}
     save_tensors(output, {**model.state_dict(), **extra})
     write_manifest(output, f"baseline_{method_id}", recorded_config(config, device), tasks, inputs, run.root,
