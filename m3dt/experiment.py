@@ -8,6 +8,7 @@
 A grid file (configs/experiments/*.yaml):
 
     description: one line shown by --dry_run
+    run_root: runs/paper                 # optional: where the run directories go (--run_root wins)
     options: {data_path: ./mt160_used}   # options of m3dt/config.py for every run (the stage scripts' flags)
     suites: [mt10, mt160]                # official suites, or names defined under task_sets
     task_sets: {mw5: "reach-v2,..."}     # optional: suites of your own, as --tasks takes them
@@ -40,6 +41,7 @@ import json
 import sys
 import time
 import traceback
+from collections import defaultdict
 from dataclasses import dataclass, field
 from functools import lru_cache, partial
 from pathlib import Path
@@ -79,7 +81,7 @@ EVALUATION_OPTIONS = {"episodes": int, "max_steps": int, "workers": int, "max_ro
 # What stage 1 depends on: an entry that changes one of these gets a run directory (and a backbone) of its own.
 STAGE1_OPTIONS = (*Config().model_fields(), "batch_size", "learning_rate", "weight_decay", "warmup_steps",
                   "grad_clip", "dropout", "precision", "top_k", "backbone_steps", "data_path", "max_episodes")
-GRID_KEYS = {"description", "options", "suites", "task_sets", "seeds", "evaluation", "slurm", "runs"}
+GRID_KEYS = {"description", "run_root", "options", "suites", "task_sets", "seeds", "evaluation", "slurm", "runs"}
 ENTRY_KEYS = {"method", "experts", "groupings", "suites", "seeds", "options", "variant"}
 
 
@@ -99,6 +101,7 @@ class Entry:
 class Grid:
     path: Path
     description: str
+    run_root: Path | None
     options: dict[str, Any]
     task_sets: dict[str, str]
     evaluation: dict[str, Any]
@@ -168,7 +171,11 @@ def load_grid(path: Path) -> Grid:
     if not isinstance(runs, list) or not runs:
         raise grid_error(path, "runs", "must be a non-empty list of {method: ...} entries")
     entries = [load_entry(path, index, run, suites, seeds, options) for index, run in enumerate(runs)]
-    return Grid(path, str(raw.get("description", "")), options, task_sets, evaluation, slurm, entries)
+    run_root = raw.get("run_root")
+    if run_root is not None and not isinstance(run_root, str):
+        raise grid_error(path, "run_root", f"must be a folder, got {run_root!r}")
+    return Grid(path, str(raw.get("description", "")), run_root and Path(run_root), options, task_sets, evaluation,
+                slurm, entries)
 
 
 def load_entry(path: Path, index: int, run: Any, suites: list[str], seeds: list[int],
@@ -587,11 +594,19 @@ def load_benches(folder: Path = BENCH_DIR) -> list[Bench]:
 
 def training_flops(config: Config, kind: str, experts: int) -> float:
     """FLOPs of one training step of `kind` at `config`, counted as the bench counts them (m3dt/bench.py)."""
+    shape = (*config.model_fields().items(), ("batch_size", config.batch_size))
+    return counted_flops(shape, kind, experts)
+
+
+@lru_cache(maxsize=None)
+def counted_flops(shape: tuple, kind: str, experts: int) -> float:
+    """training_flops for a model shape (the options that set the step's work), counted once per shape."""
     import torch
 
     from m3dt.bench import model_matmuls
     from m3dt.stages import build_model, set_up_stage
 
+    config = Config(**dict(shape))
     stage = {"dense": 1, "expert": 2, "router": 3, "joint": 3, "mixture": 3}[kind]
     with torch.device("meta"):
         model = build_model(config, config.dropout)
@@ -604,6 +619,15 @@ def training_flops(config: Config, kind: str, experts: int) -> float:
     parts = model_matmuls(model, config.batch_size, config.context_length, config.prompt_length,
                           config.context_length)
     return sum(part.flops() * part.passes() for part in parts)
+
+
+@lru_cache(maxsize=None)
+def row_flops(shape: tuple, experts: int) -> float:
+    """FLOPs of one evaluation row (the forward of one rollout step) for a model shape."""
+    from m3dt.bench import Case, case_work
+
+    return case_work(Case("", 3 if experts else 1, [[0]], experts), Config(**dict(shape)), 1, "fast",
+                     last_step_only=True).forward_flops
 
 
 def nearest_router(bench: Bench, experts: int) -> tuple[str, int] | None:
@@ -642,8 +666,6 @@ def step_ms(bench: Bench, job: Job) -> float | None:
 def evaluation_hours(bench: Bench, job: Job) -> float | None:
     """Model forwards (the bench's rows/s, scaled by FLOPs per row) plus env steps (the bench's env steps/s with
     every worker), over every (task, episode, step) of the evaluation; the lockstep rollouts do them in turn."""
-    from m3dt.bench import Case, case_work
-
     rows = 0
     for name in planned_tasks(job):
         task = get_task(name)
@@ -657,9 +679,8 @@ def evaluation_hours(bench: Bench, job: Job) -> float | None:
     if not measured:
         return None
     rows_per_second, bench_row_flops = bench.evaluation[measured[min(measured, key=lambda n: abs(n - experts))]]
-    row_flops = case_work(Case("", 3 if experts else 1, [[0]], experts), job.config, 1, "fast",
-                          last_step_only=True).forward_flops
-    return (seconds + rows / rows_per_second * row_flops / bench_row_flops) / 3600
+    flops = row_flops(tuple(job.config.model_fields().items()), experts)
+    return (seconds + rows / rows_per_second * flops / bench_row_flops) / 3600
 
 
 def estimate_hours(bench: Bench, job: Job, status: Status) -> float | None:
@@ -680,6 +701,8 @@ def estimate_hours(bench: Bench, job: Job, status: Status) -> float | None:
     return steps * milliseconds / 3.6e6
 
 
+KIND_NAMES = {"stage1": "stage 1", "grouping": "grouping", "experts": "experts", "router": "routers",
+              "evaluate": "evaluation"}
 ESTIMATE_NOTE = ("Estimates, not measurements: each training step takes the bench's measured ms/step of the "
                  "same stage at the paper configuration (the project's path), scaled by the ratio of this job's "
                  "FLOPs to the measured step's (m3dt/bench.py counts them; stage 3 from the nearest measured "
@@ -706,7 +729,7 @@ def dry_run(grid: Grid, jobs: list[Job], run_root: Path, benches: list[Bench], s
              f"{len(runs)} run directories under {run_root}, {len(jobs)} jobs", ""]
     heads = [f"h left, {bench.device}" for bench in benches]
     lines += ["| run | job | status | " + " | ".join(heads) + " |", "|---|---|---|" + "---:|" * len(heads)]
-    totals = [0.0] * len(benches)
+    totals: list[dict[str, float]] = [defaultdict(float) for _ in benches]  # per bench: hours by kind of job
     unknown = [False] * len(benches)
     left = 0
     for job in jobs:
@@ -717,15 +740,16 @@ def dry_run(grid: Grid, jobs: list[Job], run_root: Path, benches: list[Bench], s
             if value is None:
                 unknown[index] = True
             else:
-                totals[index] += value
+                totals[index][KIND_NAMES.get(job.kind, job.kind) if job.kind != "baseline" else job.method] += value
         lines.append(f"| {job.run_dir.name} | {job.describe()} | {status.detail} | "
                      + " | ".join(format_hours(value) for value in hours) + " |")
     lines += ["", f"Left: {left} of {len(jobs)} jobs."]
-    for bench, total, partial_total in zip(benches, totals, unknown):
+    for bench, by_kind, partial_total in zip(benches, totals, unknown):
         kind = "GPU-hours" if bench.is_gpu else "hours on this CPU bench (no GPU figure)"
         missing = " (some jobs have no figure in it: more)" if partial_total else ""
-        lines.append(f"- {format_hours(total)} {kind}: {bench.description}, figures from "
-                     f"benchmarks/{bench.path.name}{missing}")
+        parts = ", ".join(f"{name} {format_hours(value)}" for name, value in by_kind.items() if value)
+        lines.append(f"- {format_hours(sum(by_kind.values()))} {kind}{missing}: {parts}; {bench.description}, "
+                     f"figures from benchmarks/{bench.path.name}")
     if not any(bench.is_gpu for bench in benches):
         lines.append("- No GPU bench file in benchmarks/ yet: run `python -m m3dt.bench --device cuda` on the GPU "
                      "and rerun --dry_run for GPU-hours.")
@@ -858,7 +882,8 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("grid", type=Path, help="grid file (configs/experiments/*.yaml)")
     parser.add_argument("--data_path", help="data root for every run (overrides the grid's options)")
-    parser.add_argument("--run_root", type=Path, help="folder of the run directories (default: runs/{grid name})")
+    parser.add_argument("--run_root", type=Path,
+                        help="folder of the run directories (default: the grid's run_root, else runs/{grid name})")
     parser.add_argument("--dry_run", action="store_true",
                         help="print every job, whether it is done, and the estimated hours of what is left")
     parser.add_argument("--show_commands", action="store_true", help="with --dry_run: each job's shell command")
@@ -881,7 +906,7 @@ def main(argv: list[str] | None = None) -> None:
     arguments = parse_arguments(sys.argv[1:] if argv is None else argv)
     try:
         grid = load_grid(arguments.grid)
-        run_root = arguments.run_root or Path("runs") / arguments.grid.stem
+        run_root = arguments.run_root or grid.run_root or Path("runs") / arguments.grid.stem
         overrides = {"data_path": arguments.data_path} if arguments.data_path else {}
         jobs = shard_jobs(plan_jobs(grid, run_root, overrides), arguments.shard)
         if arguments.dry_run:
