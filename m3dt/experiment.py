@@ -21,6 +21,9 @@ A grid file (configs/experiments/*.yaml):
         experts: {mt10: [8], mt160: [40]}     # or one list for every suite
         groupings: [gradient, random]
         options: {router_hidden: "256,256,256,128"}
+      - method: prompt-dt
+        config: configs/dense/prompt_dt_e8.yaml   # options from a stage config file (`options` win)
+        variant: dense_e8                         # its run directories' suffix (default: from its options)
 
 Layout: every (suite, seed) shares one run directory `{run_root}/{suite}_seed{seed}`, so Prompt-DT's
 evaluation, every M3DT grouping and expert count and the ablations that start from stage 1 use one stage-1
@@ -38,6 +41,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import re
 import sys
 import time
 import traceback
@@ -50,7 +54,7 @@ from typing import Any, Callable
 import yaml
 
 from m3dt.cli import USER_ERRORS, exit_with_message
-from m3dt.config import Config, ConfigError, parse_config
+from m3dt.config import Config, ConfigError, load_yaml, parse_config
 from m3dt.evaluate import EPISODES_PER_FAMILY
 from m3dt.run import RunDir, file_hash, manifest_path, read_json
 from m3dt.tasks import get_task, resolve_tasks, suite_names
@@ -82,7 +86,7 @@ EVALUATION_OPTIONS = {"episodes": int, "max_steps": int, "workers": int, "max_ro
 STAGE1_OPTIONS = (*Config().model_fields(), "batch_size", "learning_rate", "weight_decay", "warmup_steps",
                   "grad_clip", "dropout", "precision", "top_k", "backbone_steps", "data_path", "max_episodes")
 GRID_KEYS = {"description", "run_root", "options", "suites", "task_sets", "seeds", "evaluation", "slurm", "runs"}
-ENTRY_KEYS = {"method", "experts", "groupings", "suites", "seeds", "options", "variant"}
+ENTRY_KEYS = {"method", "experts", "groupings", "suites", "seeds", "config", "options", "variant"}
 
 
 # ------------------------------------------------------------------------------------------ the grid file
@@ -193,7 +197,13 @@ def load_entry(path: Path, index: int, run: Any, suites: list[str], seeds: list[
     if not set(entry_suites) <= set(suites):
         raise grid_error(path, f"{where}.suites", "may only narrow the grid's suites")
     entry_seeds = as_list(path, f"{where}.seeds", run.get("seeds", seeds), int)
-    options = check_options(path, f"{where}.options", run.get("options"))
+    from_file = {}
+    if run.get("config") is not None:  # a stage config file (e.g. configs/dense/*.yaml); `options` win
+        try:
+            from_file = load_yaml(str(run["config"]))
+        except ConfigError as error:
+            raise grid_error(path, f"{where}.config", str(error)) from None
+    options = check_options(path, f"{where}.options", {**from_file, **(run.get("options") or {})})
     spec = METHODS[method]
     experts = run.get("experts")
     if spec.experts:
@@ -242,7 +252,6 @@ class Job:
     experts: int = 0
     evaluation: dict[str, Any] = field(default_factory=dict)
     needs: list[str] = field(default_factory=list)  # keys of the jobs whose outputs it reads
-    variant: str = ""
 
     @property
     def key(self) -> str:
@@ -308,8 +317,8 @@ def plan_jobs(grid: Grid, run_root: Path, overrides: dict[str, Any]) -> list[Job
                 where = f"runs[{entry_index}] ({entry.method}, {name})"
                 config = build_config(grid, values, where)
                 resolve_tasks(config.prefix_name, config.tasks, config.seed)  # a bad task list fails here
-                stage1 = Job("stage1", run_dir, config, variant=entry.variant)
-                common = {"run_dir": run_dir, "variant": entry.variant}
+                stage1 = Job("stage1", run_dir, config)
+                common = {"run_dir": run_dir}
                 for experts in entry.experts[suite]:
                     for grouping in entry.groupings:
                         stage_config = dataclasses.replace(
@@ -353,15 +362,14 @@ def baseline_dir(run: RunDir, method: str) -> Path:
 
 
 def artifact(job: Job) -> Path | None:
-    """The file a training job writes, or the model an evaluation reads (None: the random policy)."""
+    """The file a training job writes (experts: see training_status), or the model an evaluation reads (None:
+    the random policy)."""
     run, grouping, experts = job.run, job.grouping, job.experts
     method = job.method if job.kind in ("baseline", "evaluate") else ""
     if job.kind == "stage1" or method == "prompt-dt":
         return run.backbone
     if job.kind == "grouping":
         return run.groups(grouping, experts)
-    if job.kind in ("experts",):
-        return run.expert(grouping, experts, experts - 1)
     if job.kind == "router" or method == "m3dt":
         return run.moe(grouping, experts)
     if method == "random":
@@ -813,8 +821,7 @@ def run_local(jobs: list[Job], debug: bool) -> int:
 
 def run_logged(job: Job) -> None:
     """A job as a cluster runs it: its output appended to `{run_dir}/logs/{job}.log`."""
-    log = job.run_dir / "logs" / (job.describe().replace(" ", "_").replace("(", "").replace(")", "")
-                                  .replace(",", "").replace("=", "") + ".log")
+    log = job.run_dir / "logs" / (re.sub(r"[^\w.-]+", "_", job.describe()).strip("_") + ".log")
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as file, contextlib.redirect_stdout(file), contextlib.redirect_stderr(file):
         program, flags = command(job)
