@@ -717,7 +717,8 @@ ESTIMATE_NOTE = ("Estimates, not measurements: each training step takes the benc
                  "expert count; the end-to-end and no-grouping ablations as a stage-3 step with more trainable "
                  "parts; MTDT and HarmoDT as a stage-1 step); an evaluation takes its policy rows at the bench's "
                  "rows/s (scaled by FLOPs per row) plus its env steps at the bench's env steps/s with every "
-                 "worker. Small models run below a GPU's peak, so their GPU estimates are low.")
+                 "worker. Small models run further below a device's peak than the paper-size ones the bench "
+                 "measured, so their estimates are low (on the CPU about 1.7x for a 96-wide model).")
 
 
 # ------------------------------------------------------------------------------------------ dry run

@@ -49,7 +49,7 @@ PAPER_BEST_EXPERTS = {10: 8, 80: 40, 160: 40}  # the expert count that scored be
 FAMILY_SCORES = {"metaworld": "success rate (%)", "dmc": "mean return / 10",
                  "ant_dir": "clip(mean return / 5, 0, 100)", "cheetah_vel": "return, -100..-30 mapped to 0..100"}
 # results.json written before it recorded method_id: the evaluator's stage names the method.
-METHOD_IDS = {"Prompt-DT": "prompt-dt", "M3DT": "m3dt", "random policy": "random"}
+STAGE_METHODS = {"1": "prompt-dt", "3": "m3dt", "random": "random"}
 DEFAULT_MODEL = "d256 L6"  # the paper's width and depth
 MAIN_METHODS = ("random policy", "MTDT", "Prompt-DT", "HarmoDT", "M3DT")  # the method comparison, in this order
 ABLATIONS = ("M3DT w/o three-stage", "M3DT w/o grouping")
@@ -114,16 +114,17 @@ def evaluation_settings(data: dict[str, Any]) -> tuple[str, bool]:
 
 
 def checkpoint_of(run_dir: Path, data: dict[str, Any]) -> Path | None:
-    """The evaluated artifact: recorded by the evaluator, or (older results.json) the stage's file."""
+    """The evaluated artifact: recorded by the evaluator, or (older results.json) the method's file."""
     checkpoint = data.get("checkpoint")
     if checkpoint:
         return run_dir / checkpoint["path"]
-    run, stage = RunDir(run_dir), str(data.get("stage"))
-    if stage == "1":
+    run = RunDir(run_dir)
+    method = data.get("method_id") or STAGE_METHODS.get(str(data.get("stage")), "random")
+    if method == "prompt-dt":
         return run.backbone
-    if stage == "3":
+    if method == "m3dt":
         return run.moe(data.get("grouping") or "gradient", int(data.get("num_experts") or 0))
-    return None
+    return None if method == "random" else run.root / "baselines" / method / "model.safetensors"
 
 
 def staleness(result_path: Path, run_dir: Path, data: dict[str, Any]) -> str:
