@@ -132,8 +132,8 @@ def staleness(result_path: Path, run_dir: Path, data: dict[str, Any]) -> str:
     checkpoint = checkpoint_of(run_dir, data)
     if checkpoint is None:
         return ""
-    if not checkpoint.is_file():
-        return f"its checkpoint {checkpoint.relative_to(run_dir)} no longer exists"
+    if not checkpoint.is_file():  # deleted to save space, or never copied here: nothing to compare with
+        return ""
     recorded = (data.get("checkpoint") or {}).get("sha256")
     if recorded and recorded != file_hash(checkpoint):
         return f"evaluated an older {checkpoint.relative_to(run_dir)} (sha256 differs): evaluate again"
@@ -360,13 +360,17 @@ def representative(candidates: list[Row]) -> Row:
 
 
 def main_rows(rows: list[Row]) -> list[Row]:
-    """The method comparison: every method at the main model size with the gradient grouping (or none), and
-    for M3DT one expert count per task count and evaluation setting (`representative`)."""
-    models = {row.first.model for row in rows if row.first.method == "M3DT"} or {DEFAULT_MODEL}
+    """The method comparison: every method with the gradient grouping (or none), Prompt-DT at M3DT's model
+    size (else its smallest; the other sizes are the size sweep), and for M3DT one expert count per task count
+    and evaluation setting (`representative`)."""
+    models = {row.first.model for row in rows if row.first.method == "M3DT"}
+    dense = sorted((row.first.parameters or 0, row.first.model) for row in rows if row.first.method == "Prompt-DT")
+    models = models or {model for _, model in dense[:1]}
     chosen, m3dt = [], defaultdict(list)
     for row in rows:
         first = row.first
-        if first.method not in MAIN_METHODS or first.grouping == "random" or first.model not in models | {"-"}:
+        if first.method not in MAIN_METHODS or first.grouping == "random" or \
+                (first.method == "Prompt-DT" and first.model not in models | {"-"}):
             continue
         if first.method == "M3DT":
             m3dt[(first.tasks, first.evaluation)].append(row)
