@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import hashlib
 import json
 import sys
 import textwrap
@@ -38,7 +39,7 @@ from m3dt.cli import exit_with_message
 from m3dt.config import ConfigError
 from m3dt.evaluate import EPISODES_PER_FAMILY
 from m3dt.run import ArtifactError, RunDir, atomic_path, file_hash, manifest_path
-from m3dt.tasks import FAMILIES
+from m3dt.tasks import FAMILIES, suites
 
 # The paper's published numbers (Kong et al., ICML 2025): normalised score, mean over tasks, by task count.
 PAPER_TOTALS = {"M3DT": {10: 89.23, 80: 80.66, 160: 78.21},
@@ -71,7 +72,7 @@ class Result:
     evaluation: str  # "full protocol" or what differs from it
     full: bool
     seed: int
-    flag: str = ""  # why it is left out of the tables, or a warning
+    flag: str = ""  # why it is left out of the tables
 
     @property
     def tasks(self) -> int:
@@ -79,10 +80,19 @@ class Result:
 
     @property
     def key(self) -> tuple:
-        return self.tasks, self.method, self.grouping, self.experts, self.model, self.evaluation
+        return self.tasks, self.suite, self.method, self.grouping, self.experts, self.model, self.evaluation
 
     def task_scores(self) -> dict[str, float]:
         return {name: float(row["score"]) for name, row in self.data["tasks"].items()}
+
+    @property
+    def suite(self) -> str:
+        """"mt{N}" when its tasks are the paper's official suite of that size for its seed (the lists differ by
+        seed), else "list {hash}" of its task names: the paper's numbers are of the official suites only."""
+        official = suites()[f"seed{self.seed}" if f"seed{self.seed}" in suites() else "seed0"].get(f"mt{self.tasks}")
+        if official is not None and sorted(official) == sorted(self.data["tasks"]):
+            return f"mt{self.tasks}"
+        return "list " + hashlib.sha256(" ".join(sorted(self.data["tasks"])).encode()).hexdigest()[:6]
 
 
 def find_results(folders: list[Path]) -> list[Path]:
@@ -205,6 +215,14 @@ class Row:
     def seeds(self) -> list[int]:
         return sorted(result.seed for result in self.results)
 
+    @property
+    def official(self) -> bool:
+        return self.first.suite.startswith("mt")
+
+    @property
+    def task_cell(self) -> str:
+        return f"{self.first.tasks} ({self.first.suite})"
+
 
 def mean_std(values: list[float]) -> tuple[float, float, int]:
     """Mean and sample standard deviation (n - 1) over seeds; std 0 for one seed."""
@@ -310,16 +328,17 @@ def table(rows: list[Row], paper: dict[str, dict[int, float]], families: bool = 
     header = ["tasks", "method", "experts", "model", "evaluation", "seeds", *present, "total (mean ± std)",
               "IQM [95% CI]"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for task_count in sorted({row.first.tasks for row in rows}):
-        for row in [row for row in rows if row.first.tasks == task_count]:
+    for task_count, suite in sorted({(row.first.tasks, row.first.suite) for row in rows}):
+        members = [row for row in rows if (row.first.tasks, row.first.suite) == (task_count, suite)]
+        for row in members:
             first = row.first
             lines.append("| " + " | ".join([
-                str(first.tasks), label(row), str(first.experts or "-"), first.model, first.evaluation,
+                row.task_cell, label(row), str(first.experts or "-"), first.model, first.evaluation,
                 seeds_cell(row), *(cell(row.families[family]) if family in row.families else "-" for family in present),
                 cell(row.total), iqm_cell(row)]) + " |")
         for name, numbers in paper.items():
-            if task_count in numbers:
-                lines.append(f"| {task_count} | *paper: {name}* | | | paper's protocol | - | "
+            if task_count in numbers and members[0].official:
+                lines.append(f"| {members[0].task_cell} | *paper: {name}* | | | paper's protocol | - | "
                              + "| " * len(present) + f"*{numbers[task_count]:.2f}* | |")
     return lines
 
@@ -329,6 +348,9 @@ def caption(rows: list[Row]) -> list[str]:
              "and cheetah-vel returns mapped to 0-100), averaged over tasks; mean ± sample std over the seeds "
              "of a row (seeds column: how many, which); IQM over every seed x task score with its 95% "
              "stratified-bootstrap CI (rliable)."]
+    if not all(row.official for row in rows):
+        notes.append("The paper's numbers are of its official suites (mt10, mt80, mt160 of seeds 0-2): rows on "
+                     "other task lists have none beside them, even with the same task count.")
     if any(row.interval and "differ" in row.bootstrap for row in rows):
         notes.append("Where a row's seeds have different task lists (the official mt10..mt120 lists differ by "
                      "seed) its CI resamples task positions and seeds (rliable's task bootstrap).")
@@ -340,14 +362,14 @@ def caption(rows: list[Row]) -> list[str]:
 
 def reference_table(rows: list[Row]) -> list[str]:
     """The paper's single-task DT scores over the same tasks (from the official task table)."""
-    seen: dict[int, Row] = {}
-    for row in rows:
-        seen.setdefault(row.first.tasks, row)
+    seen: dict[str, Row] = {}
+    for row in sorted(rows, key=lambda row: row.first.tasks):
+        seen.setdefault(row.task_cell, row)
     present = [family for family in FAMILIES if any(family in row.reference for row in seen.values())]
     lines = ["| tasks | " + " | ".join(present) + " | total |", "|---|" + "---|" * (len(present) + 1)]
-    for task_count, row in sorted(seen.items()):
+    for task_cell, row in seen.items():
         values = [f"{row.reference[family]:.2f}" if family in row.reference else "-" for family in present]
-        lines.append(f"| {task_count} | " + " | ".join(values) + f" | {row.reference['total']:.2f} |")
+        lines.append(f"| {task_cell} | " + " | ".join(values) + f" | {row.reference['total']:.2f} |")
     return lines
 
 
@@ -373,7 +395,7 @@ def main_rows(rows: list[Row]) -> list[Row]:
                 (first.method == "Prompt-DT" and first.model not in models | {"-"}):
             continue
         if first.method == "M3DT":
-            m3dt[(first.tasks, first.evaluation)].append(row)
+            m3dt[(first.tasks, first.suite, first.evaluation)].append(row)
         else:
             chosen.append(row)
     chosen += [representative(candidates) for candidates in m3dt.values()]
@@ -385,9 +407,11 @@ def ablation_rows(rows: list[Row]) -> list[Row]:
     """The ablations, and M3DT at the same task and expert counts."""
     ablations = [row for row in rows if row.first.method in ABLATIONS or
                  (row.first.method == "M3DT" and row.first.grouping == "random")]
-    where = {(row.first.tasks, row.first.experts, row.first.evaluation) for row in ablations}
-    return [row for row in rows if row in ablations or (row.first.method == "M3DT" and
-                                                         (row.first.tasks, row.first.experts, row.first.evaluation) in where)]
+    def place(row: Row) -> tuple:
+        return row.first.tasks, row.first.suite, row.first.experts, row.first.evaluation
+
+    where = {place(row) for row in ablations}
+    return [row for row in rows if row in ablations or (row.first.method == "M3DT" and place(row) in where)]
 
 
 def report_markdown(rows: list[Row], stale: list[Result], folders: list[Path], reps: int, seed: int) -> str:
@@ -430,7 +454,7 @@ def size_table(rows: list[Row]) -> list[str]:
     for row in sorted(rows, key=lambda row: (row.first.tasks, row.first.parameters or 0)):
         first = row.first
         parameters = f"{first.parameters / 1e6:.1f}M" if first.parameters else "-"
-        lines.append(f"| {first.tasks} | {first.model} | {parameters} | {first.evaluation} | {seeds_cell(row)} | "
+        lines.append(f"| {row.task_cell} | {first.model} | {parameters} | {first.evaluation} | {seeds_cell(row)} | "
                      f"{cell(row.total)} | {iqm_cell(row)} |")
     return lines
 
@@ -438,7 +462,7 @@ def size_table(rows: list[Row]) -> list[str]:
 def write_csvs(out: Path, rows: list[Row], results: list[Result]) -> None:
     with atomic_path(out / "report.csv") as temporary, open(temporary, "w", newline="") as file:
         writer = csv.writer(file)
-        writer.writerow(["tasks", "method", "grouping", "experts", "model", "parameters", "evaluation",
+        writer.writerow(["tasks", "suite", "method", "grouping", "experts", "model", "parameters", "evaluation",
                          "full_protocol", "seeds", "seed_list", *(f"{family}_{stat}" for family in FAMILIES
                                                                 for stat in ("mean", "std")),
                          "total_mean", "total_std", "iqm", "iqm_ci_low", "iqm_ci_high", "bootstrap"])
@@ -447,17 +471,17 @@ def write_csvs(out: Path, rows: list[Row], results: list[Result]) -> None:
             family_values = [f"{row.families[family][index]:.4f}" if family in row.families else ""
                              for family in FAMILIES for index in (0, 1)]
             low, high = row.interval or ("", "")
-            writer.writerow([first.tasks, first.method, first.grouping, first.experts, first.model,
+            writer.writerow([first.tasks, first.suite, first.method, first.grouping, first.experts, first.model,
                              first.parameters or "", first.evaluation, first.full, len(row.results),
                              " ".join(map(str, row.seeds)), *family_values, f"{row.total[0]:.4f}",
                              f"{row.total[1]:.4f}", f"{row.iqm:.4f}", low, high, row.bootstrap])
     with atomic_path(out / "results.csv") as temporary, open(temporary, "w", newline="") as file:
         writer = csv.writer(file)
-        writer.writerow(["results", "tasks", "method", "grouping", "experts", "model", "seed", "evaluation",
+        writer.writerow(["results", "tasks", "suite", "method", "grouping", "experts", "model", "seed", "evaluation",
                          "full_protocol", *FAMILIES, "total", "left_out_because"])
         for result in results:
             families = result.data.get("families", {})
-            writer.writerow([result.path, result.tasks, result.method, result.grouping, result.experts, result.model,
+            writer.writerow([result.path, result.tasks, result.suite, result.method, result.grouping, result.experts, result.model,
                              result.seed, result.evaluation, result.full,
                              *(f"{families[family]['score']:.4f}" if family in families else ""
                                for family in FAMILIES), f"{result.data['total']['score']:.4f}", result.flag])
@@ -517,23 +541,31 @@ def plot_tasks(path: Path, rows: list[Row], title: str, palette: dict[str, Any])
     plt = pyplot()
     figure, axes = plt.subplots(figsize=(9, 4.8))
     series: dict[str, list[Row]] = defaultdict(list)
+    suites_per_count = defaultdict(set)
     for row in rows:
-        series[series_name(row, with_experts=False)].append(row)
+        suites_per_count[row.first.tasks].add(row.first.suite)
+    several = any(len(names) > 1 for names in suites_per_count.values())  # then a line per task list
+    for row in rows:
+        name = series_name(row, with_experts=False)
+        series[f"{name}, {row.first.suite}" if several else name].append(row)
     for name, members in series.items():
         members.sort(key=lambda row: row.first.tasks)
         seeds = "/".join(str(len(row.results)) for row in members)
         axes.errorbar([row.first.tasks for row in members], [row.total[0] for row in members],
                       yerr=[row.total[1] for row in members], marker="o", capsize=3,
-                      color=palette.get(name), label=f"{name} (seeds: {seeds})")
+                      color=None if several else palette.get(name), label=f"{name} (seeds: {seeds})")
         for row in members:
             if row.first.experts:
                 axes.annotate(f"E={row.first.experts}", (row.first.tasks, row.total[0]), textcoords="offset points",
                               xytext=(5, -11), fontsize=7)
+    official = {row.first.tasks for row in rows if row.official}
     for name, numbers in PAPER_TOTALS.items():
-        xs = sorted(numbers)
-        axes.plot(xs, [numbers[x] for x in xs], "--", marker="s", color="gray" if "baseline" in name else "black",
-                  label=f"paper: {name}")
-    task_counts = sorted({row.first.tasks for row in rows} | {x for numbers in PAPER_TOTALS.values() for x in numbers})
+        xs = sorted(numbers) if official else []
+        if xs:
+            axes.plot(xs, [numbers[x] for x in xs], "--", marker="s", color="gray" if "baseline" in name else "black",
+                      label=f"paper: {name}")
+    task_counts = sorted({row.first.tasks for row in rows} | ({x for numbers in PAPER_TOTALS.values() for x in numbers}
+                                                                if official else set()))
     axes.set_xscale("log")
     axes.set_xticks(task_counts, [str(count) for count in task_counts])
     axes.minorticks_off()
@@ -559,9 +591,10 @@ def plot_experts(path: Path, rows: list[Row], title: str) -> None:
         axes.errorbar([row.first.experts for row in members], [row.total[0] for row in members],
                       yerr=[row.total[1] for row in members], marker="o", capsize=3,
                       color=palette[f"{name}, {tasks} tasks"], label=f"{name}, {tasks} tasks (seeds: {seeds})")
+    official = {row.first.tasks for row in rows if row.official}
     for tasks, score in PAPER_TOTALS["M3DT"].items():
         colour = palette.get(f"M3DT, {tasks} tasks")
-        if colour is not None:
+        if colour is not None and tasks in official:
             axes.axhline(score, linestyle="--", color=colour,
                          label=f"paper: M3DT, {tasks} tasks: {score:.2f}\n(its best count: "
                                f"{PAPER_BEST_EXPERTS[tasks]} experts)")
@@ -594,7 +627,8 @@ def plot_families(path: Path, rows: list[Row], title: str, palette: dict[str, An
         axes.grid(alpha=0.3, axis="y")
         if index == len(present) - 1:
             axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
-    figure.suptitle(plot_title(f"Score per family, {rows[0].first.tasks} tasks", rows, title), fontsize=9)
+    figure.suptitle(plot_title(f"Score per family, {rows[0].task_cell.replace('(', 'tasks (')}", rows, title),
+                    fontsize=9)
     figure.tight_layout()
     with atomic_path(path) as temporary:
         figure.savefig(temporary, format="png", dpi=120)
@@ -617,8 +651,8 @@ def plot_profiles(path: Path, rows: list[Row], title: str, palette: dict[str, An
     axes.set_ylim(0, 1)
     axes.set_xlabel("normalised score threshold τ")
     axes.set_ylabel("fraction of seed x task scores > τ")
-    axes.set_title(plot_title(f"Performance profiles, {rows[0].first.tasks} tasks (bands: 95% bootstrap CI "
-                              "over seeds)", rows, title), fontsize=9)
+    axes.set_title(plot_title(f"Performance profiles, {rows[0].task_cell.replace('(', 'tasks (')} (bands: 95% "
+                              "bootstrap CI over seeds)", rows, title), fontsize=9)
     finish(figure, axes, path)
 
 
@@ -633,9 +667,10 @@ def write_plots(out: Path, rows: list[Row], title: str, reps: int, seed: int) ->
     if expert_rows:
         written.append(out / "score_by_experts.png")
         plot_experts(written[-1], expert_rows, title)
-    for tasks in sorted({row.first.tasks for row in compared}):
-        members = [row for row in compared if row.first.tasks == tasks]
-        written += [out / f"families_{tasks}_tasks.png", out / f"profiles_{tasks}_tasks.png"]
+    for tasks, suite in sorted({(row.first.tasks, row.first.suite) for row in compared}):
+        members = [row for row in compared if (row.first.tasks, row.first.suite) == (tasks, suite)]
+        name = f"{tasks}_tasks" + ("" if members[0].official else "_" + suite.replace(" ", "_"))
+        written += [out / f"families_{name}.png", out / f"profiles_{name}.png"]
         plot_families(written[-2], members, title, palette)
         plot_profiles(written[-1], members, title, palette, reps, seed)
     return written

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from m3dt.report import build_report, iqm_interval, main, performance_profiles
+from m3dt.tasks import get_task, resolve_tasks
 
 # Per-task scores of 3 seeds x 5 tasks (a fixed table: the statistics below are computed from it by hand).
 TASKS = ["cheetah-vel-1", "cheetah-vel-2", "cheetah-vel-3", "ant-dir-1", "ant-dir-2"]
@@ -56,17 +57,17 @@ def test_performance_profile_is_the_fraction_of_scores_above_each_threshold():
 
 
 def write_result(run_dir, label, method, method_id, seed, scores, experts=0, grouping=None, full=True,
-                 checkpoint=None):
-    rows = {task: {"family": "ant_dir" if task.startswith("ant") else "cheetah_vel", "score": score,
-                   "episodes": 1, "reference_score": 90.0} for task, score in zip(TASKS, scores)}
+                 checkpoint=None, tasks=TASKS):
+    rows = {task: {"family": get_task(task).family, "score": score, "episodes": 1, "reference_score": 90.0}
+            for task, score in zip(tasks, scores)}
     families = {family: {"score": float(np.mean([r["score"] for r in rows.values() if r["family"] == family])),
-                         "reference_score": 90.0, "tasks": 2 + (family == "cheetah_vel")}
-                for family in ("ant_dir", "cheetah_vel")}
+                         "reference_score": 90.0, "tasks": sum(r["family"] == family for r in rows.values())}
+                for family in {r["family"] for r in rows.values()}}
     data = {"method": method, "method_id": method_id, "grouping": grouping, "num_experts": experts, "seed": seed,
             "protocol": {"full": full, "episodes": None, "max_steps": None if full else 20,
                          "note": "" if full else "episodes cut at 20 steps"},
             "checkpoint": checkpoint, "tasks": rows, "families": families,
-            "total": {"score": float(np.mean(scores)), "tasks": len(TASKS), "reference_score": 90.0}}
+            "total": {"score": float(np.mean(scores)), "tasks": len(tasks), "reference_score": 90.0}}
     path = run_dir / "eval" / label / "results.json"
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps(data))
@@ -107,6 +108,7 @@ def test_report_rows_paper_numbers_stale_results_and_plots(tmp_path):
     short = next(line for line in lines if "NOT full protocol" in line and "Prompt-DT" in line)
     assert "(1 seed: no CI)" in short and "<= 20 steps" in short
     assert "not comparable with the paper's numbers" in text
+    assert "*paper: M3DT*" not in text  # 5 tasks of our own: no paper number beside them
     assert "loco_seed3" in text.split("## Left out")[1] and "sha256 differs" in text  # stale: listed, not counted
     assert "| 3 (0, 1, 2, 3) |" not in text
 
@@ -115,8 +117,25 @@ def test_report_rows_paper_numbers_stale_results_and_plots(tmp_path):
     assert len(rows) == 4  # Prompt-DT full, Prompt-DT short, M3DT gradient, M3DT random
     gradient = next(row for row in rows if row["grouping"] == "gradient")
     assert float(gradient["total_mean"]) == pytest.approx(mean + 5) and gradient["seed_list"] == "0 1 2"
-    for name in ("score_by_tasks.png", "score_by_experts.png", "families_5_tasks.png", "profiles_5_tasks.png"):
-        assert (tmp_path / "out" / name).stat().st_size > 10_000
+    plots = {path.name: path.stat().st_size for path in (tmp_path / "out").glob("*.png")}
+    assert sorted(plots) == ["families_5_tasks_list_" + rows[0]["suite"][5:] + ".png",
+                             "profiles_5_tasks_list_" + rows[0]["suite"][5:] + ".png",
+                             "score_by_experts.png", "score_by_tasks.png"]
+    assert min(plots.values()) > 10_000
+
+
+def test_paper_numbers_stand_beside_the_official_suites_only(tmp_path):
+    official = resolve_tasks("mt10", None, 0)
+    write_result(tmp_path / "mt10_seed0", "stage3_gradient_8", "M3DT", "m3dt", 0, [50.0] * 10, experts=8,
+                 grouping="gradient", tasks=official)
+    write_result(tmp_path / "mine_seed0", "stage3_gradient_8", "M3DT", "m3dt", 0, [60.0] * 10, experts=8,
+                 grouping="gradient", tasks=official[1:] + ["push-v2" if "push-v2" not in official else "reach-v2"])
+    text = build_report([tmp_path], tmp_path / "out", reps=20)
+    table = text.split("## Score by number of tasks and method")[1].split("##")[0]
+    rows = [line for line in table.splitlines() if "| M3DT |" in line]  # two rows, not one of two seeds
+    assert len(rows) == 2 and rows[0].startswith("| 10 (list ") and rows[1].startswith("| 10 (mt10) |")
+    assert table.count("*paper: M3DT*") == 1 and "| 10 (mt10) | *paper: M3DT* |" in table
+    assert "rows on other task lists have none beside them" in text
 
 
 def test_report_command_line_errors_are_one_line(tmp_path, capsys):
