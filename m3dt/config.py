@@ -70,6 +70,12 @@ class Config:
     kmeans_iterations: int = 100  # Lloyd iterations per K-means run at most
     kmeans_tolerance: float = 1e-4  # a run stops once the centroids move less (sum of squared shifts)
 
+    # importing the authors' trained checkpoints (python -m m3dt.import_reference)
+    backbone: str | None = None  # their stage-1 file (prompt_model_{prefix}_iter_N_seedS)
+    experts: str | None = None  # their expert files: a folder of expert_{i}_iter_N, or file,file,... in expert order
+    groups: str | None = None  # their group file, JSON {"expert_0": [task, ...], ...}; needed by --experts/--moe
+    moe: str | None = None  # their stage-3 file (moe__iter_N): routers and experts of every block
+
     # the demo (m3dt.demo) collects its own data and evaluates with these
     demo_episodes: int = 30  # episodes collected per task; the last two are the prompts
     demo_noise: float = 0.1  # std of the Gaussian noise on the scripted actions

@@ -1,8 +1,8 @@
 """The MT160 data layout: loading, per-task statistics, and a batch sampler that runs on the device.
 
-Layout (SPEC section 4): `{data_root}/{task}/{i}.npz`, one episode per file, i = 0..n-1. Files 0..n-3 are
-training data, the last two are the prompt trajectories. Keys: observations (T,39), actions (T,8),
-rewards (T,), terminals or dones (T,).
+Layout (README, "The MT160 pipeline, command by command"): `{data_root}/{task}/{i}.npz`, one episode per
+file, i = 0..n-1. Files 0..n-3 are training data, the last two are the prompt trajectories. Keys:
+observations (T,39), actions (T,8), rewards (T,), terminals or dones (T,).
 
 All training transitions of all tasks live in flat float32 arrays (stored once: observations, actions and
 scaled return-to-go; timesteps are derived from the episode starts). Sampling a batch is index arithmetic
@@ -22,6 +22,7 @@ from typing import Iterator
 import numpy as np
 import torch
 from numpy.lib.npyio import NpzFile
+from tqdm import tqdm
 
 from m3dt.tasks import MAX_ACT_DIM, MAX_OBS_DIM, Task, get_task
 
@@ -167,6 +168,17 @@ class Prompts:
     timesteps: torch.Tensor  # (tasks, 2, P) long
     mask: torch.Tensor  # (tasks, 2, P) float, 1 on real steps
 
+    @classmethod
+    def from_arrays(cls, prompts: dict[str, np.ndarray], device: torch.device) -> Prompts:
+        """From the stacked numpy prompts of TaskDataset / read_statistics."""
+        return cls(
+            states=torch.from_numpy(prompts["states"]).float().to(device),
+            actions=torch.from_numpy(prompts["actions"]).float().to(device),
+            returns_to_go=torch.from_numpy(prompts["returns_to_go"]).float().unsqueeze(-1).to(device),
+            timesteps=torch.from_numpy(prompts["timesteps"]).long().to(device),
+            mask=torch.ones(prompts["timesteps"].shape, device=device),
+        )
+
 
 @dataclass
 class Batch:
@@ -214,6 +226,15 @@ def load_prompts(task: Task, files: list[Path], length: int) -> dict[str, np.nda
 
 
 @dataclass
+class TaskStatistics:
+    """What evaluation needs from one task's data: its state statistics and both prompt windows."""
+
+    state_mean: np.ndarray  # (39,) over all training states
+    state_std: np.ndarray  # (39,), plus STD_EPSILON
+    prompts: dict[str, np.ndarray]  # load_prompts: (2, P, ...) each, lower return first
+
+
+@dataclass
 class TaskPart:
     """One task's training data, read by a worker and copied into the flat arrays."""
 
@@ -221,9 +242,7 @@ class TaskPart:
     actions: np.ndarray
     returns_to_go: np.ndarray  # scaled
     episode_lengths: list[int]
-    state_mean: np.ndarray
-    state_std: np.ndarray
-    prompts: dict[str, np.ndarray]
+    statistics: TaskStatistics
 
 
 def read_lengths(files: list[Path]) -> list[int]:
@@ -240,10 +259,38 @@ def read_task(task: Task, files: list[Path], prompt_length: int) -> TaskPart:
         actions=np.concatenate([episode.actions for episode in episodes]),
         returns_to_go=np.concatenate([returns_to_go(episode.rewards) for episode in episodes]) / task.rtg_scale,
         episode_lengths=[episode.rewards.shape[0] for episode in episodes],
-        state_mean=mean,
-        state_std=std + STD_EPSILON,
-        prompts=load_prompts(task, files[-PROMPT_EPISODES:], prompt_length),
+        statistics=TaskStatistics(mean, std + STD_EPSILON, load_prompts(task, files[-PROMPT_EPISODES:], prompt_length)),
     )
+
+
+def stack_statistics(statistics: list[TaskStatistics]) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """Per-task statistics stacked in task order: state mean and std (tasks, 39) float32, and the prompts
+    (tasks, 2, P, ...)."""
+    prompts = {key: np.stack([task.prompts[key] for task in statistics]) for key in statistics[0].prompts}
+    return (np.stack([task.state_mean for task in statistics]).astype(np.float32),
+            np.stack([task.state_std for task in statistics]).astype(np.float32), prompts)
+
+
+def task_files(data_root: str | Path, tasks: list[Task], max_episodes: int) -> list[list[Path]]:
+    """The episode files of each task under `data_root` (checked as episode_files does)."""
+    root = Path(data_root)
+    if not root.is_dir():
+        raise DataError(f"{root}: data root does not exist (download MT160 or run python -m m3dt.collect)")
+    return [episode_files(root / task.name, max_episodes) for task in tasks]
+
+
+def read_statistics(data_root: str | Path, task_names: list[str], max_episodes: int = 2000, prompt_length: int = 5,
+                    workers: int = 0) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """The per-task statistics that TaskDataset computes (stack_statistics' result), without keeping the
+    transitions: each worker holds one task at a time, and only its statistics come back."""
+    tasks = [get_task(name) for name in task_names]
+    files = task_files(data_root, tasks, max_episodes)
+    workers = min(workers, MAX_LOADING_WORKERS, len(tasks))
+    with worker_pool(workers) as pool:
+        parts = bounded_map(pool, partial(read_statistics_star, prompt_length=prompt_length), list(zip(tasks, files)),
+                            max(1, workers))
+        statistics = list(tqdm(parts, total=len(tasks), desc="task statistics", unit="task", dynamic_ncols=True))
+    return stack_statistics(statistics)
 
 
 @contextmanager
@@ -267,44 +314,37 @@ class TaskDataset:
 
     def __init__(self, data_root: str | Path, task_names: list[str], max_episodes: int = 2000, prompt_length: int = 5,
                  workers: int = 0):
-        root = Path(data_root)
-        if not root.is_dir():
-            raise DataError(f"{root}: data root does not exist (download MT160 or run python -m m3dt.collect)")
-        self.root = root
+        self.root = Path(data_root)
         self.tasks = [get_task(name) for name in task_names]
         self.prompt_length = prompt_length
-        files = [episode_files(root / task.name, max_episodes) for task in self.tasks]
+        files = task_files(self.root, self.tasks, max_episodes)
         workers = min(workers, MAX_LOADING_WORKERS, len(self.tasks))
         with worker_pool(workers) as pool:
-            lengths = pool.map(read_lengths, [task_files[:-PROMPT_EPISODES] for task_files in files])
+            lengths = pool.map(read_lengths, [paths[:-PROMPT_EPISODES] for paths in files])
             total = sum(map(sum, lengths))
             self.observations = np.empty((total, MAX_OBS_DIM), dtype=np.float32)
             self.actions = np.empty((total, MAX_ACT_DIM), dtype=np.float32)
             self.returns_to_go = np.empty(total, dtype=np.float32)
             parts = bounded_map(pool, partial(read_task_star, prompt_length=prompt_length), list(zip(self.tasks, files)),
                                 max(1, workers))
-            episode_starts, task_offsets, state_means, state_stds, prompt_parts = [], [], [], [], []
+            episode_starts, task_offsets, statistics = [], [], []
             row = 0
-            for task_files, expected, part in zip(files, lengths, parts):
+            for paths, expected, part in zip(files, lengths, parts):
                 if part.episode_lengths != expected:
-                    raise DataError(f"{task_files[0].parent}: episode arrays disagree on their lengths")
+                    raise DataError(f"{paths[0].parent}: episode arrays disagree on their lengths")
                 rows = slice(row, row + len(part.returns_to_go))
                 self.observations[rows], self.actions[rows], self.returns_to_go[rows] = (
                     part.observations, part.actions, part.returns_to_go)
                 task_offsets.append(row)
                 episode_starts.extend(row + np.cumsum([0, *part.episode_lengths[:-1]]))
-                state_means.append(part.state_mean)
-                state_stds.append(part.state_std)
-                prompt_parts.append(part.prompts)
+                statistics.append(part.statistics)
                 row = rows.stop
         episode_starts.append(row)
 
         self.episode_starts = np.asarray(episode_starts, dtype=np.int64)
         self.task_offsets = np.asarray(task_offsets, dtype=np.int64)
         self.task_sizes = np.asarray([sum(task_lengths) for task_lengths in lengths], dtype=np.int64)
-        self.state_mean = np.stack(state_means).astype(np.float32)
-        self.state_std = np.stack(state_stds).astype(np.float32)
-        self.prompts = {key: np.stack([part[key] for part in prompt_parts]) for key in prompt_parts[0]}
+        self.state_mean, self.state_std, self.prompts = stack_statistics(statistics)
 
     @property
     def task_names(self) -> list[str]:
@@ -322,6 +362,10 @@ def bounded_map(pool, function, items: list, in_flight: int) -> Iterator:
 
 def read_task_star(arguments: tuple[Task, list[Path]], prompt_length: int) -> TaskPart:
     return read_task(*arguments, prompt_length)
+
+
+def read_statistics_star(arguments: tuple[Task, list[Path]], prompt_length: int) -> TaskStatistics:
+    return read_task(*arguments, prompt_length).statistics
 
 
 class DeviceSampler:
@@ -348,14 +392,7 @@ class DeviceSampler:
         self.horizons = torch.tensor([task.horizon for task in dataset.tasks], device=device)
         act_dims = torch.tensor([task.act_dim for task in dataset.tasks], device=device)
         self.action_masks = (torch.arange(MAX_ACT_DIM, device=device) < act_dims[:, None]).float()
-        prompts = dataset.prompts
-        self.prompts = Prompts(
-            states=torch.from_numpy(prompts["states"]).float().to(device),
-            actions=torch.from_numpy(prompts["actions"]).float().to(device),
-            returns_to_go=torch.from_numpy(prompts["returns_to_go"]).float().unsqueeze(-1).to(device),
-            timesteps=torch.from_numpy(prompts["timesteps"]).long().to(device),
-            mask=torch.ones(prompts["timesteps"].shape, device=device),
-        )
+        self.prompts = Prompts.from_arrays(dataset.prompts, device)
         # Which prompt trajectory each row of a task's batch uses: rows 0 and 2 the lower-return one.
         prompt_choice = torch.ones(batch_size, dtype=torch.long)
         prompt_choice[[row for row in LOW_RETURN_PROMPT_ROWS if row < batch_size]] = 0

@@ -17,7 +17,7 @@ import torch
 
 from m3dt.cli import USER_ERRORS, exit_with_message
 from m3dt.config import Config, ConfigError, parse_config
-from m3dt.data import DeviceSampler, TaskDataset
+from m3dt.data import DeviceSampler, Prompts, TaskDataset
 from m3dt.grouping import gradient_features_gram, gradient_grouping, groups_to_json, random_grouping, task_gradients
 from m3dt.model import ModelConfig, PromptDecisionTransformer
 from m3dt.run import (ArtifactError, RunDir, check_inputs, check_model_fields, input_hashes, load_tensors,
@@ -44,6 +44,13 @@ def optimisation_identity(config: Config, tasks: list[str], world_size: int = 1)
              "precision", "top_k")
     return {"model": config.model_fields(), "tasks": tasks, "world_size": world_size,
             **{name: getattr(config, name) for name in names}}
+
+
+def stage_identity(config: Config, tasks: list[str], run: RunDir, inputs: list[Path],
+                   world_size: int = 1) -> dict[str, Any]:
+    """The identity of a stage-2 or stage-3 artifact: its optimisation and the sha256 of the inputs it
+    was trained over (backbone, group file, experts)."""
+    return {**optimisation_identity(config, tasks, world_size), "inputs": input_hashes(inputs, run.root)}
 
 
 def seed_rank(config: Config, distributed: Distributed) -> int:
@@ -96,10 +103,15 @@ def read_groups(run: RunDir, config: Config, tasks: list[str]) -> tuple[Path, li
     if not path.exists():
         raise ArtifactError(f"{path}: group file does not exist (run stage2_task_grouping_{config.grouping}.py "
                             f"--group_num {config.expert_num} first)")
-    content = read_json(path, "group file")
-    expected_keys = [f"expert_{index}" for index in range(config.expert_num)]
+    return path, check_groups(path, read_json(path, "group file"), config.expert_num, tasks)
+
+
+def check_groups(path: Path, content: Any, group_count: int, tasks: list[str]) -> list[list[str]]:
+    """The groups of a group file's `content` ({"expert_0": [task, ...], ...}) in expert order, checked to
+    split `tasks` into `group_count` non-empty groups."""
+    expected_keys = [f"expert_{index}" for index in range(group_count)]
     if not isinstance(content, dict) or sorted(content) != sorted(expected_keys):
-        raise ArtifactError(f"{path}: expected keys expert_0..expert_{config.expert_num - 1}")
+        raise ArtifactError(f"{path}: expected keys expert_0..expert_{group_count - 1}")
     groups = [content[key] for key in expected_keys]
     seen: set[str] = set()
     for key, group in zip(expected_keys, groups):
@@ -114,7 +126,7 @@ def read_groups(run: RunDir, config: Config, tasks: list[str]) -> tuple[Path, li
     missing = [task for task in tasks if task not in seen]
     if missing:
         raise ArtifactError(f"{path}: {len(missing)} task(s) in no group, e.g. {missing[0]}")
-    return path, groups
+    return groups
 
 
 def shard_experts(shard: str | None, num_experts: int) -> list[int]:
@@ -175,18 +187,18 @@ def train_backbone(config: Config) -> Path:
     done = train(job, sampler, config, distributed)
     if not distributed.is_main:
         return run.backbone
-    save_tensors(run.data_stats, data_stats(sampler))
+    save_tensors(run.data_stats, data_stats(sampler.state_mean, sampler.state_std, sampler.prompts))
     save_tensors(run.backbone, model.state_dict())
     write_manifest(run.backbone, "stage1", vars(config), tasks, [], run.root, steps_done=done, identity=identity)
     print(f"stage 1: wrote {run.backbone}")
     return run.backbone
 
 
-def data_stats(sampler: DeviceSampler) -> dict[str, torch.Tensor]:
-    """What evaluation needs from the data, in stage-1 task order: state statistics and the eval prompt."""
-    prompts = sampler.prompts
+def data_stats(state_mean: torch.Tensor, state_std: torch.Tensor, prompts: Prompts) -> dict[str, torch.Tensor]:
+    """What evaluation needs from the data, in stage-1 task order: state statistics (tasks, 39) and the eval
+    prompt (the higher-return one, index 1)."""
     return {
-        "state_mean": sampler.state_mean, "state_std": sampler.state_std,
+        "state_mean": state_mean, "state_std": state_std,
         "prompt_states": prompts.states[:, 1], "prompt_actions": prompts.actions[:, 1],
         "prompt_returns_to_go": prompts.returns_to_go[:, 1], "prompt_timesteps": prompts.timesteps[:, 1],
         "prompt_mask": prompts.mask[:, 1],
@@ -249,7 +261,7 @@ def train_experts(config: Config) -> list[Path]:
     if not 0 <= expert_ids[0] < len(groups) or expert_ids[-1] >= len(groups):
         raise ConfigError(f"--expert_id must be in 0..{len(groups) - 1} for {groups_file}")
     steps = config.stage_steps(config.expert_steps)
-    identity = {**optimisation_identity(config, tasks), "inputs": input_hashes([run.backbone, groups_file], run.root)}
+    identity = stage_identity(config, tasks, run, [run.backbone, groups_file])
     outputs = [run.expert(config.grouping, config.expert_num, expert) for expert in expert_ids]
     if all(finished(output, steps, config, identity) for output in outputs):
         print(f"stage 2 experts {expert_ids} already finished ({steps} steps); --restart to train again")
@@ -294,7 +306,7 @@ def train_router(config: Config) -> Path:
     check_experts(run, expert_files, groups_file, config)
     inputs = [run.backbone, groups_file, *expert_files]
     distributed, device = start_distributed(config.device)
-    identity = {**optimisation_identity(config, tasks, distributed.world_size), "inputs": input_hashes(inputs, run.root)}
+    identity = stage_identity(config, tasks, run, inputs, distributed.world_size)
     if finished(output, steps, config, identity):
         print(f"stage 3 already finished ({steps} steps): {output}; --restart to train again")
         return output
