@@ -51,10 +51,8 @@ from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
-
 from m3dt.cli import USER_ERRORS, exit_with_message
-from m3dt.config import Config, ConfigError, load_yaml, parse_config
+from m3dt.config import Config, ConfigError, load_yaml, parse_config, read_yaml_mapping
 from m3dt.evaluate import EPISODES_PER_FAMILY
 from m3dt.run import RunDir, file_hash, manifest_path, read_json
 from m3dt.tasks import get_task, resolve_tasks, suite_names
@@ -141,14 +139,7 @@ def as_list(path: Path, where: str, value: Any, kind: type) -> list:
 
 def load_grid(path: Path) -> Grid:
     """Read and check a grid file; every problem is one ConfigError naming the file and the entry."""
-    if not path.is_file():
-        raise ConfigError(f"grid file {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"grid file {path} is not valid YAML: {' '.join(str(error).split())}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"grid file {path} must be a mapping")
+    raw = read_yaml_mapping(path, "grid file")
     unknown = sorted(set(raw) - GRID_KEYS)
     if unknown:
         raise grid_error(path, "", f"unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(GRID_KEYS))})")

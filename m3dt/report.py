@@ -33,10 +33,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-import yaml
 
 from m3dt.cli import exit_with_message
-from m3dt.config import ConfigError
+from m3dt.config import ConfigError, read_yaml_mapping
 from m3dt.evaluate import EPISODES_PER_FAMILY
 from m3dt.run import ArtifactError, RunDir, atomic_path, file_hash, manifest_path
 from m3dt.tasks import FAMILIES, suites
@@ -707,11 +706,9 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     arguments = parser.parse_args(argv)
     if arguments.config:
         path = Path(arguments.config)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        values = yaml.safe_load(path.read_text()) or {}
+        values = read_yaml_mapping(path, "config file")
         known = {"folders", "out", "bootstrap_reps", "bootstrap_seed"}
-        if not isinstance(values, dict) or not set(values) <= known:
+        if not set(values) <= known:
             raise ConfigError(f"config file {path}: options must be some of {', '.join(sorted(known))}")
         given = {action.dest for action in parser._actions if any(flag in argv for flag in action.option_strings)}
         for name, value in values.items():
