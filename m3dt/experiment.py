@@ -54,7 +54,8 @@ from typing import Any, Callable
 from m3dt.cli import USER_ERRORS, exit_with_message
 from m3dt.config import Config, ConfigError, load_yaml, parse_config, read_yaml_mapping
 from m3dt.evaluate import EPISODES_PER_FAMILY
-from m3dt.run import RunDir, file_hash, manifest_path, read_json
+from m3dt.report import checkpoint_of, recorded_method, staleness
+from m3dt.run import RunDir, manifest_path, read_json
 from m3dt.tasks import get_task, resolve_tasks, suite_names
 
 
@@ -500,48 +501,42 @@ def training_status(job: Job) -> Status:
     return Status(False, "to do", steps)
 
 
-@lru_cache(maxsize=None)
-def cached_hash(path: Path, size: int, modified: float) -> str:
-    return file_hash(path)
-
-
-def current_hash(path: Path) -> str | None:
-    if not path.is_file():
-        return None
-    stat = path.stat()
-    return cached_hash(path, stat.st_size, stat.st_mtime)
-
-
 def planned_tasks(job: Job) -> list[str]:
     return resolve_tasks(job.config.prefix_name, job.config.tasks, job.config.seed)
 
 
 def evaluation_status(job: Job) -> Status:
     """Done when eval/*/results.json holds this method, grouping, expert count, seed, task list and evaluation
-    settings, and the checkpoint sha256 it recorded is the current file's."""
-    settings = {name: job.evaluation.get(name) for name in ("episodes", "max_steps")}
+    settings, and its checkpoint is unchanged: the sha256 it recorded is the file's current one (a
+    results.json from before that field: it is newer than the file)."""
     found = "to do"
     for path in sorted(job.run_dir.glob("eval/*/results.json")):
-        with contextlib.suppress(json.JSONDecodeError, OSError):
+        with contextlib.suppress(json.JSONDecodeError, OSError, KeyError, TypeError):
             result = json.loads(path.read_text())
-            if (result.get("method_id") != job.method or result.get("seed") != job.config.seed
+            if (recorded_method(result) != job.method or result.get("seed") != job.config.seed
                     or (job.experts and result.get("num_experts") != job.experts)
                     or (job.grouping and result.get("grouping") != job.grouping)):
                 continue
-            protocol = result.get("protocol") or {}
-            if {name: protocol.get(name) for name in settings} != settings:
-                found = "to do (evaluated with other settings)"
-                continue
-            if list(result.get("tasks", {})) != planned_tasks(job):
+            if list(result["tasks"]) != planned_tasks(job):
                 found = "to do (evaluated on other tasks)"
                 continue
-            checkpoint = result.get("checkpoint")
-            if checkpoint is None and job.method == "random":
-                return Status(True, "done")
-            if checkpoint and current_hash(job.run_dir / checkpoint["path"]) == checkpoint["sha256"]:
+            if not same_settings(result, job.evaluation):
+                found = "to do (evaluated with other settings)"
+                continue
+            checkpoint = checkpoint_of(job.run_dir, result)
+            if checkpoint is None or (checkpoint.is_file() and not staleness(path, job.run_dir, result)):
                 return Status(True, "done")
             found = "to do (the checkpoint changed since its evaluation)"
     return Status(False, found)
+
+
+def same_settings(result: dict[str, Any], evaluation: dict[str, Any]) -> bool:
+    """Every task was evaluated with the planned episodes (None: the protocol's) and episode cut."""
+    episodes = evaluation.get("episodes")
+    if any(row["episodes"] != (episodes or EPISODES_PER_FAMILY[row["family"]]) for row in result["tasks"].values()):
+        return False
+    recorded_cut = (result.get("protocol") or {}).get("max_steps", result.get("max_steps"))
+    return recorded_cut == evaluation.get("max_steps")
 
 
 def job_status(job: Job) -> Status:

@@ -29,6 +29,7 @@ import sys
 import textwrap
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -122,18 +123,34 @@ def evaluation_settings(data: dict[str, Any]) -> tuple[str, bool]:
     return "NOT full protocol (" + ", ".join(part for part in parts if part) + ")", False
 
 
+def recorded_method(data: dict[str, Any]) -> str:
+    """The --method value a results.json was evaluated with (older ones recorded the --stage)."""
+    return data.get("method_id") or STAGE_METHODS.get(str(data.get("stage")), "random")
+
+
 def checkpoint_of(run_dir: Path, data: dict[str, Any]) -> Path | None:
     """The evaluated artifact: recorded by the evaluator, or (older results.json) the method's file."""
     checkpoint = data.get("checkpoint")
     if checkpoint:
         return run_dir / checkpoint["path"]
     run = RunDir(run_dir)
-    method = data.get("method_id") or STAGE_METHODS.get(str(data.get("stage")), "random")
+    method = recorded_method(data)
     if method == "prompt-dt":
         return run.backbone
     if method == "m3dt":
         return run.moe(data.get("grouping") or "gradient", int(data.get("num_experts") or 0))
     return None if method == "random" else run.root / "baselines" / method / "model.safetensors"
+
+
+@lru_cache(maxsize=None)
+def cached_hash(path: Path, size: int, modified_ns: int) -> str:
+    return file_hash(path)
+
+
+def current_hash(path: Path) -> str:
+    """sha256 of a file, computed once per size and modification time (many results share a backbone)."""
+    stat = path.stat()
+    return cached_hash(path, stat.st_size, stat.st_mtime_ns)
 
 
 def staleness(result_path: Path, run_dir: Path, data: dict[str, Any]) -> str:
@@ -144,7 +161,7 @@ def staleness(result_path: Path, run_dir: Path, data: dict[str, Any]) -> str:
     if not checkpoint.is_file():  # deleted to save space, or never copied here: nothing to compare with
         return ""
     recorded = (data.get("checkpoint") or {}).get("sha256")
-    if recorded and recorded != file_hash(checkpoint):
+    if recorded and recorded != current_hash(checkpoint):
         return f"evaluated an older {checkpoint.relative_to(run_dir)} (sha256 differs): evaluate again"
     if not recorded and checkpoint.stat().st_mtime > result_path.stat().st_mtime:
         return f"older than its checkpoint {checkpoint.relative_to(run_dir)}: evaluate again"
