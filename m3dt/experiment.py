@@ -482,17 +482,19 @@ def last_logged_step(directory: Path) -> int:
 
 
 def training_status(job: Job) -> Status:
-    steps = planned_steps(job)
+    """Done when every artifact's manifest records the planned steps and the planned options (the stage itself
+    checks the rest when it runs); cut when its metrics.jsonl stops short of them."""
     outputs = ([job.run.expert(job.grouping, job.experts, expert) for expert in range(job.experts)]
                if job.kind == "experts" else [artifact(job)])
-    tasks = resolve_tasks(job.config.prefix_name, job.config.tasks, job.config.seed)
     manifests = [read_json(manifest_path(path), "manifest") for path in outputs
                  if path.exists() and manifest_path(path).exists()]
     if job.kind == "grouping":
         done = len(manifests) == 1 and manifests[0].get("group_num") == job.experts
         return Status(done, "done" if done else "to do")
+    steps = planned_steps(job)
     if len(manifests) == len(outputs) and all(manifest.get("steps_done", 0) >= steps and
-                                              identity_matches(manifest.get("identity", {}), job.config, tasks)
+                                              identity_matches(manifest.get("identity", {}), job.config,
+                                                               planned_tasks(job))
                                               for manifest in manifests):
         return Status(True, "done", 0)
     logged = last_logged_step(job_dir(job))
