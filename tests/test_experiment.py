@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from m3dt.experiment import (dry_run, estimate_hours, job_status, levels, load_benches, load_grid, main, plan_jobs,
-                             slurm_dependency)
+                             shard_jobs, slurm_dependency)
 from m3dt.report import build_report
 from m3dt.synthetic import make_dataset
 from tests.conftest import REPO
@@ -149,6 +149,10 @@ def test_dry_run_of_the_paper_grid_and_its_cost():
     text = dry_run(grid, jobs, Path("no_such_root"), [bench], show_commands=True)
     assert text.count("| to do |") == len(jobs) == 99 and "Left: 99 of 99 jobs." in text
     assert "Estimates, not measurements" in text and "python stage1_backbone_train.py --prefix_name mt160" in text
+    runs = list(dict.fromkeys(job.run_dir.name for job in jobs))
+    shard = shard_jobs(jobs, "1/4")  # run directories 1 and 5 of 9, every job of each
+    assert list(dict.fromkeys(job.run_dir.name for job in shard)) == [runs[1], runs[5]]
+    assert len(shard) == sum(job.run_dir.name in (runs[1], runs[5]) for job in jobs)
 
 
 @pytest.mark.parametrize("content, message", [
