@@ -19,7 +19,6 @@ benchmarks/{device}.md and .json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -39,7 +38,8 @@ import torch
 import torch.nn as nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from m3dt.config import CHOICES, Config
+from m3dt.cli import command, exit_with_message
+from m3dt.config import CHOICES, ArgumentParser, Config, ConfigError
 from m3dt.data import Batch, DeviceSampler, TaskDataset
 from m3dt.evaluate import EPISODES_PER_FAMILY, EnvPool, Rollout  # env packages load inside the env workers
 from m3dt.grouping import random_grouping
@@ -689,7 +689,7 @@ def write_report(report: dict[str, Any], out: Path) -> Path:
 
 # ------------------------------------------------------------------------------------------ main
 def parse_settings(argv: list[str] | None) -> Settings:
-    parser = argparse.ArgumentParser(description="Time every stage: the project's step against the reference's way.")
+    parser = ArgumentParser(description="Time every stage: the project's step against the reference's way.")
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="autocast of the fast path")
     parser.add_argument("--quick", action="store_true", help="fewer steps, experts and rows: < 5 min on 2 CPU cores")
@@ -718,9 +718,13 @@ def parse_settings(argv: list[str] | None) -> Settings:
         value = getattr(args, name)
         return DEFAULTS[mode][name] if value is None else value
 
+    expert_counts = str(option("experts")).split(",")
+    if not all(count.strip().isdigit() and int(count) > 0 for count in expert_counts):
+        parser.error(f"--experts must be comma-separated counts, got {option('experts')!r}")
+
     settings = Settings(
         device=resolve_device(args.device), precision=args.precision, mode=mode, steps=option("steps"),
-        warmup=option("warmup"), expert_counts=[int(count) for count in str(option("experts")).split(",")],
+        warmup=option("warmup"), expert_counts=[int(count) for count in expert_counts],
         groups=option("groups"), tasks=option("tasks"), eval_rows=option("eval_rows"),
         env_rollouts=option("env_rollouts"), env_steps=option("env_steps"), compile=args.compile,
         out=Path(args.out),
@@ -731,9 +735,13 @@ def parse_settings(argv: list[str] | None) -> Settings:
     return settings
 
 
+@command
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = sys.argv[1:] if argv is None else argv
-    settings = parse_settings(argv)
+    try:
+        settings = parse_settings(argv)
+    except ConfigError as error:  # an unknown --device
+        exit_with_message(error, debug=False)
     config, device = settings.config, settings.device
     torch.manual_seed(config.seed)
     task_names = resolve_tasks("mt160", None, config.seed)[: settings.tasks]

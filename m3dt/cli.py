@@ -1,10 +1,13 @@
-"""How every command reports bad input: one line naming the file and what is wrong, exit code 2, and the
-traceback only with --debug."""
+"""How every command ends when it cannot go on: bad input is one line naming the file and what is wrong
+(exit code 2), Ctrl-C is one line saying where it stopped and how to go on (exit code 130, as a shell
+reports an interrupted program); tracebacks only with --debug."""
 
 from __future__ import annotations
 
+import functools
+import signal
 import sys
-from typing import NoReturn
+from typing import Callable, NoReturn, TypeVar
 
 from m3dt.config import ConfigError
 from m3dt.data import DataError
@@ -13,6 +16,8 @@ from m3dt.tasks import TaskError
 from m3dt.train import TrainingError
 
 USER_ERRORS = (ArtifactError, ConfigError, DataError, TaskError, TrainingError)
+INTERRUPTED_EXIT_CODE = 128 + signal.SIGINT
+Main = TypeVar("Main", bound=Callable)
 
 
 def exit_with_message(error: Exception, debug: bool) -> NoReturn:
@@ -21,3 +26,29 @@ def exit_with_message(error: Exception, debug: bool) -> NoReturn:
     one_line = " ".join(str(error).split())  # some library messages quoted in ours span several lines
     print(f"error: {one_line}", file=sys.stderr)
     sys.exit(2)
+
+
+def exit_interrupted(interrupt: KeyboardInterrupt, debug: bool) -> NoReturn:
+    """Ctrl-C: one line and exit code 130. The training loop's message says at which step it stopped and
+    from which checkpoint a rerun resumes; elsewhere the line says what is kept (every file is written
+    atomically, so nothing is half-written)."""
+    if debug:
+        raise interrupt
+    message = " ".join(str(interrupt).split()) or (
+        "stopped before the end; finished stages, checkpoints and other written files are kept: "
+        "rerun the same command to go on")
+    print(f"interrupted (Ctrl-C): {message}", file=sys.stderr)
+    sys.exit(INTERRUPTED_EXIT_CODE)
+
+
+def command(main: Main) -> Main:
+    """Decorate an entry point's `main(argv=None)` so that Ctrl-C ends it as `exit_interrupted` says."""
+
+    @functools.wraps(main)
+    def guarded(argv: list[str] | None = None, *args, **kwargs):
+        try:
+            return main(argv, *args, **kwargs)
+        except KeyboardInterrupt as interrupt:
+            exit_interrupted(interrupt, "--debug" in (sys.argv[1:] if argv is None else argv))
+
+    return guarded  # type: ignore[return-value]

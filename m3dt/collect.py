@@ -4,7 +4,7 @@
     python -m m3dt.collect train-expert --expert cheetah_vel --steps 1000000 --out DATA_ROOT
     python -m m3dt.collect --tasks cheetah_vel --episodes 1002 --out DATA_ROOT     # its 40 tasks, that expert
 
-Layout (SPEC section 4): `{out}/{task}/{i}.npz`, i = 0..N-1, N = --episodes files in all, of which the
+Layout (the README's MT160 layout): `{out}/{task}/{i}.npz`, i = 0..N-1, N = --episodes files in all, of which the
 loader uses the last two as the task's prompt trajectories. Keys: observations (T,39) and actions (T,8)
 zero-padded (the env receives the first act_dim dims), rewards (T,), terminals (T,) (True only where the
 env ended the episode, i.e. an ant falling; the horizon or --max_steps is not a terminal), and one key the
@@ -29,8 +29,10 @@ a seed derived from (seed, task index, i), whatever the worker scheduling. The d
 from the run seeds 0-2 so that Meta-World's evaluation goals (MT1 seeded with the run seed) are not among
 the training goals. Reruns resume: valid episode files are kept, missing or damaged ones are collected,
 and every file is written to a temporary file and renamed, so there is never a half-written episode.
-`{out}/collect.json` holds, per task, the settings it was collected with (a rerun must use the same) and
-its episodes' mean return, success rate and score under the protocol's normalisation.
+`{out}/collect.json` holds, per task, the settings it was collected with (a rerun must use the same), its
+episodes' mean return, success rate and score under the protocol's normalisation, and for Meta-World the
+goals used ("mt1_goals": [{"seed": s, "goals": n}, ...]: goals 0..n-1 of MT1 seeded with s), from which
+evaluation tells whether its goals are training goals.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Callable
@@ -55,21 +58,21 @@ from stable_baselines3.common.callbacks import BaseCallback  # noqa: E402
 from stable_baselines3.common.logger import configure as configure_logger  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from m3dt.cli import exit_with_message  # noqa: E402
+from m3dt.cli import command, exit_with_message  # noqa: E402
+from m3dt.config import ArgumentParser  # noqa: E402
 from m3dt.data import MIN_EPISODES, DataError, load_episode  # noqa: E402
 from m3dt.envs import TaskEnv, make_env  # noqa: E402
 from m3dt.envs.metaworld import scripted_policy  # noqa: E402
 from m3dt.run import ArtifactError, atomic_path, read_json, write_json  # noqa: E402
 from m3dt.scores import episode_score  # noqa: E402
-from m3dt.tasks import (FAMILIES, MAX_ACT_DIM, Task, TaskError, get_task, resolve_tasks, suite_names,  # noqa: E402
-                        task_table)
+from m3dt.tasks import (FAMILIES, MAX_ACT_DIM, MT1_GOALS, Task, TaskError, get_task, resolve_tasks,  # noqa: E402
+                        suite_names, task_table)
 
 # metaworld's scripted policies warn that their gains exceed the action range; the actions are clipped.
 warnings.filterwarnings("ignore", message="Constant\\(s\\) may be too high")
 
 EXPERTS_DIR = "_experts"
 SUMMARY_FILE = "collect.json"
-MT1_GOALS = 50  # goals that one seeded metaworld.MT1 provides
 GOAL_RANGES = {"ant_dir": (0.0, 2 * np.pi), "cheetah_vel": (0.0, 3.0)}  # expert training goals, uniform
 LOCOMOTION_FAMILIES = tuple(GOAL_RANGES)
 
@@ -126,11 +129,23 @@ def is_termination(env: TaskEnv, done: bool) -> bool:
     return done and env.steps < env.task.horizon
 
 
+def mt1_seed(seed: int, block: int) -> int:
+    """The MT1 seed of Meta-World episodes block * 50 .. block * 50 + 49 of a collection with `seed`."""
+    return seed if block == 0 else derived_seed(seed, block)
+
+
+def mt1_goal_blocks(seed: int, episodes: int) -> list[dict[str, int]]:
+    """collect.json's record of a Meta-World task's goals: each {"seed": s, "goals": n} means goals 0..n-1 of
+    metaworld.MT1(task, seed=s), the goals evaluation with --seed s uses first."""
+    return [{"seed": mt1_seed(seed, block), "goals": min(MT1_GOALS, episodes - block * MT1_GOALS)}
+            for block in range(-(-episodes // MT1_GOALS))]
+
+
 def episode_env(task: Task, episode: int, seed: int) -> TaskEnv:
     """The env of dataset episode `episode` (see the module docstring for the goals and seeds)."""
     if task.family == "metaworld":
         block, goal = divmod(episode, MT1_GOALS)
-        return make_env(task.name, episode=goal, seed=seed if block == 0 else derived_seed(seed, block))
+        return make_env(task.name, episode=goal, seed=mt1_seed(seed, block))
     own_seed = derived_seed(seed, task.index, episode)
     if task.family == "dmc":
         return make_env(task.name, episode=own_seed)  # a DMC env's episode is its suite seed
@@ -399,7 +414,10 @@ def task_entry(task: Task, settings: dict, summaries: list[EpisodeSummary]) -> d
     # Files from elsewhere may lack the success flags; then Meta-World's rate and score are unknown.
     success_known = task.family == "metaworld" and None not in successes
     success_rate = float(np.mean(successes)) if success_known else None
-    score = None if task.family == "metaworld" and not success_known else episode_score(task.family, returns, successes)
+    steps_fraction = min(task.horizon, settings["max_steps"] or task.horizon) / task.horizon
+    score = (None if task.family == "metaworld" and not success_known
+             else episode_score(task.family, returns, successes, steps_fraction))
+    goals = {"mt1_goals": mt1_goal_blocks(settings["seed"], len(summaries))} if task.family == "metaworld" else {}
     return {
         "settings": settings,
         "episodes": len(summaries),
@@ -407,7 +425,14 @@ def task_entry(task: Task, settings: dict, summaries: list[EpisodeSummary]) -> d
         "mean_return": float(np.mean(returns)),
         "success_rate": success_rate,
         "score": score,
+        **goals,
     }
+
+
+def start_worker() -> None:
+    """One torch thread per worker; Ctrl-C is the main process's to handle (one line; it ends the pool)."""
+    torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def run_jobs(jobs: list[EpisodeJob], workers: int) -> list[tuple[str, EpisodeSummary]]:
@@ -418,7 +443,7 @@ def run_jobs(jobs: list[EpisodeJob], workers: int) -> list[tuple[str, EpisodeSum
     # spawn: MuJoCo and torch state must not be forked. One torch thread per worker: the expert is a small
     # MLP evaluated once per step, and more threads would only compete with the other workers.
     context = multiprocessing.get_context("spawn")
-    with context.Pool(min(workers, len(jobs)), initializer=torch.set_num_threads, initargs=(1,)) as pool:
+    with context.Pool(min(workers, len(jobs)), initializer=start_worker) as pool:
         return list(tqdm(pool.imap_unordered(collect_episode, jobs), **progress))
 
 
@@ -466,7 +491,7 @@ def print_table(summary: dict, task_names: list[str]) -> None:
 
 
 def collect_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m m3dt.collect", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Expert training: python -m m3dt.collect train-expert --help")
     parser.add_argument("--tasks", required=True,
@@ -487,7 +512,7 @@ def collect_parser() -> argparse.ArgumentParser:
 
 
 def train_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m m3dt.collect train-expert",
         description="Train the SAC expert that collects ant-dir, cheetah-vel or a DMC task (stable-baselines3, "
                     "cuda when available). Saved to {out}/_experts/{expert}.zip with its replay buffer and a "
@@ -547,6 +572,7 @@ def run_command(argv: list[str]) -> None:
     print_table(summary, task_names)
 
 
+@command
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     try:

@@ -13,13 +13,23 @@ import inspect
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
+
+from m3dt.moe import tied_router_hidden
 
 
 class ConfigError(ValueError):
     """A config file or option that cannot be used."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with its errors (an unknown option, a value that does not parse or is not a choice) as one
+    line and exit code 2, like every other bad input, instead of the usage block followed by the error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (--help lists the options)\n")
 
 
 @dataclass
@@ -41,8 +51,8 @@ class Config:
     prompt_length: int = 5  # steps of the prompt window
     max_timestep: int = 1000  # size of the timestep embedding table
     residual: str = "ln2"  # "ln2": the reference's u + MLP(u) once experts are installed; "standard": h + MLP(u)
-    top_k: int = 0  # 0: dense soft mixture over all experts (the paper); k > 0: renormalised top-k gating
-    router_hidden: str = "1024,1024,1024,512"  # hidden widths of each block's router MLP (the paper's)
+    top_k: int = 0  # 0: dense soft mixture over all experts (the paper); k > 0: the k most probable experts, weighted by their softmax probabilities
+    router_hidden: str | None = None  # hidden widths of each block's router MLP, "a,b,..."; default: the reference's 4d,4d,4d,2d for d = embed_dim
 
     # optimisation (all stages)
     batch_size: int = 16  # segments per task per step (per rank under torchrun)
@@ -57,6 +67,11 @@ class Config:
     router_steps: int = 400_000  # stage 3
     max_iters: int | None = None  # steps of the stage being run, instead of its schedule above
 
+    # stage 1: gradient conflict between tasks (metrics.jsonl and stage1/gradient_conflict.png)
+    conflict_every: int = 0  # stage 1: measure the gradient conflict between tasks every N steps; 0: off
+    conflict_tasks: int = 8  # tasks (spread over the task list) whose gradients the conflict measure compares
+    conflict_batches: int = 4  # batch gradients averaged per task for the conflict measure
+
     # stage 2
     grouping: str = "gradient"  # which grouping the expert and router stages use: gradient | random
     group_num: int = 48  # groups written by the grouping stage
@@ -68,7 +83,17 @@ class Config:
     kmeans_restarts: int = 40  # K-means runs per repetition; the lowest sum of distances wins
     kmeans_repeats: int = 40  # repetitions; the partition with the most even group sizes wins
     kmeans_iterations: int = 100  # Lloyd iterations per K-means run at most
-    kmeans_tolerance: float = 1e-4  # a run stops once the centroids move less (sum of squared shifts)
+    kmeans_stop: str = "reference"  # K-means stop: reference (every centroid coordinate moved < tolerance; the centroids from before that update), relative (summed squared shift <= tolerance x the features' total variance), summed (summed squared shift <= tolerance)
+    kmeans_tolerance: float = 1e-4  # the tolerance of --kmeans_stop
+
+    # comparison methods (python -m m3dt.baselines --method ...); README "Comparison methods"
+    harmodt_steps: int = 1_000_000  # HarmoDT's training steps (its code's max_iters)
+    harmodt_sparsity: float = 0.2  # HarmoDT: share of each task's mask that is 0, spread over layers by ERK
+    harmodt_mask_interval: int = 500  # HarmoDT: steps between updates of the task masks
+    harmodt_eta_min: int = 0  # HarmoDT: mask entries changed per task per update at the start and end
+    harmodt_eta_max: int = 100  # HarmoDT: mask entries changed per task per update halfway (cosine in between)
+    harmodt_gamma: float = 10.0  # HarmoDT: weight of the agreement with the mean gradient in the pruning score
+    harmodt_select: str = "fisher"  # HarmoDT: importance in the pruning score: fisher (gradient^2) or magnitude
 
     # importing the authors' trained checkpoints (python -m m3dt.import_reference)
     backbone: str | None = None  # their stage-1 file (prompt_model_{prefix}_iter_N_seedS)
@@ -81,6 +106,8 @@ class Config:
     demo_noise: float = 0.1  # std of the Gaussian noise on the scripted actions
     eval_episodes: int | None = None  # episodes per task; None: the protocol's per family
     eval_max_steps: int | None = None  # None: each task's full horizon
+    context_actions: str = "full"  # evaluation context: full 8-d predicted actions (the reference) | masked: dims >= act_dim zeroed
+    demo_collect_seed: int = 100  # the demo's collection seed: its MT1 goals; evaluation uses those of --seed
     workers: int | None = None  # processes that read the data and step envs; None: the CPU count
 
     # running
@@ -104,21 +131,30 @@ class Config:
         return self.max_iters if self.max_iters is not None else default
 
     def model_fields(self) -> dict[str, Any]:
-        """The options that fix the shape and function of the model: a later stage must agree on them."""
-        names = ("embed_dim", "n_layer", "n_head", "context_length", "prompt_length", "max_timestep", "residual",
-                 "router_hidden")
-        return {name: getattr(self, name) for name in names}
+        """The options that fix the shape and function of the model: a later stage must agree on them.
+        The router widths are resolved, so a tied default and the same widths given explicitly agree."""
+        names = ("embed_dim", "n_layer", "n_head", "context_length", "prompt_length", "max_timestep", "residual")
+        return {**{name: getattr(self, name) for name in names}, "router_hidden": self.router_widths()}
+
+    def router_widths(self) -> str:
+        """--router_hidden without spaces, or the widths tied to --embed_dim."""
+        widths = (self.router_hidden.split(",") if self.router_hidden else tied_router_hidden(self.embed_dim))
+        return ",".join(str(int(width)) for width in widths)
 
 
 CHOICES = {
     "residual": ("ln2", "standard"),
     "grouping": ("gradient", "random"),
+    "kmeans_stop": ("reference", "relative", "summed"),
     "precision": ("fp32", "bf16"),
     "compile": ("none", "default", "reduce-overhead", "max-autotune"),
+    "harmodt_select": ("fisher", "magnitude"),
+    "context_actions": ("full", "masked"),
 }
 # Sizes and intervals below 1 would fail deep inside a stage (a division by zero, an empty tensor).
 POSITIVE = ("embed_dim", "n_layer", "n_head", "context_length", "prompt_length", "max_timestep", "batch_size",
-            "warmup_steps", "log_every", "save_every", "group_num", "expert_num")
+            "warmup_steps", "log_every", "save_every", "group_num", "expert_num", "conflict_tasks", "conflict_batches",
+            "harmodt_mask_interval")
 
 
 def _option_type(field_type: str):
@@ -137,9 +173,9 @@ def field_comments() -> dict[str, str]:
     return dict(re.findall(r"^\s+(\w+): [^#\n]*#\s*(.+)$", inspect.getsource(Config), flags=re.MULTILINE))
 
 
-def build_parser(description: str) -> argparse.ArgumentParser:
+def build_parser(description: str) -> ArgumentParser:
     """A parser with one flag per Config field; unspecified flags stay absent so that YAML values survive."""
-    parser = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
+    parser = ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
     comments = field_comments()
     for config_field in dataclasses.fields(Config):
         flag = f"--{config_field.name}"
@@ -211,6 +247,13 @@ def check_values(config: Config) -> None:
     for name in POSITIVE:
         if getattr(config, name) < 1:
             raise ConfigError(f"--{name} must be at least 1, got {getattr(config, name)}")
+    if config.conflict_every < 0:
+        raise ConfigError(f"--conflict_every must be 0 (off) or a number of steps, got {config.conflict_every}")
+    if not 0.0 <= config.harmodt_sparsity < 1.0:
+        raise ConfigError(f"--harmodt_sparsity must be in [0, 1), got {config.harmodt_sparsity}")
+    if not 0 <= config.harmodt_eta_min <= config.harmodt_eta_max:
+        raise ConfigError(f"--harmodt_eta_min/--harmodt_eta_max must satisfy 0 <= min <= max, got "
+                          f"{config.harmodt_eta_min}, {config.harmodt_eta_max}")
     if config.embed_dim % config.n_head:
         raise ConfigError(f"--embed_dim {config.embed_dim} must be a multiple of --n_head {config.n_head}")
     if config.shard is not None:
@@ -219,5 +262,6 @@ def check_values(config: Config) -> None:
             raise ConfigError(f"--shard must be i/n with 0 <= i < n, got {config.shard!r}")
         if not config.all:
             raise ConfigError("--shard goes with --all")
-    if not all(width.strip().isdigit() and int(width) > 0 for width in config.router_hidden.split(",")):
+    if config.router_hidden is not None and not all(
+            width.strip().isdigit() and int(width) > 0 for width in config.router_hidden.split(",")):
         raise ConfigError(f"--router_hidden must be comma-separated positive widths, got {config.router_hidden!r}")

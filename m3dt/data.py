@@ -11,7 +11,9 @@ on those tensors, so the whole dataset can sit on the GPU and no step builds sam
 
 from __future__ import annotations
 
+import hashlib
 import multiprocessing
+import signal
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -195,6 +197,7 @@ class Batch:
     prompt_timesteps: torch.Tensor  # (B, P)
     prompt_mask: torch.Tensor  # (B, P)
     action_mask: torch.Tensor  # (B, 1, 8): 1 on the task's true action dims
+    task_index: torch.Tensor | None = None  # (B,) long: each row's task (in the run's task order), where known
 
 
 def prompt_window(episode: Episode, task: Task, length: int, path: Path) -> dict[str, np.ndarray]:
@@ -279,6 +282,32 @@ def task_files(data_root: str | Path, tasks: list[Task], max_episodes: int) -> l
     return [episode_files(root / task.name, max_episodes) for task in tasks]
 
 
+def files_fingerprint(data_root: str | Path, task_names: list[str], max_episodes: int) -> dict[str, str]:
+    """Per task, the sha256 of the names and byte sizes of the episode files a run reads: cheap (no file is
+    opened), so a stage compares it before loading. Files of the same sizes with other contents are told
+    apart after loading, by `statistics_fingerprints`."""
+    fingerprints = {}
+    for name, paths in zip(task_names, task_files(data_root, [get_task(name) for name in task_names], max_episodes)):
+        digest = hashlib.sha256()
+        for path in paths:
+            digest.update(f"{path.name} {path.stat().st_size}\n".encode())
+        fingerprints[name] = digest.hexdigest()
+    return fingerprints
+
+
+def statistics_fingerprints(task_names: list[str], state_mean: np.ndarray, state_std: np.ndarray,
+                            prompts: dict[str, np.ndarray]) -> dict[str, str]:
+    """Per task, the sha256 of what training and evaluation take from its data besides the batches: the
+    state mean and std and both prompt windows (stack_statistics' arrays; the same data gives the same bits)."""
+    fingerprints = {}
+    for index, name in enumerate(task_names):
+        digest = hashlib.sha256()
+        for array in (state_mean[index], state_std[index], *(prompts[key][index] for key in sorted(prompts))):
+            digest.update(np.ascontiguousarray(array).tobytes())
+        fingerprints[name] = digest.hexdigest()
+    return fingerprints
+
+
 def read_statistics(data_root: str | Path, task_names: list[str], max_episodes: int = 2000, prompt_length: int = 5,
                     workers: int = 0) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """The per-task statistics that TaskDataset computes (stack_statistics' result), without keeping the
@@ -299,7 +328,8 @@ def worker_pool(workers: int) -> Iterator:
     if workers <= 1:
         yield SimpleNamespace(map=lambda function, items: list(map(function, items)))
         return
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+    # Workers ignore Ctrl-C: the main process handles it (one line) and ends the pool.
+    with multiprocessing.get_context("spawn").Pool(workers, signal.signal, (signal.SIGINT, signal.SIG_IGN)) as pool:
         yield pool
 
 
@@ -349,6 +379,9 @@ class TaskDataset:
     @property
     def task_names(self) -> list[str]:
         return [task.name for task in self.tasks]
+
+    def statistics_fingerprints(self) -> dict[str, str]:
+        return statistics_fingerprints(self.task_names, self.state_mean, self.state_std, self.prompts)
 
     def nbytes(self) -> int:
         return self.observations.nbytes + self.actions.nbytes + self.returns_to_go.nbytes + self.episode_starts.nbytes
@@ -401,14 +434,16 @@ class DeviceSampler:
         # exactly as a separate run of expert g would.
         self.generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
 
-    def sample(self, task_indices: torch.Tensor) -> Batch:
+    def sample(self, task_indices: torch.Tensor, generators: list[torch.Generator] | None = None) -> Batch:
         """One batch of `batch_size` segments for each task in `task_indices` (shape (G,)), concatenated
-        task by task into G * batch_size rows."""
+        task by task into G * batch_size rows. `generators` (one per row group) instead of the sampler's own
+        streams draws a batch that leaves the training streams untouched (a diagnostic's batches)."""
         rows_task = task_indices.to(self.device).repeat_interleave(self.batch_size)  # (R,)
-        if len(task_indices) != len(self.generators):
-            raise ValueError(f"sampler has {len(self.generators)} streams, asked for {len(task_indices)} row groups")
+        generators = self.generators if generators is None else generators
+        if len(task_indices) != len(generators):
+            raise ValueError(f"sampler has {len(generators)} streams, asked for {len(task_indices)} row groups")
         uniform = torch.cat([torch.rand(self.batch_size, generator=generator, device=self.device)
-                             for generator in self.generators])
+                             for generator in generators])
         starts = self.task_offsets[rows_task] + (uniform * self.task_sizes[rows_task]).long()
         episode = torch.searchsorted(self.episode_starts, starts, right=True) - 1
         episode_start, episode_end = self.episode_starts[episode], self.episode_starts[episode + 1]
@@ -441,6 +476,7 @@ class DeviceSampler:
             prompt_timesteps=prompts.timesteps[rows_task, choice],
             prompt_mask=prompts.mask[rows_task, choice],
             action_mask=self.action_masks[rows_task, None],
+            task_index=rows_task,
         )
 
     def eval_prompt(self, task_index: int) -> dict[str, torch.Tensor]:

@@ -1,8 +1,11 @@
-"""Evaluate a trained model in the real simulators with the protocol of SPEC section 5.
+"""Evaluate a trained model in the real simulators with the protocol of the README's "Evaluation" section.
 
     python -m m3dt.evaluate --run_dir runs/mt160_seed0 --stage 1          # Prompt-DT (the stage-1 backbone)
     python -m m3dt.evaluate --run_dir runs/mt160_seed0 --stage 3 --grouping gradient --expert_num 48
     python -m m3dt.evaluate --run_dir runs/mt160_seed0 --stage random   # the floor: uniform random actions
+    python -m m3dt.evaluate --run_dir runs/mt160_seed0 --method harmodt  # any method: --method prompt-dt (= --stage 1),
+        # m3dt (= --stage 3), random, mtdt, harmodt, m3dt-end2end, m3dt-no-grouping (python -m m3dt.baselines)
+    python -m m3dt.evaluate --config configs/demo.yaml --stage 3        # run dir, tasks, episodes... from the YAML
 
 All (task, episode) rollouts advance in lockstep: at every env step, one batched model forward over all
 live rollouts, then every env steps, spread over worker processes. Rollouts start together, so at step t
@@ -11,7 +14,15 @@ history array, no per-rollout bookkeeping.
 
 Per rollout: obs zero-padded to 39 and normalised with the task's training statistics; the higher-return
 prompt of the task (fixed); return-to-go starting at the task's target / scale and decreased by
-reward / scale after each step; the env receives the first act_dim dims of the predicted action.
+reward / scale after each step; the env receives the first act_dim dims of the predicted action, while the
+context keeps all 8 predicted dims, as the reference does (`--context_actions masked` zeroes the dims beyond
+act_dim, as the training data pads them).
+
+With fewer episodes or steps than the protocol (`--episodes`, `--max_steps`) the evaluation is labelled as
+not the full protocol in every output, and the return-based scores normalise the return per allowed step
+(return x horizon / steps allowed), so that a cut episode is scored on the scale of a full one; a
+Meta-World success counts within the cut. Every input is checked before a worker starts, and an env that
+fails in a worker reaches the user as one line naming the task and episode.
 """
 
 from __future__ import annotations
@@ -20,24 +31,45 @@ import argparse
 import csv
 import multiprocessing
 import os
+import signal
+import sys
 import time
+import traceback
 from dataclasses import dataclass
-from typing import Callable
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from m3dt.cli import exit_with_message
+from m3dt.baselines import METHODS as BASELINES, load_baseline, method_module
+from m3dt.cli import USER_ERRORS, command, exit_with_message
+from m3dt.config import CHOICES, ArgumentParser, Config, ConfigError, check_values, field_comments, load_yaml
 from m3dt.data import Batch
 from m3dt.model import PromptDecisionTransformer
-from m3dt.run import ArtifactError, RunDir, atomic_path, load_tensors, read_manifest, write_json
-from m3dt.scores import episode_score
-from m3dt.tasks import FAMILIES, MAX_ACT_DIM, MAX_OBS_DIM, Task, TaskError, get_task, resolve_tasks
+from m3dt.run import (ArtifactError, RunDir, atomic_path, check_inputs, file_hash, input_hashes, load_tensors,
+                      read_json, read_manifest, write_json)
+from m3dt.scores import SCORE_AXIS, episode_score
+from m3dt.tasks import (FAMILIES, MAX_ACT_DIM, MAX_OBS_DIM, MT1_GOALS, Task, check_timesteps, get_task,
+                        resolve_tasks)
 
-EPISODES_PER_FAMILY = {"metaworld": 10, "dmc": 10, "ant_dir": 1, "cheetah_vel": 1}
-METHOD_NAMES = {"1": "Prompt-DT", "3": "M3DT", "random": "random policy"}
+EPISODES_PER_FAMILY = {"metaworld": 10, "dmc": 10, "ant_dir": 1, "cheetah_vel": 1}  # the protocol's
+MAX_EPISODES_PER_FAMILY = {"metaworld": MT1_GOALS}  # episode e uses the e-th goal of an MT1 of 50 goals
+FAMILY_NAMES = {"metaworld": "Meta-World", "dmc": "DMC", "ant_dir": "ant-dir", "cheetah_vel": "cheetah-vel"}
+STAGE_METHODS = {"1": "prompt-dt", "3": "m3dt", "random": "random"}  # --stage values, aliases of --method
+METHODS = ("prompt-dt", "m3dt", *BASELINES, "random")
+
+
+def method_name(method: str) -> str:
+    """The display name of a --method value (results.json "method")."""
+    names = {"prompt-dt": "Prompt-DT", "m3dt": "M3DT", "random": "random policy"}
+    return names[method] if method in names else method_module(method).NAME
+
+
+class EnvFailure(RuntimeError):
+    """An env that could not be built, reset or stepped, or a worker process that died; the message names
+    the task and episode when it is known."""
 
 
 @dataclass(frozen=True)
@@ -48,23 +80,51 @@ class Rollout:
 
 
 # ------------------------------------------------------------------------------------------ environments
-def _worker(connection, rollouts: list[tuple[str, int]], seed: int) -> None:
-    """Owns the envs of some rollouts; answers 'reset' and 'step' messages until 'close'."""
+def _in_env(task_name: str, episode: int, what: str, call: Callable[[], Any]) -> Any:
+    """`call()`, a failure of which becomes an EnvFailure naming the env (the simulators raise many types)."""
+    try:
+        return call()
+    except Exception as error:  # noqa: BLE001
+        raise EnvFailure(f"{task_name} episode {episode}: {what} failed: {one_line(error)}") from error
+
+
+def _build_env(task_name: str, episode: int, seed: int):
     from m3dt.envs import make_env
 
-    envs = [make_env(task, episode, seed) for task, episode in rollouts]
-    while True:
-        command, payload = connection.recv()
-        if command == "reset":
-            connection.send(np.stack([env.reset() for env in envs]))
-        elif command == "step":
-            results = [envs[i].step(action) for i, action in payload]
-            connection.send([(obs, reward, done, info["success"]) for obs, reward, done, info in results])
-        else:
-            for env in envs:
-                env.close()
-            connection.close()
-            return
+    return _in_env(task_name, episode, "building the env", lambda: make_env(task_name, episode, seed))
+
+
+def one_line(error: BaseException) -> str:
+    return f"{type(error).__name__}: {' '.join(str(error).split())}"
+
+
+def _answer(envs: list, command: str, payload):
+    """What `EnvPool` asks of a block of envs (in a worker or in this process)."""
+    if command == "reset":
+        return np.stack([_in_env(env.task.name, env.episode, "reset", env.reset) for env in envs])
+    results = [_in_env(envs[i].task.name, envs[i].episode, "step", lambda: envs[i].step(action)) for i, action in payload]
+    return [(obs, reward, done, info["success"]) for obs, reward, done, info in results]
+
+
+def _worker(connection, rollouts: list[tuple[str, int]], seed: int) -> None:
+    """Owns the envs of some rollouts; answers 'reset' and 'step' messages with ("ok", answer) until 'close',
+    or with ("error", one line, traceback) once, when an env fails, and stops. Ctrl-C is the main process's to
+    handle (one line); it then sends 'close'."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    envs = []
+    try:
+        envs = [_build_env(task, episode, seed) for task, episode in rollouts]
+        while True:
+            command, payload = connection.recv()
+            if command == "close":
+                break
+            connection.send(("ok", _answer(envs, command, payload)))
+    except Exception as error:  # noqa: BLE001 - every failure goes back to the parent as a message
+        connection.send(("error", str(error) if isinstance(error, EnvFailure) else one_line(error), traceback.format_exc()))
+    finally:
+        for env in envs:
+            env.close()
+        connection.close()
 
 
 class EnvPool:
@@ -78,9 +138,7 @@ class EnvPool:
         self.workers = max(1, min(workers, self.count))
         self.local = workers <= 0
         if self.local:
-            from m3dt.envs import make_env
-
-            self.envs = [make_env(task, episode, seed) for task, episode in specs]
+            self.envs = [_build_env(task, episode, seed) for task, episode in specs]
             return
         context = multiprocessing.get_context("spawn")  # MuJoCo state must not be forked
         self.connections, self.processes = [], []
@@ -94,27 +152,44 @@ class EnvPool:
             self.connections.append(parent)
             self.processes.append(process)
 
+    def _ask(self, messages: list) -> list:
+        """Send one message to each worker, then collect each answer; a worker's failure becomes EnvFailure."""
+        for connection, message in zip(self.connections, messages):
+            try:
+                connection.send(message)
+            except (BrokenPipeError, OSError):  # the worker stopped; its last message or EOF is read below
+                pass
+        answers = []
+        for worker, connection in enumerate(self.connections):
+            try:
+                status, *answer = connection.recv()
+            except EOFError:
+                self.processes[worker].join(timeout=5)
+                raise EnvFailure(f"env worker {worker} stopped (exit code {self.processes[worker].exitcode}); "
+                                 "out of memory? --max_rollouts runs the rollouts in smaller waves") from None
+            if status == "error":
+                failure = EnvFailure(answer[0])
+                failure.add_note(f"in env worker {worker}:\n{answer[1]}")  # shown with --debug
+                raise failure
+            answers.append(answer[0])
+        return answers
+
     def reset(self) -> np.ndarray:
         if self.local:
-            return np.stack([env.reset() for env in self.envs])
-        for connection in self.connections:
-            connection.send(("reset", None))
+            return _answer(self.envs, "reset", None)
         observations = np.zeros((self.count, MAX_OBS_DIM), dtype=np.float32)
-        for worker, connection in enumerate(self.connections):
-            observations[self.owner == worker] = connection.recv()
+        for worker, answer in enumerate(self._ask([("reset", None)] * self.workers)):
+            observations[self.owner == worker] = answer
         return observations
 
-    def step(self, live: np.ndarray, actions: np.ndarray) -> list[tuple[np.ndarray, float, bool, bool]]:
+    def step(self, live: np.ndarray, actions: list[np.ndarray]) -> list[tuple[np.ndarray, float, bool, bool]]:
         """Step the rollouts `live` (indices) with `actions` (one per live rollout), in `live` order."""
         if self.local:
-            results = [self.envs[r].step(action) for r, action in zip(live, actions)]
-            return [(obs, reward, done, info["success"]) for obs, reward, done, info in results]
+            return _answer(self.envs, "step", list(zip(live, actions)))
         messages = [[] for _ in range(self.workers)]
         for rollout, action in zip(live, actions):
             messages[self.owner[rollout]].append((self.position[rollout], action))
-        for connection, message in zip(self.connections, messages):
-            connection.send(("step", message))
-        answers = [iter(connection.recv()) for connection in self.connections]
+        answers = [iter(answer) for answer in self._ask([("step", message) for message in messages])]
         return [next(answers[self.owner[rollout]]) for rollout in live]
 
     def close(self) -> None:
@@ -123,24 +198,49 @@ class EnvPool:
                 env.close()
             return
         for connection in self.connections:
-            connection.send(("close", None))
+            try:
+                connection.send(("close", None))
+            except (BrokenPipeError, OSError):  # a worker that failed has closed its end
+                pass
         for process in self.processes:
             process.join(timeout=30)
+            if process.is_alive():
+                process.terminate()
 
 
 # ------------------------------------------------------------------------------------------ model
-def load_policy(run: RunDir, stage: int, grouping: str, expert_num: int) -> tuple[PromptDecisionTransformer, dict]:
-    """The trained model of a stage, built from what its manifest says."""
+def method_files(run: RunDir, method: str, grouping: str, expert_num: int) -> tuple[Path, Path, str]:
+    """The artifact a method's evaluation reads (its manifest lists the trained tasks and the data), the data
+    statistics file that goes with it, and what to call the artifact in messages. The random policy needs
+    only the statistics: stage 1's, or a comparison method's in a run directory without stage 1."""
+    if method in BASELINES:
+        return run.baseline_model(method), run.baseline_data_stats(method), f"{method_name(method)} model"
+    if method == "m3dt":
+        return run.moe(grouping, expert_num), run.data_stats, "stage-3 model"
+    if method == "random" and not run.backbone.exists():
+        for baseline in BASELINES:
+            if run.baseline_model(baseline).exists():
+                return run.baseline_model(baseline), run.baseline_data_stats(baseline), f"{method_name(baseline)} model"
+    return run.backbone, run.data_stats, "stage-1 backbone"
+
+
+def load_policy(run: RunDir, method: str | int, grouping: str, expert_num: int) -> tuple[torch.nn.Module, dict]:
+    """The trained model of a method (or --stage value), built from what its manifest says (eval mode)."""
     from m3dt.stages import build_model
 
-    artifact = run.backbone if stage == 1 else run.moe(grouping, expert_num)
-    manifest = read_manifest(artifact, f"stage-{stage} model")
+    method = STAGE_METHODS.get(str(method), method)
+    if method in BASELINES:
+        return load_baseline(run, method)
+    artifact, _, what = method_files(run, method, grouping, expert_num)
+    manifest = read_manifest(artifact, what)
+    if method == "m3dt":  # the statistics evaluation uses are stage 1's: the model must sit on that backbone
+        check_inputs(manifest, input_hashes([run.backbone], run.root), artifact)
     config = manifest["config"]
     model = build_model(config, dropout=0.0)
-    if stage == 3:
+    if method == "m3dt":
         model.install_experts(manifest["num_experts"], routed=True, top_k=manifest.get("top_k", 0))
     try:
-        model.load_state_dict(load_tensors(artifact, f"stage-{stage} model"))
+        model.load_state_dict(load_tensors(artifact, what))
     except RuntimeError as error:
         raise ArtifactError(f"{artifact}: does not fit the model its manifest describes ({str(error).splitlines()[0]})") from None
     return model.eval(), manifest
@@ -148,15 +248,25 @@ def load_policy(run: RunDir, stage: int, grouping: str, expert_num: int) -> tupl
 
 @dataclass
 class Statistics:
-    """What evaluation needs from the training data (written by stage 1), indexed by task slot."""
+    """What evaluation needs from the training data (written by the training stage), indexed by task slot."""
 
     state_mean: np.ndarray
     state_std: np.ndarray
     prompts: dict[str, torch.Tensor]
 
 
-def load_statistics(run: RunDir) -> Statistics:
-    tensors = load_tensors(run.data_stats, "data statistics")
+def load_statistics(source: RunDir | Path) -> Statistics:
+    """A run directory's stage-1 statistics, checked to be the file stage 1 wrote with its backbone, or a
+    statistics file (a comparison method's)."""
+    path = source
+    if isinstance(source, RunDir):
+        run = source
+        recorded = read_manifest(run.backbone, "stage-1 backbone").get("data_stats_sha256")
+        if recorded is not None and run.data_stats.is_file() and file_hash(run.data_stats) != recorded:
+            raise ArtifactError(f"{run.data_stats}: not the data statistics stage 1 wrote with {run.backbone.name} "
+                                "(another sha256 than its manifest records); rerun stage 1")
+        path = run.data_stats
+    tensors = load_tensors(path, "data statistics")
     prompts = {key.removeprefix("prompt_"): value for key, value in tensors.items() if key.startswith("prompt_")}
     return Statistics(tensors["state_mean"].numpy(), tensors["state_std"].numpy(), prompts)
 
@@ -176,10 +286,11 @@ class ModelPolicy:
     with zeros (the reference pads evaluation contexts with normalised state 0 and action 0; padded steps
     are masked either way) and each task's fixed higher-return prompt."""
 
-    def __init__(self, model: PromptDecisionTransformer, statistics: Statistics, rollouts: list[Rollout],
+    def __init__(self, model: torch.nn.Module, statistics: Statistics, rollouts: list[Rollout],
                  context_length: int, device: torch.device, dtype: torch.dtype = torch.float32):
         self.model, self.context_length, self.device, self.dtype = model, context_length, device, dtype
         slots = torch.tensor([rollout.task_slot for rollout in rollouts])
+        self.task_index = slots.to(device)
         self.prompt = {key: value[slots].to(device, dtype if value.is_floating_point() else value.dtype)
                        for key, value in statistics.prompts.items()}
 
@@ -206,6 +317,7 @@ class ModelPolicy:
             mask=mask, prompt_states=prompt["states"], prompt_actions=prompt["actions"],
             prompt_returns_to_go=prompt["returns_to_go"], prompt_timesteps=prompt["timesteps"],
             prompt_mask=prompt["mask"], action_mask=torch.ones(rows, 1, MAX_ACT_DIM, device=self.device, dtype=self.dtype),
+            task_index=self.task_index[live_index],
         )
         return self.model(batch, last_step_only=True)[:, -1].cpu().numpy().astype(np.float32)
 
@@ -221,8 +333,11 @@ class RandomPolicy:
 
 
 def run_rollouts(policy: Callable[[History, np.ndarray, int], np.ndarray], statistics: Statistics,
-                 rollouts: list[Rollout], seed: int, workers: int, max_steps: int | None) -> dict[str, np.ndarray]:
-    """All rollouts in lockstep. Returns per rollout: return, success (any step), steps, and the actions."""
+                 rollouts: list[Rollout], seed: int, workers: int, max_steps: int | None,
+                 context_actions: str = "full") -> dict[str, np.ndarray]:
+    """All rollouts in lockstep. Returns per rollout: return, success (any step), steps, and the actions
+    (rollouts, steps, 8) the context held: all 8 predicted dims ("full", the reference) or those beyond the
+    task's act_dim zeroed ("masked"). The env receives the first act_dim dims either way."""
     count = len(rollouts)
     horizons = np.array([rollout.task.horizon for rollout in rollouts])
     if max_steps:
@@ -251,7 +366,8 @@ def run_rollouts(policy: Callable[[History, np.ndarray, int], np.ndarray], stati
             if len(live) == 0:
                 break
             predicted = policy(history, live, t)
-            predicted[np.arange(MAX_ACT_DIM)[None, :] >= act_dims[live, None]] = 0.0  # as the data pads actions
+            if context_actions == "masked":
+                predicted[np.arange(MAX_ACT_DIM)[None, :] >= act_dims[live, None]] = 0.0  # as the data pads actions
             history.actions[live, t] = predicted
             results = pool.step(live, [predicted[i, : act_dims[r]] for i, r in enumerate(live)])
             for r, (observation, reward, done, succeeded) in zip(live, results):
@@ -269,20 +385,53 @@ def run_rollouts(policy: Callable[[History, np.ndarray, int], np.ndarray], stati
 
 
 # ------------------------------------------------------------------------------------------ results
-def summarise(rollouts: list[Rollout], outcome: dict[str, np.ndarray]) -> dict:
-    """Per-task scores (SPEC normalisation), per-family and total unweighted means over tasks."""
+def allowed_steps(task: Task, max_steps: int | None) -> int:
+    return min(task.horizon, max_steps or task.horizon)
+
+
+def is_full_protocol(task: Task, episodes: int, max_steps: int | None) -> bool:
+    return episodes == EPISODES_PER_FAMILY[task.family] and allowed_steps(task, max_steps) == task.horizon
+
+
+def describe_protocol(tasks: list[Task], episodes: int | None, max_steps: int | None) -> dict[str, Any]:
+    """results.json's "protocol": whether every task got the protocol's episodes and its whole horizon, and
+    if not, one sentence saying how this evaluation differs."""
+    families = list(dict.fromkeys(task.family for task in tasks))
+    differences = []
+    other_counts = [family for family in families if episodes is not None and episodes != EPISODES_PER_FAMILY[family]]
+    if other_counts:
+        protocol = ", ".join(f"{FAMILY_NAMES[family]} {EPISODES_PER_FAMILY[family]}" for family in other_counts)
+        differences.append(f"{episodes} episode(s) per task instead of the protocol's ({protocol})")
+    cut = [task for task in tasks if allowed_steps(task, max_steps) < task.horizon]
+    if cut:
+        horizons = "/".join(str(horizon) for horizon in sorted({task.horizon for task in cut}))
+        scoring = []
+        if any(task.family != "metaworld" for task in cut):
+            scoring.append(f"returns scaled by horizon / {max_steps} before normalisation")
+        if any(task.family == "metaworld" for task in cut):
+            scoring.append(f"Meta-World success within {max_steps} steps")
+        differences.append(f"episodes cut at {max_steps} of {horizons} steps ({', '.join(scoring)})")
+    note = f"Not the full evaluation protocol: {'; '.join(differences)}." if differences else None
+    return {"full": not differences, "episodes": episodes, "max_steps": max_steps, "note": note}
+
+
+def summarise(rollouts: list[Rollout], outcome: dict[str, np.ndarray], max_steps: int | None) -> dict:
+    """Per-task scores (the protocol's normalisation), per-family and total unweighted means over tasks."""
     per_task: dict[str, dict] = {}
     for name in dict.fromkeys(rollout.task.name for rollout in rollouts):
         indices = [i for i, rollout in enumerate(rollouts) if rollout.task.name == name]
         task = rollouts[indices[0]].task
         returns = outcome["returns"][indices].tolist()
         successes = outcome["success"][indices].tolist()
+        steps = allowed_steps(task, max_steps)
         per_task[name] = {
             "family": task.family,
-            "score": episode_score(task.family, returns, successes),
+            "score": episode_score(task.family, returns, successes, steps / task.horizon),
             "return_mean": float(np.mean(returns)),
             "success_rate": float(np.mean(successes)) if task.family == "metaworld" else None,
             "episodes": len(indices),
+            "max_steps": steps,
+            "full_protocol": is_full_protocol(task, len(indices), max_steps),
             "steps_mean": float(outcome["steps"][indices].mean()),
             "reference_score": task.single_task_score,
         }
@@ -299,9 +448,29 @@ def summarise(rollouts: list[Rollout], outcome: dict[str, np.ndarray]) -> dict:
                                                                "tasks": len(per_task)}}
 
 
+def describe_method(results: dict) -> str:
+    """'M3DT (gradient grouping, 48 experts)', 'Prompt-DT', ..."""
+    if results["grouping"] is None:
+        return results["method"]
+    return f"{results['method']} ({results['grouping']} grouping, {results['num_experts']} experts)"
+
+
+def describe_settings(results: dict) -> str:
+    """What was evaluated, and how: the first lines of table.md and the plots' titles."""
+    protocol = results["protocol"]
+    episodes = "protocol episodes" if protocol["episodes"] is None else f"{protocol['episodes']} episode(s)/task"
+    steps = "full horizons" if protocol["max_steps"] is None else f"at most {protocol['max_steps']} steps"
+    return (f"run {Path(results['run_dir']).name}, {results['total']['tasks']} task(s), {episodes}, {steps}, "
+            f"seed {results['seed']}, context actions {results['context_actions']}")
+
+
 def markdown_table(results: dict) -> str:
-    method = results["method"]
-    lines = [f"| family | tasks | {method} | single-task DT (reference) |", "|---|---|---|---|"]
+    protocol = results["protocol"]
+    status = "Full evaluation protocol." if protocol["full"] else (
+        f"**{protocol['note']}** These scores are not comparable with the paper's.")
+    method = results["method"] + ("" if protocol["full"] else " (not full protocol)")
+    lines = [f"{describe_method(results)}: {describe_settings(results)}.", "", status, "",
+             f"| family | tasks | {method} | single-task DT (paper, full protocol) |", "|---|---|---|---|"]
     for family, row in results["families"].items():
         lines.append(f"| {family} | {row['tasks']} | {row['score']:.2f} | {row['reference_score']:.2f} |")
     total = results["total"]
@@ -311,66 +480,174 @@ def markdown_table(results: dict) -> str:
 
 def write_results(out_dir: Path, results: dict) -> None:
     write_json(out_dir / "results.json", results)
+    columns = ["task", "family", "score", "return_mean", "success_rate", "episodes", "max_steps", "full_protocol",
+               "reference_score"]
     with atomic_path(out_dir / "results.csv") as temporary:
         with open(temporary, "w", newline="") as file:
             writer = csv.writer(file)
-            writer.writerow(["task", "family", "score", "return_mean", "success_rate", "episodes", "reference_score"])
+            writer.writerow(columns)
             for name, row in results["tasks"].items():
                 writer.writerow([name, row["family"], f"{row['score']:.4f}", f"{row['return_mean']:.4f}",
                                  "" if row["success_rate"] is None else f"{row['success_rate']:.4f}",
-                                 row["episodes"], row["reference_score"]])
+                                 row["episodes"], row["max_steps"], row["full_protocol"], row["reference_score"]])
     with atomic_path(out_dir / "table.md") as temporary:
         temporary.write_text(markdown_table(results) + "\n")
     plot_families(out_dir, results)
 
 
 def plot_families(out_dir: Path, results: dict) -> None:
-    """One bar chart per family: our score per task, with the single-task reference as a marker."""
+    """One bar chart per family: our score per task, with the single-task reference as a marker; the title
+    names the method, run and settings, and says when the evaluation was not the full protocol."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    full = results["protocol"]["full"]
     for family in results["families"]:
         rows = [(name, row) for name, row in results["tasks"].items() if row["family"] == family]
-        figure, axes = plt.subplots(figsize=(max(6.0, 0.32 * len(rows) + 2), 4))
+        figure, axes = plt.subplots(figsize=(max(7.0, 0.32 * len(rows) + 2), 4.6))
         positions = np.arange(len(rows))
-        axes.bar(positions, [row["score"] for _, row in rows], color="tab:blue", label=results["method"])
+        scores = [row["score"] for _, row in rows]
+        axes.bar(positions, scores, color="tab:blue" if full else "tab:orange",
+                 label=results["method"] + ("" if full else " (not full protocol)"))
         axes.scatter(positions, [row["reference_score"] for _, row in rows], color="black", marker="_", s=200,
-                     label="single-task DT (paper)", zorder=3)
+                     label="single-task DT (paper, full protocol)", zorder=3)
         axes.set_xticks(positions, [name for name, _ in rows], rotation=75, ha="right", fontsize=7)
-        axes.set_ylabel("normalised score")
-        axes.set_title(f"{family}: mean {results['families'][family]['score']:.1f}")
-        axes.legend(fontsize=8)
-        figure.tight_layout()
+        axes.set_xlim(-0.6, len(rows) - 0.4)
+        top = max(100.0, *scores)
+        axes.set_ylim(0, top * 1.12)  # the band above 100 holds the legend, clear of the markers at 100
+        axes.set_yticks(np.arange(0, top + 1, 20))
+        axes.set_ylabel(SCORE_AXIS[family])
+        axes.grid(axis="y", alpha=0.3)
+        axes.set_title(f"{describe_method(results)} on {FAMILY_NAMES[family]}: mean {results['families'][family]['score']:.1f}"
+                       f"\n{describe_settings(results)}", fontsize=9)
+        if not full:
+            figure.text(0.5, 0.005, "NOT the full evaluation protocol: not comparable with the paper's numbers",
+                        ha="center", va="bottom", color="tab:red", fontsize=9)
+        axes.legend(fontsize=8, loc="upper center", ncol=2, framealpha=0.9)
+        figure.tight_layout(rect=(0, 0.03, 1, 1))
         with atomic_path(out_dir / f"scores_{family}.png") as temporary:
             figure.savefig(temporary, format="png", dpi=120)
         plt.close(figure)
 
 
+# ------------------------------------------------------------------------------------------ what is evaluated
+def check_options(episodes: int | None, max_steps: int | None, workers: int | None, max_rollouts: int | None,
+                  seed: int, context_actions: str) -> None:
+    """The evaluation's numbers and choices, before anything is read or started."""
+    for name, value, minimum in (("episodes", episodes, 1), ("max_steps", max_steps, 1), ("workers", workers, 0),
+                                 ("max_rollouts", max_rollouts, 1), ("seed", seed, 0)):
+        if value is not None and value < minimum:
+            raise ConfigError(f"--{name} must be at least {minimum}, got {value}")
+    if seed >= 2**32:
+        raise ConfigError(f"--seed must be below 2**32 (it seeds numpy and Meta-World), got {seed}")
+    if context_actions not in CHOICES["context_actions"]:
+        raise ConfigError(f"--context_actions must be one of {', '.join(CHOICES['context_actions'])}, "
+                          f"got {context_actions!r}")
+
+
+def check_episodes(task_names: list[str], episodes: int | None) -> None:
+    """Families with a limited set of evaluation episodes (Meta-World: the 50 goals of a seeded MT1)."""
+    for family, limit in MAX_EPISODES_PER_FAMILY.items():
+        over = [name for name in task_names if get_task(name).family == family]
+        if episodes is not None and episodes > limit and over:
+            raise ConfigError(f"--episodes {episodes}: {FAMILY_NAMES[family]} evaluation has {limit} goals per task "
+                              f"and seed (metaworld.MT1; {over[0]}); use at most {limit}, or another --seed for others")
+
+
+def open_run(run_dir: str, method: str, grouping: str, expert_num: int) -> tuple[RunDir, dict, Path]:
+    """The run directory, the manifest of what `method` evaluates (the task list and the data it was trained
+    on) and the data statistics that go with it."""
+    run = RunDir(run_dir)
+    if not run.root.is_dir():
+        raise ArtifactError(f"{run.root}: run directory does not exist")
+    artifact, statistics_file, what = method_files(run, method, grouping, expert_num)
+    return run, read_manifest(artifact, what), statistics_file
+
+
+def shared_training_goals(trained_manifest: dict, rollouts: list[Rollout], seed: int) -> dict | None:
+    """How many Meta-World evaluation goals are also goals of the run's training data, from the collect.json
+    (m3dt.collect) of the data the model was trained on: its "mt1_goals" blocks say that the data holds goals 0..n-1 of
+    metaworld.MT1(task, seed=s), and evaluation episode e uses goal e of MT1(task, seed=--seed). None when
+    the data has no collect.json recording them (a dataset from elsewhere, or an older collection). The
+    other families share their goal with the data by design (ant-dir's direction, cheetah-vel's velocity
+    are the task; a DMC task has none)."""
+    summary_path = Path(trained_manifest.get("config", {}).get("data_path", "")) / "collect.json"
+    if not summary_path.is_file():
+        return None
+    try:
+        summary = read_json(summary_path, "collection summary")
+    except ArtifactError:
+        return None
+    episodes = {}
+    for rollout in rollouts:
+        if rollout.task.family == "metaworld":
+            episodes[rollout.task.name] = episodes.get(rollout.task.name, 0) + 1
+    recorded = {name: summary[name]["mt1_goals"] for name in episodes if "mt1_goals" in summary.get(name, {})}
+    if not recorded:
+        return None
+    shared = {name: sum(min(block["goals"], episodes[name]) for block in blocks if block["seed"] == seed)
+              for name, blocks in recorded.items()}
+    return {"collect_json": str(summary_path), "evaluation_goals": sum(episodes[name] for name in recorded),
+            "shared": sum(shared.values()), "tasks": {name: count for name, count in shared.items() if count}}
+
+
+def checkpoint_identity(run: RunDir, artifact: Path) -> dict[str, str]:
+    return {"path": str(artifact.relative_to(run.root)), "sha256": file_hash(artifact)}
+
+
+def output_label(method: str, grouping: str, expert_num: int, protocol: dict, context_actions: str) -> str:
+    """The folder under eval/: the method, then what differs from the protocol and the faithful defaults,
+    so that a quick check never overwrites a full evaluation."""
+    label = {"prompt-dt": "stage1", "m3dt": f"stage3_{grouping}_{expert_num}"}.get(method, method)
+    if not protocol["full"]:
+        label += "".join(f"_{name}{protocol[name]}" for name in ("episodes", "max_steps") if protocol[name] is not None)
+    if context_actions != "full":
+        label += f"_context-{context_actions}"
+    return label.replace("max_steps", "steps")
+
+
 # ------------------------------------------------------------------------------------------ CLI
-def evaluate(run_dir: str, stage: str, grouping: str = "gradient", expert_num: int = 48, prefix_name: str | None = None,
+def evaluate(run_dir: str, method: str, grouping: str = "gradient", expert_num: int = 48, prefix_name: str | None = None,
              tasks: str | None = None, episodes: int | None = None, max_steps: int | None = None, workers: int | None = None,
-             seed: int = 0, device: str = "auto", max_rollouts: int | None = None) -> dict:
-    """Evaluate stage "1" (Prompt-DT), stage "3" (M3DT) or a "random" policy; write and return the results."""
+             seed: int = 0, device: str = "auto", max_rollouts: int | None = None, context_actions: str = "full") -> dict:
+    """Evaluate `method` (one of METHODS, or a --stage value: "1" Prompt-DT, "3" M3DT, "random"); write and
+    return the results.
+    Every input is checked (ConfigError, TaskError, ArtifactError) before an env is built; a failing env
+    raises EnvFailure."""
     from m3dt.train import resolve_device
 
-    run = RunDir(run_dir)
-    trained = read_manifest(run.backbone, "stage-1 backbone")["tasks"]
-    chosen = resolve_tasks(prefix_name, tasks, seed) if (prefix_name or tasks) else trained
+    check_options(episodes, max_steps, workers, max_rollouts, seed, context_actions)
+    asked = resolve_tasks(prefix_name, tasks, seed) if (prefix_name or tasks) else None
+    check_episodes(asked or [], episodes)
+    method = STAGE_METHODS.get(method, method)
+    run, trained_manifest, statistics_file = open_run(run_dir, method, grouping, expert_num)
+    trained = trained_manifest["tasks"]
+    chosen = asked or trained
+    check_episodes(chosen, episodes)
     untrained = [name for name in chosen if name not in trained]
     if untrained:
-        raise TaskError(f"{run.backbone}: the run was not trained on {', '.join(untrained[:3])}")
+        raise ArtifactError(f"{trained_manifest['artifact']}: the model was not trained on {', '.join(untrained[:3])}")
     rollouts = [Rollout(get_task(name), trained.index(name), episode)
                 for name in chosen
                 for episode in range(episodes or EPISODES_PER_FAMILY[get_task(name).family])]
-    statistics = load_statistics(run)
-    num_experts, model = 0, None
-    if stage != "random":
+    statistics = load_statistics(run if statistics_file == run.data_stats else statistics_file)
+    if len(statistics.state_mean) != len(trained):
+        raise ArtifactError(f"{statistics_file}: holds {len(statistics.state_mean)} tasks, the model {len(trained)}")
+    num_experts, model, checkpoint = 0, None, None
+    if method != "random":
         torch_device = resolve_device(device)
-        model, manifest = load_policy(run, int(stage), grouping, expert_num)
+        model, manifest = load_policy(run, method, grouping, expert_num)
+        check_timesteps(manifest["config"]["max_timestep"], chosen)
         model.to(torch_device)
         num_experts = manifest.get("num_experts", 0)
+        checkpoint = checkpoint_identity(run, run.root / manifest["artifact"])
+    shared = shared_training_goals(trained_manifest, rollouts, seed)
+    if shared and shared["shared"]:
+        print(f"warning: {shared['shared']} of {shared['evaluation_goals']} Meta-World evaluation goals are goals of "
+              f"the training data ({len(shared['tasks'])} task(s), {shared['collect_json']}): the scores measure "
+              "memorisation; evaluate with another --seed or collect the data with another seed", file=sys.stderr)
 
     def make_policy(wave: list[Rollout]):
         if model is None:
@@ -382,45 +659,77 @@ def evaluate(run_dir: str, stage: str, grouping: str = "gradient", expert_num: i
     # Waves bound memory (a Meta-World env holds 20-40 MB); within a wave every rollout advances in lockstep.
     wave_size = max_rollouts or len(rollouts)
     waves = [rollouts[start : start + wave_size] for start in range(0, len(rollouts), wave_size)]
-    outcomes = [run_rollouts(make_policy(wave), statistics, wave, seed, workers, max_steps) for wave in waves]
+    outcomes = [run_rollouts(make_policy(wave), statistics, wave, seed, workers, max_steps, context_actions)
+                for wave in waves]
     outcome = {key: np.concatenate([part[key] for part in outcomes]) for key in ("returns", "success", "steps")}
+    protocol = describe_protocol([get_task(name) for name in chosen], episodes, max_steps)
+    stage = {"prompt-dt": "1", "m3dt": "3", "random": "random"}.get(method)  # None: a comparison method
     results = {
-        "run_dir": str(run.root), "stage": stage, "method": METHOD_NAMES[stage], "seed": seed,
-        "num_experts": num_experts, "grouping": grouping if stage == "3" else None,
-        "max_steps": max_steps, "seconds": time.perf_counter() - started, **summarise(rollouts, outcome),
+        "run_dir": str(run.root), "stage": stage, "method": method_name(method), "method_id": method,
+        "grouping": grouping if method == "m3dt" else None, "num_experts": num_experts, "checkpoint": checkpoint,
+        "seed": seed, "protocol": protocol, "context_actions": context_actions, "shared_goals": shared,
+        "max_steps": max_steps, "seconds": time.perf_counter() - started, **summarise(rollouts, outcome, max_steps),
     }
-    label = f"stage3_{grouping}_{expert_num}" if stage == "3" else {"1": "stage1", "random": "random"}[stage]
-    out_dir = run.root / "eval" / label
+    out_dir = run.root / "eval" / output_label(method, grouping, expert_num, protocol, context_actions)
     write_results(out_dir, results)
     print(markdown_table(results))
     print(f"wrote {out_dir}/results.json, results.csv, table.md and scores_*.png")
     return results
 
 
+# The options a --config YAML file (the stages' format) can give: Config field -> this command's flag.
+CONFIG_OPTIONS = {"run_dir": "run_dir", "grouping": "grouping", "expert_num": "expert_num", "prefix_name": "prefix_name",
+                  "tasks": "tasks", "eval_episodes": "episodes", "eval_max_steps": "max_steps", "workers": "workers",
+                  "seed": "seed", "device": "device", "context_actions": "context_actions", "debug": "debug"}
+
+
+def merged_options(config_file: str | None, flags: dict[str, Any]) -> dict[str, Any]:
+    """Config's defaults, then the YAML file, then the flags given; the run dir defaults as the stages' does."""
+    values = load_yaml(config_file) if config_file else {}
+    values.update({name: flags[flag] for name, flag in CONFIG_OPTIONS.items() if flags.get(flag) is not None})
+    config = Config(**values)
+    check_values(config)
+    options = {flag: getattr(config, name) for name, flag in CONFIG_OPTIONS.items()}
+    options["run_dir"] = str(config.resolved_run_dir())
+    return options
+
+
+@command
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run_dir", required=True)
-    parser.add_argument("--stage", choices=("1", "3", "random"), required=True,
-                        help="1: the stage-1 backbone (Prompt-DT); 3: the M3DT model; random: uniform random actions")
-    parser.add_argument("--grouping", default="gradient", choices=("gradient", "random"))
-    parser.add_argument("--expert_num", type=int, default=48)
+    comments = field_comments()
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML file of options (the stages' format): run_dir, grouping, expert_num, "
+                        "prefix_name, tasks, eval_episodes, eval_max_steps, workers, seed, device, context_actions")
+    parser.add_argument("--run_dir", help="default: runs/{prefix_name or 'custom'}_seed{seed}, as the stages")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--method", choices=METHODS,
+                       help="prompt-dt: the stage-1 backbone; m3dt: the stage-3 model; random: uniform random actions; "
+                            "the others: the comparison methods of python -m m3dt.baselines")
+    which.add_argument("--stage", choices=tuple(STAGE_METHODS), help="the same as --method: 1 prompt-dt, 3 m3dt, random")
+    parser.add_argument("--grouping", choices=CHOICES["grouping"], help="stage 3: which grouping (default: gradient)")
+    parser.add_argument("--expert_num", type=int, help="stage 3: its expert count (default: 48)")
     parser.add_argument("--prefix_name", help="evaluate an official suite (default: every task the run trained on)")
     parser.add_argument("--tasks", help="a,b,c or @file.json")
-    parser.add_argument("--episodes", type=int, help="episodes per task (default: the protocol's per family)")
-    parser.add_argument("--max_steps", type=int, help="cut episodes short, for quick checks")
+    parser.add_argument("--episodes", type=int, help="episodes per task (default: the protocol's per family; "
+                        f"Meta-World at most {MT1_GOALS}); another count is labelled as not the full protocol")
+    parser.add_argument("--max_steps", type=int, help="cut episodes short, for quick checks (labelled as not the full "
+                        "protocol; return-based scores are then normalised per allowed step)")
     parser.add_argument("--workers", type=int, help="env worker processes (default: CPU count; 0: in-process)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--seed", type=int, help="Meta-World goals (those of metaworld.MT1 with this seed) and the "
+                        "random policy (default: 0)")
+    parser.add_argument("--device", help="auto (default): cuda when available, else cpu")
     parser.add_argument("--max_rollouts", type=int,
                         help="run the rollouts in waves of at most this many (bounds memory; default: all at once)")
-    parser.add_argument("--debug", action="store_true")
+    parser.add_argument("--context_actions", choices=CHOICES["context_actions"], help=comments["context_actions"])
+    parser.add_argument("--debug", action="store_true", default=None, help="tracebacks instead of one-line errors")
     args = parser.parse_args(argv)
+    debug = bool(args.debug)
     try:
-        evaluate(args.run_dir, args.stage, args.grouping, args.expert_num, args.prefix_name, args.tasks, args.episodes,
-                 args.max_steps, args.workers, args.seed, args.device, args.max_rollouts)
-    except (ArtifactError, TaskError) as error:
-        exit_with_message(error, args.debug)
-
+        options = merged_options(args.config, vars(args))
+        debug = options.pop("debug")
+        evaluate(method=args.method or args.stage, max_rollouts=args.max_rollouts, **options)
+    except (*USER_ERRORS, EnvFailure) as error:
+        exit_with_message(error, debug)
 
 if __name__ == "__main__":
     main()

@@ -13,7 +13,8 @@ A grid file (configs/experiments/*.yaml):
     suites: [mt10, mt160]                # official suites, or names defined under task_sets
     task_sets: {mw5: "reach-v2,..."}     # optional: suites of your own, as --tasks takes them
     seeds: [0, 1, 2]
-    evaluation: {episodes: null}         # m3dt.evaluate options: episodes, max_steps, workers, max_rollouts, device
+    evaluation: {episodes: null}         # m3dt.evaluate options: episodes, max_steps, workers, max_rollouts,
+                                         #   device, context_actions
     slurm: {timeout_min: 4320, gpus_per_node: 1, slurm_partition: gpu}   # submitit parameters
     runs:                                # one entry per method; each may narrow suites/seeds and set options
       - method: prompt-dt
@@ -51,36 +52,37 @@ from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any, Callable
 
-from m3dt.cli import USER_ERRORS, exit_with_message
-from m3dt.config import Config, ConfigError, load_yaml, parse_config, read_yaml_mapping
-from m3dt.evaluate import EPISODES_PER_FAMILY
-from m3dt.report import checkpoint_of, recorded_method, staleness
+from m3dt.baselines import METHODS as BASELINES, method_module
+from m3dt.cli import INTERRUPTED_EXIT_CODE, USER_ERRORS, command, exit_with_message
+from m3dt.config import CHOICES, ArgumentParser, Config, ConfigError, load_yaml, parse_config, read_yaml_mapping
+from m3dt.evaluate import EPISODES_PER_FAMILY, METHODS as EVALUATED_METHODS, method_name
+from m3dt.report import checkpoint_of, staleness
 from m3dt.run import RunDir, manifest_path, read_json
 from m3dt.tasks import get_task, resolve_tasks, suite_names
 
 
 @dataclass(frozen=True)
 class Method:
-    display: str  # the name results.json and the report use
     trains: str  # what trains it: "stages" (the three stages), "stage1", "baseline" (m3dt.baselines), "" (nothing)
     experts: bool  # has an expert count
     groupings: bool  # has a task grouping
 
 
-METHODS = {
-    "prompt-dt": Method("Prompt-DT", "stage1", False, False),
-    "m3dt": Method("M3DT", "stages", True, True),
-    "mtdt": Method("MTDT", "baseline", False, False),
-    "harmodt": Method("HarmoDT", "baseline", False, False),
-    "m3dt-end2end": Method("M3DT w/o three-stage", "baseline", True, False),
-    "m3dt-no-grouping": Method("M3DT w/o grouping", "baseline", True, False),
-    "random": Method("random policy", "", False, False),
-}
-BASELINES_NEEDING_STAGE1 = {"m3dt-no-grouping"}  # starts from the stage-1 backbone
+def method_spec(method: str) -> Method:
+    """How a grid runs an m3dt.evaluate --method: a comparison method has an expert count when --expert_num
+    is one of its hyperparameters (m3dt/baselines)."""
+    if method in BASELINES:
+        return Method("baseline", "expert_num" in getattr(method_module(method), "HYPERPARAMETERS", ()), False)
+    return {"prompt-dt": Method("stage1", False, False), "m3dt": Method("stages", True, True),
+            "random": Method("", False, False)}[method]
+
+
+METHODS = {method: method_spec(method) for method in EVALUATED_METHODS}
 # Set by the grid for each run, not by a file's options.
 GRID_CONTROLLED = {"prefix_name", "tasks", "seed", "run_dir", "grouping", "group_num", "expert_num", "expert_id",
                    "all", "shard", "max_iters", "restart", "config", "debug"}
-EVALUATION_OPTIONS = {"episodes": int, "max_steps": int, "workers": int, "max_rollouts": int, "device": str}
+EVALUATION_OPTIONS = {"episodes": int, "max_steps": int, "workers": int, "max_rollouts": int, "device": str,
+                      "context_actions": str}
 # What stage 1 depends on: an entry that changes one of these gets a run directory (and a backbone) of its own.
 STAGE1_OPTIONS = (*Config().model_fields(), "batch_size", "learning_rate", "weight_decay", "warmup_steps",
                   "grad_clip", "dropout", "precision", "top_k", "backbone_steps", "data_path", "max_episodes")
@@ -159,6 +161,8 @@ def load_grid(path: Path) -> Grid:
             raise grid_error(path, "evaluation", f"unknown option '{name}' (known: {', '.join(EVALUATION_OPTIONS)})")
         if value is not None and not isinstance(value, EVALUATION_OPTIONS[name]):
             raise grid_error(path, "evaluation", f"{name} must be {EVALUATION_OPTIONS[name].__name__}, got {value!r}")
+        if value is not None and value not in CHOICES.get(name, (value,)):
+            raise grid_error(path, "evaluation", f"{name} must be one of {', '.join(CHOICES[name])}, got {value!r}")
     slurm = raw.get("slurm") or {}
     if not isinstance(slurm, dict):
         raise grid_error(path, "slurm", "must be a mapping of submitit parameters")
@@ -328,7 +332,8 @@ def plan_jobs(grid: Grid, run_root: Path, overrides: dict[str, Any]) -> list[Job
                         elif spec.trains == "stage1" or not spec.trains:  # random: stage 1's data statistics
                             needs = [add(stage1)]
                         else:
-                            before = [add(stage1)] if entry.method in BASELINES_NEEDING_STAGE1 else []
+                            uses_backbone = getattr(method_module(entry.method), "USES_BACKBONE", False)
+                            before = [add(stage1)] if uses_backbone else []
                             needs = [add(Job("baseline", config=stage_config, method=entry.method, experts=experts,
                                              needs=before, **common))]
                         add(Job("evaluate", config=stage_config, method=entry.method, grouping=grouping,
@@ -349,10 +354,6 @@ def shard_jobs(jobs: list[Job], shard: str | None) -> list[Job]:
 
 
 # ------------------------------------------------------------------------------------------ commands
-def baseline_dir(run: RunDir, method: str) -> Path:
-    return run.root / "baselines" / method
-
-
 def artifact(job: Job) -> Path | None:
     """The file a training job writes (experts: see training_status), or the model an evaluation reads (None:
     the random policy)."""
@@ -366,21 +367,18 @@ def artifact(job: Job) -> Path | None:
         return run.moe(grouping, experts)
     if method == "random":
         return None
-    return baseline_dir(run, method) / "model.safetensors"
+    return run.baseline_model(method)
 
 
 def job_dir(job: Job) -> Path:
     """Where a training job keeps metrics.jsonl and train_state.pt."""
     run = job.run
     return {"stage1": run.stage1, "experts": run.expert_job(job.grouping, job.experts, "all"),
-            "router": run.stage3(job.grouping, job.experts)}.get(job.kind, baseline_dir(run, job.method))
+            "router": run.stage3(job.grouping, job.experts)}.get(job.kind, run.baseline(job.method))
 
 
 def evaluation_flags(job: Job) -> list[str]:
-    flags = ["--run_dir", str(job.run_dir)]
-    # --stage is the evaluator's alias for the methods the stages train
-    alias = {"prompt-dt": "1", "m3dt": "3", "random": "random"}.get(job.method)
-    flags += ["--stage", alias] if alias else ["--method", job.method]
+    flags = ["--run_dir", str(job.run_dir), "--method", job.method]
     if job.grouping:
         flags += ["--grouping", job.grouping]
     if job.experts:
@@ -399,7 +397,7 @@ def training_values(job: Job) -> dict[str, Any]:
     return values
 
 
-def command(job: Job) -> tuple[str, list[str]]:
+def shell_command(job: Job) -> tuple[str, list[str]]:
     """(program, flags): the shell command `python {program} {flags}` that does this job."""
     if job.kind == "evaluate":
         return "-m m3dt.evaluate", evaluation_flags(job)
@@ -412,7 +410,7 @@ def command(job: Job) -> tuple[str, list[str]]:
 
 
 def entry_point(job: Job) -> Callable[[list[str]], None]:
-    """The in-process function that `command(job)` runs."""
+    """The in-process function that `shell_command(job)` runs."""
     from m3dt import stages
 
     if job.kind == "evaluate":
@@ -420,7 +418,7 @@ def entry_point(job: Job) -> Callable[[list[str]], None]:
 
         return evaluate_main
     if job.kind == "baseline":
-        from m3dt.baselines import main as baselines_main  # noqa: PLC0415 - only grids with baselines need it
+        from m3dt.baselines.__main__ import main as baselines_main
 
         return baselines_main
     stage = {"stage1": stages.train_backbone, "grouping": partial(stages.group_tasks, method=job.method),
@@ -437,20 +435,11 @@ class Status:
 
 
 def planned_steps(job: Job) -> int:
+    """The steps a training job runs: its stage's schedule, or its comparison method's (m3dt/baselines)."""
     config = job.config
-    return {"stage1": config.backbone_steps, "experts": config.expert_steps, "router": config.router_steps,
-            }.get(job.kind, baseline_steps(job))
-
-
-def baseline_steps(job: Job) -> int:
-    """A baseline's schedule: the stages' total for the end-to-end ablation (trained from scratch for the
-    schedule's total steps), experts + routers after stage 1 for the no-grouping one, stage 1's otherwise."""
-    config = job.config
-    if job.method == "m3dt-end2end":
-        return config.backbone_steps + config.expert_steps + config.router_steps
-    if job.method == "m3dt-no-grouping":
-        return config.expert_steps + config.router_steps
-    return config.backbone_steps
+    if job.kind == "baseline":
+        return method_module(job.method).steps(config)
+    return {"stage1": config.backbone_steps, "experts": config.expert_steps, "router": config.router_steps}[job.kind]
 
 
 def identity_matches(recorded: dict[str, Any], config: Config, tasks: list[str]) -> bool:
@@ -509,13 +498,12 @@ def planned_tasks(job: Job) -> list[str]:
 
 def evaluation_status(job: Job) -> Status:
     """Done when eval/*/results.json holds this method, grouping, expert count, seed, task list and evaluation
-    settings, and its checkpoint is unchanged: the sha256 it recorded is the file's current one (a
-    results.json from before that field: it is newer than the file)."""
+    settings, and the sha256 of the checkpoint it recorded is the file's current one."""
     found = "to do"
     for path in sorted(job.run_dir.glob("eval/*/results.json")):
         with contextlib.suppress(json.JSONDecodeError, OSError, KeyError, TypeError):
             result = json.loads(path.read_text())
-            if (recorded_method(result) != job.method or result.get("seed") != job.config.seed
+            if (result.get("method_id") != job.method or result.get("seed") != job.config.seed
                     or (job.experts and result.get("num_experts") != job.experts)
                     or (job.grouping and result.get("grouping") != job.grouping)):
                 continue
@@ -525,20 +513,21 @@ def evaluation_status(job: Job) -> Status:
             if not same_settings(result, job.evaluation):
                 found = "to do (evaluated with other settings)"
                 continue
+            out_of_date = staleness(job.run_dir, result)
             checkpoint = checkpoint_of(job.run_dir, result)
-            if checkpoint is None or (checkpoint.is_file() and not staleness(path, job.run_dir, result)):
+            if not out_of_date and (checkpoint is None or checkpoint.is_file()):
                 return Status(True, "done")
-            found = "to do (the checkpoint changed since its evaluation)"
+            found = f"to do ({out_of_date or 'its checkpoint is gone'})"
     return Status(False, found)
 
 
 def same_settings(result: dict[str, Any], evaluation: dict[str, Any]) -> bool:
-    """Every task was evaluated with the planned episodes (None: the protocol's) and episode cut."""
+    """Every task was evaluated with the planned episodes (None: the protocol's), episode cut and context."""
     episodes = evaluation.get("episodes")
     if any(row["episodes"] != (episodes or EPISODES_PER_FAMILY[row["family"]]) for row in result["tasks"].values()):
         return False
-    recorded_cut = (result.get("protocol") or {}).get("max_steps", result.get("max_steps"))
-    return recorded_cut == evaluation.get("max_steps")
+    return (result["protocol"]["max_steps"] == evaluation.get("max_steps")
+            and result.get("context_actions", "full") == (evaluation.get("context_actions") or "full"))
 
 
 def job_status(job: Job) -> Status:
@@ -737,7 +726,7 @@ def dry_run(grid: Grid, jobs: list[Job], run_root: Path, benches: list[Bench], s
             if value is None:
                 unknown[index] = True
             else:
-                totals[index][KIND_NAMES.get(job.kind, job.kind) if job.kind != "baseline" else job.method] += value
+                totals[index][method_name(job.method) if job.kind == "baseline" else KIND_NAMES[job.kind]] += value
         lines.append(f"| {job.run_dir.name} | {job.describe()} | {status.detail} | "
                      + " | ".join(format_hours(value) for value in hours) + " |")
     lines += ["", f"Left: {left} of {len(jobs)} jobs."]
@@ -753,7 +742,7 @@ def dry_run(grid: Grid, jobs: list[Job], run_root: Path, benches: list[Bench], s
     lines += ["", ESTIMATE_NOTE]
     if show_commands:
         lines += ["", "Commands, in order (what the local launcher runs in one process):", "", "```bash"]
-        lines += [f"python {program} {' '.join(flags)}" for program, flags in map(command, jobs)]
+        lines += [f"python {program} {' '.join(flags)}" for program, flags in map(shell_command, jobs)]
         lines.append("```")
     return "\n".join(lines)
 
@@ -764,11 +753,13 @@ class JobFailed(RuntimeError):
 
 
 def execute(job: Job) -> None:
-    """Run one job in this process, as `command(job)` would from the shell."""
-    program, flags = command(job)
+    """Run one job in this process, as `shell_command(job)` would from the shell."""
+    program, flags = shell_command(job)
     try:
         entry_point(job)(flags)
     except SystemExit as error:
+        if error.code == INTERRUPTED_EXIT_CODE:  # Ctrl-C: the job said where it stopped; the grid stops too
+            raise
         if error.code not in (0, None):
             raise JobFailed(f"{job.describe()} in {job.run_dir} failed (exit code {error.code})") from None
     except USER_ERRORS as error:
@@ -790,7 +781,7 @@ def run_local(jobs: list[Job], debug: bool) -> int:
         if job.kind == "evaluate" and evaluation_status(job).done:
             print(f"{header}: already evaluated (same checkpoint and settings)", flush=True)
             continue
-        program, flags = command(job)
+        program, flags = shell_command(job)
         print(f"{header}\n   python {program} {' '.join(flags)}", flush=True)
         try:
             execute(job)
@@ -813,7 +804,7 @@ def run_logged(job: Job) -> None:
     log = job.run_dir / "logs" / (re.sub(r"[^\w.-]+", "_", job.describe()).strip("_") + ".log")
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as file, contextlib.redirect_stdout(file), contextlib.redirect_stderr(file):
-        program, flags = command(job)
+        program, flags = shell_command(job)
         print(f"python {program} {' '.join(flags)}", flush=True)
         if job.kind == "evaluate" and evaluation_status(job).done:
             print("already evaluated (same checkpoint and settings)")
@@ -874,8 +865,8 @@ def run_submitit(jobs: list[Job], run_root: Path, parameters: dict[str, Any], cl
 
 # ------------------------------------------------------------------------------------------ CLI
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m m3dt.experiment", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m m3dt.experiment", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("grid", type=Path, help="grid file (configs/experiments/*.yaml)")
     parser.add_argument("--data_path", help="data root for every run (overrides the grid's options)")
     parser.add_argument("--run_root", type=Path,
@@ -898,6 +889,7 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     return arguments
 
 
+@command
 def main(argv: list[str] | None = None) -> None:
     arguments = parse_arguments(sys.argv[1:] if argv is None else argv)
     try:
@@ -915,10 +907,6 @@ def main(argv: list[str] | None = None) -> None:
             failures = run_local(jobs, arguments.debug)
     except USER_ERRORS as error:
         exit_with_message(error, arguments.debug)
-    except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume (finished jobs are skipped, cut ones resume)",
-              file=sys.stderr)
-        sys.exit(130)
     if failures:
         sys.exit(1)
 

@@ -1,37 +1,60 @@
 """Task grouping for stage 2: gradient features + K-means, or a random split.
 
-Gradient method (SPEC section 3): per task, the mean of 10 full-model gradients of the stage-1 backbone
-(batch 16 of that task, dropout on, each gradient clipped to global norm 0.25 first); coordinates that are
-zero for every task are dropped; the feature of task i is (mean gradient over tasks) * g_i elementwise.
-K-means (Euclidean, random data points as initial centroids, <= 100 iterations, tol 1e-4) is restarted 40
-times and the run with the lowest sum of distances to the nearest centroid wins; that is repeated 40 times
-and the partition with the smallest variance of group sizes is kept.
+Gradient method (README, "Faithfulness, and options that deviate"; the reference's grouping script): per
+task, the mean of 10 full-model gradients of the stage-1 backbone (batch 16 of that task, dropout on, each
+gradient clipped to global norm 0.25 first); the feature of task i is (mean gradient over tasks) * g_i
+elementwise, in float32 as the reference computes it. K-means (Euclidean, random data points as initial
+centroids, <= 100 iterations) is restarted 40 times and the run with the lowest sum of distances to the
+nearest centroid wins; that is repeated 40 times and the partition with the smallest variance of group sizes
+is kept.
 
-The features have ~5M dims, but every centroid is a mean of data points, so K-means needs only the Gram
-matrix of the features: distances and centroid shifts are computed exactly from inner products. That makes
-the 1,600 K-means runs take seconds instead of hours. Empty clusters keep their previous centroid.
+Stopping rule (`--kmeans_stop`):
+- `reference` (default): the reference stops when EVERY coordinate of every centroid moved by less than the
+  tolerance (1e-4, absolute), and returns the centroids and labels from before that last update; a run's
+  score uses those. On gradient-sized features (|value| ~1e-4) this stops after one Lloyd step.
+- `relative`: stop when the summed squared centroid shift is at most tolerance x the features' total
+  variance (mean squared distance of the points to their mean): scale-free, so it clusters features of any
+  size; the updated centroids are kept and the labels reassigned to them.
+- `summed`: the same with an absolute threshold (summed squared shift <= tolerance), the project's rule before
+  it followed the reference.
+
+The features have ~5M dims, but every centroid is a mean of data points, so K-means runs on the Gram matrix
+of the features: centroids are weight vectors over the points and distances come exactly from inner
+products. Only the reference's per-coordinate test needs coordinates, and mostly not many:
+|shift_kd| <= ||dW_k||_1 max_p |X_pd| (dW_k: the change of centroid k's weights), so only coordinates whose
+largest |value| reaches tolerance / ||dW_k||_1 are computed. Empty clusters keep their previous centroid
+(the reference's become NaN), and a cluster left empty at the end takes the point farthest from its centroid.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from m3dt.config import CHOICES
 from m3dt.data import DeviceSampler
 from m3dt.model import PromptDecisionTransformer, action_loss
 
+KMEANS_STOPS = CHOICES["kmeans_stop"]
+COLUMN_CHUNK = 1 << 16  # feature coordinates per block when computing centroid shifts or the Gram matrix
 
-def task_gradients(model: PromptDecisionTransformer, sampler: DeviceSampler, task_count: int, samples: int,
-                   max_norm: float) -> torch.Tensor:
-    """(tasks, parameters) float32: per task the mean of `samples` clipped full-model gradients."""
+
+def task_gradients(model: PromptDecisionTransformer, sampler: DeviceSampler, tasks: list[int], samples: int,
+                   max_norm: float, generator: torch.Generator | None = None, progress: bool = True) -> torch.Tensor:
+    """(len(tasks), parameters) float32 on the CPU: per task (dataset index) the mean of `samples` clipped
+    gradients of every trainable parameter, flattened in `model.parameters()` order. Batches come from the
+    sampler's stream, or from `generator` (which leaves the training stream as it was)."""
     parameters = [p for p in model.parameters() if p.requires_grad]
     model.train()  # dropout on, as the reference computes them
+    generators = None if generator is None else [generator]
     rows = []
-    for task in tqdm(range(task_count), desc="task gradients"):
+    for task in tqdm(tasks, desc="task gradients", disable=not progress):
         total = None
         for _ in range(samples):
-            batch = sampler.sample(torch.tensor([task]))
+            batch = sampler.sample(torch.tensor([task]), generators)
             model.zero_grad(set_to_none=True)
             action_loss(model(batch), batch).backward()
             torch.nn.utils.clip_grad_norm_(parameters, max_norm)
@@ -42,43 +65,104 @@ def task_gradients(model: PromptDecisionTransformer, sampler: DeviceSampler, tas
     return torch.stack(rows)
 
 
-def gradient_features_gram(gradients: torch.Tensor, chunk: int = 1 << 20) -> np.ndarray:
-    """Gram matrix (tasks x tasks, float64) of the features (mean gradient) * g_i, with all-zero
-    coordinates dropped (they add nothing to inner products, so dropping them is implicit here)."""
-    tasks = gradients.shape[0]
-    gram = torch.zeros(tasks, tasks, dtype=torch.float64)
-    for start in range(0, gradients.shape[1], chunk):
-        block = gradients[:, start : start + chunk].double()
-        features = block * block.mean(dim=0, keepdim=True)
-        gram += features @ features.T
-    return gram.numpy()
+def gradient_features(gradients: torch.Tensor) -> torch.Tensor:
+    """The K-means points, (tasks, parameters) float32: (mean gradient over tasks) * g_i, computed in place in
+    `gradients` (MT160's are 3.4 GB). Coordinates that are zero for every task stay zero; the reference drops
+    them, which changes no distance, shift or score."""
+    return gradients.mul_(gradients.mean(dim=0, keepdim=True))
 
 
-def kmeans_gram(gram: np.ndarray, clusters: int, rng: np.random.Generator, iterations: int,
-                tolerance: float) -> tuple[np.ndarray, float]:
-    """One K-means run on points given by their Gram matrix. Centroids are kept as weight vectors over
-    the points (centroid = weights @ points). Returns (labels, sum of distances to the nearest centroid)."""
-    points = gram.shape[0]
-    weights = np.zeros((clusters, points))
-    weights[np.arange(clusters), rng.choice(points, size=clusters, replace=False)] = 1.0
-    squared_norms = np.diag(gram)
-    labels = np.zeros(points, dtype=np.int64)
-    for _ in range(iterations):
-        distances = squared_distances(gram, squared_norms, weights)
-        labels = distances.argmin(axis=1)
+@dataclass
+class KMeansPoints:
+    """The points of a K-means problem, as every run needs them: their Gram matrix, and for the reference's
+    per-coordinate test the coordinates that can reach the tolerance at all (a centroid's weights change by
+    at most 2 in L1 norm, so a coordinate can move by at most 2 max_p |X_pd|). For gradient features
+    (|value| ~1e-4 or less) these are a few; for features far above the tolerance, all of them."""
+
+    gram: np.ndarray  # (P, P) float64 inner products of the features
+    head: torch.Tensor  # (P, H) float32 the coordinates with 2 max_p |X_pd| >= tolerance, by decreasing max_p |X_pd|
+    largest: np.ndarray  # (H,) float64 max_p |X_pd| of those coordinates (non-increasing)
+
+    @classmethod
+    def from_features(cls, features: torch.Tensor, tolerance: float) -> "KMeansPoints":
+        """`features`: (P, D), float32 or float64."""
+        gram = torch.zeros(features.shape[0], features.shape[0], dtype=torch.float64)
+        for start in range(0, features.shape[1], COLUMN_CHUNK):
+            block = features[:, start : start + COLUMN_CHUNK].double()
+            gram += block @ block.T
+        largest, order = features.abs().max(dim=0).values.sort(descending=True, stable=True)
+        largest = largest.double().numpy()
+        # the margin keeps the bound safe against the rounding of the division
+        count = int(np.searchsorted(-largest, -tolerance / 2.0 * (1.0 - 1e-9), side="right"))
+        return cls(gram.numpy(), features[:, order[:count]], largest[:count])
+
+    @property
+    def count(self) -> int:
+        return self.gram.shape[0]
+
+    def total_variance(self) -> float:
+        """Mean squared distance of the points to their mean: trace(K)/P - sum(K)/P^2."""
+        return float(np.trace(self.gram) / self.count - self.gram.sum() / self.count**2)
+
+    def every_coordinate_moved_less(self, shift: np.ndarray, tolerance: float) -> bool:
+        """Whether |(shift @ features)_kd| < tolerance for every centroid k and coordinate d, exactly.
+        `shift`: (K, P) change of the centroids' weights. By |shift_kd| <= ||shift_k||_1 max_p |X_pd|,
+        coordinates whose largest |feature| is below tolerance / max_k ||shift_k||_1 cannot reach the
+        tolerance and are not computed."""
+        l1 = np.abs(shift).sum(axis=1).max()
+        if l1 == 0.0:
+            return True
+        needed = int(np.searchsorted(-self.largest, -tolerance / l1 * (1.0 - 1e-9), side="right"))
+        shift_tensor = torch.from_numpy(shift)
+        for start in range(0, needed, COLUMN_CHUNK):
+            moved = shift_tensor @ self.head[:, start : min(start + COLUMN_CHUNK, needed)].double()
+            if bool((moved.abs() >= tolerance).any()):
+                return False
+        return True
+
+
+@dataclass
+class KMeansRun:
+    labels: np.ndarray  # (P,) cluster of each point, every cluster non-empty
+    weights: np.ndarray  # (K, P) centroid k = weights[k] @ features
+    score: float  # sum over points of the distance to the nearest centroid
+    steps: int  # Lloyd steps (assignment + update) taken
+
+
+def kmeans(points: KMeansPoints, clusters: int, rng: np.random.Generator, iterations: int, tolerance: float,
+           stop: str = "reference") -> KMeansRun:
+    """One K-means run from `clusters` distinct random points as centroids; `stop` as in the module docstring."""
+    if stop not in KMEANS_STOPS:
+        raise ValueError(f"unknown K-means stopping rule {stop!r}")
+    weights = np.zeros((clusters, points.count))
+    weights[np.arange(clusters), rng.choice(points.count, size=clusters, replace=False)] = 1.0
+    squared_norms = np.diag(points.gram)
+    threshold = tolerance * points.total_variance() if stop == "relative" else tolerance
+    labels = np.zeros(points.count, dtype=np.int64)
+    steps = 0
+    for steps in range(1, iterations + 1):
+        labels = squared_distances(points.gram, squared_norms, weights).argmin(axis=1)
         new_weights = weights.copy()
         for cluster in range(clusters):
             members = labels == cluster
             if members.any():  # an empty cluster keeps its centroid instead of becoming NaN
                 new_weights[cluster] = members / members.sum()
         shift = new_weights - weights
-        weights = new_weights
-        if np.einsum("kp,pq,kq->", shift, gram, shift) <= tolerance:
-            break
-    distances = squared_distances(gram, squared_norms, weights)
-    labels = fill_empty_clusters(distances.argmin(axis=1), distances, clusters)
-    inertia = float(np.sqrt(np.maximum(distances[np.arange(points), labels], 0.0)).sum())
-    return labels, inertia
+        if stop == "reference":
+            if points.every_coordinate_moved_less(shift, tolerance):
+                break  # the reference returns the centroids and labels from before this update
+            weights = new_weights
+        else:
+            weights = new_weights
+            if np.einsum("kp,pq,kq->", shift, points.gram, shift) <= threshold:
+                break
+    distances = squared_distances(points.gram, squared_norms, weights)
+    if stop != "reference":
+        labels = distances.argmin(axis=1)
+    # the reference's score: distance to the nearest returned centroid (after 100 steps without
+    # convergence its labels are one update behind its centroids)
+    score = float(np.sqrt(np.maximum(distances.min(axis=1), 0.0)).sum())
+    return KMeansRun(fill_empty_clusters(labels, distances, clusters), weights, score, steps)
 
 
 def fill_empty_clusters(labels: np.ndarray, distances: np.ndarray, clusters: int) -> np.ndarray:
@@ -100,20 +184,29 @@ def squared_distances(gram: np.ndarray, squared_norms: np.ndarray, weights: np.n
     return squared_norms[:, None] - 2.0 * cross + centroid_norms[None, :]
 
 
-def gradient_grouping(gram: np.ndarray, groups: int, seed: int, restarts: int, repeats: int, iterations: int,
-                      tolerance: float) -> list[list[int]]:
-    """Best of `restarts` K-means runs by sum of distances, `repeats` times; the most even partition wins."""
-    if groups > gram.shape[0]:
-        raise ValueError(f"cannot make {groups} groups from {gram.shape[0]} tasks")
+@dataclass
+class Grouping:
+    groups: list[list[int]]  # task indices of each group
+    lloyd_steps: list[int]  # steps taken by every K-means run, in the order they ran
+
+
+def gradient_grouping(features: torch.Tensor, groups: int, seed: int, restarts: int, repeats: int, iterations: int,
+                      tolerance: float, stop: str = "reference") -> Grouping:
+    """Best of `restarts` K-means runs by score, `repeats` times; the most even partition wins (the first
+    one on ties, as the reference's strict comparison)."""
+    if groups > features.shape[0]:
+        raise ValueError(f"cannot make {groups} groups from {features.shape[0]} tasks")
+    points = KMeansPoints.from_features(features, tolerance)
     rng = np.random.default_rng(seed)
-    best_labels, best_variance = None, np.inf
+    best_labels, best_variance, lloyd_steps = None, np.inf, []
     for _ in tqdm(range(repeats), desc="k-means"):
-        runs = [kmeans_gram(gram, groups, rng, iterations, tolerance) for _ in range(restarts)]
-        labels = min(runs, key=lambda run: run[1])[0]
+        runs = [kmeans(points, groups, rng, iterations, tolerance, stop) for _ in range(restarts)]
+        lloyd_steps += [run.steps for run in runs]
+        labels = min(runs, key=lambda run: run.score).labels
         variance = np.bincount(labels, minlength=groups).var()
         if variance < best_variance:
             best_labels, best_variance = labels, variance
-    return [np.flatnonzero(best_labels == group).tolist() for group in range(groups)]
+    return Grouping([np.flatnonzero(best_labels == group).tolist() for group in range(groups)], lloyd_steps)
 
 
 def random_grouping(task_count: int, groups: int, seed: int) -> list[list[int]]:

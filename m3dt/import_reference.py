@@ -40,10 +40,11 @@ from typing import Any
 import torch
 
 from m3dt.config import Config, ConfigError
-from m3dt.data import Prompts, read_statistics
+from m3dt.data import Prompts, files_fingerprint, read_statistics, statistics_fingerprints
 from m3dt.run import (ArtifactError, RunDir, file_hash, manifest_path, read_json, save_tensors, write_json,
                       write_manifest)
-from m3dt.stages import build_model, check_groups, data_stats, optimisation_identity, run_cli, stage_identity
+from m3dt.stages import (build_model, check_groups, data_stats, optimisation_identity, recorded_config, run_cli,
+                         stage_identity)
 from m3dt.tasks import resolve_tasks
 
 Tensors = dict[str, torch.Tensor]
@@ -90,11 +91,6 @@ GPT2_CONTEXT = 1024  # the size of GPT-2's causal mask buffer in their scripts (
 BACKBONE_LAYOUT = "the authors' stage-1 Prompt-DT state_dict"
 EXPERT_LAYOUT = "the authors' stage-2 expert file"
 MOE_LAYOUT = "the authors' stage-3 MoE file"
-
-
-def reference_router_hidden(embed_dim: int) -> str:
-    """The reference's router widths, tied to the model width: d -> 4d -> 4d -> 4d -> 2d -> E."""
-    return ",".join(str(width) for width in (4 * embed_dim, 4 * embed_dim, 4 * embed_dim, 2 * embed_dim))
 
 
 def reference_backbone_key(key: str) -> tuple[str, bool]:
@@ -396,13 +392,15 @@ def import_reference(config: Config) -> RunDir:
         raise ConfigError("--experts and --moe need --groups: the authors' group file of those experts")
     if config.residual != "ln2" or config.top_k != 0:
         raise ConfigError("the authors' model uses --residual ln2 and --top_k 0 (a dense mixture); import with those")
-    config = dataclasses.replace(config, router_hidden=reference_router_hidden(config.embed_dim))
+    config = dataclasses.replace(config, router_hidden=None)  # the reference's widths, tied to the model width
     run = RunDir(config.resolved_run_dir())
     tasks = resolve_tasks(config.prefix_name, config.tasks, config.seed)
     reference = read_reference(config, tasks)
     workers = os.cpu_count() if config.workers is None else config.workers
+    files = files_fingerprint(config.data_path, tasks, config.max_episodes)
     state_mean, state_std, prompts = read_statistics(config.data_path, tasks, config.max_episodes,
                                                      config.prompt_length, workers)
+    data = {"files": files, "statistics": statistics_fingerprints(tasks, state_mean, state_std, prompts)}
     statistics = data_stats(torch.from_numpy(state_mean), torch.from_numpy(state_std),
                             Prompts.from_arrays(prompts, torch.device("cpu")))
     targets = [(run.backbone, reference.backbone_file.path, reference.backbone_file.sha256)]
@@ -417,20 +415,24 @@ def import_reference(config: Config) -> RunDir:
     for artifact, path, sha256 in targets:
         check_replaceable(artifact, path, sha256, config.restart)
 
-    write_run(run, config, tasks, reference, statistics)
+    write_run(run, config, tasks, reference, statistics, data)
     stage = "3" if reference.moe_file else "1"
     print(f"evaluate it: python -m m3dt.evaluate --run_dir {run.root} --stage {stage}"
           + (f" --grouping {config.grouping} --expert_num {config.expert_num}" if stage == "3" else ""))
     return run
 
 
-def write_run(run: RunDir, config: Config, tasks: list[str], reference: Reference, statistics: Tensors) -> None:
-    """The artifacts and manifests our stages would write, each manifest with the file it came from."""
+def write_run(run: RunDir, config: Config, tasks: list[str], reference: Reference, statistics: Tensors,
+              data: dict[str, dict[str, str]]) -> None:
+    """The artifacts and manifests our stages would write, each manifest with the file it came from. `data`:
+    the fingerprints of the data the statistics come from, as stage 1 records them."""
     save_tensors(run.data_stats, statistics)
     save_tensors(run.backbone, reference.backbone)
-    write_manifest(run.backbone, "stage1", vars(config), tasks, [], run.root,
+    recorded = recorded_config(config, None)  # nothing was trained here
+    write_manifest(run.backbone, "stage1", recorded, tasks, [], run.root,
                    steps_done=steps_done(reference.backbone_file, config.backbone_steps),
-                   identity=optimisation_identity(config, tasks),
+                   identity={**optimisation_identity(config, tasks), "data": data["files"]}, data=data,
+                   data_stats_sha256=file_hash(run.data_stats),
                    source=source(reference.backbone_file, reference.unused))
     print(f"imported {config.backbone} -> {run.backbone} ({len(reference.unused)} unused keys, listed in its manifest)")
     if reference.groups is None:
@@ -438,7 +440,7 @@ def write_run(run: RunDir, config: Config, tasks: list[str], reference: Referenc
 
     groups_file = run.groups(config.grouping, config.expert_num)
     write_json(groups_file, {f"expert_{index}": group for index, group in enumerate(reference.groups)})
-    write_manifest(groups_file, f"stage2_grouping_{config.grouping}", vars(config), tasks, [run.backbone], run.root,
+    write_manifest(groups_file, f"stage2_grouping_{config.grouping}", recorded, tasks, [run.backbone], run.root,
                    method=config.grouping, group_num=config.expert_num,
                    source={"file": config.groups, "sha256": file_hash(Path(config.groups)),
                            "layout": "the authors' group file"})
@@ -449,7 +451,7 @@ def write_run(run: RunDir, config: Config, tasks: list[str], reference: Referenc
     for index, (output, file) in enumerate(zip(expert_outputs, reference.expert_files)):
         save_tensors(output, reference.experts[index])
         part = f"experts.{index} of every block" if file is reference.moe_file else None
-        write_manifest(output, "stage2_expert", vars(config), reference.groups[index], [run.backbone, groups_file],
+        write_manifest(output, "stage2_expert", recorded, reference.groups[index], [run.backbone, groups_file],
                        run.root, expert_id=index, steps_done=steps_done(file, config.expert_steps), identity=identity,
                        source=source(file, part=part))
     if expert_outputs:
@@ -460,7 +462,7 @@ def write_run(run: RunDir, config: Config, tasks: list[str], reference: Referenc
     output = run.moe(config.grouping, config.expert_num)
     inputs = [run.backbone, groups_file, *expert_outputs]
     save_tensors(output, moe_state(reference.backbone, reference.routers, reference.experts, config.n_layer))
-    write_manifest(output, "stage3", vars(config), tasks, inputs, run.root,
+    write_manifest(output, "stage3", recorded, tasks, inputs, run.root,
                    steps_done=steps_done(reference.moe_file, config.router_steps),
                    identity=stage_identity(config, tasks, run, inputs), num_experts=config.expert_num, top_k=0,
                    source=source(reference.moe_file))

@@ -2,7 +2,8 @@
 
 Each block has a slot for an expert mixture (m3dt/moe.py). Stage 1 trains the plain backbone; stage 2
 installs experts in assigned mode (one expert per row group); stage 3 installs all experts plus a router
-per block. SPEC section 2 is the reference for every detail here.
+per block. What follows the reference code and what is an option: the README's "Faithfulness, and
+options that deviate"; the docstrings below give the details.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ class ModelConfig:
     dropout: float = 0.1
     max_timestep: int = 1000
     residual: str = "ln2"  # "ln2" (reference, once experts are installed) or "standard"
-    router_hidden: tuple[int, ...] = (1024, 1024, 1024, 512)
+    router_hidden: tuple[int, ...] | None = None  # None: tied to embed_dim (4d, 4d, 4d, 2d), as the reference
+    prompt: bool = True  # False: no prompt embeddings, prompt inputs ignored (MTDT, m3dt/baselines/mtdt.py)
 
 
 class SelfAttention(nn.Module):
@@ -112,7 +114,7 @@ class PromptDecisionTransformer(nn.Module):
         super().__init__()
         self.config = config
         self.embed = TokenEmbedding(config)
-        self.embed_prompt = TokenEmbedding(config)
+        self.embed_prompt = TokenEmbedding(config) if config.prompt else None
         self.embed_ln = nn.LayerNorm(config.embed_dim)
         self.dropout = Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
@@ -137,14 +139,18 @@ class PromptDecisionTransformer(nn.Module):
 
     def forward(self, batch: Batch, last_step_only: bool = False) -> torch.Tensor:
         """Predicted actions (B, K, 8), read from each step's state token; (B, 1, 8) with `last_step_only`
-        (evaluation acts on the last step)."""
+        (evaluation acts on the last step). Without prompt embeddings the prompt fields of `batch` are unused."""
         steps = batch.states.shape[1]
         tokens = self.embed_ln(self.embed(batch.states, batch.actions, batch.returns_to_go, batch.timesteps))
-        prompt_tokens = self.embed_prompt(
-            batch.prompt_states, batch.prompt_actions, batch.prompt_returns_to_go, batch.prompt_timesteps
-        )
-        h = self.dropout(torch.cat((prompt_tokens, tokens), dim=1))
-        token_mask = torch.cat((batch.prompt_mask, batch.mask), dim=1).repeat_interleave(3, dim=1)
+        token_mask = batch.mask
+        if self.embed_prompt is not None:
+            prompt_tokens = self.embed_prompt(
+                batch.prompt_states, batch.prompt_actions, batch.prompt_returns_to_go, batch.prompt_timesteps
+            )
+            tokens = torch.cat((prompt_tokens, tokens), dim=1)
+            token_mask = torch.cat((batch.prompt_mask, batch.mask), dim=1)
+        h = self.dropout(tokens)
+        token_mask = token_mask.repeat_interleave(3, dim=1)
         attention_bias = attention_bias_for(token_mask)
         # Tokens are R, s, a per step and the action head reads the state tokens. Nothing later depends on
         # the last block's other outputs, so with `skip_unread_tokens` that block computes the read ones only.

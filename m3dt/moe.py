@@ -7,8 +7,9 @@ per layer (`torch.baddbmm`), never a Python loop over experts. Two ways to feed 
   and slice e goes through expert e only. Training one expert is the case E = 1; `--all` training of
   G experts puts every group's batch in one forward.
 - routed (stage 3): a router gives every token a weight per expert, and the block adds
-  sum_e weight_e * expert_e(token). Dense soft mixture by default (the paper); top-k renormalised gating
-  as an option (computed densely with zero weights outside the top k, which is exact and cheap for E <= 48).
+  sum_e weight_e * expert_e(token). Dense soft mixture by default (the paper); top-k gating as an option
+  (the softmax probabilities of the k largest, as Switch Transformer's gate; computed densely with zero
+  weights outside the top k, which is exact and cheap for E <= 48).
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ class StackedExperts(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, seeds: list[int] | None = None) -> None:
-        """N(0, 0.02) weights, zero biases (SPEC). With `seeds`, expert e draws from its own generator
-        seeded with seeds[e], so an expert starts the same whether trained alone or with all others."""
+        """N(0, 0.02) weights, zero biases (as the reference initialises experts). With `seeds`, expert e draws
+        from its own generator seeded with seeds[e], so an expert starts the same whether trained alone or with
+        all others."""
         self.up_bias.zero_()
         self.down_bias.zero_()
         if seeds is None:
@@ -64,8 +66,14 @@ class StackedExperts(nn.Module):
         return self.dropout(torch.baddbmm(self.down_bias, hidden, self.down_weight))
 
 
+def tied_router_hidden(embed_dim: int) -> tuple[int, ...]:
+    """The reference's router widths, tied to the model width: d -> 4d -> 4d -> 4d -> 2d -> E
+    (1024, 1024, 1024, 512 at the paper's d = 256)."""
+    return (4 * embed_dim, 4 * embed_dim, 4 * embed_dim, 2 * embed_dim)
+
+
 class Router(nn.Module):
-    """Per-token MLP d -> 1024 -> 1024 -> 1024 -> 512 -> E with ReLU; softmax over experts.
+    """Per-token MLP d -> hidden widths -> E with ReLU; softmax over experts (in `gate_weights`).
     No dropout, no LayerNorm, PyTorch's default Linear init (as the reference)."""
 
     def __init__(self, embed_dim: int, num_experts: int, hidden_sizes: tuple[int, ...]):
@@ -83,22 +91,33 @@ class Router(nn.Module):
 
 
 def gate_weights(router_logits: torch.Tensor, top_k: int) -> torch.Tensor:
-    """Softmax over experts; with top_k > 0 only the k largest logits keep weight (renormalised)."""
+    """(N, E) router logits -> (N, E) expert weights, float32 (float64 for float64 logits): the softmax over
+    all E experts (the paper's dense mixture); with 0 < top_k < E, the same probabilities kept for the k
+    largest and zero elsewhere.
+
+    Not renormalised over the k, as Switch Transformer's gate (Fedus et al., 2021): renormalised, top-1
+    weights are always exactly 1, and the router would get no gradient at all; kept as softmax
+    probabilities, every logit moves the chosen experts' weights, and k = E is the dense mixture. The
+    softmax is taken in float32 at least whatever the logits' dtype (bf16 under bf16 autocast), so the
+    weights' dtype does not depend on the device's autocast rules."""
+    dtype = torch.promote_types(router_logits.dtype, torch.float32)
+    probabilities = torch.softmax(router_logits.to(dtype), dim=-1)
     if top_k <= 0 or top_k >= router_logits.shape[-1]:
-        return torch.softmax(router_logits, dim=-1)
-    top_logits, top_index = router_logits.topk(top_k, dim=-1)
-    weights = torch.zeros_like(router_logits)
-    return weights.scatter(-1, top_index, torch.softmax(top_logits, dim=-1))
+        return probabilities
+    top_index = router_logits.topk(top_k, dim=-1).indices
+    return torch.zeros_like(probabilities).scatter(-1, top_index, probabilities.gather(-1, top_index))
 
 
 class ExpertMixture(nn.Module):
     """The expert part of one block. Without a router: assigned mode; with one: routed mode."""
 
     def __init__(self, num_experts: int, embed_dim: int, dropout: float, routed: bool, top_k: int = 0,
-                 seeds: list[int] | None = None, router_hidden: tuple[int, ...] = (1024, 1024, 1024, 512)):
+                 seeds: list[int] | None = None, router_hidden: tuple[int, ...] | None = None):
+        """`router_hidden`: the router's hidden widths; None: tied to `embed_dim` as the reference's."""
         super().__init__()
         self.experts = StackedExperts(num_experts, embed_dim, dropout, seeds)
-        self.router = Router(embed_dim, num_experts, router_hidden) if routed else None
+        hidden = router_hidden or tied_router_hidden(embed_dim)
+        self.router = Router(embed_dim, num_experts, hidden) if routed else None
         self.top_k = top_k
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
@@ -111,7 +130,7 @@ class ExpertMixture(nn.Module):
             grouped = u.reshape(num_experts, (batch // num_experts) * length, width)
             return self.experts(grouped).reshape(batch, length, width)
         tokens = u.reshape(batch * length, width)
-        weights = gate_weights(self.router(tokens), self.top_k)  # (N, E)
-        outputs = self.experts(tokens.unsqueeze(0))  # (E, N, d)
-        return torch.einsum("ne,end->nd", weights, outputs).reshape(batch, length, width)
+        weights = gate_weights(self.router(tokens), self.top_k)  # (N, E) float32
+        outputs = self.experts(tokens.unsqueeze(0))  # (E, N, d), bf16 under bf16 autocast
+        return torch.einsum("ne,end->nd", weights.to(outputs.dtype), outputs).reshape(batch, length, width)
 

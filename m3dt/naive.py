@@ -1,7 +1,7 @@
 """The reference implementation's way of running a training step, kept as the baseline of `m3dt/bench.py`.
 
 It does the same math as the project's path (tests/test_bench_paths.py checks that losses and updated
-weights agree), computed the way the authors' code computes it (SPEC section 6):
+weights agree), computed the way the authors' code computes it (README, "Speed"):
 
 - experts are a Python list of separate MLP modules called one after another; in stage 3 every expert runs
   on every token and the outputs are summed with the router's softmax weights; stage 2 holds one expert;
@@ -192,11 +192,12 @@ class NaiveSampler:
         arrays.update({f"prompt_{key}": np.stack([row[key] for row in prompt_rows]) for key in prompt_rows[0]})
         true_dims = np.arange(MAX_ACT_DIM) < task.task.act_dim
         arrays["action_mask"] = np.tile(true_dims, (len(choices), 1, 1))
+        arrays["task_index"] = np.full(len(choices), task_index)
         # One host-to-device copy per array, every step.
         return Batch(**{key: self.to_device(key, array) for key, array in arrays.items()})
 
     def to_device(self, key: str, array: np.ndarray) -> torch.Tensor:
-        dtype = torch.long if key.endswith("timesteps") else torch.float32
+        dtype = torch.long if key.endswith("timesteps") or key == "task_index" else torch.float32
         return torch.from_numpy(array).to(self.device, dtype)
 
     def act_dim(self, task_index: int) -> int:

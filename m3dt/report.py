@@ -1,6 +1,7 @@
 """The paper's tables from evaluated runs, beside the paper's published numbers, with honest statistics.
 
     python -m m3dt.report runs/paper_table1 [more run roots or run directories] [--out report]
+    python -m m3dt.report --config configs/demo.yaml      # the run directory of a stage config file
 
 Reads every `eval/*/results.json` under the given folders (written by m3dt.evaluate) and writes to --out:
   report.md    score per family and total by task count and method, by expert count, the ablations and the
@@ -14,8 +15,8 @@ seeds of a row are its results. Beside mean +- sample std over seeds, every row 
 (IQM) over all seed x task scores with a 95% stratified-bootstrap confidence interval, and the plots give
 performance profiles (fraction of seed x task scores above each threshold), both computed with `rliable`
 (Agarwal et al., 2021, "Deep RL at the edge of the statistical precipice"). A result whose checkpoint
-changed after it was evaluated (its recorded sha256, or an older file time) is left out of the tables and
-listed. Evaluations that are not the full protocol are marked wherever their numbers appear.
+changed after it was evaluated (the file's sha256 is not the one results.json recorded) is left out of the
+tables and listed. Evaluations that are not the full protocol are marked wherever their numbers appear.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import dataclasses
 import hashlib
 import json
 import sys
@@ -35,10 +37,11 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from m3dt.cli import exit_with_message
-from m3dt.config import ConfigError, read_yaml_mapping
-from m3dt.evaluate import EPISODES_PER_FAMILY
-from m3dt.run import ArtifactError, RunDir, atomic_path, file_hash, manifest_path
+from m3dt.cli import command, exit_with_message
+from m3dt.config import ArgumentParser, Config, ConfigError, load_yaml
+from m3dt.baselines.dense_sizes import parameter_count
+from m3dt.run import ArtifactError, atomic_path, file_hash, manifest_path
+from m3dt.scores import SCORE_AXIS
 from m3dt.tasks import FAMILIES, suites
 
 # The paper's published numbers (Kong et al., ICML 2025): normalised score, mean over tasks, by task count.
@@ -46,11 +49,6 @@ PAPER_TOTALS = {"M3DT": {10: 89.23, 80: 80.66, 160: 78.21},
                 "best baseline": {10: 88.92, 80: 75.70, 160: 71.65}}
 PAPER_ABLATIONS = {"M3DT w/o three-stage": {160: 71.90}, "M3DT w/o grouping": {160: 67.34}}
 PAPER_BEST_EXPERTS = {10: 8, 80: 40, 160: 40}  # the expert count that scored best at each task count
-# What each family's score is (m3dt/scores.py), for the y axes.
-FAMILY_SCORES = {"metaworld": "success rate (%)", "dmc": "mean return / 10",
-                 "ant_dir": "clip(mean return / 5, 0, 100)", "cheetah_vel": "return, -100..-30 mapped to 0..100"}
-# results.json written before it recorded method_id: the evaluator's stage names the method.
-STAGE_METHODS = {"1": "prompt-dt", "3": "m3dt", "random": "random"}
 DEFAULT_MODEL = "d256 L6"  # the paper's width and depth
 MAIN_METHODS = ("random policy", "MTDT", "Prompt-DT", "HarmoDT", "M3DT")  # the method comparison, in this order
 ABLATIONS = ("M3DT w/o three-stage", "M3DT w/o grouping")
@@ -98,48 +96,31 @@ class Result:
 def find_results(folders: list[Path]) -> list[Path]:
     paths: list[Path] = []
     for folder in folders:
-        if not folder.is_dir():
-            raise ArtifactError(f"{folder}: not a folder")
-        found = sorted(folder.glob("**/eval/*/results.json"))
+        found = sorted(folder.glob("**/eval/*/results.json")) if folder.is_dir() else []
         if not found:
-            raise ArtifactError(f"{folder}: no eval/*/results.json below it (run python -m m3dt.evaluate first)")
+            why = "run python -m m3dt.evaluate first" if folder.is_dir() else "no such folder"
+            raise ArtifactError(f"{folder}: no eval/*/results.json below it ({why})")
         paths += found
     return list(dict.fromkeys(path.resolve() for path in paths))
 
 
 def evaluation_settings(data: dict[str, Any]) -> tuple[str, bool]:
-    """("full protocol", True) or ("NOT full protocol: ...", False), from the protocol the evaluator recorded
-    (results.json from before that field: from its max_steps and per-task episode counts)."""
-    protocol = data.get("protocol")
-    if protocol is None:
-        episodes = {row["episodes"] for row in data["tasks"].values()}
-        full_episodes = all(row["episodes"] == EPISODES_PER_FAMILY[row["family"]] for row in data["tasks"].values())
-        protocol = {"full": data.get("max_steps") is None and full_episodes, "max_steps": data.get("max_steps"),
-                    "episodes": None if full_episodes else max(episodes)}
-    if protocol.get("full"):
-        return "full protocol", True
-    parts = [f"{protocol['episodes']} episodes/task" if protocol.get("episodes") else "",
-             f"<= {protocol['max_steps']} steps" if protocol.get("max_steps") else ""]
-    return "NOT full protocol (" + ", ".join(part for part in parts if part) + ")", False
-
-
-def recorded_method(data: dict[str, Any]) -> str:
-    """The --method value a results.json was evaluated with (older ones recorded the --stage)."""
-    return data.get("method_id") or STAGE_METHODS.get(str(data.get("stage")), "random")
+    """("full protocol", True) or ("NOT full protocol (...)", False), from the protocol the evaluator recorded;
+    a context with masked predicted actions (--context_actions masked, a deviation) is named too."""
+    protocol = data["protocol"]
+    settings = "full protocol"
+    if not protocol["full"]:
+        parts = [f"{protocol['episodes']} episodes/task" if protocol.get("episodes") else "",
+                 f"<= {protocol['max_steps']} steps" if protocol.get("max_steps") else ""]
+        settings = "NOT full protocol (" + ", ".join(part for part in parts if part) + ")"
+    context = data.get("context_actions", "full")
+    return settings + ("" if context == "full" else f", context actions {context}"), bool(protocol["full"])
 
 
 def checkpoint_of(run_dir: Path, data: dict[str, Any]) -> Path | None:
-    """The evaluated artifact: recorded by the evaluator, or (older results.json) the method's file."""
+    """The evaluated artifact results.json records (None: the random policy)."""
     checkpoint = data.get("checkpoint")
-    if checkpoint:
-        return run_dir / checkpoint["path"]
-    run = RunDir(run_dir)
-    method = recorded_method(data)
-    if method == "prompt-dt":
-        return run.backbone
-    if method == "m3dt":
-        return run.moe(data.get("grouping") or "gradient", int(data.get("num_experts") or 0))
-    return None if method == "random" else run.root / "baselines" / method / "model.safetensors"
+    return run_dir / checkpoint["path"] if checkpoint else None
 
 
 @lru_cache(maxsize=None)
@@ -153,18 +134,17 @@ def current_hash(path: Path) -> str:
     return cached_hash(path, stat.st_size, stat.st_mtime_ns)
 
 
-def staleness(result_path: Path, run_dir: Path, data: dict[str, Any]) -> str:
-    """Why a result no longer describes its checkpoint ("" when it does)."""
+def staleness(run_dir: Path, data: dict[str, Any]) -> str:
+    """Why a result no longer describes its checkpoint ("" when it does): the checkpoint's sha256 is no longer
+    the one results.json recorded. Results.json from before the evaluator recorded its protocol and checkpoint
+    cannot say, and are left out too."""
+    if "protocol" not in data or "method_id" not in data:
+        return "written by an older m3dt.evaluate (no protocol or checkpoint recorded)"
     checkpoint = checkpoint_of(run_dir, data)
-    if checkpoint is None:
+    if checkpoint is None or not checkpoint.is_file():  # deleted to save space, or never copied here
         return ""
-    if not checkpoint.is_file():  # deleted to save space, or never copied here: nothing to compare with
-        return ""
-    recorded = (data.get("checkpoint") or {}).get("sha256")
-    if recorded and recorded != current_hash(checkpoint):
-        return f"evaluated an older {checkpoint.relative_to(run_dir)} (sha256 differs): evaluate again"
-    if not recorded and checkpoint.stat().st_mtime > result_path.stat().st_mtime:
-        return f"older than its checkpoint {checkpoint.relative_to(run_dir)}: evaluate again"
+    if data["checkpoint"]["sha256"] != current_hash(checkpoint):
+        return f"evaluated an older {checkpoint.relative_to(run_dir)} (sha256 differs)"
     return ""
 
 
@@ -173,24 +153,12 @@ def model_size(run_dir: Path, data: dict[str, Any]) -> tuple[str, int | None]:
     checkpoint = checkpoint_of(run_dir, data)
     if checkpoint is None or not manifest_path(checkpoint).is_file():
         return "-", None
-    manifest = json.loads(manifest_path(checkpoint).read_text())
-    config = manifest.get("config", {})
-    if "embed_dim" not in config:
+    recorded = json.loads(manifest_path(checkpoint).read_text()).get("config", {})
+    if "embed_dim" not in recorded:
         return "-", None
-    return f"d{config['embed_dim']} L{config['n_layer']}", parameter_count(config, int(data.get("num_experts") or 0))
-
-
-def parameter_count(config: dict[str, Any], experts: int) -> int | None:
-    import torch
-
-    from m3dt.stages import build_model
-
-    with contextlib.suppress(KeyError, ValueError, TypeError), torch.device("meta"):
-        model = build_model(config, 0.0)
-        if experts:
-            model.install_experts(experts, routed=True)
-        return sum(parameter.numel() for parameter in model.parameters())
-    return None
+    names = {option.name for option in dataclasses.fields(Config)}
+    config = Config(**{name: value for name, value in recorded.items() if name in names})
+    return f"d{config.embed_dim} L{config.n_layer}", parameter_count(config, int(data.get("num_experts") or 0))
 
 
 def load_results(paths: list[Path]) -> list[Result]:
@@ -201,12 +169,12 @@ def load_results(paths: list[Path]) -> list[Result]:
         except json.JSONDecodeError as error:
             raise ArtifactError(f"{path}: not valid JSON ({error})") from None
         run_dir = path.parent.parent.parent  # {run_dir}/eval/{label}/results.json
-        method = data.get("method", "?")
-        evaluation, full = evaluation_settings(data)
+        flag = staleness(run_dir, data)
+        evaluation, full = evaluation_settings(data) if "protocol" in data else ("?", False)
         model, parameters = model_size(run_dir, data)
-        results.append(Result(path, run_dir, data, method, data.get("grouping") or "",
+        results.append(Result(path, run_dir, data, data.get("method", "?"), data.get("grouping") or "",
                               int(data.get("num_experts") or 0), model, parameters, evaluation, full,
-                              int(data.get("seed", 0)), staleness(path, run_dir, data)))
+                              int(data.get("seed", 0)), flag))
     return results
 
 
@@ -460,7 +428,8 @@ def report_markdown(rows: list[Row], stale: list[Result], folders: list[Path], r
     else:
         text.append("(no Prompt-DT results)")
     if stale:
-        text += ["", "## Left out", "", *[f"- {result.path}: {result.flag}" for result in stale]]
+        text += ["", "## Left out", "", "Out of date: evaluate these again.", "",
+                 *[f"- {result.path}: {result.flag}" for result in stale]]
     return "\n".join(text) + "\n"
 
 
@@ -638,7 +607,7 @@ def plot_families(path: Path, rows: list[Row], title: str, palette: dict[str, An
         axes.axhline(members[0].reference[family], color="black", linestyle="--", label="single-task DT (paper)")
         axes.set_xticks([])
         axes.set_ylim(0, 100)
-        axes.set_ylabel(FAMILY_SCORES[family])
+        axes.set_ylabel(SCORE_AXIS[family])
         axes.set_title(family, fontsize=9)
         axes.grid(alpha=0.3, axis="y")
         if index == len(present) - 1:
@@ -712,42 +681,33 @@ def build_report(folders: list[Path], out: Path, reps: int = 2000, seed: int = 0
 
 
 def parse_arguments(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m m3dt.report", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("folders", nargs="*", type=Path, help="run roots or run directories")
+    parser = ArgumentParser(prog="python -m m3dt.report", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folders", nargs="*", type=Path, help="run roots or run directories (default: --config's "
+                        "run directory)")
+    parser.add_argument("--config", help="YAML file of options (the stages' format): its run directory is reported")
     parser.add_argument("--out", type=Path, default=Path("report"), help="folder for report.md, CSVs and plots")
     parser.add_argument("--bootstrap_reps", type=int, default=2000, help="bootstrap resamples of each CI")
     parser.add_argument("--bootstrap_seed", type=int, default=0, help="numpy seed of the bootstrap")
-    parser.add_argument("--config", help="YAML file of these options (folders as a list); flags win")
     parser.add_argument("--debug", action="store_true", help="tracebacks instead of one-line errors")
     arguments = parser.parse_args(argv)
-    if arguments.config:
-        path = Path(arguments.config)
-        values = read_yaml_mapping(path, "config file")
-        known = {"folders", "out", "bootstrap_reps", "bootstrap_seed"}
-        if not set(values) <= known:
-            raise ConfigError(f"config file {path}: options must be some of {', '.join(sorted(known))}")
-        given = {action.dest for action in parser._actions if any(flag in argv for flag in action.option_strings)}
-        for name, value in values.items():
-            if name == "folders" and not arguments.folders:
-                arguments.folders = [Path(folder) for folder in value]
-            elif name not in given and name != "folders":
-                setattr(arguments, name, Path(value) if name == "out" else value)
+    if not arguments.folders and arguments.config:
+        arguments.folders = [Config(**load_yaml(arguments.config)).resolved_run_dir()]
     if not arguments.folders:
-        raise ConfigError("give at least one run root or run directory")
+        raise ConfigError("give run roots or run directories, or --config")
     if arguments.bootstrap_reps < 1:
         raise ConfigError(f"--bootstrap_reps must be at least 1, got {arguments.bootstrap_reps}")
     return arguments
 
 
+@command
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in argv
     try:
         arguments = parse_arguments(argv)
         print(build_report(arguments.folders, arguments.out, arguments.bootstrap_reps, arguments.bootstrap_seed))
     except (ArtifactError, ConfigError) as error:
-        exit_with_message(error, debug)
+        exit_with_message(error, "--debug" in argv)
     print(f"wrote {arguments.out}/report.md, report.csv, results.csv and plots")
 
 

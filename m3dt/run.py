@@ -5,6 +5,7 @@
       stage2/groups_{method}_{G}.json + groups_{method}_{G}.manifest.json
       stage2/experts_{method}_{G}/expert_{i}.safetensors + expert_{i}.manifest.json, jobs/{name}/...
       stage3/{method}_{G}/moe.safetensors, manifest.json, metrics.jsonl, train_state.pt
+      baselines/{method}/model.safetensors + model.manifest.json, data_stats.safetensors, metrics.jsonl, ...
       eval/...
 
 Every file is written atomically (temporary file in the same folder, flushed, renamed), so a reader never
@@ -33,17 +34,27 @@ class ArtifactError(ValueError):
 
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path` for the caller to create; on success fsync it and rename it over
-    `path`. The writer creates the file, so it gets the usual permissions (a mkstemp file would be 0600)."""
+    """Yield a temporary path beside `path` for the caller to create; on success fsync it, give it the
+    permissions the user's umask gives new files, and rename it over `path`. Writers differ in the mode
+    they create files with (safetensors 0.8 writes 0600, owner only), so the mode is set here, for every
+    artifact alike."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary_path = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         yield temporary_path
         with open(temporary_path, "rb") as file:
             os.fsync(file.fileno())
+        os.chmod(temporary_path, 0o666 & ~current_umask())
         os.replace(temporary_path, path)
     finally:
         temporary_path.unlink(missing_ok=True)
+
+
+def current_umask() -> int:
+    """The process's umask (reading it means setting it: set it back at once)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
 
 
 def remove_stale_temporaries(path: Path) -> None:
@@ -172,6 +183,16 @@ class RunDir:
 
     def moe(self, method: str, group_count: int) -> Path:
         return self.stage3(method, group_count) / "moe.safetensors"
+
+    # comparison methods and ablations (m3dt/baselines)
+    def baseline(self, method: str) -> Path:
+        return self.root / "baselines" / method
+
+    def baseline_model(self, method: str) -> Path:
+        return self.baseline(method) / "model.safetensors"
+
+    def baseline_data_stats(self, method: str) -> Path:
+        return self.baseline(method) / "data_stats.safetensors"
 
 
 def manifest_path(artifact: Path) -> Path:

@@ -1,19 +1,36 @@
-"""Per-task normalised scores of the evaluation protocol (SPEC section 5)."""
+"""Per-task normalised scores of the evaluation protocol (the README's "Evaluation" section)."""
 
 from __future__ import annotations
 
 import numpy as np
 
+# What a family's score is, for axis labels and tables; each is a number in [0, 100] (DMC's rewards are at
+# most 1 per simulator step, 1,000 of them per episode).
+SCORE_AXIS = {
+    "metaworld": "success rate (%)",
+    "dmc": "return / 10",
+    "ant_dir": "clip(return / 5, 0, 100)",
+    "cheetah_vel": "normalised return (0 at -100, 100 at -30)",
+}
 
-def episode_score(family: str, returns: list[float], successes: list[bool]) -> float:
+
+def episode_score(family: str, returns: list[float], successes: list[bool], steps_fraction: float = 1.0) -> float:
     """One task's score from its evaluation episodes.
 
     Meta-World: 100 x success rate (success = info['success'] at any step of the episode).
     DMC: mean return / 10, not clipped.
     ant-dir: clip(mean return / 5, 0, 100).
     cheetah-vel: 0 below a mean return of -100, 100 above -30, linear between.
+
+    `steps_fraction` is the fraction of the task's horizon the episodes were allowed (1 under the
+    protocol). The thresholds above are for full episodes, so a return-based score normalises the return
+    per allowed step: mean return / steps_fraction. Without it a random policy cut at 20 of cheetah-vel's
+    200 steps would lose about a tenth of its full-episode penalty and score 100. A Meta-World success
+    counts within the allowed steps (it cannot be scaled).
     """
-    mean_return = float(np.mean(returns))
+    if not 0.0 < steps_fraction <= 1.0:
+        raise ValueError(f"steps_fraction must be in (0, 1], got {steps_fraction}")
+    mean_return = float(np.mean(returns)) / steps_fraction
     if family == "metaworld":
         return 100.0 * float(np.mean(successes))
     if family == "dmc":

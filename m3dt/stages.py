@@ -13,27 +13,31 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
-from m3dt.cli import USER_ERRORS, exit_with_message
+from m3dt.cli import USER_ERRORS, exit_interrupted, exit_with_message
 from m3dt.config import Config, ConfigError, parse_config
-from m3dt.data import DeviceSampler, Prompts, TaskDataset
-from m3dt.grouping import gradient_features_gram, gradient_grouping, groups_to_json, random_grouping, task_gradients
+from m3dt.conflict import PLOT as CONFLICT_PLOT, GradientConflict, plot_conflict, spread_tasks
+from m3dt.data import DeviceSampler, Prompts, TaskDataset, files_fingerprint
+from m3dt.grouping import gradient_features, gradient_grouping, groups_to_json, random_grouping, task_gradients
 from m3dt.model import ModelConfig, PromptDecisionTransformer
-from m3dt.run import (ArtifactError, RunDir, check_inputs, check_model_fields, input_hashes, load_tensors,
-                      manifest_path, read_json, read_manifest, save_tensors, write_json, write_manifest)
-from m3dt.tasks import resolve_tasks
-from m3dt.train import Distributed, Job, resolve_device, start_distributed, stop_distributed, train
+from m3dt.run import (ArtifactError, RunDir, check_inputs, check_model_fields, file_hash, input_hashes,
+                      load_tensors, manifest_path, read_json, read_manifest, save_tensors, write_json, write_manifest)
+from m3dt.tasks import check_timesteps, resolve_tasks
+from m3dt.train import (METRICS, Distributed, Job, TrainingHooks, resolve_device, start_distributed, stop_distributed,
+                        train)
 
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def build_model(config: Config | dict[str, Any], dropout: float) -> PromptDecisionTransformer:
+def build_model(config: Config | dict[str, Any], dropout: float, prompt: bool = True) -> PromptDecisionTransformer:
+    """The model a config (or a manifest's config) describes; `prompt=False`: without prompt embeddings (MTDT)."""
     fields = config.model_fields() if isinstance(config, Config) else config
     return PromptDecisionTransformer(ModelConfig(
         embed_dim=fields["embed_dim"], n_layer=fields["n_layer"], n_head=fields["n_head"], dropout=dropout,
         max_timestep=fields["max_timestep"], residual=fields["residual"],
-        router_hidden=tuple(int(width) for width in fields["router_hidden"].split(",")),
+        router_hidden=tuple(int(width) for width in fields["router_hidden"].split(",")), prompt=prompt,
     ))
 
 
@@ -81,12 +85,49 @@ def load_backbone(run: RunDir, config: Config) -> PromptDecisionTransformer:
     return model
 
 
-def make_sampler(config: Config, tasks: list[str], device: torch.device, streams: list[int]) -> DeviceSampler:
+def make_sampler(config: Config, tasks: list[str], device: torch.device, streams: list[int],
+                 run: RunDir | None = None) -> tuple[DeviceSampler, dict[str, str]]:
+    """Load `tasks` from --data_path onto `device`. Returns the sampler and the per-task statistics
+    fingerprints; with `run` (stages after stage 1), they must equal what stage 1 recorded."""
+    check_timesteps(config.max_timestep, tasks)
     workers = os.cpu_count() if config.workers is None else config.workers
     dataset = TaskDataset(config.data_path, tasks, config.max_episodes, config.prompt_length, workers)
     gib = dataset.nbytes() / 2**30
     print(f"loaded {len(tasks)} tasks, {len(dataset.returns_to_go):,} transitions ({gib:.2f} GiB) from {config.data_path}")
-    return DeviceSampler(dataset, config.context_length, config.batch_size, device, streams)
+    statistics = dataset.statistics_fingerprints()
+    if run is not None:
+        compare_with_stage1(run, "statistics", statistics, f"the files under --data_path {config.data_path} hold "
+                            "other episodes (other state statistics or prompts)")
+    return DeviceSampler(dataset, config.context_length, config.batch_size, device, streams), statistics
+
+
+def data_files(config: Config, tasks: list[str], run: RunDir | None = None) -> dict[str, str]:
+    """The fingerprint of the episode files of `tasks` that --data_path and --max_episodes select (cheap:
+    names and sizes); with `run` (stages after stage 1), it must equal what stage 1 recorded."""
+    found = files_fingerprint(config.data_path, tasks, config.max_episodes)
+    if run is not None:
+        compare_with_stage1(run, "files", found, f"--data_path {config.data_path} with --max_episodes "
+                            f"{config.max_episodes} selects other episode files")
+    return found
+
+
+def compare_with_stage1(run: RunDir, kind: str, found: dict[str, str], what: str) -> None:
+    """Stages 2 and 3 train on the data stage 1 trained on (its statistics drive evaluation too)."""
+    recorded = read_json(manifest_path(run.backbone), "manifest of the stage-1 backbone").get("data")
+    if recorded is None:
+        print(f"note: {manifest_path(run.backbone)} records no data fingerprint (written by an older version); "
+              "the data is not compared with stage 1's")
+        return
+    for task, digest in found.items():
+        if recorded[kind].get(task) != digest:
+            raise ArtifactError(f"{run.backbone}: stage 1 trained on other data for {task}: {what}; give the "
+                                "--data_path and --max_episodes stage 1 used")
+
+
+def recorded_config(config: Config, device: torch.device | None) -> dict[str, Any]:
+    """The options as manifests record them: the router widths and the device resolved (None: the stage
+    used no device)."""
+    return {**vars(config), **config.model_fields(), "device": None if device is None else str(device)}
 
 
 def finished(artifact: Path, steps: int, config: Config, identity: dict[str, Any]) -> bool:
@@ -156,13 +197,18 @@ def set_up_stage(model: PromptDecisionTransformer, stage: int, num_experts: int 
     """Install what `stage` trains (stage 2: experts assigned to row groups; stage 3: all experts and a router
     per block) and freeze the rest. Returns the trainable parameters by name."""
     if stage == 1:
-        return dict(model.named_parameters())
+        return set_trainable(model, "")
     model.install_experts(num_experts, routed=stage == 3, top_k=top_k, seeds=seeds)
-    trainable_part = ".router." if stage == 3 else ".expert_mixture."
+    return set_trainable(model, ".router." if stage == 3 else ".expert_mixture.")
+
+
+def set_trainable(model: PromptDecisionTransformer, part: str) -> dict[str, torch.nn.Parameter]:
+    """Train the parameters whose name contains `part` ("" = all of them) and freeze the rest. Returns the
+    trainable parameters by name."""
     selected = {}
     for name, parameter in model.named_parameters():
-        parameter.requires_grad_(trainable_part in name)
-        if trainable_part in name:
+        parameter.requires_grad_(part in name)
+        if part in name:
             selected[name] = parameter
     return selected
 
@@ -173,23 +219,33 @@ def train_backbone(config: Config) -> Path:
     tasks = resolve_tasks(config.prefix_name, config.tasks, config.seed)
     steps = config.stage_steps(config.backbone_steps)
     distributed, device = start_distributed(config.device)
-    identity = optimisation_identity(config, tasks, distributed.world_size)
+    files = data_files(config, tasks)
+    identity = {**optimisation_identity(config, tasks, distributed.world_size), "data": files}
     if finished(run.backbone, steps, config, identity):
         print(f"stage 1 already finished ({steps} steps): {run.backbone}; --restart to train again")
         return run.backbone
     torch.manual_seed(config.seed)  # the same initial weights on every rank
-    sampler = make_sampler(config, tasks, device, [seed_rank(config, distributed)])
+    sampler, statistics = make_sampler(config, tasks, device, [seed_rank(config, distributed)])
     model = build_model(config, config.dropout).to(device)
     torch.manual_seed(seed_rank(config, distributed))  # each rank its own dropout stream
+    # a checkpoint resumes only on the same data: the same files, and (known once loaded) the same contents
+    hooks = TrainingHooks()
+    if config.conflict_every:
+        hooks = GradientConflict(model, sampler, spread_tasks(len(tasks), config.conflict_tasks),
+                                 config.conflict_every, config.conflict_batches, config.grad_clip, config.seed)
     job = Job(name="stage1", model=model, trainable=set_up_stage(model, stage=1),
               task_groups=[list(range(len(tasks)))], task_names=tasks, steps=steps, job_dir=run.stage1,
-              per_expert_clip=False, identity=identity)
+              per_expert_clip=False, identity={**identity, "data_statistics": statistics}, hooks=hooks)
     done = train(job, sampler, config, distributed)
     if not distributed.is_main:
         return run.backbone
+    if plot_conflict(run.stage1 / METRICS, run.stage1 / CONFLICT_PLOT):
+        print(f"stage 1: gradient conflict curve in {run.stage1 / CONFLICT_PLOT}")
     save_tensors(run.data_stats, data_stats(sampler.state_mean, sampler.state_std, sampler.prompts))
     save_tensors(run.backbone, model.state_dict())
-    write_manifest(run.backbone, "stage1", vars(config), tasks, [], run.root, steps_done=done, identity=identity)
+    write_manifest(run.backbone, "stage1", recorded_config(config, device), tasks, [], run.root, steps_done=done,
+                   identity=identity, data={"files": files, "statistics": statistics},
+                   data_stats_sha256=file_hash(run.data_stats))
     print(f"stage 1: wrote {run.backbone}")
     return run.backbone
 
@@ -216,34 +272,46 @@ def group_tasks(config: Config, method: str) -> Path:
             and read_json(manifest_path(path), "manifest").get("identity") == identity:
         print(f"stage 2 grouping ({method}) already finished: {path}; --restart to group again")
         return path
+    extra, device = {}, None
     if method == "random":
         groups = random_grouping(len(tasks), config.group_num, config.seed)
     else:
         device = resolve_device(config.device)
         torch.manual_seed(config.seed)
-        sampler = make_sampler(config, tasks, device, [config.seed])
+        sampler, _ = make_sampler(config, tasks, device, [config.seed], run)
         model = load_backbone(run, config).to(device)
-        gradients = task_gradients(model, sampler, len(tasks), config.grouping_gradients, config.grad_clip)
-        groups = gradient_grouping(gradient_features_gram(gradients), config.group_num, config.seed,
-                                   config.kmeans_restarts, config.kmeans_repeats, config.kmeans_iterations,
-                                   config.kmeans_tolerance)
+        print(f"task gradients on {device}")
+        gradients = task_gradients(model, sampler, list(range(len(tasks))), config.grouping_gradients, config.grad_clip)
+        features = gradient_features(gradients)
+        extra["feature_max_abs"] = float(features.abs().max())
+        grouping = gradient_grouping(features, config.group_num, config.seed, config.kmeans_restarts,
+                                     config.kmeans_repeats, config.kmeans_iterations, config.kmeans_tolerance,
+                                     config.kmeans_stop)
+        groups, steps = grouping.groups, np.array(grouping.lloyd_steps)
+        extra["kmeans_lloyd_steps"] = {"min": int(steps.min()), "median": float(np.median(steps)),
+                                       "max": int(steps.max()), "runs": len(steps)}
+        print(f"gradient features: {features.shape[0]} tasks x {features.shape[1]:,} coordinates, largest |value| "
+              f"{extra['feature_max_abs']:.3g}; k-means ({config.kmeans_stop} stop, tolerance "
+              f"{config.kmeans_tolerance:g}): Lloyd steps per run min {steps.min()}, median {np.median(steps):g}, "
+              f"max {steps.max()} over {len(steps)} runs")
     write_json(path, groups_to_json(groups, tasks))
-    write_manifest(path, f"stage2_grouping_{method}", vars(config), tasks, [run.backbone], run.root,
-                   method=method, group_num=config.group_num, identity=identity)
+    write_manifest(path, f"stage2_grouping_{method}", recorded_config(config, device), tasks, [run.backbone],
+                   run.root, method=method, group_num=config.group_num, identity=identity, **extra)
     sizes = [len(group) for group in groups]
     print(f"stage 2 grouping ({method}): {len(groups)} groups, sizes {min(sizes)}..{max(sizes)}; wrote {path}")
     return path
 
 
 def grouping_identity(config: Config, method: str, tasks: list[str], run: RunDir) -> dict[str, Any]:
-    """What a group file depends on: the method, group count and seed, the gradient method's options and
-    the backbone it read (the random split reads none)."""
+    """What a group file depends on: the method, group count and seed, the gradient method's options, the
+    backbone it read and the episode files (which must be stage 1's; the random split reads neither)."""
     identity: dict[str, Any] = {"method": method, "group_num": config.group_num, "seed": config.seed, "tasks": tasks}
     if method == "gradient":
         names = ("grouping_gradients", "kmeans_restarts", "kmeans_repeats", "kmeans_iterations", "kmeans_tolerance",
-                 "batch_size", "grad_clip", "dropout")
+                 "kmeans_stop", "batch_size", "grad_clip", "dropout")
         identity.update({name: getattr(config, name) for name in names})
         identity["inputs"] = input_hashes([run.backbone], run.root)
+        identity["data"] = data_files(config, tasks, run)
     return identity
 
 
@@ -263,14 +331,15 @@ def train_experts(config: Config) -> list[Path]:
     steps = config.stage_steps(config.expert_steps)
     identity = stage_identity(config, tasks, run, [run.backbone, groups_file])
     outputs = [run.expert(config.grouping, config.expert_num, expert) for expert in expert_ids]
+    group_tasks_needed = [task for expert in expert_ids for task in groups[expert]]
+    data_files(config, group_tasks_needed, run)
     if all(finished(output, steps, config, identity) for output in outputs):
         print(f"stage 2 experts {expert_ids} already finished ({steps} steps); --restart to train again")
         return outputs
 
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
-    group_tasks_needed = [task for expert in expert_ids for task in groups[expert]]
-    sampler = make_sampler(config, group_tasks_needed, device, [expert_seed(config, e) for e in expert_ids])
+    sampler, _ = make_sampler(config, group_tasks_needed, device, [expert_seed(config, e) for e in expert_ids], run)
     model = load_backbone(run, config)
     trainable = set_up_stage(model, stage=2, num_experts=len(expert_ids),
                              seeds=[expert_seed(config, e) for e in expert_ids])
@@ -290,8 +359,8 @@ def train_experts(config: Config) -> list[Path]:
     done = train(job, sampler, config)
     for slot, (expert, output) in enumerate(zip(expert_ids, outputs)):
         save_tensors(output, expert_tensors(model, slot))
-        write_manifest(output, "stage2_expert", vars(config), groups[expert], [run.backbone, groups_file], run.root,
-                       expert_id=expert, steps_done=done, identity=identity)
+        write_manifest(output, "stage2_expert", recorded_config(config, device), groups[expert],
+                       [run.backbone, groups_file], run.root, expert_id=expert, steps_done=done, identity=identity)
     print(f"stage 2: wrote {len(outputs)} expert(s) to {outputs[0].parent}")
     return outputs
 
@@ -302,6 +371,7 @@ def train_router(config: Config) -> Path:
     groups_file, groups = read_groups(run, config, tasks)
     output = run.moe(config.grouping, config.expert_num)
     steps = config.stage_steps(config.router_steps)
+    data_files(config, tasks, run)
     expert_files = [run.expert(config.grouping, config.expert_num, expert) for expert in range(len(groups))]
     check_experts(run, expert_files, groups_file, config)
     inputs = [run.backbone, groups_file, *expert_files]
@@ -315,7 +385,7 @@ def train_router(config: Config) -> Path:
     model = load_backbone(run, config)
     trainable = set_up_stage(model, stage=3, num_experts=len(groups), top_k=config.top_k)
     load_experts(model, expert_files)
-    sampler = make_sampler(config, tasks, device, [seed_rank(config, distributed)])
+    sampler, _ = make_sampler(config, tasks, device, [seed_rank(config, distributed)], run)
     model.to(device)
     torch.manual_seed(seed_rank(config, distributed))  # each rank its own dropout stream
     job = Job(name="stage3 router", model=model, trainable=trainable, task_groups=[list(range(len(tasks)))],
@@ -325,8 +395,8 @@ def train_router(config: Config) -> Path:
     if not distributed.is_main:
         return output
     save_tensors(output, model.state_dict())
-    write_manifest(output, "stage3", vars(config), tasks, inputs, run.root, steps_done=done, identity=identity,
-                   num_experts=len(groups), top_k=config.top_k)
+    write_manifest(output, "stage3", recorded_config(config, device), tasks, inputs, run.root, steps_done=done,
+                   identity=identity, num_experts=len(groups), top_k=config.top_k)
     print(f"stage 3: wrote {output}")
     return output
 
@@ -356,7 +426,7 @@ def load_experts(model: PromptDecisionTransformer, files: list[Path]) -> None:
 
 # ----------------------------------------------------------------------------------------------- CLI
 def run_cli(stage: Callable[[Config], Any], description: str, argv: list[str] | None = None) -> None:
-    """Parse options, run `stage`, and turn bad input into one clear line (tracebacks with --debug)."""
+    """Parse options, run `stage`, and turn bad input and Ctrl-C into one clear line (tracebacks with --debug)."""
     arguments = sys.argv[1:] if argv is None else argv
     debug = "--debug" in arguments  # until the options are parsed; then --debug from the YAML file counts too
     try:
@@ -366,3 +436,5 @@ def run_cli(stage: Callable[[Config], Any], description: str, argv: list[str] | 
         stop_distributed()
     except USER_ERRORS as error:
         exit_with_message(error, debug)
+    except KeyboardInterrupt as interrupt:
+        exit_interrupted(interrupt, debug)

@@ -20,6 +20,7 @@ STATE_STATS_FILE = REFERENCE_DIR / "mt160_state_stats.json"
 FAMILIES = ("metaworld", "dmc", "ant_dir", "cheetah_vel")
 MAX_OBS_DIM = 39  # every observation is zero-padded to this width
 MAX_ACT_DIM = 8  # every action is zero-padded to this width
+MT1_GOALS = 50  # goals that one seeded metaworld.MT1 samples per task: Meta-World episodes per seed
 
 
 class TaskError(ValueError):
@@ -111,3 +112,14 @@ def resolve_tasks(prefix_name: str | None, tasks: str | None, seed: int) -> list
     for name in names:
         get_task(name)
     return names
+
+
+def check_timesteps(max_timestep: int, task_names: list[str]) -> None:
+    """Timesteps run from 0 to horizon - 1 in training (the data's are capped there, as the reference caps
+    them), in the prompts and in evaluation; the timestep embedding of `max_timestep` entries must hold each.
+    Raises TaskError naming the task with the longest horizon."""
+    longest = max((get_task(name) for name in task_names), key=lambda task: task.horizon)
+    if max_timestep < longest.horizon:
+        raise TaskError(f"--max_timestep {max_timestep} is below the horizon of {longest.name} ({longest.horizon} "
+                        f"steps): training, prompts and evaluation use timesteps up to {longest.horizon - 1}; "
+                        f"use --max_timestep {longest.horizon} or more (the reference uses 1000)")

@@ -1,5 +1,6 @@
-"""The one training loop every stage uses. Stages differ only in what is trainable, which tasks each step
-draws, and whether gradients are clipped globally or per expert.
+"""The one training loop every stage and comparison method uses. They differ only in what is trainable,
+which tasks each step draws, whether gradients are clipped globally or per expert, and the hooks a method
+adds around the update (`TrainingHooks`: HarmoDT's task masks, the stage-1 gradient-conflict measure).
 
 Each step draws one task per row group round-robin (`task = tasks[step % n_tasks]`), a batch of 16 segments
 from it, and takes one AdamW step with linear warmup and global-norm clipping at 0.25. `--all` expert
@@ -18,10 +19,10 @@ from __future__ import annotations
 import gc
 import os
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -37,10 +38,38 @@ from m3dt.run import (ArtifactError, append_jsonl, load_checkpoint, remove_stale
 
 TRAIN_STATE = "train_state.pt"
 METRICS = "metrics.jsonl"
+# How a resume refusal names the parts of a job's identity that are not an option of their own.
+IDENTITY_NAMES = {"data": "data (--data_path, --max_episodes: other episode files)",
+                  "data_statistics": "data (the same files with other contents: other per-task statistics)"}
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss or gradient); the message says where and what to resume from."""
+
+
+class TrainingHooks:
+    """What a method adds to the step of the loop; the default adds nothing. HarmoDT masks the weights per
+    task around each update (m3dt/baselines/harmodt.py); stage 1 can measure gradient conflict
+    (m3dt/conflict.py). A hook's state is saved in the checkpoint with the weights and restored on resume."""
+
+    def before_forward(self, task_indices: torch.Tensor) -> None:
+        """Before the step's forward; `task_indices` (G,): the task of each row group."""
+
+    def before_update(self) -> None:
+        """Gradients are computed and clipped; the optimizer has not stepped yet."""
+
+    def after_update(self) -> None:
+        """The optimizer has stepped."""
+
+    def after_step(self, step: int) -> dict[str, float]:
+        """`step` steps are done. Returns metrics to log at this step (none by default)."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
 
 
 @dataclass
@@ -56,6 +85,7 @@ class Job:
     job_dir: Path
     per_expert_clip: bool  # trainable parameters are stacked per expert (leading dim = row groups)
     identity: dict[str, Any]  # what must match for a checkpoint to be resumed
+    hooks: TrainingHooks = field(default_factory=TrainingHooks)  # what the method adds to each step
 
 
 @dataclass(frozen=True)
@@ -134,19 +164,32 @@ def build_optimizer(parameters: list[nn.Parameter], config: Config) -> torch.opt
 
 
 def rng_state(sampler: DeviceSampler) -> dict[str, Any]:
+    """Every random stream of the training device: torch's CPU generator, the sampler's streams and, on a
+    GPU, that GPU's default generator (dropout), which is the training device's, not the current device's."""
+    device = sampler.device
     # One tensor per generator: Generator.set_state crashes (segfault) on a row view of a stacked tensor.
-    state = {"torch": torch.get_rng_state(), "sampler": [generator.get_state() for generator in sampler.generators]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
+    state = {"device": device.type, "torch": torch.get_rng_state(),
+             "sampler": [generator.get_state() for generator in sampler.generators]}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
+
+
+def check_rng_device(state: dict[str, Any], device: torch.device, path: Path) -> None:
+    """CPU and CUDA generators have different states and streams, so a checkpoint resumes only on the device
+    type it was trained on; a CUDA state moves between GPUs unchanged (cuda:0 -> cuda:1 is fine)."""
+    saved = state.get("device", "an unrecorded device")
+    if saved != device.type:
+        raise ArtifactError(f"{path}: checkpoint was trained on {saved}; its random streams cannot continue on "
+                            f"{device}: rerun with --device {saved} to resume, or --restart")
 
 
 def restore_rng_state(state: dict[str, Any], sampler: DeviceSampler) -> None:
     torch.set_rng_state(state["torch"])
     for generator, generator_state in zip(sampler.generators, state["sampler"]):
         generator.set_state(generator_state)
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+    if sampler.device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], sampler.device)
 
 
 def start_wandb(config: Config, job: Job):
@@ -163,16 +206,20 @@ def autocast_for(device: torch.device, precision: str):
 
 def train_step(model: Callable[[Batch], torch.Tensor], batch: Batch, groups: int, optimizer: torch.optim.Optimizer,
                scheduler: torch.optim.lr_scheduler.LambdaLR, parameters: list[nn.Parameter], max_norm: float,
-               per_expert_clip: bool, autocast) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimisation step on one batch. Returns the loss and the largest gradient norm (before clipping),
-    left on the device so that the loop never waits for it."""
+               per_expert_clip: bool, autocast, hooks: TrainingHooks = TrainingHooks(),
+               task_indices: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step on one batch of the tasks `task_indices` (one per row group). Returns the loss
+    and the largest gradient norm (before clipping), left on the device so that the loop never waits for it."""
+    hooks.before_forward(task_indices)
     with autocast:
         predicted = model(batch)
     loss = action_loss(predicted.float(), batch, groups)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norms = clip_gradients(parameters, max_norm, per_expert_clip)
+    hooks.before_update()
     optimizer.step()
+    hooks.after_update()
     scheduler.step()
     return loss.detach(), grad_norms.detach().max()  # max propagates NaN
 
@@ -198,6 +245,11 @@ def train(job: Job, sampler: DeviceSampler, config: Config, distributed: Distrib
         truncate_jsonl(job.job_dir / METRICS, start)
     if start >= job.steps:
         return start
+    if distributed.is_main:
+        print(f"[{job.name}] training on {device} ({config.precision}), steps {start}..{job.steps}")
+        if job.steps < config.warmup_steps:
+            print(f"[{job.name}] note: {job.steps} steps end inside the {config.warmup_steps}-step warmup: the "
+                  f"learning rate reaches only {job.steps / config.warmup_steps:.1%} of {config.learning_rate:g}")
 
     autocast = autocast_for(device, config.precision)
     run = start_wandb(config, job) if config.wandb and distributed.is_main else None
@@ -210,17 +262,19 @@ def train(job: Job, sampler: DeviceSampler, config: Config, distributed: Distrib
     window_start = time.perf_counter()
     # closed on an error too, so that the error message starts on a line of its own
     with tqdm(range(start, job.steps), desc=job.name, initial=start, total=job.steps, dynamic_ncols=True,
-              disable=not distributed.is_main) as progress:
+              disable=not distributed.is_main) as progress, say_where_interrupted(job, progress, state_file):
         for step in progress:
             task_indices = table[group_index, round_robin_position(step, distributed) % lengths]
             batch = sampler.sample(task_indices)
             loss, grad_norm = train_step(model, batch, groups, optimizer, scheduler, parameters, config.grad_clip,
-                                         job.per_expert_clip, autocast)
+                                         job.per_expert_clip, autocast, job.hooks, task_indices)
             window_losses.append(loss)
             window_grad_norms.append(grad_norm)
 
             done = step + 1
-            if done % config.log_every == 0 or done % config.save_every == 0 or done == job.steps:
+            extra_metrics = job.hooks.after_step(done)
+            if (done % config.log_every == 0 or done % config.save_every == 0 or done == job.steps
+                    or extra_metrics):
                 window = torch.stack([torch.stack(window_losses) / groups, torch.stack(window_grad_norms)])
                 if distributed.world_size > 1:  # every rank sees the same numbers, so all stop together
                     dist.all_reduce(window)
@@ -229,7 +283,7 @@ def train(job: Job, sampler: DeviceSampler, config: Config, distributed: Distrib
                 check_finite(losses, grad_norms, done - len(losses), job, table, lengths, distributed)
                 elapsed = time.perf_counter() - window_start
                 record = {"step": done, "loss": losses.mean().item(), "lr": scheduler.get_last_lr()[0],
-                          "steps_per_second": len(losses) / max(elapsed, 1e-9)}
+                          "steps_per_second": len(losses) / max(elapsed, 1e-9), **extra_metrics}
                 if distributed.is_main:
                     append_jsonl(job.job_dir / METRICS, record)
                 progress.set_postfix(loss=f"{record['loss']:.4f}", steps_per_s=f"{record['steps_per_second']:.1f}")
@@ -241,6 +295,29 @@ def train(job: Job, sampler: DeviceSampler, config: Config, distributed: Distrib
     if run is not None:
         run.finish()
     return job.steps
+
+
+@contextmanager
+def say_where_interrupted(job: Job, progress: tqdm, state_file: Path) -> Iterator[None]:
+    """Turn Ctrl-C into a KeyboardInterrupt that says at which step training stopped and from which
+    checkpoint the same command resumes (m3dt/cli.py prints it as one line)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        saved = checkpoint_step(state_file)
+        # the bar counts a step once the next begins, so a step just saved may not be counted yet
+        where = f"[{job.name}] stopped at step {max(progress.n, saved or 0)} of {job.steps}"
+        if saved is None:
+            raise KeyboardInterrupt(f"{where}; no checkpoint yet (one every --save_every steps): rerunning the "
+                                    "same command starts this stage over") from None
+        raise KeyboardInterrupt(f"{where}; rerun the same command to resume from step {saved} ({state_file})") from None
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step of the checkpoint at `path` (None: there is none), read without loading its tensors."""
+    if not path.exists():
+        return None
+    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"])
 
 
 def round_robin_position(step: int, distributed: Distributed) -> int:
@@ -285,6 +362,7 @@ def save_train_state(path: Path, job: Job, optimizer, scheduler, sampler: Device
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "rng": rng_states,
+        "hooks": job.hooks.state_dict(),
     })
 
 
@@ -292,9 +370,13 @@ def resume(path: Path, job: Job, optimizer, scheduler, sampler: DeviceSampler, d
     state = load_checkpoint(path)
     saved = state.get("identity", {})
     changed = [name for name, value in job.identity.items() if saved.get(name) != value]
+    if "data" in changed and "data_statistics" in changed:  # other files have other statistics: say it once
+        changed.remove("data_statistics")
+    changed = [IDENTITY_NAMES.get(name, name) for name in changed]
     if changed:
         raise ArtifactError(f"{path}: checkpoint was made with another {', '.join(changed)}; "
                             f"rerun with --restart to start over")
+    check_rng_device(state["rng"][distributed.rank], sampler.device, path)
     with torch.no_grad():
         for name, parameter in job.trainable.items():
             if name not in state["trainable"] or state["trainable"][name].shape != parameter.shape:
@@ -303,6 +385,7 @@ def resume(path: Path, job: Job, optimizer, scheduler, sampler: DeviceSampler, d
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     restore_rng_state(state["rng"][distributed.rank], sampler)
+    job.hooks.load_state_dict(state.get("hooks", {}))
     return int(state["step"])
 
 

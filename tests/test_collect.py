@@ -18,6 +18,7 @@ from m3dt.collect import (
     episode_env,
     is_termination,
     main,
+    mt1_goal_blocks,
     train_expert,
 )
 from m3dt.data import TaskDataset, load_episode
@@ -69,8 +70,11 @@ def test_summary_reports_returns_success_and_score(data_root):
     assert summary["cheetah-vel-3"]["settings"]["policy"] == "sac cheetah_vel at 60 steps"
     cheetah = summary["cheetah-vel-3"]
     assert cheetah["success_rate"] is None
-    assert cheetah["score"] == episode_score("cheetah_vel", [cheetah["mean_return"]], [])
+    # scored on the scale of full episodes (the return per allowed step), as evaluation scores cut episodes
+    assert cheetah["score"] == episode_score("cheetah_vel", [cheetah["mean_return"]], [], steps_fraction=STEPS / 200)
     assert 0.0 <= summary["reach-v2"]["success_rate"] <= 1.0
+    # the goals used: 0..2 of MT1 seeded with 7, which evaluation with --seed 7 would meet again
+    assert summary["reach-v2"]["mt1_goals"] == [{"seed": 7, "goals": 3}] and "mt1_goals" not in cheetah
 
 
 def test_resume_recollects_only_the_missing_episode_identically(data_root):
@@ -115,6 +119,10 @@ def test_metaworld_goals_follow_mt1_then_fresh_blocks_of_50():
     first = episode_env(task, 3, seed=5).reset()
     np.testing.assert_array_equal(first, make_env("reach-v2", 3, seed=5).reset())
     assert not np.allclose(episode_env(task, 53, seed=5).reset()[goal], first[goal])
+    # collect.json's record of 120 episodes: two full MT1 blocks and 20 goals of a third
+    blocks = mt1_goal_blocks(5, 120)
+    assert [block["goals"] for block in blocks] == [50, 50, 20] and blocks[0]["seed"] == 5
+    assert episode_env(task, 53, seed=5).seed == blocks[1]["seed"] != blocks[2]["seed"]
 
 
 def test_only_an_env_ending_before_the_horizon_is_a_terminal():

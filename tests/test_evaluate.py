@@ -1,17 +1,23 @@
-"""The evaluator end to end on a tiny run directory, one task of each family, short horizon."""
+"""The evaluator end to end on a tiny run directory, one task of each family, short horizon; what its outputs
+say; the context it keeps; failures as one line; goals shared with the training data."""
 
+import csv
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from m3dt.config import Config
-from m3dt.evaluate import ModelPolicy, Rollout, evaluate, load_policy, load_statistics, main, run_rollouts
-from m3dt.run import RunDir
+from m3dt.collect import collect, mt1_goal_blocks
+from m3dt.config import Config, parse_config
+from m3dt.envs import TaskEnv
+from m3dt.evaluate import (EnvFailure, ModelPolicy, RandomPolicy, Rollout, evaluate, load_policy, load_statistics, main,
+                           run_rollouts)
+from m3dt.run import RunDir, file_hash
+from m3dt.scores import episode_score
 from m3dt.stages import train_backbone
 from m3dt.tasks import get_task
-from tests.conftest import SMALL_TASKS
+from tests.conftest import REPO, SMALL_TASKS
 
 ONE_PER_FAMILY = ["reach-v2", "walker-walk", "ant-dir-2", "cheetah-vel-8"]
 
@@ -25,26 +31,111 @@ def tiny_run(small_data, tmp_path_factory):
     return run_dir
 
 
-def test_evaluate_cli_writes_results_table_and_plots(tiny_run, capsys):
-    main(["--run_dir", str(tiny_run), "--stage", "1", "--tasks", ",".join(ONE_PER_FAMILY), "--episodes", "2",
-          "--max_steps", "8", "--workers", "2", "--device", "cpu"])
-    out_dir = tiny_run / "eval" / "stage1"
+def test_evaluate_cli_takes_a_config_file_and_labels_a_short_evaluation_everywhere(tiny_run, tmp_path, capsys):
+    config_file = tmp_path / "eval.yaml"  # the stages' format; flags win over it
+    config_file.write_text(f"run_dir: {tiny_run}\ntasks: {','.join(ONE_PER_FAMILY)}\neval_episodes: 2\n"
+                           "eval_max_steps: 30\nworkers: 2\ndevice: cpu\nembed_dim: 32\n")
+    main(["--config", str(config_file), "--stage", "1", "--max_steps", "8"])
+    out_dir = tiny_run / "eval" / "stage1_episodes2_steps8"  # a quick check never overwrites eval/stage1
     results = json.loads((out_dir / "results.json").read_text())
     assert list(results["tasks"]) == ONE_PER_FAMILY
     assert set(results["families"]) == {"metaworld", "dmc", "ant_dir", "cheetah_vel"}
     for row in results["tasks"].values():
-        assert row["episodes"] == 2 and row["steps_mean"] == 8 and np.isfinite(row["score"])
+        assert row["episodes"] == 2 and row["steps_mean"] == 8 and row["max_steps"] == 8 and np.isfinite(row["score"])
+        assert row["full_protocol"] is False
     assert results["total"]["score"] == pytest.approx(np.mean([row["score"] for row in results["tasks"].values()]))
-    assert (out_dir / "results.csv").read_text().count("\n") == 5
+    backbone = tiny_run / "stage1" / "backbone.safetensors"
+    assert results["checkpoint"] == {"path": "stage1/backbone.safetensors", "sha256": file_hash(backbone)}
+    assert (results["method"], results["method_id"], results["grouping"], results["num_experts"]) == ("Prompt-DT", "prompt-dt", None, 0)
+    assert results["seed"] == 0 and results["context_actions"] == "full"
+    assert results["protocol"] == {
+        "full": False, "episodes": 2, "max_steps": 8,
+        "note": "Not the full evaluation protocol: 2 episode(s) per task instead of the protocol's (Meta-World 10, "
+                "DMC 10, ant-dir 1, cheetah-vel 1); episodes cut at 8 of 200/500 steps (returns scaled by horizon / 8 "
+                "before normalisation, Meta-World success within 8 steps)."}
+    rows = list(csv.DictReader((out_dir / "results.csv").open()))
+    assert len(rows) == 4 and {row["full_protocol"] for row in rows} == {"False"} and rows[0]["max_steps"] == "8"
+    printed = capsys.readouterr().out
+    for text in (printed, (out_dir / "table.md").read_text()):
+        assert "**Not the full evaluation protocol: 2 episode(s) per task" in text
+        assert "| **total** | 4 |" in text and "| family | tasks | Prompt-DT (not full protocol) |" in text
     assert all((out_dir / f"scores_{family}.png").stat().st_size > 1000 for family in results["families"])
-    assert "| **total** | 4 |" in capsys.readouterr().out
 
 
-def test_batched_and_one_at_a_time_rollouts_agree(tiny_run):
+def test_random_policy_cut_short_on_cheetah_vel_is_scored_on_the_full_episode_scale(tiny_run):
+    """A random policy at --max_steps 20 scored 100.00 on cheetah-vel: the 200-step thresholds (-100, -30)
+    applied to a 20-step return. Normalised per allowed step it scores what full episodes give, 0."""
+    cut = evaluate(str(tiny_run), "random", tasks="cheetah-vel-8", max_steps=20, workers=0)["tasks"]["cheetah-vel-8"]
+    full = evaluate(str(tiny_run), "random", tasks="cheetah-vel-8", workers=0)["tasks"]["cheetah-vel-8"]
+    assert -30 < cut["return_mean"] < 0  # above -30: the unscaled normalisation gives 100
+    assert episode_score("cheetah_vel", [cut["return_mean"]], [False]) == 100.0
+    assert cut["score"] == full["score"] == 0.0 and full["return_mean"] < -100
+    assert not cut["full_protocol"] and full["full_protocol"]
+    assert episode_score("cheetah_vel", [-5.0], [False], steps_fraction=0.1) == pytest.approx(71.4285714)
+    assert episode_score("dmc", [50.0], [False], steps_fraction=0.5) == 10.0
+    assert episode_score("metaworld", [0.0], [True], steps_fraction=0.5) == 100.0
+
+
+def test_context_holds_the_full_predicted_action_unless_masked(tiny_run, monkeypatch):
+    """The reference stores all 8 predicted dims in the context; the env gets the first act_dim."""
     run = RunDir(tiny_run)
     model, manifest = load_policy(run, 1, "gradient", 0)
     model.double()
     statistics = load_statistics(run)
+    rollouts = [Rollout(get_task("reach-v2"), manifest["tasks"].index("reach-v2"), 0)]  # act_dim 4
+    received = []
+    step = TaskEnv.step
+    monkeypatch.setattr(TaskEnv, "step", lambda env, action: received.append(np.array(action)) or step(env, action))
+    actions = {}
+    for mode in ("full", "masked"):
+        policy = ModelPolicy(model, statistics, rollouts, 20, torch.device("cpu"), torch.float64)
+        actions[mode] = run_rollouts(policy, statistics, rollouts, seed=0, workers=0, max_steps=3,
+                                     context_actions=mode)["actions"][0]
+    assert np.abs(actions["full"][:, 4:]).min() > 1e-4  # the model's outputs beyond act_dim, kept in the context
+    assert not actions["masked"][:, 4:].any()
+    np.testing.assert_array_equal(actions["full"][0, :4], actions["masked"][0, :4])
+    assert np.abs(actions["full"][1, :4] - actions["masked"][1, :4]).max() > 1e-7  # the second step sees them
+    assert [action.shape for action in received] == [(4,)] * 6
+    np.testing.assert_array_equal(np.stack(received[:3]), actions["full"][:, :4])
+
+
+def test_env_failure_in_a_worker_is_one_line(tiny_run):
+    statistics = load_statistics(RunDir(tiny_run))
+    rollouts = [Rollout(get_task("reach-v2"), 0, episode=50)]  # MT1 has goals 0-49; evaluate() refuses this
+    for workers in (0, 1):
+        with pytest.raises(EnvFailure) as raised:
+            run_rollouts(RandomPolicy(0), statistics, rollouts, seed=0, workers=workers, max_steps=2)
+        assert str(raised.value) == ("reach-v2 episode 50: building the env failed: ValueError: reach-v2: episode 50 "
+                                     "has no goal; MT1 samples 50 goals per seed (use another seed for more)")
+
+
+def test_evaluation_warns_when_its_goals_are_training_goals(tmp_path, capsys):
+    """The demo's old setting: data collected with seed 0 and evaluation on the MT1 goals of seed 0 (5 of the
+    5 evaluation goals of reach-v2 were training goals)."""
+    data, run_dir = tmp_path / "data", tmp_path / "run"
+    collect(["reach-v2"], episodes=5, out=data, seed=0, noise=0.1, workers=0, max_steps=8)
+    train_backbone(Config(tasks="reach-v2", data_path=str(data), run_dir=str(run_dir), embed_dim=16, n_layer=1,
+                          n_head=1, max_iters=1, device="cpu", workers=0))
+    capsys.readouterr()
+    shared = evaluate(str(run_dir), "random", episodes=5, max_steps=2, workers=0, seed=0)["shared_goals"]
+    assert shared == {"collect_json": str(data / "collect.json"), "evaluation_goals": 5, "shared": 5,
+                      "tasks": {"reach-v2": 5}}
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: 5 of 5 Meta-World evaluation goals are goals of the training data (1 task(s), "
+                        f"{data / 'collect.json'}): the scores measure memorisation; evaluate with another --seed or "
+                        "collect the data with another seed"]
+    apart = evaluate(str(run_dir), "random", episodes=5, max_steps=2, workers=0, seed=1)["shared_goals"]
+    assert apart["shared"] == 0 and "warning:" not in capsys.readouterr().err
+    # the demo now collects on the goals of demo_collect_seed, evaluates on those of its seed
+    demo = parse_config("", ["--config", str(REPO / "configs" / "demo.yaml")])
+    assert all(block["seed"] != demo.seed for block in mt1_goal_blocks(demo.demo_collect_seed, demo.demo_episodes))
+
+
+def test_batched_and_one_at_a_time_rollouts_agree(tiny_run):
+    run = RunDir(tiny_run)
+    model, manifest = load_policy(run, "prompt-dt", "gradient", 0)
+    model.double()
+    statistics = load_statistics(run.data_stats)
     trained = manifest["tasks"]
     rollouts = [Rollout(get_task(name), trained.index(name), episode) for name in ONE_PER_FAMILY for episode in (0, 1)]
 
@@ -76,8 +167,8 @@ def test_waves_give_the_same_results(tiny_run):
 
 def test_random_policy_baseline(tiny_run):
     results = evaluate(str(tiny_run), "random", tasks="reach-v2,cheetah-vel-8", episodes=2, max_steps=6, workers=0)
-    assert results["method"] == "random policy"
-    assert (tiny_run / "eval" / "random" / "results.json").exists()
+    assert (results["method"], results["method_id"], results["checkpoint"]) == ("random policy", "random", None)
+    assert (tiny_run / "eval" / "random_episodes2_steps6" / "results.json").exists()
 
 
 def test_unknown_stage_artifact_is_a_clear_error(tiny_run, capsys):

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from m3dt.experiment import (dry_run, estimate_hours, job_status, levels, load_benches, load_grid, main, plan_jobs,
-                             shard_jobs, slurm_dependency)
+                             planned_steps, shard_jobs, slurm_dependency)
 from m3dt.report import build_report
 from m3dt.synthetic import make_dataset
 from tests.conftest import REPO
@@ -75,8 +75,8 @@ def task_scores(run_root: Path) -> dict[str, dict]:
 
 def test_grid_runs_every_job_into_the_report(finished_grid, tmp_path):
     evaluated = task_scores(finished_grid)
-    assert sorted(evaluated) == [f"loco_seed{seed}/eval/{label}/results.json" for seed in (0, 1)
-                                 for label in ("stage1", "stage3_gradient_2")]
+    assert sorted(evaluated) == [f"loco_seed{seed}/eval/{label}_episodes1_steps5/results.json" for seed in (0, 1)
+                                 for label in ("stage1", "stage3_gradient_2")]  # short evaluations: own folders
     for seed in (0, 1):  # M3DT and Prompt-DT of a seed share one stage-1 backbone
         manifest = json.loads((finished_grid / f"loco_seed{seed}/stage3/gradient_2/moe.manifest.json").read_text())
         assert "stage1/backbone.safetensors" in manifest["inputs"] and manifest["config"]["seed"] == seed
@@ -124,7 +124,7 @@ def test_slurm_launcher_through_submitits_local_executor(grid_file, monkeypatch)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     main([str(grid), "--run_root", str(run_root), "--launcher", "slurm", "--cluster", "local"])
     run = run_root / "loco_seed0"
-    assert json.loads((run / "eval" / "stage1" / "results.json").read_text())["total"]["tasks"] == 3
+    assert json.loads((run / "eval" / "stage1_episodes1_steps5" / "results.json").read_text())["total"]["tasks"] == 3
     logs = {path.name: path.read_text() for path in (run / "logs").iterdir()}
     assert sorted(logs) == ["evaluate_prompt-dt.log", "stage_1_backbone.log"]
     assert "python stage1_backbone_train.py" in logs["stage_1_backbone.log"]
@@ -171,3 +171,40 @@ def test_grid_file_errors_are_one_line(tmp_path, capsys, content, message):
     error = capsys.readouterr().err
     assert stop.value.code == 2 and message in error and str(path) in error
     assert error.count("\n") == 1 and "Traceback" not in error
+
+
+def test_comparison_methods_through_the_grid(grid_file, one_thread, tmp_path):
+    """MTDT, HarmoDT, the two ablations and the random policy train and evaluate through a grid (each
+    method's steps and stage-1 dependency from its module in m3dt/baselines) and reach the report."""
+    grid = tmp_path / "baselines.yaml"
+    text = grid_file.read_text().replace("seeds: [0, 1]", "seeds: [0]").replace("backbone_steps: 60", "backbone_steps: 20")
+    grid.write_text(text.split("runs:")[0].replace("router_steps: 10,", "router_steps: 10, harmodt_steps: 20,")
+                    + "runs:\n  - method: random\n  - method: mtdt\n  - method: harmodt\n"
+                      "  - {method: m3dt-end2end, experts: [2]}\n  - {method: m3dt-no-grouping, experts: [2]}\n")
+    plan = plan_jobs(load_grid(grid), tmp_path / "runs", {})
+    steps = {job.method: planned_steps(job) for job in plan if job.kind == "baseline"}
+    assert steps == {"mtdt": 20, "harmodt": 20, "m3dt-end2end": 40, "m3dt-no-grouping": 20}
+    main([str(grid), "--run_root", str(tmp_path / "runs")])
+    run = tmp_path / "runs" / "loco_seed0"
+    inputs = {method: json.loads((run / "baselines" / method / "model.manifest.json").read_text())["inputs"]
+              for method in steps}
+    assert list(inputs.pop("m3dt-no-grouping")) == ["stage1/backbone.safetensors"]  # after stage 1
+    assert all(not recorded for recorded in inputs.values())  # the others train from scratch
+    text = build_report([tmp_path / "runs"], tmp_path / "report", reps=50)
+    for name in ("random policy", "MTDT", "HarmoDT", "M3DT w/o three-stage", "M3DT w/o grouping"):
+        assert f"| {name} |" in text
+
+
+def test_ctrl_c_in_a_job_stops_the_grid(grid_file, monkeypatch, tmp_path, capsys):
+    """A stage stopped by Ctrl-C exits with 130 after saying where it stopped: the grid stops with it rather
+    than counting a failed job and going on to the next."""
+    called = []
+
+    def interrupted_stage(flags):
+        called.append(flags)
+        raise SystemExit(130)
+
+    monkeypatch.setattr("m3dt.experiment.entry_point", lambda job: interrupted_stage)
+    with pytest.raises(SystemExit) as stop:
+        main([str(grid_file), "--run_root", str(tmp_path / "runs")])
+    assert stop.value.code == 130 and len(called) == 1 and "grid finished" not in capsys.readouterr().out

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from m3dt.data import Batch
 from m3dt.model import ModelConfig, PromptDecisionTransformer, action_loss
@@ -25,6 +26,7 @@ def random_batch(rows: int, steps: int = 20, prompt_steps: int = 5, padded: int 
         prompt_timesteps=torch.randint(0, 500, (rows, prompt_steps), generator=generator),
         prompt_mask=torch.ones(rows, prompt_steps),
         action_mask=(torch.arange(8) < 4).float().expand(rows, 1, 8),
+        task_index=torch.zeros(rows, dtype=torch.long),
     )
 
 
@@ -149,3 +151,51 @@ def test_loss_uses_only_valid_steps_and_true_action_dims():
     assert action_loss(predicted, batch).item() == 0.0
     predicted[:, 5:, :4] += 0.5
     assert action_loss(predicted, batch).item() == pytest.approx(0.25)
+
+
+class SoftmaxInFloat32AsCudaAutocast(TorchFunctionMode):
+    """CUDA's bf16 autocast computes softmax in float32 (CPU autocast does not): emulated here, so that a
+    machine without a GPU sees the dtypes a GPU run sees."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.softmax, torch.Tensor.softmax, F.softmax) and args[0].dtype == torch.bfloat16:
+            args = (args[0].float(), *args[1:])
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 4])
+def test_gate_weights_are_softmax_probabilities_of_the_top_k(top_k):
+    logits = torch.randn(50, 4, dtype=torch.float64)
+    probabilities = torch.softmax(logits, dim=-1)
+    kept = probabilities >= probabilities.topk(top_k, dim=-1).values[:, -1:]
+    torch.testing.assert_close(gate_weights(logits, top_k), torch.where(kept, probabilities, 0.0), rtol=0, atol=0)
+    assert gate_weights(logits.bfloat16(), top_k).dtype == torch.float32
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 4])
+def test_every_router_parameter_gets_a_gradient(top_k):
+    """Renormalised top-1 weights are constantly 1: the router would never train (issue: router weights the
+    same after 1 and 8 steps)."""
+    torch.manual_seed(0)
+    mixture = ExpertMixture(4, 16, dropout=0.0, routed=True, top_k=top_k, router_hidden=(32, 32))
+    u = torch.randn(8, 10, 16)
+    ((mixture(u) - torch.randn(8, 10, 16)) ** 2).mean().backward()
+    for name, parameter in mixture.router.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+    assert (mixture.router.network[-1].bias.grad != 0).all()  # every expert's logit
+
+
+@pytest.mark.parametrize("top_k", [0, 1, 2])
+def test_routed_mixture_under_bf16_autocast_with_float32_softmax(top_k):
+    """The dtypes of a CUDA bf16 autocast run: bf16 router logits, a float32 softmax, float32 weights."""
+    torch.manual_seed(0)
+    mixture = ExpertMixture(4, 16, dropout=0.0, routed=True, top_k=top_k, router_hidden=(32,))
+    u = torch.randn(2, 5, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16), SoftmaxInFloat32AsCudaAutocast():
+        logits = mixture.router(u.reshape(10, 16))
+        assert logits.dtype == torch.bfloat16 and gate_weights(logits, top_k).dtype == torch.float32
+        output = mixture(u)
+    output.float().sum().backward()
+    torch.testing.assert_close(output.float(), mixture(u), rtol=0.05, atol=0.05)
+    assert all(parameter.grad is not None for parameter in mixture.router.parameters())

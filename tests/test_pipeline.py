@@ -1,14 +1,21 @@
 """Every stage script through its command line, each stage consuming what the previous one wrote."""
 
+import fcntl
 import json
 import os
+import signal
+import stat
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from m3dt.config import parse_config
+from m3dt.stages import group_tasks
 from tests.conftest import REPO, SMALL_TASKS
 
 TINY = ["--embed_dim", "32", "--n_layer", "2", "--n_head", "2", "--warmup_steps", "5", "--log_every", "20",
@@ -29,8 +36,12 @@ def run_stage(script: str, *args: str, check: bool = True) -> subprocess.Complet
 def pipeline_run(small_data, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
     common = [*TINY, "--data_path", str(small_data), "--run_dir", str(run_dir)]
-    run_stage("stage1_backbone_train.py", "--tasks", ",".join(SMALL_TASKS), "--max_iters", "200", *common)
-    return run_dir, common
+    previous = os.umask(0o022)  # the stages inherit it; every file they write must be 0644 (readable by all)
+    try:
+        run_stage("stage1_backbone_train.py", "--tasks", ",".join(SMALL_TASKS), "--max_iters", "200", *common)
+        yield run_dir, common
+    finally:
+        os.umask(previous)
 
 
 def read_losses(path):
@@ -68,7 +79,7 @@ def test_full_chain_both_groupings(pipeline_run):
     random_experts = run_dir / "stage2" / "experts_random_2"
     assert sorted(path.name for path in (random_experts / "jobs").iterdir()) == ["shard_0_of_2", "shard_1_of_2"]
     assert all((random_experts / f"expert_{i}.safetensors").exists() for i in range(2))
-    assert "stage 2: wrote 1 expert(s)" in (run_dir / "stage2" / "expert_train_gpu1.log").read_text()
+    assert "stage 2: wrote 1 expert(s)" in (random_experts / "train_gpu1.log").read_text()
     again = subprocess.run(script, check=True, cwd=REPO, env=environment, capture_output=True, text=True, timeout=600)
     assert "already finished" in again.stdout
 
@@ -84,6 +95,19 @@ def test_full_chain_both_groupings(pipeline_run):
     again = run_stage("stage3_router_train.py", "--grouping", "gradient", "--expert_num", "3", "--max_iters", "30", *common)
     assert "already finished" in again.stdout
 
+    # every artifact kind the run directory holds, evaluation outputs included, follows the umask (022: 0644)
+    environment = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "m3dt.evaluate", "--run_dir", str(run_dir), "--stage", "3", "--expert_num",
+                    "3", "--tasks", "pendulum-swingup", "--episodes", "1", "--max_steps", "3", "--workers", "0",
+                    "--device", "cpu"], check=True, cwd=REPO, env=environment, capture_output=True, timeout=600)
+    files = [path for path in run_dir.rglob("*") if path.is_file()]
+    kinds = {path.suffix for path in files} | {path.name for path in files if path.name.endswith(".manifest.json")}
+    assert {".safetensors", ".json", ".pt", ".jsonl", ".csv", ".md", ".png", ".log"} <= kinds
+    assert {"backbone.manifest.json", "groups_gradient_3.manifest.json", "expert_0.manifest.json",
+            "moe.manifest.json", "results.json"} <= {path.name for path in files}
+    assert {path.relative_to(run_dir): oct(stat.S_IMODE(path.stat().st_mode)) for path in files
+            if stat.S_IMODE(path.stat().st_mode) != 0o644} == {}
+
 
 def test_mismatched_inputs_are_named(pipeline_run):
     run_dir, common = pipeline_run
@@ -96,6 +120,79 @@ def test_mismatched_inputs_are_named(pipeline_run):
     result = run_stage("stage2_task_grouping_random.py", "--group_num", "2", "--tasks", "reach-v2", *common, check=False)
     assert result.returncode == 2 and "differ" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+TOTAL_SCRIPT = str(REPO / "stage2_expert_train_total.sh")
+
+
+def script_environment(**variables: str) -> dict[str, str]:
+    """The environment the shell script runs in: no PYTHON unless given (it then picks the repository's
+    .venv/bin/python), nothing on PYTHONPATH (it adds the repository itself)."""
+    environment = {key: value for key, value in os.environ.items() if key not in ("PYTHON", "PYTHONPATH", "GPUS")}
+    return {**environment, "OMP_NUM_THREADS": "1", **variables}
+
+
+def test_total_script_help_and_interpreter(tmp_path):
+    result = subprocess.run(["bash", TOTAL_SCRIPT, "--help"], capture_output=True, text=True, cwd=tmp_path,
+                            env=script_environment(), timeout=120)
+    assert result.returncode == 0 and result.stderr == "", result.stderr  # was "usage: unbound variable"
+    venv = REPO / ".venv" / "bin" / "python"
+    assert f"interpreter: {venv if venv.exists() else 'python3'}\n" in result.stdout
+    assert "Ctrl-C (or SIGTERM) stops every shard" in result.stdout and "--expert_num EXPERT_NUM" in result.stdout
+
+
+def children_of(pid: int) -> list[int]:
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def wait_for(condition, timeout: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def test_total_script_relative_paths_one_copy_and_interrupt(pipeline_run, small_data):
+    """Paths relative to the caller's directory; a second copy for the same experts refused while the first
+    runs; more GPUS than visible refused unless on the CPU; Ctrl-C stops every shard, and frees the lock."""
+    run_dir, _ = pipeline_run
+    caller = run_dir.parent
+    relative = ["--run_dir", run_dir.name, "--data_path", os.path.relpath(small_data, caller)]
+    group_tasks(parse_config("", [*TINY, "--run_dir", str(run_dir), "--group_num", "3"]), "random")
+    flags = [*TINY, *relative, "--grouping", "random", "--expert_num", "3", "--max_iters", "100000"]
+    experts = run_dir / "stage2" / "experts_random_3"
+    first = subprocess.Popen(["bash", TOTAL_SCRIPT, *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, cwd=caller, env=script_environment(PYTHON=sys.executable, GPUS="2"),
+                             start_new_session=True)
+    try:
+        logs = [experts / f"train_gpu{shard}.log" for shard in (0, 1)]
+        wait_for(lambda: all(log.exists() and "loaded " in log.read_text() for log in logs))  # found the data
+        shards = children_of(first.pid)
+        assert len(shards) == 2
+
+        visible = torch.cuda.device_count()
+        second = subprocess.run(["bash", TOTAL_SCRIPT, *flags, "--device", "auto"], capture_output=True, text=True,
+                                cwd=caller, env=script_environment(PYTHON=sys.executable), timeout=120)
+        assert second.returncode == 2 and second.stderr == (
+            "error: the experts of random grouping with 3 experts are being trained by another process (lock "
+            f"{run_dir.name}/stage2/experts_random_3/train.lock); wait for it or stop it\n")
+        if visible == 0:  # said before anything trains on the CPU
+            assert second.stdout == "no CUDA device is visible: one process trains all 3 experts on the CPU\n"
+        too_many = subprocess.run(["bash", TOTAL_SCRIPT, *flags, "--device", "auto"], capture_output=True, text=True,
+                                  cwd=caller, env=script_environment(PYTHON=sys.executable, GPUS=str(visible + 1)),
+                                  timeout=120)
+        assert too_many.returncode == 2 and too_many.stderr.startswith(f"error: GPUS={visible + 1} but {visible} CUDA")
+
+        os.killpg(first.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        out, err = first.communicate(timeout=120)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    assert first.returncode == 130, err
+    assert "stopping the 2 shards; rerun the same command to resume" in err
+    assert not any(Path(f"/proc/{shard}").exists() for shard in shards)
+    with open(experts / "train.lock") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free again
 
 
 def test_wandb_logs_offline(small_data, tmp_path):

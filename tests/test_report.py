@@ -147,3 +147,12 @@ def test_report_command_line_errors_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--config", str(tmp_path / "missing.yaml")])
     assert "missing.yaml does not exist" in capsys.readouterr().err
+
+
+def test_report_takes_the_run_dir_of_a_config_file(tmp_path, capsys):
+    run = tmp_path / "loco_seed0"
+    write_result(run, "stage1", "Prompt-DT", "prompt-dt", 0, SCORES[0])
+    config_file = tmp_path / "run.yaml"  # the stages' format
+    config_file.write_text(f"run_dir: {run}\nembed_dim: 32\n")
+    main(["--config", str(config_file), "--out", str(tmp_path / "out"), "--bootstrap_reps", "20"])
+    assert "| Prompt-DT |" in capsys.readouterr().out and (tmp_path / "out" / "report.md").exists()

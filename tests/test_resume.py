@@ -51,21 +51,26 @@ def last_logged_step(metrics: Path) -> int:
     return max(steps)
 
 
-def kill_at_random_step(script: str, args: list[str], metrics: Path, log: Path, rng: random.Random) -> int:
+def kill_at_random_step(script: str, args: list[str], metrics: Path, log: Path, rng: random.Random,
+                        signal_number: int = signal.SIGKILL) -> int:
     """Start a stage, wait until it logged a random step (a checkpoint exists by then), wait a random
-    moment more (the kill may land anywhere, a checkpoint write included), SIGKILL it. Returns the step."""
+    moment more (the kill may land anywhere, a checkpoint write included), SIGKILL it (or send
+    `signal_number`: SIGINT is Ctrl-C). Returns the step."""
     target = rng.randrange(2 * SAVE_EVERY, STEPS - 20 + 1)
     environment = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     with open(log, "w") as output:
+        # a shell's background job ignores SIGINT, and so would the stage: give it Ctrl-C back
         process = subprocess.Popen([sys.executable, str(REPO / script), *args], stdout=output, stderr=output,
-                                   cwd=REPO, env=environment)
+                                   cwd=REPO, env=environment,
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.monotonic() + 300
         while last_logged_step(metrics) < target and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.005)
         time.sleep(rng.uniform(0, 0.1))
-        process.kill()  # SIGKILL: no cleanup code of the stage runs
+        process.send_signal(signal_number)  # SIGKILL: no cleanup code of the stage runs
         process.wait()
-    assert process.returncode == -signal.SIGKILL, f"ended before the kill at step {target}:\n{log.read_text()[-3000:]}"
+    expected = -signal.SIGKILL if signal_number == signal.SIGKILL else 128 + signal_number  # 130 for Ctrl-C
+    assert process.returncode == expected, f"ended before the signal at step {target}:\n{log.read_text()[-3000:]}"
     return target
 
 
@@ -135,19 +140,36 @@ def test_expert_training_resumes_bit_for_bit(small_data, reference_run, killed_s
         assert_same_tensors(run_dir / name, reference_run / name)
 
 
-def test_router_training_resumes_bit_for_bit(small_data, reference_run, tmp_path):
+@pytest.mark.parametrize("signal_number", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "Ctrl-C"])
+def test_router_training_resumes_bit_for_bit(small_data, reference_run, tmp_path, signal_number):
+    """Killed, or interrupted with Ctrl-C, which ends it with one line saying where it stopped and from which
+    step the same command resumes."""
     run_dir = tmp_path / "run"
     shutil.copytree(reference_run / "stage1", run_dir / "stage1")
     shutil.copytree(reference_run / "stage2", run_dir / "stage2")
     args = [*ROUTER_ARGS, *stage_args(small_data, run_dir)]
     stage3 = f"stage3/random_{GROUPS}"
-    kill_at_random_step("stage3_router_train.py", args, run_dir / stage3 / "metrics.jsonl",
-                        run_dir / "killed_router.log", random.Random())
+    log = run_dir / "stopped_router.log"
+    kill_at_random_step("stage3_router_train.py", args, run_dir / stage3 / "metrics.jsonl", log, random.Random(),
+                        signal_number)
     assert not (run_dir / stage3 / "moe.safetensors").exists()
+    said = interrupted_message_step(log.read_text(), run_dir / stage3 / "train_state.pt") \
+        if signal_number == signal.SIGINT else None
     rerun = run_stage("stage3_router_train.py", *args)
-    assert resumed_step(rerun.stdout) < STEPS
+    assert resumed_step(rerun.stdout) < STEPS and said in (None, resumed_step(rerun.stdout))
     assert_same_tensors(run_dir / stage3 / "moe.safetensors", reference_run / stage3 / "moe.safetensors")
     assert logged_losses(run_dir / stage3 / "metrics.jsonl") == logged_losses(reference_run / stage3 / "metrics.jsonl")
+
+
+def interrupted_message_step(output: str, checkpoint: Path) -> int:
+    """Checks the one line Ctrl-C leaves (no traceback) and returns the step it says a rerun resumes from."""
+    assert "Traceback" not in output and output.count("interrupted") == 1
+    match = re.fullmatch(r"interrupted \(Ctrl-C\): \[stage3 router\] stopped at step (\d+) of 60; rerun the same "
+                         r"command to resume from step (\d+) \((.+)\)", output.splitlines()[-1])
+    assert match, output.splitlines()[-1]
+    stopped, saved = int(match.group(1)), int(match.group(2))
+    assert saved <= stopped < STEPS and saved % SAVE_EVERY == 0 and match.group(3) == str(checkpoint)
+    return saved
 
 
 def test_finished_stage_is_not_redone_unless_restarted(small_data, reference_run, tmp_path):
@@ -227,13 +249,20 @@ def test_failed_writes_leave_previous_files_intact(tmp_path, monkeypatch):
     assert sorted(path.name for path in tmp_path.iterdir()) == ["backbone.safetensors", "train_state.pt"]
 
 
-def test_atomic_files_get_the_usual_permissions(tmp_path):
-    umask = os.umask(0)
-    os.umask(umask)
-    with atomic_path(tmp_path / "artifact.json") as temporary:
-        assert temporary.parent == tmp_path and not temporary.exists()
-        temporary.write_text("{}")
-    assert stat.S_IMODE((tmp_path / "artifact.json").stat().st_mode) == 0o666 & ~umask
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_atomic_files_follow_the_umask_whatever_the_writer(tmp_path, umask):
+    """safetensors 0.8 creates its files 0600 whatever the umask; every artifact gets the umask's mode."""
+    previous = os.umask(umask)
+    try:
+        with atomic_path(tmp_path / "artifact.json") as temporary:
+            assert temporary.parent == tmp_path and not temporary.exists()
+            temporary.write_text("{}")
+        save_tensors(tmp_path / "weights.safetensors", {"weight": torch.zeros(3)})
+        save_checkpoint(tmp_path / "train_state.pt", {"step": 1})
+    finally:
+        os.umask(previous)
+    for path in tmp_path.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path.name
 
 
 def test_resume_drops_log_records_after_the_checkpoint(tmp_path):

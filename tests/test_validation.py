@@ -27,8 +27,8 @@ from m3dt.data import DataError, TaskDataset, load_episode
 from m3dt.model import action_loss
 from m3dt.run import (ArtifactError, RunDir, load_checkpoint, load_tensors, save_checkpoint, save_tensors,
                       write_json, write_manifest)
-from m3dt.stages import check_experts, group_tasks, read_groups, run_cli, train_backbone
-from m3dt.tasks import TaskError, resolve_tasks
+from m3dt.stages import check_experts, group_tasks, read_groups, recorded_config, run_cli, train_backbone
+from m3dt.tasks import TaskError, check_timesteps, resolve_tasks
 from m3dt.train import TrainingError
 from m3dt.synthetic import make_task_data, write_episode
 from tests.conftest import REPO
@@ -349,7 +349,7 @@ def fake_run(tmp_path: Path, tasks: list[str], embed_dim: int = 32) -> tuple[Run
                                "--run_dir", str(tmp_path / "run"), "--grouping", "random", "--expert_num", "2"])
     run = RunDir(config.resolved_run_dir())
     save_tensors(run.backbone, {"weight": torch.zeros(1)})
-    write_manifest(run.backbone, "stage1", vars(config), tasks, [], run.root)
+    write_manifest(run.backbone, "stage1", recorded_config(config, None), tasks, [], run.root)
     return run, config
 
 
@@ -389,12 +389,13 @@ def test_experts_made_with_another_config_or_backbone(tmp_path):
     wide = parse_config("", [*TINY, "--embed_dim", "64"])
     for index, (expert, expert_config) in enumerate(zip(experts, [config, wide])):
         save_tensors(expert, {"weight": torch.zeros(1)})
-        write_manifest(expert, "stage2_expert", vars(expert_config), [tasks[index]], [run.backbone, groups_file],
-                       run.root)
+        write_manifest(expert, "stage2_expert", recorded_config(expert_config, None), [tasks[index]],
+                       [run.backbone, groups_file], run.root)
     with pytest.raises(ArtifactError, match="expert_1.safetensors: made with embed_dim=64, this run uses embed_dim=32"):
         check_experts(run, experts, groups_file, config)
 
-    write_manifest(experts[1], "stage2_expert", vars(config), [tasks[1]], [run.backbone, groups_file], run.root)
+    write_manifest(experts[1], "stage2_expert", recorded_config(config, None), [tasks[1]], [run.backbone, groups_file],
+                   run.root)
     check_experts(run, experts, groups_file, config)  # consistent now
     save_tensors(run.backbone, {"weight": torch.ones(1)})  # stage 1 was trained again since
     with pytest.raises(ArtifactError, match="expert_0.safetensors: made from another stage1/backbone.safetensors"):
@@ -429,6 +430,20 @@ def test_cli_error_is_one_line_and_debug_shows_the_traceback(tmp_path):
                            timeout=120)
     assert debug.returncode == 1
     assert "Traceback" in debug.stderr and "m3dt.data.DataError" in debug.stderr
+
+
+def test_timesteps_beyond_the_embedding_table_are_refused_at_start(tmp_path, capsys):
+    """The issue's example: --max_timestep 59 on 60-step episodes was an IndexError in the first step. Every
+    path (training batches, prompts, evaluation) uses timesteps up to horizon - 1: refused before loading."""
+    make_task_data(tmp_path / "data", "reach-v2", episodes=4, steps=60, seed=0)
+    err = run_stage1([*TINY, "--tasks", "reach-v2", "--max_timestep", "59", "--data_path", str(tmp_path / "data"),
+                      "--run_dir", str(tmp_path / "run")], capsys)
+    assert err == ("error: --max_timestep 59 is below the horizon of reach-v2 (500 steps): training, prompts and "
+                   "evaluation use timesteps up to 499; use --max_timestep 500 or more (the reference uses 1000)\n")
+    check_timesteps(500, ["reach-v2", "walker-walk", "ant-dir-2"])  # the longest horizon fits
+    with pytest.raises(TaskError, match="--max_timestep 499 is below the horizon of walker-walk"):
+        check_timesteps(499, ["ant-dir-2", "walker-walk"])
+    check_timesteps(200, ["ant-dir-2", "cheetah-vel-8"])
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -470,7 +485,8 @@ def test_yaml_values_convert_like_flags_and_debug_from_yaml_counts(tmp_path):
 def test_help_shows_each_options_comment_and_default():
     assert field_comments().keys() == Config.__dataclass_fields__.keys()  # every option is documented
     text = " ".join(build_parser("stage").format_help().split())
-    assert "--top_k TOP_K 0: dense soft mixture over all experts (the paper); k > 0: renormalised top-k gating (default: 0)" in text
+    assert ("--top_k TOP_K 0: dense soft mixture over all experts (the paper); k > 0: the k most probable experts, "
+            "weighted by their softmax probabilities (default: 0)") in text
     assert "--all, --no-all train every expert of the grouping in one process (default: False)" in text
 
 

@@ -1,0 +1,135 @@
+"""What a stage's identity covers besides its options: the data it reads (stage 1 on other data is not
+"already finished", a resume refuses other data, stages 2-3 and evaluation refuse data other than stage 1's),
+the device (printed, recorded resolved, and a checkpoint's random streams resume only on its device type),
+and the router widths tied to the model width."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from m3dt.config import Config, parse_config
+from m3dt.evaluate import load_statistics
+from m3dt.moe import ExpertMixture
+from m3dt.run import ArtifactError, RunDir, load_checkpoint, save_checkpoint, save_tensors
+from m3dt.stages import group_tasks, train_backbone, train_experts, train_router
+from m3dt.synthetic import make_dataset, write_episode
+from tests.test_pipeline import TINY
+
+TASKS = ["reach-v2", "walker-walk"]
+
+
+def argv(data: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [*TINY, "--tasks", ",".join(TASKS), "--save_every", "5", "--log_every", "5", "--data_path", str(data),
+            "--run_dir", str(run_dir), "--grouping", "random", "--expert_num", "2", "--group_num", "2", *extra]
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory) -> dict[str, Path]:
+    """`a`; `more`: one episode more per task (other files); `edited`: a's files, one of them with other
+    contents of the same size (np.savez is uncompressed: same shapes, same bytes count)."""
+    root = tmp_path_factory.mktemp("identity_data")
+    data = {"a": make_dataset(root / "a", TASKS, episodes=4, steps=20),
+            "more": make_dataset(root / "more", TASKS, episodes=5, steps=20)}
+    data["edited"] = Path(shutil.copytree(data["a"], root / "edited"))
+    episode = data["edited"] / "walker-walk" / "0.npz"
+    with np.load(episode) as archive:
+        arrays = dict(archive)
+    size = episode.stat().st_size
+    write_episode(episode, arrays["observations"] + 1.0, arrays["actions"], arrays["rewards"])
+    assert episode.stat().st_size == size
+    return data
+
+
+@pytest.fixture(scope="module")
+def stage1_run(datasets, tmp_path_factory) -> Path:
+    """Stage 1 on `a` for 10 steps (checkpoints at 5 and 10), and a random grouping."""
+    run_dir = tmp_path_factory.mktemp("identity_run")
+    train_backbone(parse_config("", argv(datasets["a"], run_dir, "--max_iters", "10")))
+    group_tasks(parse_config("", argv(datasets["a"], run_dir)), "random")
+    return run_dir
+
+
+def test_stage1_on_other_data_is_not_finished_and_does_not_resume(datasets, stage1_run, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(stage1_run / "stage1", run_dir / "stage1")
+    train_backbone(parse_config("", argv(datasets["a"], run_dir, "--max_iters", "10")))
+    assert "stage 1 already finished (10 steps)" in capsys.readouterr().out
+    # other files: not finished, and the checkpoint is not resumed; the same files with other contents are
+    # told apart once loaded (the cheap fingerprint is names and sizes), so the resume of a longer run refuses
+    for data, steps, extra, what in [
+            ("more", "10", [], r"data \(--data_path, --max_episodes: other episode files\)"),
+            ("a", "10", ["--max_episodes", "3"], r"data \(--data_path, --max_episodes: other episode files\)"),
+            ("edited", "15", [], r"data \(the same files with other contents: other per-task statistics\)")]:
+        with pytest.raises(ArtifactError, match=f"train_state.pt: checkpoint was made with another {what}; rerun"):
+            train_backbone(parse_config("", argv(datasets[data], run_dir, "--max_iters", steps, *extra)))
+        assert "already finished" not in capsys.readouterr().out
+    # --restart trains on the new data; a run shorter than the warmup says so, and every stage names its device
+    train_backbone(parse_config("", argv(datasets["more"], run_dir, "--max_iters", "5", "--restart",
+                                         "--warmup_steps", "10", "--device", "auto")))
+    out = capsys.readouterr().out
+    assert "[stage1] training on cpu (fp32), steps 0..5" in out
+    assert "[stage1] note: 5 steps end inside the 10-step warmup: the learning rate reaches only 50.0% of 0.001" in out
+    manifest = json.loads((run_dir / "stage1" / "backbone.manifest.json").read_text())
+    assert manifest["steps_done"] == 5 and manifest["config"]["data_path"] == str(datasets["more"])
+    assert manifest["config"]["device"] == "cpu"  # resolved, not "auto"
+
+
+@pytest.mark.parametrize("stage", ["experts", "router", "gradient grouping"])
+def test_later_stages_refuse_data_other_than_stage1s(datasets, stage1_run, stage):
+    run = {"experts": lambda c: train_experts(c), "router": lambda c: train_router(c),
+           "gradient grouping": lambda c: group_tasks(c, "gradient")}[stage]
+    extra = ["--all"] if stage == "experts" else []
+    backbone = stage1_run / "stage1" / "backbone.safetensors"
+    with pytest.raises(ArtifactError, match=f"{backbone}: stage 1 trained on other data for reach-v2: --data_path "
+                                            f"{datasets['more']} with --max_episodes 2000 selects other episode files"):
+        run(parse_config("", argv(datasets["more"], stage1_run, *extra)))
+    if stage != "experts":  # the experts have not been trained here: the router stops on them first
+        return
+    with pytest.raises(ArtifactError, match=f"stage 1 trained on other data for walker-walk: the files under "
+                                            f"--data_path {datasets['edited']} hold other episodes"):
+        run(parse_config("", argv(datasets["edited"], stage1_run, *extra)))
+
+
+def test_evaluation_refuses_statistics_that_are_not_stage1s(stage1_run, tmp_path):
+    run = RunDir(tmp_path / "run")
+    shutil.copytree(stage1_run / "stage1", run.stage1)
+    assert load_statistics(run).state_mean.shape == (2, 39)
+    save_tensors(run.data_stats, {"state_mean": torch.zeros(2, 39), "state_std": torch.ones(2, 39)})
+    with pytest.raises(ArtifactError, match="data_stats.safetensors: not the data statistics stage 1 wrote"):
+        load_statistics(run)
+
+
+def test_manifests_record_the_resolved_device_and_router_widths(stage1_run):
+    manifests = [stage1_run / "stage1" / "backbone.manifest.json", stage1_run / "stage2" / "groups_random_2.manifest.json"]
+    stage1, grouping = (json.loads(path.read_text()) for path in manifests)
+    assert stage1["config"]["device"] == "cpu" and grouping["config"]["device"] is None  # a random split uses none
+    assert stage1["config"]["router_hidden"] == "128,128,128,64"  # tied to embed_dim 32
+
+
+def test_a_checkpoint_resumes_only_on_its_device_type(datasets, stage1_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(stage1_run / "stage1", run_dir / "stage1")
+    checkpoint = run_dir / "stage1" / "train_state.pt"
+    state = load_checkpoint(checkpoint)
+    assert state["rng"][0]["device"] == "cpu" and "cuda" not in state["rng"][0]  # only the training device's
+    state["rng"][0]["device"] = "cuda"  # as a checkpoint written on a GPU says
+    save_checkpoint(checkpoint, state)
+    with pytest.raises(ArtifactError, match="train_state.pt: checkpoint was trained on cuda; its random streams cannot "
+                                            "continue on cpu: rerun with --device cuda to resume, or --restart"):
+        train_backbone(parse_config("", argv(datasets["a"], run_dir, "--max_iters", "15")))
+
+
+@pytest.mark.parametrize("embed_dim, router_hidden, widths", [
+    (256, None, "1024,1024,1024,512"), (128, None, "512,512,512,256"), (128, "64, 32", "64,32")])
+def test_router_widths_are_tied_to_the_model_width_unless_given(embed_dim, router_hidden, widths):
+    config = Config(embed_dim=embed_dim, router_hidden=router_hidden)
+    assert config.model_fields()["router_hidden"] == widths
+    expected = [int(width) for width in widths.split(",")]
+    mixture = ExpertMixture(4, embed_dim, 0.0, routed=True,
+                            router_hidden=tuple(expected) if router_hidden else None)
+    linears = [module for module in mixture.router.network if isinstance(module, torch.nn.Linear)]
+    assert [linear.out_features for linear in linears] == [*expected, 4] and linears[0].in_features == embed_dim
