@@ -9,7 +9,12 @@ loader uses the last two as the task's prompt trajectories. Keys: observations (
 zero-padded (the env receives the first act_dim dims), rewards (T,), terminals (T,) (True only where the
 env ended the episode, i.e. an ant falling; the horizon or --max_steps is not a terminal), and one key the
 loader ignores: successes (T,), Meta-World's per-step info success (False elsewhere), from which
-collect.json's success rates are computed.
+collect.json's success rates are computed, and final_observation (39,), the observation after the last
+step (Minari datasets store it).
+
+`--format minari` also writes each task as the Minari dataset `{--minari_namespace}/{task}-v0` in Minari's
+datasets root (MINARI_DATASETS_PATH, default ~/.minari/datasets), with its collect.json entry in the
+metadata (m3dt/minari_io.py); `--data_path minari:{namespace}` then trains on them.
 
 Policies:
 - Meta-World: the scripted expert that ships with `metaworld`. Episode i has its own goal: goal i % 50 of
@@ -20,7 +25,8 @@ Policies:
   velocity in [0, 3], the table's goals span 0.075..3.0), rolled out with the task's goal; the goal is
   appended to the expert's input only, never stored.
 - DMC: no expert ships with the packages; train one per task with the same command
-  (`train-expert --expert walker-walk`).
+  (`train-expert --expert walker-walk`, or `--expert dmc` for all 30 in turn), in the protocol's env
+  (action repeat 2, 500 steps).
 Experts live in `{out}/_experts/`; the loader reads only the folders of the tasks it is given, so this
 folder is never taken for data.
 
@@ -239,6 +245,9 @@ def train_expert(name: str, steps: int, out: Path, seed: int, save_every: int, l
     files = ExpertFiles.of(out, name)
     resume = files.model.is_file() and files.replay_buffer.is_file() and files.state.is_file()
     start = read_json(files.state, f"state of the {name} expert")["steps_done"] if resume else 0
+    if start >= steps:
+        print(f"expert {name}: already trained for {start} steps ({files.model})")
+        return
     # A resumed run draws new goals and reset states rather than replaying those of its first episodes.
     env = ExpertTrainingEnv(name, derived_seed(seed, start))
     if resume:
@@ -340,6 +349,7 @@ def collect_episode(job: EpisodeJob) -> tuple[str, EpisodeSummary]:
     steps = min(task.horizon, job.max_steps or task.horizon)
     rows = []  # (observation, padded action, reward, terminal, success) per step
     observation = env.reset()
+    next_observation = observation
     for _ in range(steps):
         action = np.clip(policy(observation) + job.noise * noise_rng.standard_normal(task.act_dim), -1.0, 1.0)
         next_observation, reward, done, info = env.step(action)
@@ -357,6 +367,7 @@ def collect_episode(job: EpisodeJob) -> tuple[str, EpisodeSummary]:
         "rewards": np.asarray(rewards, dtype=np.float32),
         "terminals": np.asarray(terminals, dtype=bool),
         "successes": np.asarray(successes, dtype=bool),
+        "final_observation": np.asarray(next_observation, dtype=np.float32),
     }
     with atomic_path(episode_path(job.out, task.name, job.episode)) as temporary, open(temporary, "wb") as file:
         np.savez_compressed(file, **arrays)  # a file object: numpy would append .npz to the temporary name
@@ -507,6 +518,10 @@ def collect_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=os.cpu_count(),
                         help="worker processes, whole episodes each (default: CPU count; 0: in-process)")
     parser.add_argument("--max_steps", type=int, help="cut episodes to this many steps, for quick checks")
+    parser.add_argument("--format", choices=("npz", "minari"), default="npz",
+                        help="npz: the MT160 layout only; minari: also each task as the Minari dataset "
+                             "{minari_namespace}/{task}-v0 in Minari's datasets root (MINARI_DATASETS_PATH)")
+    parser.add_argument("--minari_namespace", default="m3dt", help="namespace of the Minari datasets written")
     parser.add_argument("--debug", action="store_true", help="tracebacks instead of one-line errors")
     return parser
 
@@ -520,7 +535,7 @@ def train_parser() -> argparse.ArgumentParser:
                     "--steps trains further.")
     parser.add_argument("--expert", required=True,
                         help="ant_dir or cheetah_vel (one goal-conditioned expert for the family's 40 tasks), "
-                             "or a DMC task name (an expert for that task)")
+                             "a DMC task name (an expert for that task), or dmc (one expert per DMC task, in turn)")
     parser.add_argument("--steps", type=int, default=1_000_000, help="environment steps in all")
     parser.add_argument("--out", required=True, help="data root (the expert goes to its _experts/ folder)")
     parser.add_argument("--seed", type=int, default=0)
@@ -555,12 +570,15 @@ def run_command(argv: list[str]) -> None:
         positive("save_every", args.save_every, 1)
         positive("learning_starts", args.learning_starts, 0)
         positive("buffer_size", args.buffer_size, 1)
-        expert_task(args.expert)  # validates the name before anything is built
+        names = collection_tasks("dmc") if args.expert == "dmc" else [args.expert]
+        for name in names:
+            expert_task(name)  # validates the name before anything is built
         # SAC's networks are small (256x256, batch 256): on CPU a second intra-op thread gains little, and on
         # a busy machine it made each step ~10x slower (measured: 66 vs 5 steps/s).
         torch.set_num_threads(1)
-        train_expert(args.expert, args.steps, Path(args.out), args.seed, args.save_every, args.learning_starts,
-                     args.buffer_size, args.device)
+        for name in names:  # each resumes from its own checkpoint, so a rerun skips the finished ones
+            train_expert(name, args.steps, Path(args.out), args.seed, args.save_every, args.learning_starts,
+                         args.buffer_size, args.device)
         return
     args = collect_parser().parse_args(argv)
     positive("episodes", args.episodes, MIN_EPISODES)
@@ -570,6 +588,13 @@ def run_command(argv: list[str]) -> None:
     task_names = collection_tasks(args.tasks)
     summary = collect(task_names, args.episodes, Path(args.out), args.seed, args.noise, args.workers, args.max_steps)
     print_table(summary, task_names)
+    if args.format == "minari":
+        from m3dt.minari_io import export_collected_task
+
+        for name in tqdm(task_names, desc="Minari datasets", dynamic_ncols=True):
+            folder = export_collected_task(get_task(name), Path(args.out) / name, args.episodes, summary[name],
+                                           args.minari_namespace)
+        print(f"wrote {len(task_names)} Minari dataset(s) {args.minari_namespace}/{{task}}-v0 under {folder.parent}")
 
 
 @command

@@ -37,7 +37,8 @@ class Config:
     # what to train on
     prefix_name: str | None = None  # official suite: mt10, mt20, mt40, mt80, mt120, mt160
     tasks: str | None = None  # instead of a suite: "a,b,c" or "@file.json"
-    data_path: str = "./mt160_used"  # data root in the MT160 layout
+    data_path: str = "./mt160_used"  # {data_path}/{task}/: npz episodes or a Minari dataset; minari:NS: datasets NS/{task}
+    task_table: str | None = None  # JSON file of your own tasks (README "Your own tasks"), usable beside MT160's
     max_episodes: int = 2000  # episodes read per task (the official data is capped at 2000)
     seed: int = 0  # initial weights, batches, dropout, the groupings; picks the official suite lists of seeds 0-2
     run_dir: str | None = None  # default: runs/{prefix_name or 'custom'}_seed{seed}

@@ -1,8 +1,10 @@
 """The MT160 data layout: loading, per-task statistics, and a batch sampler that runs on the device.
 
-Layout (README, "The MT160 pipeline, command by command"): `{data_root}/{task}/{i}.npz`, one episode per
-file, i = 0..n-1. Files 0..n-3 are training data, the last two are the prompt trajectories. Keys:
-observations (T,39), actions (T,8), rewards (T,), terminals or dones (T,).
+Layout (README "The MT160 pipeline"): `{data_root}/{task}/{i}.npz`, one episode per file, i = 0..n-1.
+Files 0..n-3 are training data, the last two are the prompt trajectories. Keys: observations (T,39),
+actions (T,8), rewards (T,), terminals or dones (T,). A task's episodes may also come from a Minari
+dataset (m3dt/minari_io.py): `--data_path minari:NAMESPACE`, a Minari dataset folder at `{data_root}/{task}`,
+or the task-table column `dataset`.
 
 All training transitions of all tasks live in flat float32 arrays (stored once: observations, actions and
 scaled return-to-go; timesteps are derived from the episode starts). Sampling a batch is index arithmetic
@@ -91,7 +93,7 @@ def _check_array(path: Path, key: str, array: np.ndarray, width: int | None, len
         raise DataError(f"{path}: '{key}' has {array.shape[0]} steps but observations have {length}")
 
 
-def _finite_float32(path: Path, key: str, array: np.ndarray) -> np.ndarray:
+def finite_float32(path: Path | str, key: str, array: np.ndarray) -> np.ndarray:
     """The array as float32, checked after the cast, since float64 values beyond float32's range become inf."""
     with np.errstate(over="ignore", invalid="ignore"):
         converted = array.astype(np.float32, copy=False)
@@ -122,9 +124,9 @@ def load_episode(path: Path) -> Episode:
     done_key = "terminals" if "terminals" in arrays else "dones"
     _check_array(path, done_key, arrays[done_key], None, length)
     return Episode(
-        observations=_finite_float32(path, "observations", observations),
-        actions=_finite_float32(path, "actions", arrays["actions"]),
-        rewards=_finite_float32(path, "rewards", arrays["rewards"]),
+        observations=finite_float32(path, "observations", observations),
+        actions=finite_float32(path, "actions", arrays["actions"]),
+        rewards=finite_float32(path, "rewards", arrays["rewards"]),
     )
 
 
@@ -200,11 +202,11 @@ class Batch:
     task_index: torch.Tensor | None = None  # (B,) long: each row's task (in the run's task order), where known
 
 
-def prompt_window(episode: Episode, task: Task, length: int, path: Path) -> dict[str, np.ndarray]:
+def prompt_window(episode: Episode, task: Task, length: int, where: Path | str) -> dict[str, np.ndarray]:
     """The `length`-step window that ends one step before the end: steps T-length-1 .. T-2."""
     steps = episode.rewards.shape[0]
     if steps < length + 1:
-        raise DataError(f"{path}: {steps} steps, shorter than the prompt window of {length + 1}")
+        raise DataError(f"{where}: {steps} steps, shorter than the prompt window of {length + 1}")
     start = steps - length - 1
     window = slice(start, start + length)
     return {
@@ -215,14 +217,14 @@ def prompt_window(episode: Episode, task: Task, length: int, path: Path) -> dict
     }
 
 
-def load_prompts(task: Task, files: list[Path], length: int) -> dict[str, np.ndarray]:
+def load_prompts(task: Task, source: EpisodeSource, length: int) -> dict[str, np.ndarray]:
     """Both prompt trajectories of a task, ordered (lower return, higher return), states normalised with
     the statistics of the two prompt trajectories only (as the reference does)."""
-    episodes = [load_episode(path) for path in files]
+    episodes = source.load()
     order = np.argsort([episode.rewards.sum() for episode in episodes], kind="stable")
     all_states = np.concatenate([episode.observations for episode in episodes])
     mean, std = all_states.mean(axis=0), all_states.std(axis=0) + STD_EPSILON
-    windows = [prompt_window(episodes[i], task, length, files[i]) for i in order]
+    windows = [prompt_window(episodes[i], task, length, source.location(i)) for i in order]
     stacked = {key: np.stack([window[key] for window in windows]) for key in windows[0]}
     stacked["states"] = (stacked["states"] - mean) / std
     return stacked
@@ -248,13 +250,66 @@ class TaskPart:
     statistics: TaskStatistics
 
 
-def read_lengths(files: list[Path]) -> list[int]:
-    return [episode_length(path) for path in files]
+@dataclass(frozen=True)
+class NpzEpisodes:
+    """Episode files of one task in the MT160 layout (picklable: loading workers get it)."""
+
+    files: tuple[Path, ...]
+
+    @property
+    def where(self) -> str:
+        return str(self.files[0].parent)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def part(self, start: int, stop: int | None = None) -> NpzEpisodes:
+        return NpzEpisodes(self.files[start:stop])
+
+    def location(self, position: int) -> Path:
+        return self.files[position]
+
+    def lengths(self) -> list[int]:
+        return [episode_length(path) for path in self.files]
+
+    def load(self) -> list[Episode]:
+        return [load_episode(path) for path in self.files]
+
+    def stored_files(self) -> list[Path]:
+        return list(self.files)
 
 
-def read_task(task: Task, files: list[Path], prompt_length: int) -> TaskPart:
-    """Read one task's training episodes and prompts; the last PROMPT_EPISODES files are the prompts."""
-    episodes = [load_episode(path) for path in files[:-PROMPT_EPISODES]]
+EpisodeSource = NpzEpisodes  # or m3dt.minari_io.MinariEpisodes: the same methods
+
+
+def task_source(data_path: str, task: Task, max_episodes: int) -> EpisodeSource:
+    """Where a task's first `max_episodes` episodes are: the task table's `dataset` column if it has one,
+    else `minari:NAMESPACE/{task}` for a data path `minari:NAMESPACE`, else the folder `{data_path}/{task}`
+    of npz episode files or of a Minari dataset."""
+    from m3dt import minari_io
+
+    if task.dataset is not None or data_path.startswith(minari_io.PREFIX):
+        source = minari_io.minari_episodes(task.dataset or f"{data_path}/{task.name}", task, max_episodes)
+    else:
+        root = Path(data_path)
+        if not root.is_dir():
+            raise DataError(f"{root}: data root does not exist (download MT160 or run python -m m3dt.collect)")
+        folder = root / task.name
+        source = (minari_io.minari_episodes(str(folder), task, max_episodes) if minari_io.is_minari_folder(folder)
+                  else NpzEpisodes(tuple(episode_files(folder, max_episodes))))
+    if len(source) < MIN_EPISODES:
+        raise DataError(f"{source.where}: {len(source)} episode(s); a task needs at least {MIN_EPISODES} "
+                        "(2 are prompts)")
+    return source
+
+
+def read_lengths(source: EpisodeSource) -> list[int]:
+    return source.lengths()
+
+
+def read_task(task: Task, source: EpisodeSource, prompt_length: int) -> TaskPart:
+    """Read one task's training episodes and prompts; the last PROMPT_EPISODES episodes are the prompts."""
+    episodes = source.part(0, -PROMPT_EPISODES).load()
     observations = np.concatenate([episode.observations for episode in episodes])
     mean, std = mean_and_std(observations)
     return TaskPart(
@@ -262,7 +317,8 @@ def read_task(task: Task, files: list[Path], prompt_length: int) -> TaskPart:
         actions=np.concatenate([episode.actions for episode in episodes]),
         returns_to_go=np.concatenate([returns_to_go(episode.rewards) for episode in episodes]) / task.rtg_scale,
         episode_lengths=[episode.rewards.shape[0] for episode in episodes],
-        statistics=TaskStatistics(mean, std + STD_EPSILON, load_prompts(task, files[-PROMPT_EPISODES:], prompt_length)),
+        statistics=TaskStatistics(mean, std + STD_EPSILON,
+                                  load_prompts(task, source.part(-PROMPT_EPISODES), prompt_length)),
     )
 
 
@@ -274,23 +330,17 @@ def stack_statistics(statistics: list[TaskStatistics]) -> tuple[np.ndarray, np.n
             np.stack([task.state_std for task in statistics]).astype(np.float32), prompts)
 
 
-def task_files(data_root: str | Path, tasks: list[Task], max_episodes: int) -> list[list[Path]]:
-    """The episode files of each task under `data_root` (checked as episode_files does)."""
-    root = Path(data_root)
-    if not root.is_dir():
-        raise DataError(f"{root}: data root does not exist (download MT160 or run python -m m3dt.collect)")
-    return [episode_files(root / task.name, max_episodes) for task in tasks]
-
-
 def files_fingerprint(data_root: str | Path, task_names: list[str], max_episodes: int) -> dict[str, str]:
-    """Per task, the sha256 of the names and byte sizes of the episode files a run reads: cheap (no file is
+    """Per task, the sha256 of the names and byte sizes of the files a run reads (episode files, or a Minari dataset's): cheap (no file is
     opened), so a stage compares it before loading. Files of the same sizes with other contents are told
     apart after loading, by `statistics_fingerprints`."""
     fingerprints = {}
-    for name, paths in zip(task_names, task_files(data_root, [get_task(name) for name in task_names], max_episodes)):
+    for name in task_names:
+        source = task_source(str(data_root), get_task(name), max_episodes)
         digest = hashlib.sha256()
-        for path in paths:
+        for path in source.stored_files():
             digest.update(f"{path.name} {path.stat().st_size}\n".encode())
+        digest.update(f"{len(source)} episodes\n".encode())  # a Minari dataset's files hold all of its episodes
         fingerprints[name] = digest.hexdigest()
     return fingerprints
 
@@ -313,10 +363,10 @@ def read_statistics(data_root: str | Path, task_names: list[str], max_episodes: 
     """The per-task statistics that TaskDataset computes (stack_statistics' result), without keeping the
     transitions: each worker holds one task at a time, and only its statistics come back."""
     tasks = [get_task(name) for name in task_names]
-    files = task_files(data_root, tasks, max_episodes)
+    sources = [task_source(str(data_root), task, max_episodes) for task in tasks]
     workers = min(workers, MAX_LOADING_WORKERS, len(tasks))
     with worker_pool(workers) as pool:
-        parts = bounded_map(pool, partial(read_statistics_star, prompt_length=prompt_length), list(zip(tasks, files)),
+        parts = bounded_map(pool, partial(read_statistics_star, prompt_length=prompt_length), list(zip(tasks, sources)),
                             max(1, workers))
         statistics = list(tqdm(parts, total=len(tasks), desc="task statistics", unit="task", dynamic_ncols=True))
     return stack_statistics(statistics)
@@ -344,24 +394,23 @@ class TaskDataset:
 
     def __init__(self, data_root: str | Path, task_names: list[str], max_episodes: int = 2000, prompt_length: int = 5,
                  workers: int = 0):
-        self.root = Path(data_root)
         self.tasks = [get_task(name) for name in task_names]
         self.prompt_length = prompt_length
-        files = task_files(self.root, self.tasks, max_episodes)
+        sources = [task_source(str(data_root), task, max_episodes) for task in self.tasks]
         workers = min(workers, MAX_LOADING_WORKERS, len(self.tasks))
         with worker_pool(workers) as pool:
-            lengths = pool.map(read_lengths, [paths[:-PROMPT_EPISODES] for paths in files])
+            lengths = pool.map(read_lengths, [source.part(0, -PROMPT_EPISODES) for source in sources])
             total = sum(map(sum, lengths))
             self.observations = np.empty((total, MAX_OBS_DIM), dtype=np.float32)
             self.actions = np.empty((total, MAX_ACT_DIM), dtype=np.float32)
             self.returns_to_go = np.empty(total, dtype=np.float32)
-            parts = bounded_map(pool, partial(read_task_star, prompt_length=prompt_length), list(zip(self.tasks, files)),
+            parts = bounded_map(pool, partial(read_task_star, prompt_length=prompt_length), list(zip(self.tasks, sources)),
                                 max(1, workers))
             episode_starts, task_offsets, statistics = [], [], []
             row = 0
-            for paths, expected, part in zip(files, lengths, parts):
+            for source, expected, part in zip(sources, lengths, parts):
                 if part.episode_lengths != expected:
-                    raise DataError(f"{paths[0].parent}: episode arrays disagree on their lengths")
+                    raise DataError(f"{source.where}: episode arrays disagree on their lengths")
                 rows = slice(row, row + len(part.returns_to_go))
                 self.observations[rows], self.actions[rows], self.returns_to_go[rows] = (
                     part.observations, part.actions, part.returns_to_go)
@@ -393,11 +442,11 @@ def bounded_map(pool, function, items: list, in_flight: int) -> Iterator:
         yield from pool.map(function, items[start : start + in_flight])
 
 
-def read_task_star(arguments: tuple[Task, list[Path]], prompt_length: int) -> TaskPart:
+def read_task_star(arguments: tuple[Task, EpisodeSource], prompt_length: int) -> TaskPart:
     return read_task(*arguments, prompt_length)
 
 
-def read_statistics_star(arguments: tuple[Task, list[Path]], prompt_length: int) -> TaskStatistics:
+def read_statistics_star(arguments: tuple[Task, EpisodeSource], prompt_length: int) -> TaskStatistics:
     return read_task(*arguments, prompt_length).statistics
 
 

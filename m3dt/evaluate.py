@@ -49,14 +49,17 @@ from m3dt.config import CHOICES, ArgumentParser, Config, ConfigError, check_valu
 from m3dt.data import Batch
 from m3dt.model import PromptDecisionTransformer
 from m3dt.run import (ArtifactError, RunDir, atomic_path, check_inputs, file_hash, input_hashes, load_tensors,
-                      read_json, read_manifest, write_json)
-from m3dt.scores import SCORE_AXIS, episode_score
-from m3dt.tasks import (FAMILIES, MAX_ACT_DIM, MAX_OBS_DIM, MT1_GOALS, Task, check_timesteps, get_task,
-                        resolve_tasks)
+                      manifest_path, read_json, read_manifest, write_json)
+from m3dt.scores import SCORE_AXIS, task_score
+from m3dt.tasks import (FAMILIES, GYMNASIUM, MAX_ACT_DIM, MAX_OBS_DIM, MT1_GOALS, Task, check_timesteps, get_task,
+                        register_task_rows, resolve_tasks)
+from m3dt.video import VideoError, video_path
 
-EPISODES_PER_FAMILY = {"metaworld": 10, "dmc": 10, "ant_dir": 1, "cheetah_vel": 1}  # the protocol's
+# the protocol's; a gymnasium task of one's own (README "Your own tasks") gets 10, as D4RL-style evaluations do
+EPISODES_PER_FAMILY = {"metaworld": 10, "dmc": 10, "ant_dir": 1, "cheetah_vel": 1, GYMNASIUM: 10}
 MAX_EPISODES_PER_FAMILY = {"metaworld": MT1_GOALS}  # episode e uses the e-th goal of an MT1 of 50 goals
-FAMILY_NAMES = {"metaworld": "Meta-World", "dmc": "DMC", "ant_dir": "ant-dir", "cheetah_vel": "cheetah-vel"}
+FAMILY_NAMES = {"metaworld": "Meta-World", "dmc": "DMC", "ant_dir": "ant-dir", "cheetah_vel": "cheetah-vel",
+                GYMNASIUM: "gymnasium"}
 STAGE_METHODS = {"1": "prompt-dt", "3": "m3dt", "random": "random"}  # --stage values, aliases of --method
 METHODS = ("prompt-dt", "m3dt", *BASELINES, "random")
 
@@ -77,6 +80,7 @@ class Rollout:
     task: Task
     task_slot: int  # index of the task in the stage-1 statistics
     episode: int
+    video: Path | None = None  # where its env worker writes the rollout's MP4 (--video)
 
 
 # ------------------------------------------------------------------------------------------ environments
@@ -88,10 +92,12 @@ def _in_env(task_name: str, episode: int, what: str, call: Callable[[], Any]) ->
         raise EnvFailure(f"{task_name} episode {episode}: {what} failed: {one_line(error)}") from error
 
 
-def _build_env(task_name: str, episode: int, seed: int):
-    from m3dt.envs import make_env
+def _build_env(task: Task, episode: int, seed: int, video: Path | None):
+    """The env of a rollout (recording its video when `video` is a path). Workers get the Task itself, so
+    that a user's own tasks need no registration there."""
+    from m3dt.video import make_recorded_env
 
-    return _in_env(task_name, episode, "building the env", lambda: make_env(task_name, episode, seed))
+    return _in_env(task.name, episode, "building the env", lambda: make_recorded_env(task, episode, seed, video))
 
 
 def one_line(error: BaseException) -> str:
@@ -106,14 +112,14 @@ def _answer(envs: list, command: str, payload):
     return [(obs, reward, done, info["success"]) for obs, reward, done, info in results]
 
 
-def _worker(connection, rollouts: list[tuple[str, int]], seed: int) -> None:
+def _worker(connection, rollouts: list[tuple[Task, int, Path | None]], seed: int) -> None:
     """Owns the envs of some rollouts; answers 'reset' and 'step' messages with ("ok", answer) until 'close',
     or with ("error", one line, traceback) once, when an env fails, and stops. Ctrl-C is the main process's to
     handle (one line); it then sends 'close'."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     envs = []
     try:
-        envs = [_build_env(task, episode, seed) for task, episode in rollouts]
+        envs = [_build_env(task, episode, seed, video) for task, episode, video in rollouts]
         while True:
             command, payload = connection.recv()
             if command == "close":
@@ -133,12 +139,12 @@ class EnvPool:
     task and process). Every env is seeded by its (task, episode), so results never depend on the workers."""
 
     def __init__(self, rollouts: list[Rollout], seed: int, workers: int):
-        specs = [(rollout.task.name, rollout.episode) for rollout in rollouts]
+        specs = [(rollout.task, rollout.episode, rollout.video) for rollout in rollouts]
         self.count = len(rollouts)
         self.workers = max(1, min(workers, self.count))
         self.local = workers <= 0
         if self.local:
-            self.envs = [_build_env(task, episode, seed) for task, episode in specs]
+            self.envs = [_build_env(task, episode, seed, video) for task, episode, video in specs]
             return
         context = multiprocessing.get_context("spawn")  # MuJoCo state must not be forked
         self.connections, self.processes = [], []
@@ -426,7 +432,7 @@ def summarise(rollouts: list[Rollout], outcome: dict[str, np.ndarray], max_steps
         steps = allowed_steps(task, max_steps)
         per_task[name] = {
             "family": task.family,
-            "score": episode_score(task.family, returns, successes, steps / task.horizon),
+            "score": task_score(task, returns, successes, steps / task.horizon),
             "return_mean": float(np.mean(returns)),
             "success_rate": float(np.mean(successes)) if task.family == "metaworld" else None,
             "episodes": len(indices),
@@ -436,14 +442,14 @@ def summarise(rollouts: list[Rollout], outcome: dict[str, np.ndarray], max_steps
             "reference_score": task.single_task_score,
         }
     families = {}
-    for family in FAMILIES:
+    for family in dict.fromkeys([*FAMILIES, *(row["family"] for row in per_task.values())]):
         scores = [row["score"] for row in per_task.values() if row["family"] == family]
         references = [row["reference_score"] for row in per_task.values() if row["family"] == family]
         if scores:
-            families[family] = {"score": float(np.mean(scores)), "reference_score": float(np.mean(references)),
+            families[family] = {"score": float(np.mean(scores)), "reference_score": mean_reference(references),
                                 "tasks": len(scores)}
     total = float(np.mean([row["score"] for row in per_task.values()]))
-    reference_total = float(np.mean([row["reference_score"] for row in per_task.values()]))
+    reference_total = mean_reference([row["reference_score"] for row in per_task.values()])
     return {"tasks": per_task, "families": families, "total": {"score": total, "reference_score": reference_total,
                                                                "tasks": len(per_task)}}
 
@@ -464,6 +470,15 @@ def describe_settings(results: dict) -> str:
             f"seed {results['seed']}, context actions {results['context_actions']}")
 
 
+def mean_reference(references: list[float | None]) -> float | None:
+    """The mean single-task reference score, or None when a task has none (a user's own task)."""
+    return None if None in references else float(np.mean(references))
+
+
+def reference_text(reference: float | None) -> str:
+    return "-" if reference is None else f"{reference:.2f}"
+
+
 def markdown_table(results: dict) -> str:
     protocol = results["protocol"]
     status = "Full evaluation protocol." if protocol["full"] else (
@@ -472,9 +487,13 @@ def markdown_table(results: dict) -> str:
     lines = [f"{describe_method(results)}: {describe_settings(results)}.", "", status, "",
              f"| family | tasks | {method} | single-task DT (paper, full protocol) |", "|---|---|---|---|"]
     for family, row in results["families"].items():
-        lines.append(f"| {family} | {row['tasks']} | {row['score']:.2f} | {row['reference_score']:.2f} |")
+        lines.append(f"| {family} | {row['tasks']} | {row['score']:.2f} | {reference_text(row['reference_score'])} |")
     total = results["total"]
-    lines.append(f"| **total** | {total['tasks']} | **{total['score']:.2f}** | {total['reference_score']:.2f} |")
+    reference = reference_text(total["reference_score"])
+    lines.append(f"| **total** | {total['tasks']} | **{total['score']:.2f}** | {reference} |")
+    if results.get("videos"):
+        lines += ["", "Videos: " + ", ".join(f"[{Path(path).stem}]({path})" for paths in results["videos"].values()
+                                            for path in paths)]
     return "\n".join(lines)
 
 
@@ -489,7 +508,8 @@ def write_results(out_dir: Path, results: dict) -> None:
             for name, row in results["tasks"].items():
                 writer.writerow([name, row["family"], f"{row['score']:.4f}", f"{row['return_mean']:.4f}",
                                  "" if row["success_rate"] is None else f"{row['success_rate']:.4f}",
-                                 row["episodes"], row["max_steps"], row["full_protocol"], row["reference_score"]])
+                                 row["episodes"], row["max_steps"], row["full_protocol"],
+                                 "" if row["reference_score"] is None else row["reference_score"]])
     with atomic_path(out_dir / "table.md") as temporary:
         temporary.write_text(markdown_table(results) + "\n")
     plot_families(out_dir, results)
@@ -511,8 +531,11 @@ def plot_families(out_dir: Path, results: dict) -> None:
         scores = [row["score"] for _, row in rows]
         axes.bar(positions, scores, color="tab:blue" if full else "tab:orange",
                  label=results["method"] + ("" if full else " (not full protocol)"))
-        axes.scatter(positions, [row["reference_score"] for _, row in rows], color="black", marker="_", s=200,
-                     label="single-task DT (paper, full protocol)", zorder=3)
+        referenced = [(position, row["reference_score"]) for position, (_, row) in zip(positions, rows)
+                      if row["reference_score"] is not None]
+        if referenced:
+            axes.scatter(*zip(*referenced), color="black", marker="_", s=200,
+                         label="single-task DT (paper, full protocol)", zorder=3)
         axes.set_xticks(positions, [name for name, _ in rows], rotation=75, ha="right", fontsize=7)
         axes.set_xlim(-0.6, len(rows) - 0.4)
         top = max(100.0, *scores)
@@ -566,6 +589,13 @@ def open_run(run_dir: str, method: str, grouping: str, expert_num: int) -> tuple
     return run, read_manifest(artifact, what), statistics_file
 
 
+def register_run_tasks(run_dir: str) -> None:
+    """Make a run's own tasks (README "Your own tasks"), which its stage-1 manifest records, known by name."""
+    path = manifest_path(RunDir(run_dir).backbone)
+    if path.is_file():
+        register_task_rows(read_json(path, "stage-1 manifest").get("user_tasks", []), str(path))
+
+
 def shared_training_goals(trained_manifest: dict, rollouts: list[Rollout], seed: int) -> dict | None:
     """How many Meta-World evaluation goals are also goals of the run's training data, from the collect.json
     (m3dt.collect) of the data the model was trained on: its "mt1_goals" blocks say that the data holds goals 0..n-1 of
@@ -611,14 +641,19 @@ def output_label(method: str, grouping: str, expert_num: int, protocol: dict, co
 # ------------------------------------------------------------------------------------------ CLI
 def evaluate(run_dir: str, method: str, grouping: str = "gradient", expert_num: int = 48, prefix_name: str | None = None,
              tasks: str | None = None, episodes: int | None = None, max_steps: int | None = None, workers: int | None = None,
-             seed: int = 0, device: str = "auto", max_rollouts: int | None = None, context_actions: str = "full") -> dict:
+             seed: int = 0, device: str = "auto", max_rollouts: int | None = None, context_actions: str = "full",
+             video: int = 0) -> dict:
     """Evaluate `method` (one of METHODS, or a --stage value: "1" Prompt-DT, "3" M3DT, "random"); write and
     return the results.
     Every input is checked (ConfigError, TaskError, ArtifactError) before an env is built; a failing env
-    raises EnvFailure."""
+    raises EnvFailure. `video` K > 0 records the first K episodes of every task as MP4 files
+    (m3dt/video.py; VideoError when nothing renders here)."""
     from m3dt.train import resolve_device
 
     check_options(episodes, max_steps, workers, max_rollouts, seed, context_actions)
+    if video < 0:
+        raise ConfigError(f"--video must be at least 0, got {video}")
+    register_run_tasks(run_dir)
     asked = resolve_tasks(prefix_name, tasks, seed) if (prefix_name or tasks) else None
     check_episodes(asked or [], episodes)
     method = STAGE_METHODS.get(method, method)
@@ -629,7 +664,10 @@ def evaluate(run_dir: str, method: str, grouping: str = "gradient", expert_num: 
     untrained = [name for name in chosen if name not in trained]
     if untrained:
         raise ArtifactError(f"{trained_manifest['artifact']}: the model was not trained on {', '.join(untrained[:3])}")
-    rollouts = [Rollout(get_task(name), trained.index(name), episode)
+    protocol = describe_protocol([get_task(name) for name in chosen], episodes, max_steps)
+    out_dir = run.root / "eval" / output_label(method, grouping, expert_num, protocol, context_actions)
+    rollouts = [Rollout(get_task(name), trained.index(name), episode,
+                        video_path(out_dir / "videos", name, episode) if episode < video else None)
                 for name in chosen
                 for episode in range(episodes or EPISODES_PER_FAMILY[get_task(name).family])]
     statistics = load_statistics(run if statistics_file == run.data_stats else statistics_file)
@@ -649,6 +687,11 @@ def evaluate(run_dir: str, method: str, grouping: str = "gradient", expert_num: 
               f"the training data ({len(shared['tasks'])} task(s), {shared['collect_json']}): the scores measure "
               "memorisation; evaluate with another --seed or collect the data with another seed", file=sys.stderr)
 
+    if video:
+        from m3dt.video import choose_gl_backend
+
+        print(f"videos: MuJoCo renders with MUJOCO_GL={choose_gl_backend(gpu=torch.cuda.is_available())}")
+
     def make_policy(wave: list[Rollout]):
         if model is None:
             return RandomPolicy(seed)
@@ -662,7 +705,6 @@ def evaluate(run_dir: str, method: str, grouping: str = "gradient", expert_num: 
     outcomes = [run_rollouts(make_policy(wave), statistics, wave, seed, workers, max_steps, context_actions)
                 for wave in waves]
     outcome = {key: np.concatenate([part[key] for part in outcomes]) for key in ("returns", "success", "steps")}
-    protocol = describe_protocol([get_task(name) for name in chosen], episodes, max_steps)
     stage = {"prompt-dt": "1", "m3dt": "3", "random": "random"}.get(method)  # None: a comparison method
     results = {
         "run_dir": str(run.root), "stage": stage, "method": method_name(method), "method_id": method,
@@ -670,7 +712,9 @@ def evaluate(run_dir: str, method: str, grouping: str = "gradient", expert_num: 
         "seed": seed, "protocol": protocol, "context_actions": context_actions, "shared_goals": shared,
         "max_steps": max_steps, "seconds": time.perf_counter() - started, **summarise(rollouts, outcome, max_steps),
     }
-    out_dir = run.root / "eval" / output_label(method, grouping, expert_num, protocol, context_actions)
+    if video:  # paths relative to the results' folder, as the tables link them
+        results["videos"] = {name: [str(rollout.video.relative_to(out_dir)) for rollout in rollouts
+                                    if rollout.task.name == name and rollout.video is not None] for name in chosen}
     write_results(out_dir, results)
     print(markdown_table(results))
     print(f"wrote {out_dir}/results.json, results.csv, table.md and scores_*.png")
@@ -721,14 +765,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max_rollouts", type=int,
                         help="run the rollouts in waves of at most this many (bounds memory; default: all at once)")
     parser.add_argument("--context_actions", choices=CHOICES["context_actions"], help=comments["context_actions"])
+    parser.add_argument("--video", type=int, default=0, metavar="K",
+                        help="write an MP4 of the first K episodes of each task into eval/{label}/videos/")
     parser.add_argument("--debug", action="store_true", default=None, help="tracebacks instead of one-line errors")
     args = parser.parse_args(argv)
     debug = bool(args.debug)
     try:
         options = merged_options(args.config, vars(args))
         debug = options.pop("debug")
-        evaluate(method=args.method or args.stage, max_rollouts=args.max_rollouts, **options)
-    except (*USER_ERRORS, EnvFailure) as error:
+        evaluate(method=args.method or args.stage, max_rollouts=args.max_rollouts, video=args.video, **options)
+    except (*USER_ERRORS, EnvFailure, VideoError) as error:
         exit_with_message(error, debug)
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ from m3dt.config import CHOICES, ArgumentParser, Config, ConfigError, load_yaml,
 from m3dt.evaluate import EPISODES_PER_FAMILY, METHODS as EVALUATED_METHODS, method_name
 from m3dt.report import checkpoint_of, staleness
 from m3dt.run import RunDir, manifest_path, read_json
-from m3dt.tasks import get_task, resolve_tasks, suite_names
+from m3dt.tasks import get_task, resolve_tasks, suite_names, use_task_table
 
 
 @dataclass(frozen=True)
@@ -312,6 +312,8 @@ def plan_jobs(grid: Grid, run_root: Path, overrides: dict[str, Any]) -> list[Job
                 values = run_options(grid, entry, suite, seed, run_dir, overrides)
                 where = f"runs[{entry_index}] ({entry.method}, {name})"
                 config = build_config(grid, values, where)
+                if config.task_table:  # tasks of one's own: known to this process as to the stages
+                    use_task_table(config.task_table)
                 resolve_tasks(config.prefix_name, config.tasks, config.seed)  # a bad task list fails here
                 stage1 = Job("stage1", run_dir, config)
                 common = {"run_dir": run_dir}

@@ -27,6 +27,7 @@ import csv
 import dataclasses
 import hashlib
 import json
+import os
 import sys
 import textwrap
 from collections import defaultdict
@@ -40,9 +41,10 @@ import numpy as np
 from m3dt.cli import command, exit_with_message
 from m3dt.config import ArgumentParser, Config, ConfigError, load_yaml
 from m3dt.baselines.dense_sizes import parameter_count
+from m3dt.evaluate import reference_text
 from m3dt.run import ArtifactError, atomic_path, file_hash, manifest_path
 from m3dt.scores import SCORE_AXIS
-from m3dt.tasks import FAMILIES, suites
+from m3dt.tasks import FAMILIES, GYMNASIUM, suites
 
 # The paper's published numbers (Kong et al., ICML 2025): normalised score, mean over tasks, by task count.
 PAPER_TOTALS = {"M3DT": {10: 89.23, 80: 80.66, 160: 78.21},
@@ -52,6 +54,7 @@ PAPER_BEST_EXPERTS = {10: 8, 80: 40, 160: 40}  # the expert count that scored be
 DEFAULT_MODEL = "d256 L6"  # the paper's width and depth
 MAIN_METHODS = ("random policy", "MTDT", "Prompt-DT", "HarmoDT", "M3DT")  # the method comparison, in this order
 ABLATIONS = ("M3DT w/o three-stage", "M3DT w/o grouping")
+REPORTED_FAMILIES = (*FAMILIES, GYMNASIUM)  # what results.json's "families" can hold (GYMNASIUM: one's own tasks)
 
 
 # ------------------------------------------------------------------------------------------ results
@@ -189,7 +192,8 @@ class Row:
     iqm: float = 0.0
     interval: tuple[float, float] | None = None  # 95% CI of the IQM; None with one seed
     bootstrap: str = ""  # how the CI was computed
-    reference: dict[str, float] = field(default_factory=dict)  # single-task DT: per family and "total"
+    reference: dict[str, float | None] = field(default_factory=dict)  # single-task DT: per family, "total"
+    # (None: tasks of one's own, which have no paper reference)
 
     @property
     def first(self) -> Result:
@@ -268,14 +272,14 @@ def build_rows(results: list[Result], reps: int, seed: int) -> list[Row]:
     for key in sorted(grouped, key=lambda key: (key[0], key[1], key[2], key[3], key[4], key[5])):
         members = sorted(grouped[key], key=lambda result: result.seed)
         row = Row(members)
-        for family in FAMILIES:
+        for family in REPORTED_FAMILIES:
             values = [result.data["families"][family]["score"] for result in members
                       if family in result.data.get("families", {})]
             if values:
                 row.families[family] = mean_std(values)
-                row.reference[family] = members[0].data["families"][family].get("reference_score", float("nan"))
+                row.reference[family] = members[0].data["families"][family].get("reference_score")
         row.total = mean_std([result.data["total"]["score"] for result in members])
-        row.reference["total"] = members[0].data["total"].get("reference_score", float("nan"))
+        row.reference["total"] = members[0].data["total"].get("reference_score")
         matrix, same_tasks = score_matrix(members)
         row.iqm, row.interval = iqm_interval(matrix, reps, seed, task_bootstrap=not same_tasks)
         row.bootstrap = "seeds within tasks" if same_tasks else "task positions and seeds (task lists differ by seed)"
@@ -308,7 +312,8 @@ def label(row: Row) -> str:
 def table(rows: list[Row], paper: dict[str, dict[int, float]], families: bool = True) -> list[str]:
     """Markdown rows with the paper's numbers for the same task counts after ours. Our rows that are not the
     full protocol say so in their own evaluation column; the caption says it too."""
-    present = [family for family in FAMILIES if any(family in row.families for row in rows)] if families else []
+    present = [family for family in REPORTED_FAMILIES
+               if families and any(family in row.families for row in rows)]
     header = ["tasks", "method", "experts", "model", "evaluation", "seeds", *present, "total (mean ± std)",
               "IQM [95% CI]"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -332,6 +337,9 @@ def caption(rows: list[Row]) -> list[str]:
              "and cheetah-vel returns mapped to 0-100), averaged over tasks; mean ± sample std over the seeds "
              "of a row (seeds column: how many, which); IQM over every seed x task score with its 95% "
              "stratified-bootstrap CI (rliable)."]
+    if any(GYMNASIUM in row.families for row in rows):
+        notes.append("The gymnasium column: tasks of one's own (--task_table), each scored 100 x (return - min) / "
+                     "(max - min) with the returns its table gives; the paper has no reference for them.")
     if not all(row.official for row in rows):
         notes.append("The paper's numbers are of its official suites (mt10, mt80, mt160 of seeds 0-2): rows on "
                      "other task lists have none beside them, even with the same task count.")
@@ -349,11 +357,11 @@ def reference_table(rows: list[Row]) -> list[str]:
     seen: dict[str, Row] = {}
     for row in sorted(rows, key=lambda row: row.first.tasks):
         seen.setdefault(row.task_cell, row)
-    present = [family for family in FAMILIES if any(family in row.reference for row in seen.values())]
+    present = [family for family in REPORTED_FAMILIES if any(family in row.reference for row in seen.values())]
     lines = ["| tasks | " + " | ".join(present) + " | total |", "|---|" + "---|" * (len(present) + 1)]
     for task_cell, row in seen.items():
-        values = [f"{row.reference[family]:.2f}" if family in row.reference else "-" for family in present]
-        lines.append(f"| {task_cell} | " + " | ".join(values) + f" | {row.reference['total']:.2f} |")
+        values = [reference_text(row.reference.get(family)) for family in [*present, "total"]]
+        lines.append(f"| {task_cell} | " + " | ".join(values) + " |")
     return lines
 
 
@@ -448,13 +456,13 @@ def write_csvs(out: Path, rows: list[Row], results: list[Result]) -> None:
     with atomic_path(out / "report.csv") as temporary, open(temporary, "w", newline="") as file:
         writer = csv.writer(file)
         writer.writerow(["tasks", "suite", "method", "grouping", "experts", "model", "parameters", "evaluation",
-                         "full_protocol", "seeds", "seed_list", *(f"{family}_{stat}" for family in FAMILIES
-                                                                for stat in ("mean", "std")),
+                         "full_protocol", "seeds", "seed_list", *(f"{family}_{stat}" for family in
+                                                                REPORTED_FAMILIES for stat in ("mean", "std")),
                          "total_mean", "total_std", "iqm", "iqm_ci_low", "iqm_ci_high", "bootstrap"])
         for row in rows:
             first = row.first
             family_values = [f"{row.families[family][index]:.4f}" if family in row.families else ""
-                             for family in FAMILIES for index in (0, 1)]
+                             for family in REPORTED_FAMILIES for index in (0, 1)]
             low, high = row.interval or ("", "")
             writer.writerow([first.tasks, first.suite, first.method, first.grouping, first.experts, first.model,
                              first.parameters or "", first.evaluation, first.full, len(row.results),
@@ -463,13 +471,13 @@ def write_csvs(out: Path, rows: list[Row], results: list[Result]) -> None:
     with atomic_path(out / "results.csv") as temporary, open(temporary, "w", newline="") as file:
         writer = csv.writer(file)
         writer.writerow(["results", "tasks", "suite", "method", "grouping", "experts", "model", "seed", "evaluation",
-                         "full_protocol", *FAMILIES, "total", "left_out_because"])
+                         "full_protocol", *REPORTED_FAMILIES, "total", "left_out_because"])
         for result in results:
             families = result.data.get("families", {})
-            writer.writerow([result.path, result.tasks, result.suite, result.method, result.grouping, result.experts, result.model,
-                             result.seed, result.evaluation, result.full,
+            writer.writerow([result.path, result.tasks, result.suite, result.method, result.grouping, result.experts,
+                             result.model, result.seed, result.evaluation, result.full,
                              *(f"{families[family]['score']:.4f}" if family in families else ""
-                               for family in FAMILIES), f"{result.data['total']['score']:.4f}", result.flag])
+                               for family in REPORTED_FAMILIES), f"{result.data['total']['score']:.4f}", result.flag])
 
 
 # ------------------------------------------------------------------------------------------ plots
@@ -595,7 +603,7 @@ def plot_families(path: Path, rows: list[Row], title: str, palette: dict[str, An
     """One panel per family with its own score on the y axis: each method's mean, std over seeds as error
     bars, the paper's single-task DT over the same tasks as a dashed line."""
     plt = pyplot()
-    present = [family for family in FAMILIES if any(family in row.families for row in rows)]
+    present = [family for family in REPORTED_FAMILIES if any(family in row.families for row in rows)]
     figure, all_axes = plt.subplots(1, len(present), figsize=(2.6 * len(present) + 3.2, 4.4), squeeze=False)
     for index, (axes, family) in enumerate(zip(all_axes[0], present)):
         members = [row for row in rows if family in row.families]
@@ -604,7 +612,8 @@ def plot_families(path: Path, rows: list[Row], title: str, palette: dict[str, An
             axes.bar(position, row.families[family][0], yerr=row.families[family][1], capsize=3,
                      color=palette.get(series_name(row, with_experts=False)),
                      label=f"{name} (seeds: {len(row.results)})")
-        axes.axhline(members[0].reference[family], color="black", linestyle="--", label="single-task DT (paper)")
+        if members[0].reference[family] is not None:
+            axes.axhline(members[0].reference[family], color="black", linestyle="--", label="single-task DT (paper)")
         axes.set_xticks([])
         axes.set_ylim(0, 100)
         axes.set_ylabel(SCORE_AXIS[family])
@@ -641,6 +650,15 @@ def plot_profiles(path: Path, rows: list[Row], title: str, palette: dict[str, An
     finish(figure, axes, path)
 
 
+def video_links(folders: list[Path], out_dir: Path) -> list[str]:
+    """A section linking every rollout video the evaluations below `folders` wrote (m3dt.evaluate --video),
+    relative to the report's folder."""
+    videos = sorted(path for folder in folders for path in folder.glob("**/eval/*/videos/*.mp4"))
+    links = [f"- {path.parents[3].name}, {path.parents[1].name}: [{path.stem}]({os.path.relpath(path, out_dir)})"
+             for path in videos]
+    return ["## Videos of rollouts", "", *links, ""] if links else []
+
+
 def write_plots(out: Path, rows: list[Row], title: str, reps: int, seed: int) -> list[Path]:
     """The method comparison against task count and per family and as performance profiles (main_rows), and
     every M3DT and ablation row against expert count."""
@@ -671,7 +689,7 @@ def build_report(folders: list[Path], out: Path, reps: int = 2000, seed: int = 0
         raise ArtifactError(f"every results.json under {', '.join(map(str, folders))} is out of date "
                             f"(e.g. {stale[0].path}: {stale[0].flag})")
     rows = build_rows(kept, reps, seed)
-    text = report_markdown(rows, stale, folders, reps, seed)
+    text = report_markdown(rows, stale, folders, reps, seed) + "\n".join(["", *video_links(folders, out)])
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "report.md") as temporary:
         temporary.write_text(text)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from m3dt.tasks import Task
+
 # What a family's score is, for axis labels and tables; each is a number in [0, 100] (DMC's rewards are at
 # most 1 per simulator step, 1,000 of them per episode).
 SCORE_AXIS = {
@@ -11,6 +13,7 @@ SCORE_AXIS = {
     "dmc": "return / 10",
     "ant_dir": "clip(return / 5, 0, 100)",
     "cheetah_vel": "normalised return (0 at -100, 100 at -30)",
+    "gymnasium": "100 (return - min) / (max - min)",  # a task of one's own (README "Your own tasks")
 }
 
 
@@ -40,3 +43,13 @@ def episode_score(family: str, returns: list[float], successes: list[bool], step
     if family == "cheetah_vel":
         return float(np.clip((mean_return + 100.0) / 70.0 * 100.0, 0.0, 100.0))
     raise ValueError(f"unknown family '{family}'")
+
+
+def task_score(task: Task, returns: list[float], successes: list[bool], steps_fraction: float = 1.0) -> float:
+    """A task's score: its family's rule (`episode_score`), or for a user's gymnasium task
+    100 * (mean return / steps_fraction - score_min_return) / (score_max_return - score_min_return), not
+    clipped (D4RL's and Minari's normalised score; steps_fraction as in episode_score)."""
+    if task.score_returns is None:
+        return episode_score(task.family, returns, successes, steps_fraction)
+    low, high = task.score_returns
+    return 100.0 * (float(np.mean(returns)) / steps_fraction - low) / (high - low)

@@ -24,7 +24,7 @@ from m3dt.grouping import gradient_features, gradient_grouping, groups_to_json, 
 from m3dt.model import ModelConfig, PromptDecisionTransformer
 from m3dt.run import (ArtifactError, RunDir, check_inputs, check_model_fields, file_hash, input_hashes,
                       load_tensors, manifest_path, read_json, read_manifest, save_tensors, write_json, write_manifest)
-from m3dt.tasks import check_timesteps, resolve_tasks
+from m3dt.tasks import check_timesteps, register_task_rows, resolve_tasks, use_task_table, user_task_rows
 from m3dt.train import (METRICS, Distributed, Job, TrainingHooks, resolve_device, start_distributed, stop_distributed,
                         train)
 
@@ -66,6 +66,7 @@ def stage1_tasks(run: RunDir, config: Config) -> list[str]:
     """The stage-1 task list; an explicit --prefix_name/--tasks must agree with it."""
     manifest = read_manifest(run.backbone, "stage-1 backbone")
     check_model_fields(manifest, config.model_fields(), run.backbone)
+    register_task_rows(manifest.get("user_tasks", []), str(run.backbone))  # the run's own tasks, if any
     tasks = manifest["tasks"]
     if config.prefix_name or config.tasks:
         asked = resolve_tasks(config.prefix_name, config.tasks, config.seed)
@@ -245,7 +246,7 @@ def train_backbone(config: Config) -> Path:
     save_tensors(run.backbone, model.state_dict())
     write_manifest(run.backbone, "stage1", recorded_config(config, device), tasks, [], run.root, steps_done=done,
                    identity=identity, data={"files": files, "statistics": statistics},
-                   data_stats_sha256=file_hash(run.data_stats))
+                   data_stats_sha256=file_hash(run.data_stats), user_tasks=user_task_rows(tasks))
     print(f"stage 1: wrote {run.backbone}")
     return run.backbone
 
@@ -432,6 +433,8 @@ def run_cli(stage: Callable[[Config], Any], description: str, argv: list[str] | 
     try:
         config = parse_config(description, arguments)
         debug = config.debug
+        if config.task_table:
+            use_task_table(config.task_table)
         stage(config)
         stop_distributed()
     except USER_ERRORS as error:

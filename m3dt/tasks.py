@@ -1,14 +1,18 @@
-"""The MT160 task table and the official task suites.
+"""The MT160 task table, the official task suites, and the user's own task tables.
 
 Everything the pipeline needs to know about a task (family, true action dim, horizon, return target,
 RTG scale, goal parameter) comes from `configs/reference/mt160_tasks.json`, the official table; the suites
 mt10..mt160 for seeds 0-2 come from `configs/reference/mt160_suites.json`.
+
+A task table of your own (`--task_table FILE`, README "Your own tasks") adds tasks outside MT160 with the
+same columns: either a task of one of the four families, built and scored by that family's rules, or a
+gymnasium environment (`env_id` + `env_kwargs`) scored linearly between two returns.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -18,6 +22,7 @@ SUITES_FILE = REFERENCE_DIR / "mt160_suites.json"
 STATE_STATS_FILE = REFERENCE_DIR / "mt160_state_stats.json"
 
 FAMILIES = ("metaworld", "dmc", "ant_dir", "cheetah_vel")
+GYMNASIUM = "gymnasium"  # the family of a user's task given by a gymnasium env id
 MAX_OBS_DIM = 39  # every observation is zero-padded to this width
 MAX_ACT_DIM = 8  # every action is zero-padded to this width
 MT1_GOALS = 50  # goals that one seeded metaworld.MT1 samples per task: Meta-World episodes per seed
@@ -37,9 +42,14 @@ class Task:
     horizon: int
     return_target: float  # evaluation start return (RTG before scaling)
     rtg_scale: float
-    single_task_score: float  # the paper's single-task DT reference score
-    train_trajectories: int
+    single_task_score: float | None  # the paper's single-task DT reference score (None for a user's task)
+    train_trajectories: int | None
     goal: float | None  # ant-dir goal angle (rad) or cheetah-vel target velocity
+    # A user's task (README "Your own tasks"); the MT160 tasks leave these empty.
+    env_id: str | None = None  # gymnasium env id, built with gymnasium.make(env_id, **env_kwargs)
+    env_kwargs: dict = field(default_factory=dict, hash=False)
+    score_returns: tuple[float, float] | None = None  # score 0 and 100 at these mean returns (gymnasium tasks)
+    dataset: str | None = None  # where its data is, instead of {data_path}/{task}: minari:ID or a folder
 
 
 @lru_cache(maxsize=1)
@@ -64,10 +74,151 @@ def task_table() -> dict[str, Task]:
 
 
 def get_task(name: str) -> Task:
-    table = task_table()
-    if name not in table:
-        raise TaskError(f"unknown task '{name}': not in the task table {TASK_TABLE_FILE.name}")
-    return table[name]
+    if name in task_table():
+        return task_table()[name]
+    if name in _user_tasks:
+        return _user_tasks[name]
+    tables = ", ".join([TASK_TABLE_FILE.name, *_user_table_files]) if _user_table_files else TASK_TABLE_FILE.name
+    hint = "" if _user_table_files else " (tasks of your own: --task_table FILE)"
+    raise TaskError(f"unknown task '{name}': not in the task table {tables}{hint}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The user's own tasks
+
+_user_tasks: dict[str, Task] = {}  # registered by use_task_table / register_task_rows, after the MT160 table
+_user_table_files: list[str] = []
+REQUIRED_COLUMNS = ("task", "obs_dim", "act_dim", "horizon", "return_target", "rtg_scale")
+OPTIONAL_COLUMNS = ("family", "env_id", "env_kwargs", "score_min_return", "score_max_return", "single_task_score",
+                    "dataset", "goal_angle_rad", "goal_velocity", "index", "train_trajectories",
+                    "obs_dims_nonconstant")
+
+
+def task_from_row(row: dict, where: str, index: int) -> Task:
+    """A user's task from one row of a task table (the shipped table's columns; README "Your own tasks").
+
+    A row has either `family` (one of FAMILIES: the env is built from the task name by that family's module
+    and scored by its rule) or `env_id` (+ `env_kwargs`): a gymnasium env whose score is
+    100 * (mean return - score_min_return) / (score_max_return - score_min_return), not clipped, as D4RL
+    and Minari normalise. Raises TaskError naming `where` and the column at fault.
+    """
+    if not isinstance(row, dict):
+        raise TaskError(f"{where}: each task must be an object of columns, got {type(row).__name__}")
+    name = row.get("task")
+    label = f"{where}: task '{name}'" if isinstance(name, str) else where
+    missing = [column for column in REQUIRED_COLUMNS if column not in row]
+    unknown = sorted(set(row) - set(REQUIRED_COLUMNS) - set(OPTIONAL_COLUMNS))
+    if missing or unknown:
+        raise TaskError(f"{label}: " + "; ".join(
+            ([f"missing column(s) {', '.join(missing)}"] if missing else []) +
+            ([f"unknown column(s) {', '.join(unknown)}"] if unknown else [])))
+    if not isinstance(name, str) or not name or "/" in name:
+        raise TaskError(f"{where}: 'task' must be a name without '/', got {name!r}")
+    if name in task_table():
+        raise TaskError(f"{label}: is an MT160 task; give your own tasks other names")
+    family, env_id = row.get("family"), row.get("env_id")
+    if (family is None) == (env_id is None):
+        raise TaskError(f"{label}: give exactly one of 'family' ({', '.join(FAMILIES)}) and 'env_id' (gymnasium)")
+    if family is not None and family not in FAMILIES:
+        raise TaskError(f"{label}: family must be one of {', '.join(FAMILIES)}, got {family!r}")
+    for column, limit in (("obs_dim", MAX_OBS_DIM), ("act_dim", MAX_ACT_DIM), ("horizon", None)):
+        value = row[column]
+        if not isinstance(value, int) or value < 1 or (limit is not None and value > limit):
+            bound = f" and at most {limit} (the model's padded width)" if limit else ""
+            raise TaskError(f"{label}: {column} must be an integer at least 1{bound}, got {value!r}")
+    for column in ("return_target", "rtg_scale"):
+        if not isinstance(row[column], (int, float)) or isinstance(row[column], bool):
+            raise TaskError(f"{label}: {column} must be a number, got {row[column]!r}")
+    if row["rtg_scale"] <= 0:
+        raise TaskError(f"{label}: rtg_scale must be positive, got {row['rtg_scale']}")
+    score_returns = None
+    if env_id is not None:
+        if not isinstance(env_id, str):
+            raise TaskError(f"{label}: env_id must be a gymnasium env id string, got {env_id!r}")
+        if not isinstance(row.get("env_kwargs", {}), dict):
+            raise TaskError(f"{label}: env_kwargs must be an object of keyword arguments")
+        low, high = row.get("score_min_return"), row.get("score_max_return")
+        if not all(isinstance(value, (int, float)) for value in (low, high)) or not high > low:
+            raise TaskError(f"{label}: a gymnasium task needs score_min_return < score_max_return (numbers), "
+                            f"got {low!r} and {high!r}")
+        score_returns = (float(low), float(high))
+    dataset = row.get("dataset")
+    if dataset is not None and not isinstance(dataset, str):
+        raise TaskError(f"{label}: dataset must be 'minari:DATASET_ID' or a folder, got {dataset!r}")
+    return Task(
+        name=name, index=index, family=family or GYMNASIUM, act_dim=row["act_dim"], obs_dim=row["obs_dim"],
+        horizon=row["horizon"], return_target=float(row["return_target"]), rtg_scale=float(row["rtg_scale"]),
+        single_task_score=row.get("single_task_score"), train_trajectories=row.get("train_trajectories"),
+        goal=row.get("goal_angle_rad", row.get("goal_velocity")), env_id=env_id,
+        env_kwargs=dict(row.get("env_kwargs", {})), score_returns=score_returns, dataset=dataset,
+    )
+
+
+def read_json_file(path: Path, what: str):
+    """A user's JSON file (task list or task table); TaskError naming it when missing or not JSON."""
+    if not path.is_file():
+        raise TaskError(f"{what} {path} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise TaskError(f"{what} {path} is not valid JSON: {error}") from None
+
+
+def read_task_table(path: str | Path) -> list[dict]:
+    """The rows of a task table file: {"tasks": [row, ...]} as the shipped one, or a plain list of rows."""
+    file = Path(path)
+    content = read_json_file(file, "task table")
+    rows = content.get("tasks") if isinstance(content, dict) else content
+    if not isinstance(rows, list) or not rows:
+        raise TaskError(f"task table {file} must hold a non-empty list of tasks (or {{\"tasks\": [...]}})")
+    return rows
+
+
+def register_task_rows(rows: list[dict], where: str) -> list[Task]:
+    """Make a user's tasks known to get_task (in this process; env and loading workers receive Task objects).
+    Registering the same row again is allowed; another row under a registered name is an error."""
+    tasks = [task_from_row(row, where, len(task_table()) + len(_user_tasks) + position)
+             for position, row in enumerate(rows)]
+    names = [task.name for task in tasks]
+    if len(set(names)) != len(names):
+        raise TaskError(f"{where}: a task name appears twice")
+    for task in tasks:
+        known = _user_tasks.get(task.name)
+        if known is not None and task_row(known) != task_row(task):
+            raise TaskError(f"{where}: task '{task.name}' differs from the one of the same name already in use")
+    for task in tasks:
+        _user_tasks.setdefault(task.name, task)
+    return [_user_tasks[name] for name in names]
+
+
+def use_task_table(path: str | Path) -> list[Task]:
+    """--task_table FILE: register every task of the file; returns them."""
+    tasks = register_task_rows(read_task_table(path), str(path))
+    if str(path) not in _user_table_files:
+        _user_table_files.append(str(path))
+    return tasks
+
+
+def task_row(task: Task) -> dict:
+    """A user's task as a task-table row (what a stage-1 manifest records, so that later stages and the
+    evaluator know the run's tasks without the file)."""
+    row = {"task": task.name, "obs_dim": task.obs_dim, "act_dim": task.act_dim, "horizon": task.horizon,
+           "return_target": task.return_target, "rtg_scale": task.rtg_scale}
+    if task.env_id is None:
+        row["family"] = task.family
+    else:
+        row.update(env_id=task.env_id, env_kwargs=task.env_kwargs, score_min_return=task.score_returns[0],
+                   score_max_return=task.score_returns[1])
+    optional = {"single_task_score": task.single_task_score, "dataset": task.dataset,
+                "train_trajectories": task.train_trajectories,
+                {"ant_dir": "goal_angle_rad"}.get(task.family, "goal_velocity"): task.goal}
+    row.update({key: value for key, value in optional.items() if value is not None})
+    return row
+
+
+def user_task_rows(names: list[str]) -> list[dict]:
+    """The rows of the user's tasks among `names` (MT160 tasks need none)."""
+    return [task_row(get_task(name)) for name in names if name not in task_table()]
 
 
 @lru_cache(maxsize=1)
@@ -88,12 +239,7 @@ def resolve_tasks(prefix_name: str | None, tasks: str | None, seed: int) -> list
     if tasks:
         if tasks.startswith("@"):
             path = Path(tasks[1:])
-            if not path.is_file():
-                raise TaskError(f"task list file {path} does not exist")
-            try:
-                names = json.loads(path.read_text())
-            except json.JSONDecodeError as error:
-                raise TaskError(f"task list file {path} is not valid JSON: {error}") from None
+            names = read_json_file(path, "task list file")
             if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
                 raise TaskError(f"task list file {path} must hold a JSON list of task names")
         else:

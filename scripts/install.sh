@@ -14,3 +14,16 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
     fi
     echo "$wanted" > "$stamp"
 fi
+# Videos (m3dt.evaluate --video) render with MuJoCo's OSMesa backend on a machine without a GPU; Debian and
+# Ubuntu ship it as libosmesa6. Installed when missing and possible (root with apt), else a note.
+if ! { ldconfig -p 2>/dev/null || /sbin/ldconfig -p; } | grep -q "libOSMesa\.so"; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null; then
+        echo "installing libosmesa6 (OpenGL in software, for videos)..."
+        if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+                libosmesa6; } > .venv/apt.log 2>&1; then
+            echo "warning: apt-get could not install libosmesa6 (.venv/apt.log); videos need it on a CPU" >&2
+        fi
+    else
+        echo "note: libOSMesa is missing; videos (--video) need it on a CPU: sudo apt-get install libosmesa6" >&2
+    fi
+fi

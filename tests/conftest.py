@@ -19,3 +19,13 @@ SMALL_TASKS = ["reach-v2", "door-close-v2", "walker-walk", "pendulum-swingup", "
 @pytest.fixture(scope="session")
 def small_data(tmp_path_factory) -> Path:
     return make_dataset(tmp_path_factory.mktemp("mt160_small"), SMALL_TASKS)
+
+
+@pytest.fixture(autouse=True)
+def forget_own_tasks():
+    """Tasks of one's own (--task_table) are registered process-wide; each test starts without them."""
+    from m3dt import tasks
+
+    yield
+    tasks._user_tasks.clear()
+    tasks._user_table_files.clear()

@@ -24,7 +24,7 @@ from m3dt.collect import (
 from m3dt.data import TaskDataset, load_episode
 from m3dt.envs import make_env
 from m3dt.scores import episode_score
-from m3dt.tasks import get_task, resolve_tasks
+from m3dt.tasks import get_task, resolve_tasks, task_table
 
 TASKS = ["reach-v2", "cheetah-vel-3"]
 STEPS = 20
@@ -105,6 +105,16 @@ def test_expert_training_resumes_from_its_checkpoint(data_root, capsys):
                  buffer_size=100, device="cpu")
     assert "resuming cheetah_vel from step 70" in capsys.readouterr().out
     assert json.loads((data_root / "more" / EXPERTS_DIR / "cheetah_vel.json").read_text())["steps_done"] == 90
+    train_expert("cheetah_vel", steps=90, out=data_root / "more", seed=0, save_every=40, learning_starts=50,
+                 buffer_size=100, device="cpu")
+    assert "expert cheetah_vel: already trained for 90 steps" in capsys.readouterr().out
+
+
+def test_expert_dmc_trains_one_expert_per_dmc_task_in_turn(tmp_path, monkeypatch):
+    trained = []
+    monkeypatch.setattr("m3dt.collect.train_expert", lambda name, *arguments: trained.append(name))
+    main(["train-expert", "--expert", "dmc", "--steps", "10", "--out", str(tmp_path)])
+    assert trained == [task.name for task in task_table().values() if task.family == "dmc"] and len(trained) == 30
 
 
 @pytest.mark.parametrize("task_name", ["reach-v2", "button-press-topdown-v2", "drawer-close-v2"])

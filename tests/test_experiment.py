@@ -177,7 +177,8 @@ def test_comparison_methods_through_the_grid(grid_file, one_thread, tmp_path):
     """MTDT, HarmoDT, the two ablations and the random policy train and evaluate through a grid (each
     method's steps and stage-1 dependency from its module in m3dt/baselines) and reach the report."""
     grid = tmp_path / "baselines.yaml"
-    text = grid_file.read_text().replace("seeds: [0, 1]", "seeds: [0]").replace("backbone_steps: 60", "backbone_steps: 20")
+    text = grid_file.read_text().replace("seeds: [0, 1]", "seeds: [0]")
+    text = text.replace("backbone_steps: 60", "backbone_steps: 20")
     grid.write_text(text.split("runs:")[0].replace("router_steps: 10,", "router_steps: 10, harmodt_steps: 20,")
                     + "runs:\n  - method: random\n  - method: mtdt\n  - method: harmodt\n"
                       "  - {method: m3dt-end2end, experts: [2]}\n  - {method: m3dt-no-grouping, experts: [2]}\n")
@@ -208,3 +209,17 @@ def test_ctrl_c_in_a_job_stops_the_grid(grid_file, monkeypatch, tmp_path, capsys
     with pytest.raises(SystemExit) as stop:
         main([str(grid_file), "--run_root", str(tmp_path / "runs")])
     assert stop.value.code == 130 and len(called) == 1 and "grid finished" not in capsys.readouterr().out
+
+
+def test_a_grid_of_ones_own_tasks_is_planned(tmp_path):
+    """A grid whose options name a --task_table plans runs on the tasks of that table."""
+    table = tmp_path / "own.json"
+    table.write_text(json.dumps([{"task": "own-hopper", "env_id": "Hopper-v5", "obs_dim": 11, "act_dim": 3,
+                                  "horizon": 40, "return_target": 60.0, "rtg_scale": 100.0,
+                                  "score_min_return": -20.3, "score_max_return": 3234.3}]))
+    grid = tmp_path / "own.yaml"
+    grid.write_text(f"options: {{task_table: {table}}}\nsuites: [mine]\ntask_sets: {{mine: 'own-hopper,reach-v2'}}\n"
+                    "runs: [{method: prompt-dt}]\n")
+    jobs = plan_jobs(load_grid(grid), tmp_path / "runs", {})
+    assert [job.kind for job in jobs] == ["stage1", "evaluate"]
+    assert "| to do |" in dry_run(load_grid(grid), jobs, tmp_path / "runs", load_benches(), show_commands=False)

@@ -156,3 +156,18 @@ def test_report_takes_the_run_dir_of_a_config_file(tmp_path, capsys):
     config_file.write_text(f"run_dir: {run}\nembed_dim: 32\n")
     main(["--config", str(config_file), "--out", str(tmp_path / "out"), "--bootstrap_reps", "20"])
     assert "| Prompt-DT |" in capsys.readouterr().out and (tmp_path / "out" / "report.md").exists()
+
+
+def test_tasks_of_ones_own_have_a_column_without_a_paper_reference(tmp_path):
+    path = write_result(tmp_path / "own_seed0", "stage1", "Prompt-DT", "prompt-dt", 0, SCORES[0])
+    data = json.loads(path.read_text())  # a gymnasium task of a --task_table: no single-task DT reference
+    data["tasks"] = {"own-hopper": {"family": "gymnasium", "score": 40.0, "episodes": 10, "reference_score": None}}
+    data["families"] = {"gymnasium": {"score": 40.0, "reference_score": None, "tasks": 1}}
+    data["total"] = {"score": 40.0, "tasks": 1, "reference_score": None}
+    path.write_text(json.dumps(data))
+    text = build_report([tmp_path], tmp_path / "out", reps=20)
+    assert "| seeds | gymnasium | total (mean ± std) |" in text and "| 40.00 | 40.00 |" in text
+    suite = text.split("| 1 (list ")[1][:6]
+    assert "| tasks | gymnasium | total |\n|---|---|---|\n| 1 (list " + suite + ") | - | - |" in text  # no reference
+    assert "tasks of one's own (--task_table), each scored 100 x (return - min)" in text
+    assert (tmp_path / "out" / f"families_1_tasks_list_{suite}.png").stat().st_size > 10_000

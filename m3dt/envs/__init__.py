@@ -1,4 +1,4 @@
-"""One factory for the environments of all 160 tasks.
+"""One factory for the environments of all 160 tasks (and of a user's own tasks, README "Your own tasks").
 
 Contract every family module follows (see `base.TaskEnv`):
 - `reset() -> obs`: float32 array of shape (39,), the native observation zero-padded to 39 dims in the
@@ -17,12 +17,17 @@ import os
 os.environ.setdefault("MUJOCO_GL", "disable")  # nothing renders; avoids GLFW display errors
 
 from m3dt.envs.base import TaskEnv  # noqa: E402
-from m3dt.tasks import get_task  # noqa: E402
+from m3dt.tasks import Task, get_task  # noqa: E402
 
 
-def make_env(task_name: str, episode: int = 0, seed: int = 0) -> TaskEnv:
-    """Build the environment of `task_name` for evaluation episode `episode` under run seed `seed`."""
-    task = get_task(task_name)
+def make_env(task: str | Task, episode: int = 0, seed: int = 0) -> TaskEnv:
+    """Build the environment of `task` (a name, or the Task itself: worker processes receive Task objects, so
+    that a user's tasks need no registration there) for evaluation episode `episode` under run seed `seed`."""
+    task = get_task(task) if isinstance(task, str) else task
+    if task.env_id is not None:
+        from m3dt.envs.gymnasium_env import GymnasiumEnv
+
+        return GymnasiumEnv(task, episode, seed)
     if task.family == "metaworld":
         from m3dt.envs.metaworld import MetaWorldEnv
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from m3dt.tasks import MAX_OBS_DIM, Task
+from m3dt.tasks import MAX_OBS_DIM, Task, TaskError
 
 
 def pad_observation(observation: np.ndarray) -> np.ndarray:
@@ -27,7 +27,11 @@ class TaskEnv:
 
     def reset(self) -> np.ndarray:
         self.steps = 0
-        return pad_observation(self._reset())
+        observation = np.asarray(self._reset()).reshape(-1)
+        if observation.shape[0] != self.task.obs_dim:  # a task of one's own whose table row is wrong
+            raise TaskError(f"task '{self.task.name}': its env observes {observation.shape[0]} dims, the task "
+                            f"table says obs_dim {self.task.obs_dim}")
+        return pad_observation(observation)
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, dict]:
         action = np.asarray(action, dtype=np.float64).reshape(-1)
@@ -41,6 +45,14 @@ class TaskEnv:
 
     def close(self) -> None:
         pass
+
+    # What m3dt.video renders: the MuJoCo model and data of the current state, and the camera to use (an id
+    # or name of a camera of the model, or a mujoco.MjvCamera; None: the default tracking camera).
+    def physics(self):
+        raise NotImplementedError(f"{type(self).__name__} cannot be rendered")
+
+    def camera(self):
+        return None
 
     # Family modules implement these two on native (unpadded) observations.
     def _reset(self) -> np.ndarray:

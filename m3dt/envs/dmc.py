@@ -60,3 +60,10 @@ class DMCEnv(TaskEnv):
             time_step = self.environment.step(action)
             reward += time_step.reward
         return flatten_observation(time_step.observation), reward, False, {}
+
+    def physics(self):
+        physics = self.environment.physics
+        return physics.model.ptr, physics.data.ptr
+
+    def camera(self):
+        return 0  # every suite domain's first camera: the one dm_control renders by default

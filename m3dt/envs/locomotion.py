@@ -103,5 +103,8 @@ class LocomotionEnv(TaskEnv):
             return np.concatenate([data.qpos[2:], data.qvel])
         return np.concatenate([data.qpos[1:], data.qvel, data.body("torso").xpos])
 
+    def physics(self):
+        return self.sim.model, self.sim.data
+
     def close(self) -> None:
         self.sim.close()

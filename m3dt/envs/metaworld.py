@@ -68,6 +68,20 @@ class MetaWorldEnv(TaskEnv):
         # metaworld reports success as a float 0/1; the evaluator counts "success at any step".
         return observation, reward, terminated, dict(info, success=bool(info["success"]))
 
+    def physics(self):
+        return self._env.model, self._env.data
+
+    def camera(self):
+        """A view of the table from its front right corner (metaworld's own corner cameras are mounted upside
+        down: its renderer flips their images)."""
+        import mujoco
+
+        camera = mujoco.MjvCamera()
+        camera.type = mujoco.mjtCamera.mjCAMERA_FREE
+        camera.lookat[:] = (0.0, 0.65, 0.15)
+        camera.distance, camera.azimuth, camera.elevation = 1.6, 135.0, -25.0
+        return camera
+
     def close(self) -> None:
         self._env.close()
 

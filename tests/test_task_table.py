@@ -1,0 +1,143 @@
+"""Tasks of one's own (--task_table): two gymnasium MuJoCo tasks outside MT160, one from npz files and one
+from a Minari dataset named by the table, train a tiny stage 1 and are evaluated in their real envs from
+what the run recorded (the table file is not needed again); bad rows stop with one line."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from m3dt import tasks as task_module
+from m3dt.envs import make_env
+from m3dt.evaluate import evaluate
+from m3dt.minari_io import write_task_dataset
+from m3dt.stages import run_cli, train_backbone
+from m3dt.tasks import TaskError, get_task, use_task_table
+from tests.test_pipeline import TINY, read_losses
+
+ROWS = [
+    {"task": "own-hopper", "env_id": "Hopper-v5", "obs_dim": 11, "act_dim": 3, "horizon": 40, "return_target": 60.0,
+     "rtg_scale": 100.0, "score_min_return": -20.3, "score_max_return": 3234.3},
+    {"task": "own-pendulum", "env_id": "InvertedPendulum-v5", "env_kwargs": {"reset_noise_scale": 0.05},
+     "obs_dim": 4, "act_dim": 1, "horizon": 40, "return_target": 40.0, "rtg_scale": 10.0, "score_min_return": 0.0,
+     "score_max_return": 1000.0, "dataset": "minari:own/own-pendulum-v0"},
+]
+EPISODES = 6
+
+
+def random_episodes(task_name: str, count: int) -> list[dict[str, np.ndarray]]:
+    """Random-action episodes of a task in its real env, in Minari's terms (final observation included); those
+    that end before 8 steps (a falling pole) are left out, as a prompt needs 6."""
+    task = get_task(task_name)
+    rng = np.random.default_rng(0)
+    episodes = []
+    for index in range(10 * count):
+        if len(episodes) == count:
+            break
+        env = make_env(task, episode=index, seed=123)
+        observations, actions, rewards, terminals = [env.reset()], [], [], []
+        done = False
+        while not done:
+            action = rng.uniform(-0.3, 0.3, task.act_dim)
+            observation, reward, done, _ = env.step(action)
+            observations.append(observation)
+            actions.append(np.pad(action, (0, 8 - task.act_dim)))
+            rewards.append(reward)
+            terminals.append(done and env.steps < task.horizon)
+        env.close()
+        if len(rewards) < 8:
+            continue
+        episodes.append({"observations": np.array(observations, np.float32), "actions": np.array(actions, np.float32),
+                         "rewards": np.array(rewards), "terminations": np.array(terminals),
+                         "truncations": ~np.array(terminals) & (np.arange(len(rewards)) == len(rewards) - 1)})
+    return episodes
+
+
+@pytest.fixture
+def one_thread():
+    """A tiny model trains fastest on one thread; two contend badly on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_own_gymnasium_tasks_train_and_evaluate(tmp_path, monkeypatch, one_thread):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    table = tmp_path / "my_tasks.json"
+    table.write_text(json.dumps({"tasks": ROWS}))
+    use_task_table(table)
+    data_root = tmp_path / "data"
+    for index, episode in enumerate(random_episodes("own-hopper", EPISODES)):
+        (data_root / "own-hopper").mkdir(parents=True, exist_ok=True)
+        np.savez(data_root / "own-hopper" / f"{index}.npz", observations=episode["observations"][:-1],
+                 actions=episode["actions"], rewards=episode["rewards"], terminals=episode["terminations"])
+    pendulum = get_task("own-pendulum")
+    folder = write_task_dataset(pendulum, random_episodes("own-pendulum", EPISODES), "own/own-pendulum-v0",
+                                {"note": "random actions"}, "a test dataset", "uniform random")
+    assert json.loads((folder / "data" / "metadata.json").read_text())["env_spec"].count("InvertedPendulum-v5")
+
+    run_dir = tmp_path / "run"
+    run_cli(train_backbone, "stage 1", [*TINY, "--task_table", str(table), "--tasks", "own-hopper,own-pendulum",
+                                        "--data_path", str(data_root), "--run_dir", str(run_dir), "--max_iters", "60"])
+    losses = read_losses(run_dir / "stage1" / "metrics.jsonl")
+    assert len(losses) == 3 and losses[-1] < losses[0]
+
+    # The evaluator knows the tasks from the stage-1 manifest alone, and its env workers from the Task objects.
+    for name in ("own-hopper", "own-pendulum"):
+        task_module._user_tasks.pop(name)
+    monkeypatch.setenv("MUJOCO_GL", "disable")  # the evaluator picks a GL backend for the video itself
+    results = evaluate(str(run_dir), "1", episodes=2, max_steps=6, workers=1, device="cpu", video=1)
+    assert set(results["families"]) == {"gymnasium"} and results["families"]["gymnasium"]["reference_score"] is None
+    for row in ROWS:
+        outcome = results["tasks"][row["task"]]
+        low, high = row["score_min_return"], row["score_max_return"]
+        per_full_episode = outcome["return_mean"] * row["horizon"] / 6  # returns scaled by the steps allowed
+        assert outcome["score"] == pytest.approx(100 * (per_full_episode - low) / (high - low))
+        assert outcome["episodes"] == 2 and 1 <= outcome["steps_mean"] <= 6
+    (folder,) = (run_dir / "eval").iterdir()  # stage1, labelled with the shortened protocol
+    assert (folder / "table.md").read_text().count("| gymnasium | 2 |")
+    assert results["videos"]["own-hopper"] == ["videos/own-hopper_episode0.mp4"]
+    assert (folder / "videos" / "own-hopper_episode0.mp4").stat().st_size > 1000
+
+
+def test_actions_are_rescaled_to_the_env_bounds(tmp_path):
+    use_task_table(write_table(tmp_path, ROWS))
+    env = make_env("own-pendulum", episode=0, seed=0)  # InvertedPendulum acts in [-3, 3]
+    env.reset()
+    env.step(np.array([0.5]))
+    assert env.env.unwrapped.data.ctrl[0] == pytest.approx(1.5)
+
+
+def write_table(folder, rows):
+    path = folder / "table.json"
+    path.write_text(json.dumps(rows))
+    return path
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"obs_dim": 50}, "obs_dim must be an integer at least 1 and at most 39"),
+    ({"task": "walker-walk"}, "is an MT160 task"),
+    ({"family": "dmc"}, "give exactly one of 'family'"),
+    ({"score_max_return": None}, "needs score_min_return < score_max_return"),
+    ({"colour": "red"}, "unknown column(s) colour"),
+])
+def test_bad_rows_are_one_line(tmp_path, capsys, change, message):
+    row = {**ROWS[0], "task": "bad-row", **change}
+    with pytest.raises(TaskError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        use_task_table(write_table(tmp_path, [row]))
+    with pytest.raises(SystemExit) as exited:
+        run_cli(train_backbone, "stage 1", [*TINY, "--task_table", str(tmp_path / "table.json"), "--tasks", "x"])
+    assert exited.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_family_row_builds_that_familys_env(tmp_path):
+    row = {"task": "acrobot-swingup-sparse", "family": "dmc", "obs_dim": 6, "act_dim": 1, "horizon": 500,
+           "return_target": 1000.0, "rtg_scale": 200.0}
+    (task,) = task_module.register_task_rows([row], "test")
+    env = make_env(task, episode=0)
+    assert env.reset().shape == (39,) and env.step(np.zeros(1))[1] >= 0.0  # a DMC reward, action repeat 2
+    wrong = task_module.task_from_row({**row, "obs_dim": 7}, "test", 0)
+    with pytest.raises(TaskError, match="its env observes 6 dims, the task table says obs_dim 7"):
+        make_env(wrong, episode=0).reset()
