@@ -193,16 +193,22 @@ def build_parser(description: str) -> ArgumentParser:
     return parser
 
 
-def load_yaml(path: str) -> dict[str, Any]:
-    file = Path(path)
+def read_yaml_mapping(file: Path, what: str) -> dict[str, Any]:
+    """A YAML file that holds a mapping; a missing file, bad YAML or another type is one ConfigError."""
     if not file.is_file():
-        raise ConfigError(f"config file {file} does not exist")
+        raise ConfigError(f"{what} {file} does not exist")
     try:
         values = yaml.safe_load(file.read_text()) or {}
     except yaml.YAMLError as error:
-        raise ConfigError(f"config file {file} is not valid YAML: {error}") from None
+        raise ConfigError(f"{what} {file} is not valid YAML: {' '.join(str(error).split())}") from None
     if not isinstance(values, dict):
-        raise ConfigError(f"config file {file} must be a mapping of option: value")
+        raise ConfigError(f"{what} {file} must be a mapping of option: value")
+    return values
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    file = Path(path)
+    values = read_yaml_mapping(file, "config file")
     field_types = {config_field.name: str(config_field.type) for config_field in dataclasses.fields(Config)}
     unknown = sorted(set(values) - set(field_types))
     if unknown:

@@ -1,154 +1,733 @@
-"""Gather evaluated run directories into the paper's tables and plots.
+"""The paper's tables from evaluated runs, beside the paper's published numbers, with honest statistics.
 
-    python -m m3dt.report runs/mt10_seed0 runs/mt80_seed0 runs/mt160_seed0 ... [--out report]
+    python -m m3dt.report runs/paper_table1 [more run roots or run directories] [--out report]
+    python -m m3dt.report --config configs/demo.yaml      # the run directory of a stage config file
 
-Reads every `eval/*/results.json` under the given run directories (written by m3dt.evaluate) and writes
-`report.md` with
-  - score per family and total by number of tasks and method (Prompt-DT = stage-1 backbone, M3DT),
-  - M3DT score by number of experts,
-averaged over the runs (seeds) that share a row, and two line plots (score against task count and against
-expert count) with the paper's published numbers drawn beside ours.
+Reads every `eval/*/results.json` under the given folders (written by m3dt.evaluate) and writes to --out:
+  report.md    score per family and total by task count and method, by expert count, the ablations and the
+               dense size sweep, each row with its seeds and evaluation settings, beside the paper's numbers;
+  report.csv   the same rows with every statistic; results.csv: one row per results.json;
+  *.png        total score against task count and against expert count, per-family scores, and
+               performance profiles.
+
+Rows group results by task count, method, grouping, expert count, model size and evaluation settings; the
+seeds of a row are its results. Beside mean +- sample std over seeds, every row gives the interquartile mean
+(IQM) over all seed x task scores with a 95% stratified-bootstrap confidence interval, and the plots give
+performance profiles (fraction of seed x task scores above each threshold), both computed with `rliable`
+(Agarwal et al., 2021, "Deep RL at the edge of the statistical precipice"). A result whose checkpoint
+changed after it was evaluated (the file's sha256 is not the one results.json recorded) is left out of the
+tables and listed. Evaluations that are not the full protocol are marked wherever their numbers appear.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import csv
+import dataclasses
+import hashlib
 import json
 import os
+import sys
+import textwrap
 from collections import defaultdict
+from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 
 from m3dt.cli import command, exit_with_message
 from m3dt.config import ArgumentParser, Config, ConfigError, load_yaml
-from m3dt.run import atomic_path
-from m3dt.tasks import FAMILIES
+from m3dt.baselines.dense_sizes import parameter_count
+from m3dt.evaluate import reference_text
+from m3dt.run import ArtifactError, atomic_path, file_hash, manifest_path
+from m3dt.scores import SCORE_AXIS
+from m3dt.tasks import FAMILIES, GYMNASIUM, suites
 
-# Published M3DT totals (Kong et al., ICML 2025) by task count, and the best baseline's.
-PAPER_M3DT = {10: 89.23, 80: 80.66, 160: 78.21}
-PAPER_BEST_BASELINE = {10: 88.92, 80: 75.70, 160: 71.65}
+# The paper's published numbers (Kong et al., ICML 2025): normalised score, mean over tasks, by task count.
+PAPER_TOTALS = {"M3DT": {10: 89.23, 80: 80.66, 160: 78.21},
+                "best baseline": {10: 88.92, 80: 75.70, 160: 71.65}}
+PAPER_ABLATIONS = {"M3DT w/o three-stage": {160: 71.90}, "M3DT w/o grouping": {160: 67.34}}
+PAPER_BEST_EXPERTS = {10: 8, 80: 40, 160: 40}  # the expert count that scored best at each task count
+DEFAULT_MODEL = "d256 L6"  # the paper's width and depth
+MAIN_METHODS = ("random policy", "MTDT", "Prompt-DT", "HarmoDT", "M3DT")  # the method comparison, in this order
+ABLATIONS = ("M3DT w/o three-stage", "M3DT w/o grouping")
+REPORTED_FAMILIES = (*FAMILIES, GYMNASIUM)  # what results.json's "families" can hold (GYMNASIUM: one's own tasks)
 
 
-def collect_results(run_dirs: list[Path]) -> list[dict]:
+# ------------------------------------------------------------------------------------------ results
+@dataclass
+class Result:
+    """One results.json with what the report groups it by."""
+
+    path: Path
+    run_dir: Path
+    data: dict[str, Any]
+    method: str
+    grouping: str
+    experts: int
+    model: str  # "d{embed_dim} L{n_layer}" of the evaluated checkpoint
+    parameters: int | None
+    evaluation: str  # "full protocol" or what differs from it
+    full: bool
+    seed: int
+    flag: str = ""  # why it is left out of the tables
+
+    @property
+    def tasks(self) -> int:
+        return int(self.data["total"]["tasks"])
+
+    @property
+    def key(self) -> tuple:
+        return self.tasks, self.suite, self.method, self.grouping, self.experts, self.model, self.evaluation
+
+    def task_scores(self) -> dict[str, float]:
+        return {name: float(row["score"]) for name, row in self.data["tasks"].items()}
+
+    @property
+    def suite(self) -> str:
+        """"mt{N}" when its tasks are the paper's official suite of that size for its seed (the lists differ by
+        seed), else "list {hash}" of its task names: the paper's numbers are of the official suites only."""
+        official = suites()[f"seed{self.seed}" if f"seed{self.seed}" in suites() else "seed0"].get(f"mt{self.tasks}")
+        if official is not None and sorted(official) == sorted(self.data["tasks"]):
+            return f"mt{self.tasks}"
+        return "list " + hashlib.sha256(" ".join(sorted(self.data["tasks"])).encode()).hexdigest()[:6]
+
+
+def find_results(folders: list[Path]) -> list[Path]:
+    paths: list[Path] = []
+    for folder in folders:
+        found = sorted(folder.glob("**/eval/*/results.json")) if folder.is_dir() else []
+        if not found:
+            why = "run python -m m3dt.evaluate first" if folder.is_dir() else "no such folder"
+            raise ArtifactError(f"{folder}: no eval/*/results.json below it ({why})")
+        paths += found
+    return list(dict.fromkeys(path.resolve() for path in paths))
+
+
+def evaluation_settings(data: dict[str, Any]) -> tuple[str, bool]:
+    """("full protocol", True) or ("NOT full protocol (...)", False), from the protocol the evaluator recorded;
+    a context with masked predicted actions (--context_actions masked, a deviation) is named too."""
+    protocol = data["protocol"]
+    settings = "full protocol"
+    if not protocol["full"]:
+        parts = [f"{protocol['episodes']} episodes/task" if protocol.get("episodes") else "",
+                 f"<= {protocol['max_steps']} steps" if protocol.get("max_steps") else ""]
+        settings = "NOT full protocol (" + ", ".join(part for part in parts if part) + ")"
+    context = data.get("context_actions", "full")
+    return settings + ("" if context == "full" else f", context actions {context}"), bool(protocol["full"])
+
+
+def checkpoint_of(run_dir: Path, data: dict[str, Any]) -> Path | None:
+    """The evaluated artifact results.json records (None: the random policy)."""
+    checkpoint = data.get("checkpoint")
+    return run_dir / checkpoint["path"] if checkpoint else None
+
+
+@lru_cache(maxsize=None)
+def cached_hash(path: Path, size: int, modified_ns: int) -> str:
+    return file_hash(path)
+
+
+def current_hash(path: Path) -> str:
+    """sha256 of a file, computed once per size and modification time (many results share a backbone)."""
+    stat = path.stat()
+    return cached_hash(path, stat.st_size, stat.st_mtime_ns)
+
+
+def staleness(run_dir: Path, data: dict[str, Any]) -> str:
+    """Why a result no longer describes its checkpoint ("" when it does): the checkpoint's sha256 is no longer
+    the one results.json recorded. Results.json from before the evaluator recorded its protocol and checkpoint
+    cannot say, and are left out too."""
+    if "protocol" not in data or "method_id" not in data:
+        return "written by an older m3dt.evaluate (no protocol or checkpoint recorded)"
+    checkpoint = checkpoint_of(run_dir, data)
+    if checkpoint is None or not checkpoint.is_file():  # deleted to save space, or never copied here
+        return ""
+    if data["checkpoint"]["sha256"] != current_hash(checkpoint):
+        return f"evaluated an older {checkpoint.relative_to(run_dir)} (sha256 differs)"
+    return ""
+
+
+def model_size(run_dir: Path, data: dict[str, Any]) -> tuple[str, int | None]:
+    """("d{embed_dim} L{n_layer}", parameter count) of the evaluated checkpoint, from its manifest."""
+    checkpoint = checkpoint_of(run_dir, data)
+    if checkpoint is None or not manifest_path(checkpoint).is_file():
+        return "-", None
+    recorded = json.loads(manifest_path(checkpoint).read_text()).get("config", {})
+    if "embed_dim" not in recorded:
+        return "-", None
+    names = {option.name for option in dataclasses.fields(Config)}
+    config = Config(**{name: value for name, value in recorded.items() if name in names})
+    return f"d{config.embed_dim} L{config.n_layer}", parameter_count(config, int(data.get("num_experts") or 0))
+
+
+def load_results(paths: list[Path]) -> list[Result]:
     results = []
-    for run_dir in run_dirs:
-        files = sorted(run_dir.glob("eval/*/results.json"))
-        if not files:
-            raise FileNotFoundError(f"{run_dir}: no eval/*/results.json (run python -m m3dt.evaluate first)")
-        for path in files:
-            results.append(json.loads(path.read_text()))
+    for path in paths:
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ArtifactError(f"{path}: not valid JSON ({error})") from None
+        run_dir = path.parent.parent.parent  # {run_dir}/eval/{label}/results.json
+        flag = staleness(run_dir, data)
+        evaluation, full = evaluation_settings(data) if "protocol" in data else ("?", False)
+        model, parameters = model_size(run_dir, data)
+        results.append(Result(path, run_dir, data, data.get("method", "?"), data.get("grouping") or "",
+                              int(data.get("num_experts") or 0), model, parameters, evaluation, full,
+                              int(data.get("seed", 0)), flag))
     return results
 
 
-def mean_row(group: list[dict]) -> dict[str, str]:
-    """Family and total scores averaged over runs, as 'mean' or 'mean ± std (n)'."""
-    row = {}
-    for key in (*FAMILIES, "total"):
-        entries = [result["total"] if key == "total" else result["families"].get(key, {}) for result in group]
-        scores = [entry["score"] for entry in entries if "score" in entry]
-        if not scores:
-            row[key] = "-"
-        elif len(scores) == 1:
-            row[key] = f"{scores[0]:.2f}"
-        else:
-            row[key] = f"{np.mean(scores):.2f} ± {np.std(scores):.2f} ({len(scores)})"
-    return row
+# ------------------------------------------------------------------------------------------ statistics
+@dataclass
+class Row:
+    """The results of one (task count, method, grouping, experts, model, evaluation) and their statistics."""
+
+    results: list[Result]
+    families: dict[str, tuple[float, float, int]] = field(default_factory=dict)  # mean, std, seeds
+    total: tuple[float, float, int] = (0.0, 0.0, 0)
+    iqm: float = 0.0
+    interval: tuple[float, float] | None = None  # 95% CI of the IQM; None with one seed
+    bootstrap: str = ""  # how the CI was computed
+    reference: dict[str, float | None] = field(default_factory=dict)  # single-task DT: per family, "total"
+    # (None: tasks of one's own, which have no paper reference)
+
+    @property
+    def first(self) -> Result:
+        return self.results[0]
+
+    @property
+    def seeds(self) -> list[int]:
+        return sorted(result.seed for result in self.results)
+
+    @property
+    def official(self) -> bool:
+        return self.first.suite.startswith("mt")
+
+    @property
+    def task_cell(self) -> str:
+        return f"{self.first.tasks} ({self.first.suite})"
 
 
-def table(groups: dict[tuple, list[dict]], key_names: tuple[str, ...]) -> str:
-    header = [*key_names, *FAMILIES, "total"]
+def mean_std(values: list[float]) -> tuple[float, float, int]:
+    """Mean and sample standard deviation (n - 1) over seeds; std 0 for one seed."""
+    array = np.asarray(values, dtype=np.float64)
+    return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0, len(array)
+
+
+def score_matrix(results: list[Result]) -> tuple[np.ndarray, bool]:
+    """(seeds, tasks) per-task scores and whether every seed has the same tasks. When the task lists differ
+    (the official mt10..mt120 lists differ by seed) the columns are task positions, sorted by name."""
+    task_lists = [sorted(result.task_scores()) for result in results]
+    same_tasks = all(names == task_lists[0] for names in task_lists)
+    rows = [[result.task_scores()[name] for name in names] for result, names in zip(results, task_lists)]
+    return np.asarray(rows, dtype=np.float64), same_tasks
+
+
+@contextlib.contextmanager
+def numpy_seed(seed: int) -> Iterator[None]:
+    """rliable draws its bootstrap indices from numpy's global generator: seed it, then restore it."""
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        np.random.set_state(state)
+
+
+def iqm_interval(scores: np.ndarray, reps: int, seed: int, task_bootstrap: bool = False
+                 ) -> tuple[float, tuple[float, float] | None]:
+    """IQM of a (seeds, tasks) score matrix and its 95% stratified-bootstrap CI (rliable: seeds resampled
+    with replacement within each task; with `task_bootstrap` the task columns too). No CI for one seed."""
+    from rliable import library, metrics
+
+    def aggregate(matrix: np.ndarray) -> np.ndarray:
+        return np.array([metrics.aggregate_iqm(matrix)])
+
+    with numpy_seed(seed):
+        points, intervals = library.get_interval_estimates({"row": scores}, aggregate, reps=reps,
+                                                           task_bootstrap=task_bootstrap)
+    if scores.shape[0] < 2:
+        return float(points["row"][0]), None
+    return float(points["row"][0]), (float(intervals["row"][0, 0]), float(intervals["row"][1, 0]))
+
+
+def performance_profiles(matrices: dict[str, np.ndarray], thresholds: np.ndarray, reps: int,
+                         seed: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Fraction of seed x task scores above each threshold, with 95% stratified-bootstrap bands (rliable)."""
+    from rliable import library
+
+    with numpy_seed(seed):
+        return library.create_performance_profile(matrices, thresholds, reps=reps)
+
+
+def build_rows(results: list[Result], reps: int, seed: int) -> list[Row]:
+    grouped: dict[tuple, list[Result]] = defaultdict(list)
+    for result in results:
+        grouped[result.key].append(result)
+    rows = []
+    for key in sorted(grouped, key=lambda key: (key[0], key[1], key[2], key[3], key[4], key[5])):
+        members = sorted(grouped[key], key=lambda result: result.seed)
+        row = Row(members)
+        for family in REPORTED_FAMILIES:
+            values = [result.data["families"][family]["score"] for result in members
+                      if family in result.data.get("families", {})]
+            if values:
+                row.families[family] = mean_std(values)
+                row.reference[family] = members[0].data["families"][family].get("reference_score")
+        row.total = mean_std([result.data["total"]["score"] for result in members])
+        row.reference["total"] = members[0].data["total"].get("reference_score")
+        matrix, same_tasks = score_matrix(members)
+        row.iqm, row.interval = iqm_interval(matrix, reps, seed, task_bootstrap=not same_tasks)
+        row.bootstrap = "seeds within tasks" if same_tasks else "task positions and seeds (task lists differ by seed)"
+        rows.append(row)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ tables
+def cell(statistic: tuple[float, float, int]) -> str:
+    mean, std, count = statistic
+    return f"{mean:.2f} ± {std:.2f}" if count > 1 else f"{mean:.2f}"
+
+
+def iqm_cell(row: Row) -> str:
+    if row.interval is None:
+        return f"{row.iqm:.2f} (1 seed: no CI)"
+    return f"{row.iqm:.2f} [{row.interval[0]:.2f}, {row.interval[1]:.2f}]"
+
+
+def seeds_cell(row: Row) -> str:
+    return f"{len(row.results)} ({', '.join(map(str, row.seeds))})"
+
+
+def label(row: Row) -> str:
+    """The method as the paper names it, with its grouping when that is not the gradient one."""
+    first = row.first
+    return first.method + (" (random grouping)" if first.grouping == "random" else "")
+
+
+def table(rows: list[Row], paper: dict[str, dict[int, float]], families: bool = True) -> list[str]:
+    """Markdown rows with the paper's numbers for the same task counts after ours. Our rows that are not the
+    full protocol say so in their own evaluation column; the caption says it too."""
+    present = [family for family in REPORTED_FAMILIES
+               if families and any(family in row.families for row in rows)]
+    header = ["tasks", "method", "experts", "model", "evaluation", "seeds", *present, "total (mean ± std)",
+              "IQM [95% CI]"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for key in sorted(groups):
-        row = mean_row(groups[key])
-        lines.append("| " + " | ".join([*map(str, key), *(row[name] for name in (*FAMILIES, "total"))]) + " |")
-    return "\n".join(lines)
+    for task_count, suite in sorted({(row.first.tasks, row.first.suite) for row in rows}):
+        members = [row for row in rows if (row.first.tasks, row.first.suite) == (task_count, suite)]
+        for row in members:
+            first = row.first
+            lines.append("| " + " | ".join([
+                row.task_cell, label(row), str(first.experts or "-"), first.model, first.evaluation,
+                seeds_cell(row), *(cell(row.families[family]) if family in row.families else "-" for family in present),
+                cell(row.total), iqm_cell(row)]) + " |")
+        for name, numbers in paper.items():
+            if task_count in numbers and members[0].official:
+                lines.append(f"| {members[0].task_cell} | *paper: {name}* | | | paper's protocol | - | "
+                             + "| " * len(present) + f"*{numbers[task_count]:.2f}* | |")
+    return lines
 
 
-def total_scores(groups: dict[tuple, list[dict]]) -> dict[tuple, float]:
-    return {key: float(np.mean([result["total"]["score"] for result in group])) for key, group in groups.items()}
+def caption(rows: list[Row]) -> list[str]:
+    notes = ["Score: per task the protocol's normalised score (Meta-World success %, DMC return / 10, ant-dir "
+             "and cheetah-vel returns mapped to 0-100), averaged over tasks; mean ± sample std over the seeds "
+             "of a row (seeds column: how many, which); IQM over every seed x task score with its 95% "
+             "stratified-bootstrap CI (rliable)."]
+    if any(GYMNASIUM in row.families for row in rows):
+        notes.append("The gymnasium column: tasks of one's own (--task_table), each scored 100 x (return - min) / "
+                     "(max - min) with the returns its table gives; the paper has no reference for them.")
+    if not all(row.official for row in rows):
+        notes.append("The paper's numbers are of its official suites (mt10, mt80, mt160 of seeds 0-2): rows on "
+                     "other task lists have none beside them, even with the same task count.")
+    if any(row.interval and "differ" in row.bootstrap for row in rows):
+        notes.append("Where a row's seeds have different task lists (the official mt10..mt120 lists differ by "
+                     "seed) its CI resamples task positions and seeds (rliable's task bootstrap).")
+    if any(not row.first.full for row in rows):
+        notes.append("**Rows marked NOT full protocol were evaluated with fewer episodes or shorter episodes than "
+                     "the paper's protocol: they are not comparable with the paper's numbers.**")
+    return notes
 
 
-def plot_lines(path: Path, series: dict[str, dict[int, float]], x_label: str, title: str) -> None:
+def reference_table(rows: list[Row]) -> list[str]:
+    """The paper's single-task DT scores over the same tasks (from the official task table)."""
+    seen: dict[str, Row] = {}
+    for row in sorted(rows, key=lambda row: row.first.tasks):
+        seen.setdefault(row.task_cell, row)
+    present = [family for family in REPORTED_FAMILIES if any(family in row.reference for row in seen.values())]
+    lines = ["| tasks | " + " | ".join(present) + " | total |", "|---|" + "---|" * (len(present) + 1)]
+    for task_cell, row in seen.items():
+        values = [reference_text(row.reference.get(family)) for family in [*present, "total"]]
+        lines.append(f"| {task_cell} | " + " | ".join(values) + " |")
+    return lines
+
+
+def representative(candidates: list[Row]) -> Row:
+    """The M3DT row a method comparison shows when a task count has several expert counts: the one with the
+    most seeds, then the paper's best count for that task count, then the largest count (never the score)."""
+    tasks = candidates[0].first.tasks
+    return max(candidates, key=lambda row: (len(row.results), row.first.experts == PAPER_BEST_EXPERTS.get(tasks),
+                                            row.first.experts))
+
+
+def main_rows(rows: list[Row]) -> list[Row]:
+    """The method comparison: every method with the gradient grouping (or none), Prompt-DT at M3DT's model
+    size (else its smallest; the other sizes are the size sweep), and for M3DT one expert count per task count
+    and evaluation setting (`representative`)."""
+    models = {row.first.model for row in rows if row.first.method == "M3DT"}
+    dense = sorted((row.first.parameters or 0, row.first.model) for row in rows if row.first.method == "Prompt-DT")
+    models = models or {model for _, model in dense[:1]}
+    chosen, m3dt = [], defaultdict(list)
+    for row in rows:
+        first = row.first
+        if first.method not in MAIN_METHODS or first.grouping == "random" or \
+                (first.method == "Prompt-DT" and first.model not in models | {"-"}):
+            continue
+        if first.method == "M3DT":
+            m3dt[(first.tasks, first.suite, first.evaluation)].append(row)
+        else:
+            chosen.append(row)
+    chosen += [representative(candidates) for candidates in m3dt.values()]
+    return sorted(chosen, key=lambda row: (row.first.tasks, MAIN_METHODS.index(row.first.method),
+                                           not row.first.full, row.first.evaluation))
+
+
+def ablation_rows(rows: list[Row]) -> list[Row]:
+    """The ablations, and M3DT at the same task and expert counts."""
+    ablations = [row for row in rows if row.first.method in ABLATIONS or
+                 (row.first.method == "M3DT" and row.first.grouping == "random")]
+    def place(row: Row) -> tuple:
+        return row.first.tasks, row.first.suite, row.first.experts, row.first.evaluation
+
+    where = {place(row) for row in ablations}
+    return [row for row in rows if row in ablations or (row.first.method == "M3DT" and place(row) in where)]
+
+
+def report_markdown(rows: list[Row], stale: list[Result], folders: list[Path], reps: int, seed: int) -> str:
+    expert_rows = [row for row in rows if row.first.method == "M3DT"]
+    ablations = ablation_rows(rows)
+    dense_rows = [row for row in rows if row.first.method == "Prompt-DT"]
+    results = sum(len(row.results) for row in rows)
+    best = ", ".join(f"{count} at {tasks} tasks" for tasks, count in PAPER_BEST_EXPERTS.items())
+    text = ["# M3DT results", "",
+            f"{results} evaluations from {', '.join(map(str, folders))}, in {len(rows)} rows. Statistics: "
+            f"{reps} bootstrap resamples (numpy seed {seed}).", "", *caption(rows), "",
+            "## Score by number of tasks and method", "", *table(main_rows(rows), PAPER_TOTALS), "",
+            "M3DT is shown at one expert count per task count (the one with most seeds, then the paper's best "
+            "count); every count is in the next table. The paper's 'best baseline' is the best of its baselines "
+            "(MTDT, Prompt-DT, HarmoDT) at each task count.", "",
+            "Single-task Decision Transformers (the paper's per-task scores, mean over the same tasks):", "",
+            *reference_table(rows), "", "## M3DT by number of experts", ""]
+    if expert_rows:
+        text += [*table(expert_rows, {"M3DT": PAPER_TOTALS["M3DT"]}, families=False), "",
+                 f"The paper reports its best expert counts as {best}."]
+    else:
+        text.append("(no M3DT results)")
+    text += ["", "## Ablations", ""]
+    text += [*table(ablations, {"M3DT": PAPER_TOTALS["M3DT"], **PAPER_ABLATIONS}, families=False)] \
+        if ablations else ["(no ablation results)"]
+    text += ["", "## Dense Prompt-DT by size", ""]
+    if dense_rows:
+        text += [*size_table(dense_rows), "", "The paper's claim: a larger dense model does not recover the score "
+                 "lost from 10 to 160 tasks (it gives no per-size numbers in a table)."]
+    else:
+        text.append("(no Prompt-DT results)")
+    if stale:
+        text += ["", "## Left out", "", "Out of date: evaluate these again.", "",
+                 *[f"- {result.path}: {result.flag}" for result in stale]]
+    return "\n".join(text) + "\n"
+
+
+def size_table(rows: list[Row]) -> list[str]:
+    lines = ["| tasks | model | parameters | evaluation | seeds | total (mean ± std) | IQM [95% CI] |",
+             "|---|---|---|---|---|---|---|"]
+    for row in sorted(rows, key=lambda row: (row.first.tasks, row.first.parameters or 0)):
+        first = row.first
+        parameters = f"{first.parameters / 1e6:.1f}M" if first.parameters else "-"
+        lines.append(f"| {row.task_cell} | {first.model} | {parameters} | {first.evaluation} | {seeds_cell(row)} | "
+                     f"{cell(row.total)} | {iqm_cell(row)} |")
+    return lines
+
+
+def write_csvs(out: Path, rows: list[Row], results: list[Result]) -> None:
+    with atomic_path(out / "report.csv") as temporary, open(temporary, "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["tasks", "suite", "method", "grouping", "experts", "model", "parameters", "evaluation",
+                         "full_protocol", "seeds", "seed_list", *(f"{family}_{stat}" for family in
+                                                                REPORTED_FAMILIES for stat in ("mean", "std")),
+                         "total_mean", "total_std", "iqm", "iqm_ci_low", "iqm_ci_high", "bootstrap"])
+        for row in rows:
+            first = row.first
+            family_values = [f"{row.families[family][index]:.4f}" if family in row.families else ""
+                             for family in REPORTED_FAMILIES for index in (0, 1)]
+            low, high = row.interval or ("", "")
+            writer.writerow([first.tasks, first.suite, first.method, first.grouping, first.experts, first.model,
+                             first.parameters or "", first.evaluation, first.full, len(row.results),
+                             " ".join(map(str, row.seeds)), *family_values, f"{row.total[0]:.4f}",
+                             f"{row.total[1]:.4f}", f"{row.iqm:.4f}", low, high, row.bootstrap])
+    with atomic_path(out / "results.csv") as temporary, open(temporary, "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["results", "tasks", "suite", "method", "grouping", "experts", "model", "seed", "evaluation",
+                         "full_protocol", *REPORTED_FAMILIES, "total", "left_out_because"])
+        for result in results:
+            families = result.data.get("families", {})
+            writer.writerow([result.path, result.tasks, result.suite, result.method, result.grouping, result.experts,
+                             result.model, result.seed, result.evaluation, result.full,
+                             *(f"{families[family]['score']:.4f}" if family in families else ""
+                               for family in REPORTED_FAMILIES), f"{result.data['total']['score']:.4f}", result.flag])
+
+
+# ------------------------------------------------------------------------------------------ plots
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(6, 4))
-    for label, points in series.items():
-        xs = sorted(points)
-        style = "--" if label.startswith("paper") else "-"
-        axes.plot(xs, [points[x] for x in xs], style, marker="o", label=label)
-    axes.set_xlabel(x_label)
-    axes.set_ylabel("normalised score (mean over tasks)")
-    axes.set_title(title)
+    return plt
+
+
+def plot_title(what: str, rows: list[Row], title: str) -> str:
+    """What is plotted, the runs, and the evaluation settings (flagged when not the paper's protocol)."""
+    short = sorted({row.first.evaluation for row in rows if not row.first.full})
+    settings = "evaluation: full protocol"
+    if short:
+        settings = ("series marked 'not full protocol' were evaluated with " + "; ".join(short)
+                    .replace("NOT full protocol ", "") + ": not comparable with the paper's numbers")
+    return "\n".join([what, *textwrap.wrap(title, 90), *textwrap.wrap(settings, 90)])
+
+
+def series_name(row: Row, with_experts: bool = True) -> str:
+    first = row.first
+    parts = [label(row)]
+    if with_experts and first.experts:
+        parts.append(f"E={first.experts}")
+    if first.model not in (DEFAULT_MODEL, "-"):
+        parts.append(first.model)
+    if not first.full:
+        parts.append("not full protocol")
+    return ", ".join(parts)
+
+
+def colours(names: list[str]) -> dict[str, Any]:
+    """One colour per series name (without its expert count), the same in every plot of a report."""
+    unique = list(dict.fromkeys(names))
+    palette = pyplot().get_cmap("tab10" if len(unique) <= 10 else "tab20").colors
+    return {name: palette[index % len(palette)] for index, name in enumerate(unique)}
+
+
+def finish(figure, axes, path: Path) -> None:
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=8)
+    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    figure.tight_layout()
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, format="png", dpi=120)
+    pyplot().close(figure)
+
+
+def plot_tasks(path: Path, rows: list[Row], title: str, palette: dict[str, Any]) -> None:
+    """Total score against task count, one line per method (M3DT at the expert count of the method table,
+    annotated), error bars = std over seeds; the paper's M3DT and best-baseline numbers dashed."""
+    plt = pyplot()
+    figure, axes = plt.subplots(figsize=(9, 4.8))
+    series: dict[str, list[Row]] = defaultdict(list)
+    suites_per_count = defaultdict(set)
+    for row in rows:
+        suites_per_count[row.first.tasks].add(row.first.suite)
+    several = any(len(names) > 1 for names in suites_per_count.values())  # then a line per task list
+    for row in rows:
+        name = series_name(row, with_experts=False)
+        series[f"{name}, {row.first.suite}" if several else name].append(row)
+    for name, members in series.items():
+        members.sort(key=lambda row: row.first.tasks)
+        seeds = "/".join(str(len(row.results)) for row in members)
+        axes.errorbar([row.first.tasks for row in members], [row.total[0] for row in members],
+                      yerr=[row.total[1] for row in members], marker="o", capsize=3,
+                      color=None if several else palette.get(name), label=f"{name} (seeds: {seeds})")
+        for row in members:
+            if row.first.experts:
+                axes.annotate(f"E={row.first.experts}", (row.first.tasks, row.total[0]), textcoords="offset points",
+                              xytext=(5, -11), fontsize=7)
+    official = {row.first.tasks for row in rows if row.official}
+    for name, numbers in PAPER_TOTALS.items():
+        xs = sorted(numbers) if official else []
+        if xs:
+            axes.plot(xs, [numbers[x] for x in xs], "--", marker="s", color="gray" if "baseline" in name else "black",
+                      label=f"paper: {name}")
+    task_counts = sorted({row.first.tasks for row in rows} | ({x for numbers in PAPER_TOTALS.values() for x in numbers}
+                                                                if official else set()))
+    axes.set_xscale("log")
+    axes.set_xticks(task_counts, [str(count) for count in task_counts])
+    axes.minorticks_off()
+    axes.set_ylim(0, 100)
+    axes.set_xlabel("number of tasks")
+    axes.set_ylabel("normalised score, mean over tasks (0-100)")
+    axes.set_title(plot_title("Total score against task count", rows, title), fontsize=9)
+    finish(figure, axes, path)
+
+
+def plot_experts(path: Path, rows: list[Row], title: str) -> None:
+    """Total score against expert count (integer ticks), one line per task count and method, error bars =
+    std over seeds; the paper's M3DT score at each task count as a dashed line of the same colour."""
+    plt = pyplot()
+    figure, axes = plt.subplots(figsize=(9, 4.8))
+    series: dict[tuple, list[Row]] = defaultdict(list)
+    for row in rows:
+        series[(row.first.tasks, series_name(row, with_experts=False))].append(row)
+    palette = colours([f"{name}, {tasks} tasks" for tasks, name in sorted(series)])
+    for (tasks, name), members in sorted(series.items()):
+        members.sort(key=lambda row: row.first.experts)
+        seeds = "/".join(str(len(row.results)) for row in members)
+        axes.errorbar([row.first.experts for row in members], [row.total[0] for row in members],
+                      yerr=[row.total[1] for row in members], marker="o", capsize=3,
+                      color=palette[f"{name}, {tasks} tasks"], label=f"{name}, {tasks} tasks (seeds: {seeds})")
+    official = {row.first.tasks for row in rows if row.official}
+    for tasks, score in PAPER_TOTALS["M3DT"].items():
+        colour = palette.get(f"M3DT, {tasks} tasks")
+        if colour is not None and tasks in official:
+            axes.axhline(score, linestyle="--", color=colour,
+                         label=f"paper: M3DT, {tasks} tasks: {score:.2f}\n(its best count: "
+                               f"{PAPER_BEST_EXPERTS[tasks]} experts)")
+    axes.set_xticks(sorted({row.first.experts for row in rows}))
+    axes.set_ylim(0, 100)
+    axes.set_xlabel("number of experts")
+    axes.set_ylabel("normalised score, mean over tasks (0-100)")
+    axes.set_title(plot_title("Total score against expert count", rows, title), fontsize=9)
+    finish(figure, axes, path)
+
+
+def plot_families(path: Path, rows: list[Row], title: str, palette: dict[str, Any]) -> None:
+    """One panel per family with its own score on the y axis: each method's mean, std over seeds as error
+    bars, the paper's single-task DT over the same tasks as a dashed line."""
+    plt = pyplot()
+    present = [family for family in REPORTED_FAMILIES if any(family in row.families for row in rows)]
+    figure, all_axes = plt.subplots(1, len(present), figsize=(2.6 * len(present) + 3.2, 4.4), squeeze=False)
+    for index, (axes, family) in enumerate(zip(all_axes[0], present)):
+        members = [row for row in rows if family in row.families]
+        for position, row in enumerate(members):
+            name = series_name(row)
+            axes.bar(position, row.families[family][0], yerr=row.families[family][1], capsize=3,
+                     color=palette.get(series_name(row, with_experts=False)),
+                     label=f"{name} (seeds: {len(row.results)})")
+        if members[0].reference[family] is not None:
+            axes.axhline(members[0].reference[family], color="black", linestyle="--", label="single-task DT (paper)")
+        axes.set_xticks([])
+        axes.set_ylim(0, 100)
+        axes.set_ylabel(SCORE_AXIS[family])
+        axes.set_title(family, fontsize=9)
+        axes.grid(alpha=0.3, axis="y")
+        if index == len(present) - 1:
+            axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    figure.suptitle(plot_title(f"Score per family, {rows[0].task_cell.replace('(', 'tasks (')}", rows, title),
+                    fontsize=9)
     figure.tight_layout()
     with atomic_path(path) as temporary:
         figure.savefig(temporary, format="png", dpi=120)
     plt.close(figure)
 
 
-def video_links(run_dirs: list[Path], out_dir: Path) -> list[str]:
-    """A section linking every rollout video the evaluations wrote (m3dt.evaluate --video), relative to the
-    report's folder."""
-    videos = sorted(path for run_dir in run_dirs for path in run_dir.glob("eval/*/videos/*.mp4"))
+def plot_profiles(path: Path, rows: list[Row], title: str, palette: dict[str, Any], reps: int, seed: int) -> None:
+    """Performance profiles with 95% bands: the fraction of seed x task scores above each threshold."""
+    plt = pyplot()
+    thresholds = np.linspace(0.0, 100.0, 101)
+    matrices = {series_name(row): score_matrix(row.results)[0] for row in rows}
+    profiles, bands = performance_profiles(matrices, thresholds, reps, seed)
+    figure, axes = plt.subplots(figsize=(9, 4.8))
+    for name, row in zip(matrices, rows):
+        colour = palette.get(series_name(row, with_experts=False))
+        axes.plot(thresholds, profiles[name], color=colour, label=f"{name} (seeds: {len(row.results)})")
+        if len(row.results) > 1:
+            axes.fill_between(thresholds, bands[name][0], bands[name][1], color=colour, alpha=0.2)
+    axes.set_xlim(0, 100)
+    axes.set_ylim(0, 1)
+    axes.set_xlabel("normalised score threshold τ")
+    axes.set_ylabel("fraction of seed x task scores > τ")
+    axes.set_title(plot_title(f"Performance profiles, {rows[0].task_cell.replace('(', 'tasks (')} (bands: 95% "
+                              "bootstrap CI over seeds)", rows, title), fontsize=9)
+    finish(figure, axes, path)
+
+
+def video_links(folders: list[Path], out_dir: Path) -> list[str]:
+    """A section linking every rollout video the evaluations below `folders` wrote (m3dt.evaluate --video),
+    relative to the report's folder."""
+    videos = sorted(path for folder in folders for path in folder.glob("**/eval/*/videos/*.mp4"))
     links = [f"- {path.parents[3].name}, {path.parents[1].name}: [{path.stem}]({os.path.relpath(path, out_dir)})"
              for path in videos]
     return ["## Videos of rollouts", "", *links, ""] if links else []
 
 
-def build_report(run_dirs: list[Path], out_dir: Path) -> str:
-    results = collect_results(run_dirs)
-    by_tasks: dict[tuple, list[dict]] = defaultdict(list)
-    by_experts: dict[tuple, list[dict]] = defaultdict(list)
-    for result in results:
-        by_tasks[(result["total"]["tasks"], result["method"])].append(result)
-        if result["method"] == "M3DT":
-            by_experts[(result["total"]["tasks"], result["num_experts"])].append(result)
+def write_plots(out: Path, rows: list[Row], title: str, reps: int, seed: int) -> list[Path]:
+    """The method comparison against task count and per family and as performance profiles (main_rows), and
+    every M3DT and ablation row against expert count."""
+    compared = main_rows(rows)
+    palette = colours([series_name(row, with_experts=False) for row in compared])
+    written = [out / "score_by_tasks.png"]
+    plot_tasks(written[0], compared, title, palette)
+    expert_rows = [row for row in rows if row.first.experts]
+    if expert_rows:
+        written.append(out / "score_by_experts.png")
+        plot_experts(written[-1], expert_rows, title)
+    for tasks, suite in sorted({(row.first.tasks, row.first.suite) for row in compared}):
+        members = [row for row in compared if (row.first.tasks, row.first.suite) == (tasks, suite)]
+        name = f"{tasks}_tasks" + ("" if members[0].official else "_" + suite.replace(" ", "_"))
+        written += [out / f"families_{name}.png", out / f"profiles_{name}.png"]
+        plot_families(written[-2], members, title, palette)
+        plot_profiles(written[-1], members, title, palette, reps, seed)
+    return written
 
-    text = ["# M3DT results", "", "## Score by number of tasks and method", "", table(by_tasks, ("tasks", "method")), "",
-            "## M3DT score by number of experts", "", table(by_experts, ("tasks", "experts")) if by_experts else "(no M3DT runs)",
-            "", "Paper (Kong et al., ICML 2025), total score by number of tasks:", "",
-            "| tasks | " + " | ".join(map(str, PAPER_M3DT)) + " |", "|---|" + "---|" * len(PAPER_M3DT),
-            "| M3DT | " + " | ".join(f"{score:.2f}" for score in PAPER_M3DT.values()) + " |",
-            "| best baseline | " + " | ".join(f"{score:.2f}" for score in PAPER_BEST_BASELINE.values()) + " |", "",
-            *video_links(run_dirs, out_dir)]
-    report = "\n".join(text)
 
-    series: dict[str, dict[int, float]] = defaultdict(dict)
-    for (tasks, method), score in total_scores(by_tasks).items():
-        series[method][tasks] = score
-    series["paper M3DT"] = PAPER_M3DT
-    series["paper best baseline"] = PAPER_BEST_BASELINE
-    plot_lines(out_dir / "score_by_tasks.png", series, "number of tasks", "Score against task count")
-    expert_series: dict[str, dict[int, float]] = defaultdict(dict)
-    for (tasks, experts), score in total_scores(by_experts).items():
-        expert_series[f"M3DT, {tasks} tasks"][experts] = score
-    if expert_series:
-        plot_lines(out_dir / "score_by_experts.png", expert_series, "number of experts", "Score against expert count")
-    with atomic_path(out_dir / "report.md") as temporary:
-        temporary.write_text(report)
-    return report
+# ------------------------------------------------------------------------------------------ CLI
+def build_report(folders: list[Path], out: Path, reps: int = 2000, seed: int = 0) -> str:
+    """Read the results under `folders`, write report.md, the CSVs and the plots to `out`; return the text."""
+    results = load_results(find_results(folders))
+    kept = [result for result in results if not result.flag]
+    stale = [result for result in results if result.flag]
+    if not kept:
+        raise ArtifactError(f"every results.json under {', '.join(map(str, folders))} is out of date "
+                            f"(e.g. {stale[0].path}: {stale[0].flag})")
+    rows = build_rows(kept, reps, seed)
+    text = report_markdown(rows, stale, folders, reps, seed) + "\n".join(["", *video_links(folders, out)])
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "report.md") as temporary:
+        temporary.write_text(text)
+    write_csvs(out, rows, results)
+    write_plots(out, rows, "runs: " + ", ".join(folder.name for folder in folders), reps, seed)
+    return text
+
+
+def parse_arguments(argv: list[str]) -> argparse.Namespace:
+    parser = ArgumentParser(prog="python -m m3dt.report", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folders", nargs="*", type=Path, help="run roots or run directories (default: --config's "
+                        "run directory)")
+    parser.add_argument("--config", help="YAML file of options (the stages' format): its run directory is reported")
+    parser.add_argument("--out", type=Path, default=Path("report"), help="folder for report.md, CSVs and plots")
+    parser.add_argument("--bootstrap_reps", type=int, default=2000, help="bootstrap resamples of each CI")
+    parser.add_argument("--bootstrap_seed", type=int, default=0, help="numpy seed of the bootstrap")
+    parser.add_argument("--debug", action="store_true", help="tracebacks instead of one-line errors")
+    arguments = parser.parse_args(argv)
+    if not arguments.folders and arguments.config:
+        arguments.folders = [Config(**load_yaml(arguments.config)).resolved_run_dir()]
+    if not arguments.folders:
+        raise ConfigError("give run roots or run directories, or --config")
+    if arguments.bootstrap_reps < 1:
+        raise ConfigError(f"--bootstrap_reps must be at least 1, got {arguments.bootstrap_reps}")
+    return arguments
 
 
 @command
 def main(argv: list[str] | None = None) -> None:
-    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dirs", nargs="*", type=Path, help="evaluated run directories (default: --config's run dir)")
-    parser.add_argument("--config", help="YAML file of options (the stages' format): its run dir is reported")
-    parser.add_argument("--out", type=Path, default=Path("report"))
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        config_run_dirs = [Config(**load_yaml(args.config)).resolved_run_dir()] if args.config else []
-        if not (args.run_dirs or config_run_dirs):
-            parser.error("give run directories or --config")
-        print(build_report(args.run_dirs or config_run_dirs, args.out))
-    except (FileNotFoundError, ConfigError) as error:
-        exit_with_message(error, debug=False)
-    print(f"wrote {args.out}/report.md and plots")
+        arguments = parse_arguments(argv)
+        print(build_report(arguments.folders, arguments.out, arguments.bootstrap_reps, arguments.bootstrap_seed))
+    except (ArtifactError, ConfigError) as error:
+        exit_with_message(error, "--debug" in argv)
+    print(f"wrote {arguments.out}/report.md, report.csv, results.csv and plots")
+
 
 if __name__ == "__main__":
     main()

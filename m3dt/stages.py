@@ -319,12 +319,16 @@ def group_tasks(config: Config, method: str) -> Path:
     if config.group_num > len(tasks):
         raise ConfigError(f"--group_num {config.group_num} is more groups than the {len(tasks)} stage-1 tasks")
     path = run.groups(method, config.group_num)
+    identity = grouping_identity(config, method, tasks, run)
+    if not config.restart and path.exists() and manifest_path(path).exists() \
+            and read_json(manifest_path(path), "manifest").get("identity") == identity:
+        print(f"stage 2 grouping ({method}) already finished: {path}; --restart to group again")
+        return path
     extra, device = {}, None
     if method == "random":
         groups = random_grouping(len(tasks), config.group_num, config.seed)
     else:
         device = resolve_device(config.device)
-        data_files(config, tasks, run)
         torch.manual_seed(config.seed)
         model = load_backbone(run, config)
         sampler, _ = make_sampler(config, tasks, device, [config.seed], model, run)
@@ -345,10 +349,23 @@ def group_tasks(config: Config, method: str) -> Path:
               f"max {steps.max()} over {len(steps)} runs")
     write_json(path, groups_to_json(groups, tasks))
     write_manifest(path, f"stage2_grouping_{method}", recorded_config(config, device), tasks, [run.backbone],
-                   run.root, method=method, group_num=config.group_num, **extra)
+                   run.root, method=method, group_num=config.group_num, identity=identity, **extra)
     sizes = [len(group) for group in groups]
     print(f"stage 2 grouping ({method}): {len(groups)} groups, sizes {min(sizes)}..{max(sizes)}; wrote {path}")
     return path
+
+
+def grouping_identity(config: Config, method: str, tasks: list[str], run: RunDir) -> dict[str, Any]:
+    """What a group file depends on: the method, group count and seed, the gradient method's options, the
+    backbone it read and the episode files (which must be stage 1's; the random split reads neither)."""
+    identity: dict[str, Any] = {"method": method, "group_num": config.group_num, "seed": config.seed, "tasks": tasks}
+    if method == "gradient":
+        names = ("grouping_gradients", "kmeans_restarts", "kmeans_repeats", "kmeans_iterations", "kmeans_tolerance",
+                 "kmeans_stop", "batch_size", "grad_clip", "dropout")
+        identity.update({name: getattr(config, name) for name in names})
+        identity["inputs"] = input_hashes([run.backbone], run.root)
+        identity["data"] = data_files(config, tasks, run)
+    return identity
 
 
 def train_experts(config: Config) -> list[Path]:

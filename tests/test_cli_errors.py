@@ -10,13 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from m3dt import bench, collect, demo, evaluate, import_reference, report
+from m3dt import bench, collect, demo, evaluate, experiment, import_reference, report
 from tests.conftest import REPO
 
 STAGE_SCRIPTS = ("stage1_backbone_train.py", "stage2_task_grouping_gradient.py", "stage2_task_grouping_random.py",
                  "stage2_expert_train.py", "stage3_router_train.py")
 MODULES = {"m3dt.evaluate": evaluate.main, "m3dt.report": report.main, "m3dt.collect": collect.main,
-           "m3dt.demo": demo.main, "m3dt.bench": bench.main, "m3dt.import_reference": import_reference.main}
+           "m3dt.demo": demo.main, "m3dt.bench": bench.main, "m3dt.import_reference": import_reference.main,
+           "m3dt.experiment": experiment.main}
 SHELL_SCRIPT = "stage2_expert_train_total.sh"
 
 
@@ -55,6 +56,12 @@ def bad_inputs(entry: str, tmp: Path) -> dict[str, tuple[list[str], str]]:
                 "unknown task": ([*run, "--tasks", "reach-v9"], "unknown task 'reach-v9'")}
     if entry == "m3dt.report":
         return {**config_file, **unknown_option, "missing run dir": ([str(nowhere)], f"{nowhere}: no eval/*/results.json")}
+    if entry == "m3dt.experiment":
+        return {"missing grid file": ([str(missing_yaml)], f"grid file {missing_yaml} does not exist"),
+                "bad grid file": ([str(broken_yaml)], f"grid file {broken_yaml} is not valid YAML"),
+                "unknown option": ([str(broken_yaml), "--no_such_option"], "unrecognized arguments: --no_such_option"),
+                "bad option value": ([str(broken_yaml), "--launcher", "pbs"], "argument --launcher: invalid choice"),
+                "out-of-range number": ([str(broken_yaml), "--shard", "4/2"], "--shard must be g/N with 0 <= g < N")}
     if entry == "m3dt.collect":
         out = ["--out", str(tmp / "data")]
         return {"unknown option": ([*out, "--tasks", "reach-v2", "--episodes", "3", "--no_such_option"],

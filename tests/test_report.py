@@ -1,46 +1,173 @@
-"""The report gathers evaluated runs into tables by task count, method and expert count."""
+"""The report: its statistics against a plain numpy computation on a fixed score table, its rows (one per
+task count, method, grouping, expert count, size and evaluation settings), stale results left out, plots."""
 
+import csv
+import hashlib
 import json
 
+import numpy as np
 import pytest
 
-from m3dt.report import build_report, main
+from m3dt.report import build_report, iqm_interval, main, performance_profiles
+from m3dt.tasks import get_task, resolve_tasks
+
+# Per-task scores of 3 seeds x 5 tasks (a fixed table: the statistics below are computed from it by hand).
+TASKS = ["cheetah-vel-1", "cheetah-vel-2", "cheetah-vel-3", "ant-dir-1", "ant-dir-2"]
+SCORES = np.array([[10.0, 50.0, 90.0, 30.0, 70.0],
+                   [20.0, 40.0, 100.0, 0.0, 60.0],
+                   [15.0, 55.0, 80.0, 25.0, 65.0]])
 
 
-def write_result(run_dir, label, method, tasks, experts, total, families):
+def plain_iqm(scores: np.ndarray) -> float:
+    """Mean of the middle half of all scores (25% cut from each end)."""
+    ordered = np.sort(scores.ravel())
+    cut = int(0.25 * ordered.size)
+    return float(ordered[cut: ordered.size - cut].mean())
+
+
+def plain_stratified_bootstrap(scores: np.ndarray, reps: int, seed: int) -> tuple[float, float]:
+    """95% percentile interval of the IQM when each task's seeds are resampled with replacement, drawing
+    the indices from numpy's global generator as rliable does."""
+    np.random.seed(seed)
+    seeds, tasks = scores.shape
+    estimates = []
+    for _ in range(reps):
+        rows = np.random.choice(seeds, (seeds, tasks), replace=True)
+        estimates.append(plain_iqm(scores[rows, np.arange(tasks)]))
+    low, high = np.percentile(estimates, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def test_iqm_and_bootstrap_interval_equal_a_plain_numpy_computation():
+    iqm, interval = iqm_interval(SCORES, reps=400, seed=7)
+    assert iqm == pytest.approx(plain_iqm(SCORES), abs=1e-12)
+    assert interval == pytest.approx(plain_stratified_bootstrap(SCORES, reps=400, seed=7), abs=1e-12)
+    assert iqm_interval(SCORES[:1], reps=50, seed=7)[1] is None  # one seed: no interval
+    state = np.random.get_state()[1].copy()
+    iqm_interval(SCORES, reps=10, seed=3)
+    assert np.array_equal(np.random.get_state()[1], state)  # the global generator is left as it was
+
+
+def test_performance_profile_is_the_fraction_of_scores_above_each_threshold():
+    thresholds = np.array([0.0, 25.0, 50.0, 75.0, 99.0])
+    profiles, bands = performance_profiles({"row": SCORES}, thresholds, reps=50, seed=0)
+    expected = [(SCORES > threshold).mean() for threshold in thresholds]
+    np.testing.assert_allclose(profiles["row"], expected)
+    assert bands["row"].shape == (2, len(thresholds)) and np.all(bands["row"][0] <= bands["row"][1])
+
+
+def write_result(run_dir, label, method, method_id, seed, scores, experts=0, grouping=None, full=True,
+                 checkpoint=None, tasks=TASKS):
+    rows = {task: {"family": get_task(task).family, "score": score, "episodes": 1, "reference_score": 90.0}
+            for task, score in zip(tasks, scores)}
+    families = {family: {"score": float(np.mean([r["score"] for r in rows.values() if r["family"] == family])),
+                         "reference_score": 90.0, "tasks": sum(r["family"] == family for r in rows.values())}
+                for family in {r["family"] for r in rows.values()}}
+    data = {"method": method, "method_id": method_id, "grouping": grouping, "num_experts": experts, "seed": seed,
+            "protocol": {"full": full, "episodes": None, "max_steps": None if full else 20,
+                         "note": "" if full else "episodes cut at 20 steps"},
+            "checkpoint": checkpoint, "tasks": rows, "families": families,
+            "total": {"score": float(np.mean(scores)), "tasks": len(tasks), "reference_score": 90.0}}
     path = run_dir / "eval" / label / "results.json"
     path.parent.mkdir(parents=True)
-    path.write_text(json.dumps({
-        "method": method, "num_experts": experts, "total": {"score": total, "tasks": tasks},
-        "families": {family: {"score": score, "tasks": 1} for family, score in families.items()},
-    }))
+    path.write_text(json.dumps(data))
+    return path
 
 
-def test_report_tables_and_plots(tmp_path):
-    for seed, offset in ((0, 0.0), (1, 2.0)):
-        run = tmp_path / f"mt10_seed{seed}"
-        write_result(run, "stage1", "Prompt-DT", 10, 0, 80.0 + offset, {"metaworld": 70.0 + offset})
-        write_result(run, "stage3_gradient_8", "M3DT", 10, 8, 88.0 + offset, {"metaworld": 90.0 + offset})
-    write_result(tmp_path / "mt10_e16", "stage3_gradient_16", "M3DT", 10, 16, 85.0, {"metaworld": 86.0})
-    report = build_report(sorted(tmp_path.iterdir()), tmp_path / "out")
-    assert "| 10 | Prompt-DT | 71.00 ± 1.00 (2) | - | - | - | 81.00 ± 1.00 (2) |" in report
-    assert "| 10 | 8 | 91.00 ± 1.00 (2) | - | - | - | 89.00 ± 1.00 (2) |" in report
-    assert "| 10 | 16 | 86.00 | - | - | - | 85.00 |" in report
-    assert "| M3DT | 89.23 | 80.66 | 78.21 |" in report
-    for name in ("report.md", "score_by_tasks.png", "score_by_experts.png"):
-        assert (tmp_path / "out" / name).stat().st_size > 0
+def checkpoint_file(run_dir, content: bytes) -> dict:
+    path = run_dir / "stage1" / "backbone.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    return {"path": "stage1/backbone.safetensors", "sha256": hashlib.sha256(content).hexdigest()}
 
 
-def test_run_without_evaluation_is_a_clear_error(tmp_path, capsys):
-    with pytest.raises(SystemExit):
+def test_report_rows_paper_numbers_stale_results_and_plots(tmp_path):
+    root = tmp_path / "runs"
+    for seed in range(3):
+        run = root / f"loco_seed{seed}"
+        write_result(run, "stage1", "Prompt-DT", "prompt-dt", seed, SCORES[seed], checkpoint=checkpoint_file(run, b"w"))
+        # one run, two groupings: two rows, not one row of "2 seeds"
+        write_result(run, "stage3_gradient_4", "M3DT", "m3dt", seed, SCORES[seed] + 5, experts=4, grouping="gradient")
+        write_result(run, "stage3_random_4", "M3DT", "m3dt", seed, SCORES[seed] + 1, experts=4, grouping="random")
+    write_result(root / "loco_seed0", "stage1_short", "Prompt-DT", "prompt-dt", 0, SCORES[0] - 10, full=False,
+                 checkpoint=checkpoint_file(root / "loco_seed0", b"w"))
+    stale = root / "loco_seed3"
+    recorded = checkpoint_file(stale, b"old weights")
+    checkpoint_file(stale, b"weights trained again")
+    write_result(stale, "stage1", "Prompt-DT", "prompt-dt", 3, SCORES[0], checkpoint=recorded)
+
+    text = build_report([root], tmp_path / "out", reps=200, seed=0)
+    totals = SCORES.mean(axis=1)
+    mean, std = totals.mean(), totals.std(ddof=1)
+    lines = text.splitlines()
+    prompt_dt = next(line for line in lines if "| Prompt-DT |" in line and "| full protocol |" in line)
+    assert f"{mean:.2f} ± {std:.2f}" in prompt_dt and "| 3 (0, 1, 2) |" in prompt_dt
+    assert f"{plain_iqm(SCORES):.2f} [" in prompt_dt
+    random_grouping = next(line for line in lines if "M3DT (random grouping)" in line)
+    assert f"{mean + 1:.2f} ± {std:.2f}" in random_grouping and "| 3 (0, 1, 2) |" in random_grouping
+    short = next(line for line in lines if "NOT full protocol" in line and "Prompt-DT" in line)
+    assert "(1 seed: no CI)" in short and "<= 20 steps" in short
+    assert "not comparable with the paper's numbers" in text
+    assert "*paper: M3DT*" not in text  # 5 tasks of our own: no paper number beside them
+    assert "loco_seed3" in text.split("## Left out")[1] and "sha256 differs" in text  # stale: listed, not counted
+    assert "| 3 (0, 1, 2, 3) |" not in text
+
+    with open(tmp_path / "out" / "report.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert len(rows) == 4  # Prompt-DT full, Prompt-DT short, M3DT gradient, M3DT random
+    gradient = next(row for row in rows if row["grouping"] == "gradient")
+    assert float(gradient["total_mean"]) == pytest.approx(mean + 5) and gradient["seed_list"] == "0 1 2"
+    plots = {path.name: path.stat().st_size for path in (tmp_path / "out").glob("*.png")}
+    assert sorted(plots) == ["families_5_tasks_list_" + rows[0]["suite"][5:] + ".png",
+                             "profiles_5_tasks_list_" + rows[0]["suite"][5:] + ".png",
+                             "score_by_experts.png", "score_by_tasks.png"]
+    assert min(plots.values()) > 10_000
+
+
+def test_paper_numbers_stand_beside_the_official_suites_only(tmp_path):
+    official = resolve_tasks("mt10", None, 0)
+    write_result(tmp_path / "mt10_seed0", "stage3_gradient_8", "M3DT", "m3dt", 0, [50.0] * 10, experts=8,
+                 grouping="gradient", tasks=official)
+    write_result(tmp_path / "mine_seed0", "stage3_gradient_8", "M3DT", "m3dt", 0, [60.0] * 10, experts=8,
+                 grouping="gradient", tasks=official[1:] + ["push-v2" if "push-v2" not in official else "reach-v2"])
+    text = build_report([tmp_path], tmp_path / "out", reps=20)
+    table = text.split("## Score by number of tasks and method")[1].split("##")[0]
+    rows = [line for line in table.splitlines() if "| M3DT |" in line]  # two rows, not one of two seeds
+    assert len(rows) == 2 and rows[0].startswith("| 10 (list ") and rows[1].startswith("| 10 (mt10) |")
+    assert table.count("*paper: M3DT*") == 1 and "| 10 (mt10) | *paper: M3DT* |" in table
+    assert "rows on other task lists have none beside them" in text
+
+
+def test_report_command_line_errors_are_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
         main([str(tmp_path)])
-    assert "no eval/*/results.json" in capsys.readouterr().err
+    assert stop.value.code == 2
+    error = capsys.readouterr().err
+    assert "no eval/*/results.json" in error and error.count("\n") == 1 and "Traceback" not in error
+    with pytest.raises(SystemExit):
+        main(["--config", str(tmp_path / "missing.yaml")])
+    assert "missing.yaml does not exist" in capsys.readouterr().err
 
 
 def test_report_takes_the_run_dir_of_a_config_file(tmp_path, capsys):
-    run = tmp_path / "mt10_seed0"
-    write_result(run, "stage1", "Prompt-DT", 10, 0, 80.0, {"metaworld": 70.0})
+    run = tmp_path / "loco_seed0"
+    write_result(run, "stage1", "Prompt-DT", "prompt-dt", 0, SCORES[0])
     config_file = tmp_path / "run.yaml"  # the stages' format
     config_file.write_text(f"run_dir: {run}\nembed_dim: 32\n")
-    main(["--config", str(config_file), "--out", str(tmp_path / "out")])
-    assert "| 10 | Prompt-DT | 70.00 | - | - | - | 80.00 |" in capsys.readouterr().out
+    main(["--config", str(config_file), "--out", str(tmp_path / "out"), "--bootstrap_reps", "20"])
+    assert "| Prompt-DT |" in capsys.readouterr().out and (tmp_path / "out" / "report.md").exists()
+
+
+def test_tasks_of_ones_own_have_a_column_without_a_paper_reference(tmp_path):
+    path = write_result(tmp_path / "own_seed0", "stage1", "Prompt-DT", "prompt-dt", 0, SCORES[0])
+    data = json.loads(path.read_text())  # a gymnasium task of a --task_table: no single-task DT reference
+    data["tasks"] = {"own-hopper": {"family": "gymnasium", "score": 40.0, "episodes": 10, "reference_score": None}}
+    data["families"] = {"gymnasium": {"score": 40.0, "reference_score": None, "tasks": 1}}
+    data["total"] = {"score": 40.0, "tasks": 1, "reference_score": None}
+    path.write_text(json.dumps(data))
+    text = build_report([tmp_path], tmp_path / "out", reps=20)
+    assert "| seeds | gymnasium | total (mean ± std) |" in text and "| 40.00 | 40.00 |" in text
+    suite = text.split("| 1 (list ")[1][:6]
+    assert "| tasks | gymnasium | total |\n|---|---|---|\n| 1 (list " + suite + ") | - | - |" in text  # no reference
+    assert "tasks of one's own (--task_table), each scored 100 x (return - min)" in text
+    assert (tmp_path / "out" / f"families_1_tasks_list_{suite}.png").stat().st_size > 10_000

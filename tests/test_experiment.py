@@ -1,0 +1,225 @@
+"""Grids through m3dt.experiment: a 2 x 2 grid (Prompt-DT and M3DT x two seeds) end to end into the report,
+skipped when rerun, resumed after SIGKILL to the same weights; the SLURM launcher through submitit's local
+executor; the plan and its cost; grid files with errors."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from m3dt.experiment import (dry_run, estimate_hours, job_status, levels, load_benches, load_grid, main, plan_jobs,
+                             planned_steps, shard_jobs, slurm_dependency)
+from m3dt.report import build_report
+from m3dt.synthetic import make_dataset
+from tests.conftest import REPO
+
+TASKS = "cheetah-vel-8,cheetah-vel-3,ant-dir-2"
+GRID = """
+description: Prompt-DT and M3DT x two seeds, tiny
+options: {embed_dim: 16, n_layer: 1, n_head: 2, router_hidden: "16,16", backbone_steps: 60, expert_steps: 10,
+          router_steps: 10, warmup_steps: 5, log_every: 5, save_every: 5, device: cpu, workers: 0,
+          kmeans_restarts: 2, kmeans_repeats: 2, grouping_gradients: 2, data_path: DATA}
+suites: [loco]
+task_sets: {loco: "TASKS"}
+seeds: [0, 1]
+evaluation: {episodes: 1, max_steps: 5, workers: 0, device: cpu}
+runs:
+  - method: prompt-dt
+  - method: m3dt
+    experts: [2]
+"""
+
+
+@pytest.fixture(scope="module")
+def grid_file(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("grid")
+    data = make_dataset(folder / "data", TASKS.split(","))
+    path = folder / "tiny.yaml"
+    path.write_text(GRID.replace("DATA", str(data)).replace("TASKS", TASKS))
+    return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a shared machine: one thread is faster, and the same in every process (bit-equal)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def finished_grid(grid_file, one_thread) -> Path:
+    run_root = grid_file.parent / "runs"
+    main([str(grid_file), "--run_root", str(run_root)])
+    return run_root
+
+
+def weight_hashes(run_root: Path) -> dict[str, str]:
+    return {str(path.relative_to(run_root)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(run_root.glob("**/*.safetensors"))}
+
+
+def task_scores(run_root: Path) -> dict[str, dict]:
+    return {str(path.relative_to(run_root)): {task: row["score"] for task, row in
+                                              json.loads(path.read_text())["tasks"].items()}
+            for path in sorted(run_root.glob("*/eval/*/results.json"))}
+
+
+def test_grid_runs_every_job_into_the_report(finished_grid, tmp_path):
+    evaluated = task_scores(finished_grid)
+    assert sorted(evaluated) == [f"loco_seed{seed}/eval/{label}_episodes1_steps5/results.json" for seed in (0, 1)
+                                 for label in ("stage1", "stage3_gradient_2")]  # short evaluations: own folders
+    for seed in (0, 1):  # M3DT and Prompt-DT of a seed share one stage-1 backbone
+        manifest = json.loads((finished_grid / f"loco_seed{seed}/stage3/gradient_2/moe.manifest.json").read_text())
+        assert "stage1/backbone.safetensors" in manifest["inputs"] and manifest["config"]["seed"] == seed
+    text = build_report([finished_grid], tmp_path / "report", reps=100)
+    assert "| Prompt-DT | - | d16 L1 |" in text and "| M3DT | 2 | d16 L1 |" in text
+    assert text.count("| 2 (0, 1) |") >= 2 and "NOT full protocol (" in text and "<= 5 steps)" in text
+
+
+def test_rerun_skips_everything(finished_grid, grid_file, capsys):
+    before = {path: path.stat().st_mtime_ns for path in finished_grid.glob("**/*") if path.is_file()}
+    main([str(grid_file), "--run_root", str(finished_grid)])
+    out = capsys.readouterr().out
+    assert out.count("already finished") == 8  # per seed: stage 1, grouping, experts, routers
+    assert out.count("already evaluated") == 4
+    after = {path: path.stat().st_mtime_ns for path in finished_grid.glob("**/*") if path.is_file()}
+    assert after == before
+    grid = load_grid(grid_file)
+    assert all(job_status(job).done for job in plan_jobs(grid, finished_grid, {}))
+
+
+def test_a_killed_grid_resumes_to_the_same_weights_and_scores(finished_grid, grid_file, one_thread):
+    run_root = grid_file.parent / "killed"
+    environment = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "m3dt.experiment", str(grid_file), "--run_root", str(run_root)],
+                               cwd=REPO, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = run_root / "loco_seed0" / "stage1" / "train_state.pt"
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (run_root / "loco_seed1").exists()  # killed within the first run's stage 1
+    main([str(grid_file), "--run_root", str(run_root)])
+    assert weight_hashes(run_root) == weight_hashes(finished_grid)
+    assert task_scores(run_root) == task_scores(finished_grid)
+
+
+def test_slurm_launcher_through_submitits_local_executor(grid_file, monkeypatch):
+    """Each level of the plan is a job array; with the local executor each waits for the one before."""
+    grid = grid_file.with_name("one_run.yaml")
+    grid.write_text(grid_file.read_text().replace("seeds: [0, 1]", "seeds: [0]").replace("backbone_steps: 60",
+                                                                                        "backbone_steps: 20")
+                    .split("  - method: m3dt")[0])
+    run_root = grid_file.parent / "slurm"
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    main([str(grid), "--run_root", str(run_root), "--launcher", "slurm", "--cluster", "local"])
+    run = run_root / "loco_seed0"
+    assert json.loads((run / "eval" / "stage1_episodes1_steps5" / "results.json").read_text())["total"]["tasks"] == 3
+    logs = {path.name: path.read_text() for path in (run / "logs").iterdir()}
+    assert sorted(logs) == ["evaluate_prompt-dt.log", "stage_1_backbone.log"]
+    assert "python stage1_backbone_train.py" in logs["stage_1_backbone.log"]
+    assert "stage 1: wrote" in logs["stage_1_backbone.log"]
+    plan = plan_jobs(load_grid(grid), run_root, {})
+    assert [[job.kind for job in level] for level in levels(plan)] == [["stage1"], ["evaluate"]]
+    assert slurm_dependency(["12_0", "12_1", "15"]) == {"dependency": "afterany:12:15"}
+    assert slurm_dependency([]) == {}
+
+
+def test_dry_run_of_the_paper_grid_and_its_cost():
+    grid = load_grid(REPO / "configs/experiments/paper_table1.yaml")
+    jobs = plan_jobs(grid, Path("no_such_root"), {})
+    assert len({job.run_dir for job in jobs}) == 9  # 3 suites x 3 seeds; every method of a run shares it
+    kinds = [job.kind for job in jobs if job.run_dir.name == "mt160_seed0"]
+    assert kinds.count("stage1") == 1 and kinds.count("evaluate") == 5 and kinds.count("baseline") == 2
+    bench = next(bench for bench in load_benches() if bench.device == "cpu-2core")
+    stage1 = next(job for job in jobs if job.kind == "stage1")
+    projection = json.loads((REPO / "benchmarks/cpu-2core.json").read_text())["projection"]
+    bench_hours = next(row["stage 1"] for row in projection if row["path"] == "fast")  # the bench's own figure
+    assert estimate_hours(bench, stage1, job_status(stage1)) == pytest.approx(bench_hours, rel=1e-9)
+    text = dry_run(grid, jobs, Path("no_such_root"), [bench], show_commands=True)
+    assert text.count("| to do |") == len(jobs) == 99 and "Left: 99 of 99 jobs." in text
+    assert "Estimates, not measurements" in text and "python stage1_backbone_train.py --prefix_name mt160" in text
+    runs = list(dict.fromkeys(job.run_dir.name for job in jobs))
+    shard = shard_jobs(jobs, "1/4")  # run directories 1 and 5 of 9, every job of each
+    assert list(dict.fromkeys(job.run_dir.name for job in shard)) == [runs[1], runs[5]]
+    assert len(shard) == sum(job.run_dir.name in (runs[1], runs[5]) for job in jobs)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("runs: [{method: mtdtx}]\nsuites: [mt10]", "unknown method 'mtdtx'"),
+    ("runs: [{method: m3dt}]\nsuites: [mt10]", "needs experts"),
+    ("runs: [{method: mtdt, options: {seed: 3}}]\nsuites: [mt10]", "'seed' is set by the grid"),
+    ("runs: [{method: mtdt, options: {embed_dims: 3}}]\nsuites: [mt10]", "unknown option 'embed_dims'"),
+    ("runs: [{method: mtdt}]\nsuites: [mt11]", "'mt11' is neither an official suite"),
+    ("runs: [{method: mtdt, options: {embed_dim: 30}}]\nsuites: [mt10]", "must be a multiple of --n_head"),
+])
+def test_grid_file_errors_are_one_line(tmp_path, capsys, content, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(content)
+    with pytest.raises(SystemExit) as stop:
+        main([str(path), "--dry_run"])
+    error = capsys.readouterr().err
+    assert stop.value.code == 2 and message in error and str(path) in error
+    assert error.count("\n") == 1 and "Traceback" not in error
+
+
+def test_comparison_methods_through_the_grid(grid_file, one_thread, tmp_path):
+    """MTDT, HarmoDT, the two ablations and the random policy train and evaluate through a grid (each
+    method's steps and stage-1 dependency from its module in m3dt/baselines) and reach the report."""
+    grid = tmp_path / "baselines.yaml"
+    text = grid_file.read_text().replace("seeds: [0, 1]", "seeds: [0]")
+    text = text.replace("backbone_steps: 60", "backbone_steps: 20")
+    grid.write_text(text.split("runs:")[0].replace("router_steps: 10,", "router_steps: 10, harmodt_steps: 20,")
+                    + "runs:\n  - method: random\n  - method: mtdt\n  - method: harmodt\n"
+                      "  - {method: m3dt-end2end, experts: [2]}\n  - {method: m3dt-no-grouping, experts: [2]}\n")
+    plan = plan_jobs(load_grid(grid), tmp_path / "runs", {})
+    steps = {job.method: planned_steps(job) for job in plan if job.kind == "baseline"}
+    assert steps == {"mtdt": 20, "harmodt": 20, "m3dt-end2end": 40, "m3dt-no-grouping": 20}
+    main([str(grid), "--run_root", str(tmp_path / "runs")])
+    run = tmp_path / "runs" / "loco_seed0"
+    inputs = {method: json.loads((run / "baselines" / method / "model.manifest.json").read_text())["inputs"]
+              for method in steps}
+    assert list(inputs.pop("m3dt-no-grouping")) == ["stage1/backbone.safetensors"]  # after stage 1
+    assert all(not recorded for recorded in inputs.values())  # the others train from scratch
+    text = build_report([tmp_path / "runs"], tmp_path / "report", reps=50)
+    for name in ("random policy", "MTDT", "HarmoDT", "M3DT w/o three-stage", "M3DT w/o grouping"):
+        assert f"| {name} |" in text
+
+
+def test_ctrl_c_in_a_job_stops_the_grid(grid_file, monkeypatch, tmp_path, capsys):
+    """A stage stopped by Ctrl-C exits with 130 after saying where it stopped: the grid stops with it rather
+    than counting a failed job and going on to the next."""
+    called = []
+
+    def interrupted_stage(flags):
+        called.append(flags)
+        raise SystemExit(130)
+
+    monkeypatch.setattr("m3dt.experiment.entry_point", lambda job: interrupted_stage)
+    with pytest.raises(SystemExit) as stop:
+        main([str(grid_file), "--run_root", str(tmp_path / "runs")])
+    assert stop.value.code == 130 and len(called) == 1 and "grid finished" not in capsys.readouterr().out
+
+
+def test_a_grid_of_ones_own_tasks_is_planned(tmp_path):
+    """A grid whose options name a --task_table plans runs on the tasks of that table."""
+    table = tmp_path / "own.json"
+    table.write_text(json.dumps([{"task": "own-hopper", "env_id": "Hopper-v5", "obs_dim": 11, "act_dim": 3,
+                                  "horizon": 40, "return_target": 60.0, "rtg_scale": 100.0,
+                                  "score_min_return": -20.3, "score_max_return": 3234.3}]))
+    grid = tmp_path / "own.yaml"
+    grid.write_text(f"options: {{task_table: {table}}}\nsuites: [mine]\ntask_sets: {{mine: 'own-hopper,reach-v2'}}\n"
+                    "runs: [{method: prompt-dt}]\n")
+    jobs = plan_jobs(load_grid(grid), tmp_path / "runs", {})
+    assert [job.kind for job in jobs] == ["stage1", "evaluate"]
+    assert "| to do |" in dry_run(load_grid(grid), jobs, tmp_path / "runs", load_benches(), show_commands=False)
