@@ -104,7 +104,11 @@ def find_results(folders: list[Path]) -> list[Path]:
             why = "run python -m m3dt.evaluate first" if folder.is_dir() else "no such folder"
             raise ArtifactError(f"{folder}: no eval/*/results.json below it ({why})")
         paths += found
-    return list(dict.fromkeys(path.resolve() for path in paths))
+    # one entry per file however it was reached; paths stay as given (relative ones stay relative in the outputs)
+    unique: dict[Path, Path] = {}
+    for path in paths:
+        unique.setdefault(path.resolve(), path)
+    return list(unique.values())
 
 
 def evaluation_settings(data: dict[str, Any]) -> tuple[str, bool]:
