@@ -30,6 +30,9 @@ Layout: every (suite, seed) shares one run directory `{run_root}/{suite}_seed{se
 evaluation, every M3DT grouping and expert count and the ablations that start from stage 1 use one stage-1
 backbone; the baselines train into its `baselines/` folder. An entry whose `options` change what stage 1
 trains (model size, optimisation, schedule, data) gets a run directory of its own, `..._seed{seed}_{variant}`.
+Files trained with other options are never reused or overwritten: two entries that would train the same files
+two ways are refused when the grid is read, and files another grid trained otherwise stop the grid before it
+starts (`differences`); a lock per job keeps a second process off a job that is running.
 
 Reruns skip what is done and resume what was cut: the stages resume from their checkpoints and say "already
 finished", and an evaluation is skipped when the run holds a results.json of the same method, seed and
@@ -41,6 +44,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import fcntl
 import json
 import re
 import sys
@@ -50,7 +54,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from functools import lru_cache, partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from m3dt.baselines import METHODS as BASELINES, method_module
 from m3dt.cli import INTERRUPTED_EXIT_CODE, USER_ERRORS, command, exit_with_message
@@ -86,6 +90,9 @@ EVALUATION_OPTIONS = {"episodes": int, "max_steps": int, "workers": int, "max_ro
 # What stage 1 depends on: an entry that changes one of these gets a run directory (and a backbone) of its own.
 STAGE1_OPTIONS = (*Config().model_fields(), "batch_size", "learning_rate", "weight_decay", "warmup_steps",
                   "grad_clip", "dropout", "precision", "top_k", "backbone_steps", "data_path", "max_episodes")
+# What the other training jobs read besides stage 1's options and their steps (compared through planned_steps).
+GROUPING_OPTIONS = ("grouping_gradients", "kmeans_restarts", "kmeans_repeats", "kmeans_iterations", "kmeans_stop",
+                    "kmeans_tolerance")
 GRID_KEYS = {"description", "run_root", "options", "suites", "task_sets", "seeds", "evaluation", "slurm", "runs"}
 ENTRY_KEYS = {"method", "experts", "groupings", "suites", "seeds", "config", "options", "variant"}
 
@@ -156,6 +163,8 @@ def load_grid(path: Path) -> Grid:
                                              "nor defined under task_sets")
     seeds = as_list(path, "seeds", raw.get("seeds", [0]), int)
     evaluation = raw.get("evaluation") or {}
+    if not isinstance(evaluation, dict):
+        raise grid_error(path, "evaluation", "must be a mapping of m3dt.evaluate options")
     for name, value in evaluation.items():
         if name not in EVALUATION_OPTIONS:
             raise grid_error(path, "evaluation", f"unknown option '{name}' (known: {', '.join(EVALUATION_OPTIONS)})")
@@ -207,6 +216,9 @@ def load_entry(path: Path, index: int, run: Any, suites: list[str], seeds: list[
             raise grid_error(path, where, f"method {method} needs experts: a list of counts, or one per suite")
         per_suite = experts if isinstance(experts, dict) else {suite: experts for suite in entry_suites}
         missing = [suite for suite in entry_suites if suite not in per_suite]
+        strangers = [str(suite) for suite in per_suite if suite not in suites]
+        if strangers:
+            raise grid_error(path, f"{where}.experts", f"'{strangers[0]}' is not one of the grid's suites")
         if missing:
             raise grid_error(path, f"{where}.experts", f"no expert count for suite {missing[0]}")
         experts = {suite: as_list(path, f"{where}.experts", per_suite[suite], int) for suite in entry_suites}
@@ -229,7 +241,7 @@ def load_entry(path: Path, index: int, run: Any, suites: list[str], seeds: list[
     if variant is None:  # stage-1 options that differ from the grid's name the variant
         changed = {name: value for name, value in options.items()
                    if name in STAGE1_OPTIONS and grid_options.get(name, getattr(Config(), name)) != value}
-        variant = "_".join(f"{name}{value}" for name, value in sorted(changed.items()))
+        variant = re.sub(r"[^\w.-]+", "-", "_".join(f"{name}{value}" for name, value in sorted(changed.items())))
     if not isinstance(variant, str) or not all(character.isalnum() or character in "-_." for character in variant):
         raise grid_error(path, f"{where}.variant", "must be letters, digits, '-', '_' or '.'")
     return Entry(method, experts, groupings, entry_suites, entry_seeds, options, variant)
@@ -298,8 +310,16 @@ def build_config(grid: Grid, values: dict[str, Any], where: str) -> Config:
 def plan_jobs(grid: Grid, run_root: Path, overrides: dict[str, Any]) -> list[Job]:
     """Every job of the grid, each after the jobs it needs, without duplicates (runs share stage 1)."""
     jobs: dict[str, Job] = {}
+    writers: dict[Path, tuple[Job, str]] = {}  # the files a training job writes -> that job and its entry
 
     def add(job: Job) -> str:
+        if job.kind != "evaluate":  # two entries must not train the same files two ways
+            first, first_where = writers.setdefault(output_path(job), (job, where))
+            different = differences(first, job.config)
+            if different:
+                raise grid_error(grid.path, where, f"would train {output_path(job)} with {'; '.join(different)} "
+                                 f"({first_where} trains it too): give one of them its own variant: (a comparison "
+                                 "method: one expert count per run directory)")
         jobs.setdefault(job.key, job)
         return job.key
 
@@ -372,6 +392,35 @@ def artifact(job: Job) -> Path | None:
     return run.baseline_model(method)
 
 
+def output_path(job: Job) -> Path:
+    """What a training job writes: its artifact (experts: the --all job folder of its grouping and count)."""
+    if job.kind == "experts":
+        return job.run.expert_job(job.grouping, job.experts, "all")
+    path = artifact(job)
+    assert path is not None, f"{job.kind} writes no artifact"
+    return path
+
+
+def trained_value(config: Config, name: str) -> Any:
+    """An option as it shapes training (the router widths resolved from the width when left to the default)."""
+    return config.model_fields().get(name, getattr(config, name))
+
+
+def differences(job: Job, config: Config) -> list[str]:
+    """How training `job` with `config` instead of its own would differ ("name theirs, not ours"): the stage-1
+    options (the data aside: the stages compare its fingerprint themselves), the grouping's, a comparison
+    method's own hyperparameters, and the number of steps."""
+    names = [name for name in STAGE1_OPTIONS if name != "data_path"]
+    names += GROUPING_OPTIONS if job.kind == "grouping" else ()
+    names += getattr(method_module(job.method), "HYPERPARAMETERS", ()) if job.kind == "baseline" else ()
+    found = [f"{name} {trained_value(config, name)!r}, not {trained_value(job.config, name)!r}" for name in names
+             if trained_value(config, name) != trained_value(job.config, name)]
+    if job.kind != "grouping":
+        theirs, ours = planned_steps(dataclasses.replace(job, config=config)), planned_steps(job)
+        found += [f"{theirs:,} steps, not {ours:,}"] if theirs != ours else []
+    return found
+
+
 def job_dir(job: Job) -> Path:
     """Where a training job keeps metrics.jsonl and train_state.pt."""
     run = job.run
@@ -434,6 +483,7 @@ class Status:
     done: bool
     detail: str  # "done", "to do", "cut at step N of M", ...
     steps_left: int | None = None  # training steps still to run (None: the whole schedule or not training)
+    conflict: str = ""  # an artifact already there was trained differently from what the grid asks
 
 
 def planned_steps(job: Job) -> int:
@@ -479,6 +529,14 @@ def training_status(job: Job) -> Status:
                if job.kind == "experts" else [artifact(job)])
     manifests = [read_json(manifest_path(path), "manifest") for path in outputs
                  if path.exists() and manifest_path(path).exists()]
+    names = {option.name for option in dataclasses.fields(Config)}
+    for manifest in manifests[:1]:  # another grid (or command) that trained these files with other options
+        recorded = Config(**{name: value for name, value in manifest.get("config", {}).items() if name in names})
+        different = differences(job, recorded)
+        if different:
+            conflict = (f"{outputs[0]} was trained with {'; '.join(different)} (this grid's): give the entry its "
+                        "own variant: or use another --run_root")
+            return Status(False, "conflict: trained with other options", conflict=conflict)
     if job.kind == "grouping":
         done = len(manifests) == 1 and manifests[0].get("group_num") == job.experts
         return Status(done, "done" if done else "to do")
@@ -560,10 +618,10 @@ class Bench:
 
 
 def load_benches(folder: Path = BENCH_DIR) -> list[Bench]:
-    """Every bench file of `folder`, GPUs first."""
+    """Every bench file of `folder`, GPUs first; a file that cannot be read is named on stderr and left out."""
     benches = []
     for path in sorted(folder.glob("*.json")):
-        with contextlib.suppress(json.JSONDecodeError, KeyError, TypeError, OSError):
+        try:
             report = json.loads(path.read_text())
             options = {name: value for name, value in report["settings"]["config"].items()
                        if name in {option.name for option in dataclasses.fields(Config)}}
@@ -576,6 +634,9 @@ def load_benches(folder: Path = BENCH_DIR) -> list[Bench]:
                             for row in report["evaluation"] if row["path"] == "fast"},
                 env_steps_per_second=max((row["env_steps_per_second"] for row in report.get("env_stepping", [])),
                                          default=None)))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, OSError) as error:
+            print(f"note: {path}: not a bench file of python -m m3dt.bench ({type(error).__name__}: {error}); "
+                  "left out of the estimates", file=sys.stderr)
     return sorted(benches, key=lambda bench: not bench.is_gpu)
 
 
@@ -701,6 +762,11 @@ ESTIMATE_NOTE = ("Estimates, not measurements: each training step takes the benc
 
 
 # ------------------------------------------------------------------------------------------ dry run
+def bench_name(bench: Bench) -> str:
+    """The bench file as the user knows it (the shipped folder by its place in the repository)."""
+    return f"benchmarks/{bench.path.name}" if bench.path.parent == BENCH_DIR else str(bench.path)
+
+
 def format_hours(hours: float | None) -> str:
     if hours is None:
         return "?"
@@ -719,10 +785,11 @@ def dry_run(grid: Grid, jobs: list[Job], run_root: Path, benches: list[Bench], s
     lines += ["| run | job | status | " + " | ".join(heads) + " |", "|---|---|---|" + "---:|" * len(heads)]
     totals: list[dict[str, float]] = [defaultdict(float) for _ in benches]  # per bench: hours by kind of job
     unknown = [False] * len(benches)
-    left = 0
+    left, conflicts = 0, []
     for job in jobs:
         status = job_status(job)
         left += not status.done
+        conflicts += [status.conflict] if status.conflict else []
         hours = [estimate_hours(bench, job, status) for bench in benches]
         for index, value in enumerate(hours):
             if value is None:
@@ -732,12 +799,15 @@ def dry_run(grid: Grid, jobs: list[Job], run_root: Path, benches: list[Bench], s
         lines.append(f"| {job.run_dir.name} | {job.describe()} | {status.detail} | "
                      + " | ".join(format_hours(value) for value in hours) + " |")
     lines += ["", f"Left: {left} of {len(jobs)} jobs."]
+    if conflicts:
+        lines += ["", f"Conflicts: the grid refuses to run until these {len(conflicts)} are resolved:"]
+        lines += [f"- {conflict}" for conflict in conflicts]
     for bench, by_kind, partial_total in zip(benches, totals, unknown):
         kind = "GPU-hours" if bench.is_gpu else "hours on this CPU bench (no GPU figure)"
         missing = " (some jobs have no figure in it: more)" if partial_total else ""
         parts = ", ".join(f"{name} {format_hours(value)}" for name, value in by_kind.items() if value)
         lines.append(f"- {format_hours(sum(by_kind.values()))} {kind}{missing}: {parts}; {bench.description}, "
-                     f"figures from benchmarks/{bench.path.name}")
+                     f"figures from {bench_name(bench)}")
     if not any(bench.is_gpu for bench in benches):
         lines.append("- No GPU bench file in benchmarks/ yet: run `python -m m3dt.bench --device cuda` on the GPU "
                      "and rerun --dry_run for GPU-hours.")
@@ -754,11 +824,40 @@ class JobFailed(RuntimeError):
     """A job of the grid stopped with an error (its message was printed)."""
 
 
+def check_conflicts(jobs: list[Job]) -> None:
+    """Refuse a grid that would reuse or overwrite files trained with other options (another grid's, say)."""
+    conflicts = [status.conflict for job in jobs if job.kind != "evaluate"
+                 for status in [training_status(job)] if status.conflict]
+    if conflicts:
+        more = f" ({len(conflicts) - 1} more: --dry_run lists them)" if len(conflicts) > 1 else ""
+        raise ConfigError(conflicts[0] + more)
+
+
+@contextlib.contextmanager
+def job_lock(job: Job) -> Iterator[None]:
+    """One process per job at a time (two grids sharing a run root, a resubmitted array): a lock file in the
+    run's logs/ folder, released when the process ends however it ends."""
+    path = job.run_dir / "logs" / (log_name(job) + ".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as file:
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise JobFailed(f"{job.describe()} in {job.run_dir} is being run by another process "
+                            f"(lock {path}); wait for it or stop it") from None
+        yield
+
+
+def log_name(job: Job) -> str:
+    return re.sub(r"[^\w.-]+", "_", job.describe()).strip("_")
+
+
 def execute(job: Job) -> None:
     """Run one job in this process, as `shell_command(job)` would from the shell."""
     program, flags = shell_command(job)
     try:
-        entry_point(job)(flags)
+        with job_lock(job):
+            entry_point(job)(flags)
     except SystemExit as error:
         if error.code == INTERRUPTED_EXIT_CODE:  # Ctrl-C: the job said where it stopped; the grid stops too
             raise
@@ -803,7 +902,7 @@ def run_local(jobs: list[Job], debug: bool) -> int:
 
 def run_logged(job: Job) -> None:
     """A job as a cluster runs it: its output appended to `{run_dir}/logs/{job}.log`."""
-    log = job.run_dir / "logs" / (re.sub(r"[^\w.-]+", "_", job.describe()).strip("_") + ".log")
+    log = job.run_dir / "logs" / (log_name(job) + ".log")
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as file, contextlib.redirect_stdout(file), contextlib.redirect_stderr(file):
         program, flags = shell_command(job)
@@ -902,8 +1001,9 @@ def main(argv: list[str] | None = None) -> None:
         if arguments.dry_run:
             print(dry_run(grid, jobs, run_root, load_benches(arguments.bench_dir), arguments.show_commands))
             return
-        if arguments.launcher == "slurm":
-            pending = [job for job in jobs if not job_status(job).done]
+        check_conflicts(jobs)
+        if arguments.launcher == "slurm":  # every training job: a finished stage returns at once
+            pending = [job for job in jobs if job.kind != "evaluate" or not evaluation_status(job).done]
             failures = run_submitit(pending, run_root, grid.slurm, arguments.cluster)
         else:
             failures = run_local(jobs, arguments.debug)

@@ -28,6 +28,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import sys
 import textwrap
 from collections import defaultdict
@@ -54,7 +55,8 @@ PAPER_BEST_EXPERTS = {10: 8, 80: 40, 160: 40}  # the expert count that scored be
 DEFAULT_MODEL = "d256 L6"  # the paper's width and depth
 MAIN_METHODS = ("random policy", "MTDT", "Prompt-DT", "HarmoDT", "M3DT")  # the method comparison, in this order
 ABLATIONS = ("M3DT w/o three-stage", "M3DT w/o grouping")
-REPORTED_FAMILIES = (*FAMILIES, GYMNASIUM)  # what results.json's "families" can hold (GYMNASIUM: one's own tasks)
+REPORTED_FAMILIES = (*FAMILIES, GYMNASIUM)
+RUN_NAME = re.compile(r"(.+)_seed\d+(?:_(.+))?")  # a run directory of m3dt.experiment or the stages' default  # what results.json's "families" can hold (GYMNASIUM: one's own tasks)
 
 
 # ------------------------------------------------------------------------------------------ results
@@ -81,7 +83,15 @@ class Result:
 
     @property
     def key(self) -> tuple:
-        return self.tasks, self.suite, self.method, self.grouping, self.experts, self.model, self.evaluation
+        return (self.tasks, self.suite, self.method, self.grouping, self.experts, self.model, self.evaluation,
+                self.variant)
+
+    @property
+    def variant(self) -> str:
+        """The suffix of a grid's run directory `{suite}_seed{seed}_{variant}` (other options than the grid's,
+        m3dt.experiment): runs of different variants are different rows, never seeds of one."""
+        match = RUN_NAME.fullmatch(self.run_dir.name)
+        return match.group(2) or "" if match else ""
 
     def task_scores(self) -> dict[str, float]:
         return {name: float(row["score"]) for name, row in self.data["tasks"].items()}
@@ -93,7 +103,9 @@ class Result:
         official = suites()[f"seed{self.seed}" if f"seed{self.seed}" in suites() else "seed0"].get(f"mt{self.tasks}")
         if official is not None and sorted(official) == sorted(self.data["tasks"]):
             return f"mt{self.tasks}"
-        return "list " + hashlib.sha256(" ".join(sorted(self.data["tasks"])).encode()).hexdigest()[:6]
+        listed = "list " + hashlib.sha256(" ".join(sorted(self.data["tasks"])).encode()).hexdigest()[:6]
+        match = RUN_NAME.fullmatch(self.run_dir.name)  # a grid names its suites: {suite}_seed{seed}[_{variant}]
+        return f"{match.group(1)}, {listed}" if match else listed
 
 
 def find_results(folders: list[Path]) -> list[Path]:
@@ -160,7 +172,10 @@ def model_size(run_dir: Path, data: dict[str, Any]) -> tuple[str, int | None]:
     checkpoint = checkpoint_of(run_dir, data)
     if checkpoint is None or not manifest_path(checkpoint).is_file():
         return "-", None
-    recorded = json.loads(manifest_path(checkpoint).read_text()).get("config", {})
+    try:
+        recorded = json.loads(manifest_path(checkpoint).read_text()).get("config", {})
+    except json.JSONDecodeError as error:
+        raise ArtifactError(f"{manifest_path(checkpoint)}: not valid JSON ({error})") from None
     if "embed_dim" not in recorded:
         return "-", None
     names = {option.name for option in dataclasses.fields(Config)}
@@ -176,12 +191,18 @@ def load_results(paths: list[Path]) -> list[Result]:
         except json.JSONDecodeError as error:
             raise ArtifactError(f"{path}: not valid JSON ({error})") from None
         run_dir = path.parent.parent.parent  # {run_dir}/eval/{label}/results.json
-        flag = staleness(run_dir, data)
-        evaluation, full = evaluation_settings(data) if "protocol" in data else ("?", False)
-        model, parameters = model_size(run_dir, data)
-        results.append(Result(path, run_dir, data, data.get("method", "?"), data.get("grouping") or "",
-                              int(data.get("num_experts") or 0), model, parameters, evaluation, full,
-                              int(data.get("seed", 0)), flag))
+        try:
+            flag = staleness(run_dir, data)
+            evaluation, full = evaluation_settings(data) if "protocol" in data else ("?", False)
+            model, parameters = model_size(run_dir, data)
+            result = Result(path, run_dir, data, data.get("method", "?"), data.get("grouping") or "",
+                            int(data.get("num_experts") or 0), model, parameters, evaluation, full,
+                            int(data.get("seed", 0)), flag)
+            result.tasks, result.suite, result.task_scores(), data["total"]["score"]  # what the tables read
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise ArtifactError(f"{path}: not a results.json of m3dt.evaluate ({type(error).__name__}: "
+                                f"{error})") from None
+        results.append(result)
     return results
 
 
@@ -268,22 +289,34 @@ def performance_profiles(matrices: dict[str, np.ndarray], thresholds: np.ndarray
         return library.create_performance_profile(matrices, thresholds, reps=reps)
 
 
+def mean_reference(entries: list[dict[str, Any]]) -> float | None:
+    """The paper's single-task DT over each seed's own tasks (the official lists differ by seed), averaged over
+    the seeds; None for tasks of one's own."""
+    references = [entry.get("reference_score") for entry in entries]
+    return None if any(value is None for value in references) else float(np.mean(references))
+
+
 def build_rows(results: list[Result], reps: int, seed: int) -> list[Row]:
     grouped: dict[tuple, list[Result]] = defaultdict(list)
     for result in results:
         grouped[result.key].append(result)
     rows = []
-    for key in sorted(grouped, key=lambda key: (key[0], key[1], key[2], key[3], key[4], key[5])):
+    for key in sorted(grouped, key=lambda key: (*key[:6], key[7], key[6])):
         members = sorted(grouped[key], key=lambda result: result.seed)
+        for first, second in zip(members, members[1:]):
+            if first.seed == second.seed:
+                raise ArtifactError(f"{first.path} and {second.path}: two results of the same method, settings and "
+                                    f"seed {first.seed} (from two run roots?): report one of them")
         row = Row(members)
         for family in REPORTED_FAMILIES:
             values = [result.data["families"][family]["score"] for result in members
                       if family in result.data.get("families", {})]
             if values:
                 row.families[family] = mean_std(values)
-                row.reference[family] = members[0].data["families"][family].get("reference_score")
+                row.reference[family] = mean_reference([result.data["families"][family] for result in members
+                                                        if family in result.data.get("families", {})])
         row.total = mean_std([result.data["total"]["score"] for result in members])
-        row.reference["total"] = members[0].data["total"].get("reference_score")
+        row.reference["total"] = mean_reference([result.data["total"] for result in members])
         matrix, same_tasks = score_matrix(members)
         row.iqm, row.interval = iqm_interval(matrix, reps, seed, task_bootstrap=not same_tasks)
         row.bootstrap = "seeds within tasks" if same_tasks else "task positions and seeds (task lists differ by seed)"
@@ -310,7 +343,8 @@ def seeds_cell(row: Row) -> str:
 def label(row: Row) -> str:
     """The method as the paper names it, with its grouping when that is not the gradient one."""
     first = row.first
-    return first.method + (" (random grouping)" if first.grouping == "random" else "")
+    return (first.method + (" (random grouping)" if first.grouping == "random" else "")
+            + (f" [{first.variant}]" if first.variant else ""))
 
 
 def table(rows: list[Row], paper: dict[str, dict[int, float]], families: bool = True) -> list[str]:
@@ -467,7 +501,7 @@ def write_csvs(out: Path, rows: list[Row], results: list[Result]) -> None:
             first = row.first
             family_values = [f"{row.families[family][index]:.4f}" if family in row.families else ""
                              for family in REPORTED_FAMILIES for index in (0, 1)]
-            low, high = row.interval or ("", "")
+            low, high = (f"{bound:.4f}" for bound in row.interval) if row.interval else ("", "")
             writer.writerow([first.tasks, first.suite, first.method, first.grouping, first.experts, first.model,
                              first.parameters or "", first.evaluation, first.full, len(row.results),
                              " ".join(map(str, row.seeds)), *family_values, f"{row.total[0]:.4f}",
@@ -512,7 +546,7 @@ def series_name(row: Row, with_experts: bool = True) -> str:
     if first.model not in (DEFAULT_MODEL, "-"):
         parts.append(first.model)
     if not first.full:
-        parts.append("not full protocol")
+        parts.append(first.evaluation.replace("NOT full protocol", "not full protocol"))
     return ", ".join(parts)
 
 
@@ -676,7 +710,7 @@ def write_plots(out: Path, rows: list[Row], title: str, reps: int, seed: int) ->
         plot_experts(written[-1], expert_rows, title)
     for tasks, suite in sorted({(row.first.tasks, row.first.suite) for row in compared}):
         members = [row for row in compared if (row.first.tasks, row.first.suite) == (tasks, suite)]
-        name = f"{tasks}_tasks" + ("" if members[0].official else "_" + suite.replace(" ", "_"))
+        name = f"{tasks}_tasks" + ("" if members[0].official else "_" + re.sub(r"[^\w.-]+", "_", suite))
         written += [out / f"families_{name}.png", out / f"profiles_{name}.png"]
         plot_families(written[-2], members, title, palette)
         plot_profiles(written[-1], members, title, palette, reps, seed)

@@ -125,8 +125,8 @@ def test_slurm_launcher_through_submitits_local_executor(grid_file, monkeypatch)
     main([str(grid), "--run_root", str(run_root), "--launcher", "slurm", "--cluster", "local"])
     run = run_root / "loco_seed0"
     assert json.loads((run / "eval" / "stage1_episodes1_steps5" / "results.json").read_text())["total"]["tasks"] == 3
-    logs = {path.name: path.read_text() for path in (run / "logs").iterdir()}
-    assert sorted(logs) == ["evaluate_prompt-dt.log", "stage_1_backbone.log"]
+    logs = {path.name: path.read_text() for path in (run / "logs").glob("*.log")}
+    assert sorted(logs) == ["evaluate_prompt-dt.log", "stage_1_backbone.log"]  # beside them: each job's lock
     assert "python stage1_backbone_train.py" in logs["stage_1_backbone.log"]
     assert "stage 1: wrote" in logs["stage_1_backbone.log"]
     plan = plan_jobs(load_grid(grid), run_root, {})
@@ -162,6 +162,12 @@ def test_dry_run_of_the_paper_grid_and_its_cost():
     ("runs: [{method: mtdt, options: {embed_dims: 3}}]\nsuites: [mt10]", "unknown option 'embed_dims'"),
     ("runs: [{method: mtdt}]\nsuites: [mt11]", "'mt11' is neither an official suite"),
     ("runs: [{method: mtdt, options: {embed_dim: 30}}]\nsuites: [mt10]", "must be a multiple of --n_head"),
+    ("runs: [{method: mtdt}]\nsuites: [mt10]\nevaluation: [1]", "evaluation: must be a mapping"),
+    ("runs: [{method: m3dt, experts: {mt10: [4], mt11: [8]}}]\nsuites: [mt10]", "'mt11' is not one of the grid's"),
+    # two entries that would train the same files two ways: the second one is named, not silently dropped
+    ("runs: [{method: m3dt, experts: [4]}, {method: m3dt, experts: [4], options: {router_steps: 5}}]\n"
+     "suites: [mt10]", "runs[1] (m3dt, mt10_seed0): would train"),
+    ("runs: [{method: m3dt-end2end, experts: [4, 8]}]\nsuites: [mt10]", "expert_num 8, not 4"),
 ])
 def test_grid_file_errors_are_one_line(tmp_path, capsys, content, message):
     path = tmp_path / "bad.yaml"
@@ -171,6 +177,49 @@ def test_grid_file_errors_are_one_line(tmp_path, capsys, content, message):
     error = capsys.readouterr().err
     assert stop.value.code == 2 and message in error and str(path) in error
     assert error.count("\n") == 1 and "Traceback" not in error
+
+
+def test_an_entry_of_other_options_gets_a_valid_run_directory(tmp_path):
+    path = tmp_path / "wide.yaml"
+    path.write_text("runs: [{method: prompt-dt, options: {router_hidden: '64,64', data_path: ./other/data}}]\n"
+                    "suites: [mt10]\n")
+    names = {job.run_dir.name for job in plan_jobs(load_grid(path), tmp_path / "runs", {})}
+    assert names == {"mt10_seed0_data_path.-other-data_router_hidden64-64"}
+
+
+def test_a_grid_that_would_reuse_files_trained_otherwise_is_refused(finished_grid, grid_file, tmp_path, capsys):
+    """Another grid on the same run root asking for other router steps: its router is not "already finished"
+    with the first grid's weights; the grid refuses in one line before any job runs, --dry_run lists it."""
+    other = tmp_path / "other.yaml"
+    other.write_text(grid_file.read_text().replace("router_steps: 10", "router_steps: 12"))
+    before = weight_hashes(finished_grid)
+    with pytest.raises(SystemExit) as stop:
+        main([str(other), "--run_root", str(finished_grid)])
+    error = capsys.readouterr().err
+    assert stop.value.code == 2 and "stage3/gradient_2/moe.safetensors was trained with 10 steps, not 12" in error
+    assert "(1 more: --dry_run lists them)" in error and error.count("\n") == 1 and "Traceback" not in error
+    assert weight_hashes(finished_grid) == before
+    main([str(other), "--run_root", str(finished_grid), "--dry_run"])
+    assert capsys.readouterr().out.count("conflict: trained with other options") == 2  # the router of each seed
+
+
+def test_a_job_run_by_another_process_is_refused(finished_grid, grid_file):
+    """The lock in the run's logs/ folder: a second process on the same job stops at once, with one line."""
+    import fcntl
+
+    from m3dt.experiment import JobFailed, execute, log_name
+
+    job = plan_jobs(load_grid(grid_file), finished_grid, {})[0]
+    lock = finished_grid / job.run_dir.name / "logs" / (log_name(job) + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        holder = subprocess.run([sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1], 'a'); "
+                                 "fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)", str(lock)], capture_output=True)
+        assert holder.returncode != 0  # another process cannot take it while this one holds it
+        with pytest.raises(JobFailed, match="is being run by another process"):
+            execute(job)  # flock is per open file: a second open in this very process is refused too
+    execute(job)  # free again: stage 1 is already finished and returns at once
 
 
 def test_comparison_methods_through_the_grid(grid_file, one_thread, tmp_path):

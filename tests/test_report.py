@@ -118,8 +118,9 @@ def test_report_rows_paper_numbers_stale_results_and_plots(tmp_path):
     gradient = next(row for row in rows if row["grouping"] == "gradient")
     assert float(gradient["total_mean"]) == pytest.approx(mean + 5) and gradient["seed_list"] == "0 1 2"
     plots = {path.name: path.stat().st_size for path in (tmp_path / "out").glob("*.png")}
-    assert sorted(plots) == ["families_5_tasks_list_" + rows[0]["suite"][5:] + ".png",
-                             "profiles_5_tasks_list_" + rows[0]["suite"][5:] + ".png",
+    listed = rows[0]["suite"].split("list ")[1]
+    assert rows[0]["suite"] == f"loco, list {listed}"  # the grid's suite name, and its task list's hash
+    assert sorted(plots) == [f"families_5_tasks_loco_list_{listed}.png", f"profiles_5_tasks_loco_list_{listed}.png",
                              "score_by_experts.png", "score_by_tasks.png"]
     assert min(plots.values()) > 10_000
 
@@ -133,7 +134,7 @@ def test_paper_numbers_stand_beside_the_official_suites_only(tmp_path):
     text = build_report([tmp_path], tmp_path / "out", reps=20)
     table = text.split("## Score by number of tasks and method")[1].split("##")[0]
     rows = [line for line in table.splitlines() if "| M3DT |" in line]  # two rows, not one of two seeds
-    assert len(rows) == 2 and rows[0].startswith("| 10 (list ") and rows[1].startswith("| 10 (mt10) |")
+    assert len(rows) == 2 and rows[0].startswith("| 10 (mine, list ") and rows[1].startswith("| 10 (mt10) |")
     assert table.count("*paper: M3DT*") == 1 and "| 10 (mt10) | *paper: M3DT* |" in table
     assert "rows on other task lists have none beside them" in text
 
@@ -167,7 +168,44 @@ def test_tasks_of_ones_own_have_a_column_without_a_paper_reference(tmp_path):
     path.write_text(json.dumps(data))
     text = build_report([tmp_path], tmp_path / "out", reps=20)
     assert "| seeds | gymnasium | total (mean ± std) |" in text and "| 40.00 | 40.00 |" in text
-    suite = text.split("| 1 (list ")[1][:6]
-    assert "| tasks | gymnasium | total |\n|---|---|---|\n| 1 (list " + suite + ") | - | - |" in text  # no reference
+    suite = text.split("| 1 (own, list ")[1][:6]
+    assert "| tasks | gymnasium | total |\n|---|---|---|\n| 1 (own, list " + suite + ") | - | - |" in text  # no reference
     assert "tasks of one's own (--task_table), each scored 100 x (return - min)" in text
-    assert (tmp_path / "out" / f"families_1_tasks_list_{suite}.png").stat().st_size > 10_000
+    assert (tmp_path / "out" / f"families_1_tasks_own_list_{suite}.png").stat().st_size > 10_000
+
+
+def test_variants_are_rows_of_their_own_and_a_seed_twice_is_refused(tmp_path, capsys):
+    """A grid's run directories `{suite}_seed{seed}_{variant}` (other options) are rows of their own, never
+    more seeds of the plain runs; the same seed from two run roots is refused with one line."""
+    for seed in range(2):
+        write_result(tmp_path / "runs" / f"loco_seed{seed}", "stage1", "Prompt-DT", "prompt-dt", seed, SCORES[seed])
+        write_result(tmp_path / "runs" / f"loco_seed{seed}_learning_rate0.001", "stage1", "Prompt-DT", "prompt-dt",
+                     seed, SCORES[seed] + 10)
+    text = build_report([tmp_path / "runs"], tmp_path / "out", reps=20)
+    plain = next(line for line in text.splitlines() if "| Prompt-DT |" in line)
+    variant = next(line for line in text.splitlines() if "| Prompt-DT [learning_rate0.001] |" in line)
+    totals = SCORES[:2].mean(axis=1)
+    assert f"| {totals.mean():.2f} ± {totals.std(ddof=1):.2f} |" in plain and "| 2 (0, 1) |" in plain
+    assert f"| {totals.mean() + 10:.2f} ± {totals.std(ddof=1):.2f} |" in variant and "| 2 (0, 1) |" in variant
+    write_result(tmp_path / "old" / "loco_seed0", "stage1", "Prompt-DT", "prompt-dt", 0, SCORES[2])
+    with pytest.raises(SystemExit) as stop:
+        main([str(tmp_path / "runs"), str(tmp_path / "old"), "--out", str(tmp_path / "out2")])
+    error = capsys.readouterr().err
+    assert stop.value.code == 2 and "two results of the same method, settings and seed 0" in error
+    assert error.count("\n") == 1 and "Traceback" not in error
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda data: data.pop("total"), "KeyError: 'total'"),
+    (lambda data: data.update(tasks=[1, 2]), "not a results.json of m3dt.evaluate"),
+])
+def test_a_broken_results_file_is_one_line(tmp_path, capsys, change, message):
+    path = write_result(tmp_path / "loco_seed0", "stage1", "Prompt-DT", "prompt-dt", 0, SCORES[0])
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+    with pytest.raises(SystemExit) as stop:
+        main([str(tmp_path), "--out", str(tmp_path / "out")])
+    error = capsys.readouterr().err
+    assert stop.value.code == 2 and str(path) in error and message in error
+    assert error.count("\n") == 1 and "Traceback" not in error
