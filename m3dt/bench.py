@@ -19,6 +19,7 @@ benchmarks/{device}.md and .json.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -44,6 +45,7 @@ from m3dt.evaluate import EPISODES_PER_FAMILY, EnvPool, Rollout  # env packages 
 from m3dt.grouping import random_grouping
 from m3dt.model import PromptCache, PromptDecisionTransformer
 from m3dt.naive import NaiveSampler, naive_model, naive_optimizer, naive_train_step
+from m3dt.run import atomic_path
 from m3dt.stages import build_model, set_up_stage
 from m3dt.synthetic import make_dataset
 from m3dt.tasks import get_task, resolve_tasks
@@ -428,8 +430,10 @@ def measure_evaluation(dataset: TaskDataset, settings: Settings) -> list[EvalMea
     for case in cases:
         model, _ = case_model(case, config)
         model.to(device).eval()
-        cache = model.cache_prompt(batch.prompt_states[:1], batch.prompt_actions[:1], batch.prompt_returns_to_go[:1],
-                                   batch.prompt_timesteps[:1], batch.prompt_mask[:1])  # every row is task 0
+        with numerics:  # the cache holds what the uncached forward computes at this precision
+            cache = model.cache_prompt(batch.prompt_states[:1], batch.prompt_actions[:1],
+                                       batch.prompt_returns_to_go[:1], batch.prompt_timesteps[:1],
+                                       batch.prompt_mask[:1])  # every row is task 0
         paths = {path: policy_forward(naive_model(model), inputs, Precision(device, "fp32")) if path == "naive" else
                  policy_forward(model, inputs, numerics, cache if cached else None, rows_per_forward)
                  for path, (inputs, cached, rows_per_forward) in variants.items()}
@@ -780,14 +784,16 @@ def combine(argv: list[str]) -> Path:
     parser.add_argument("folders", nargs="+", help="--out folders of the runs, in the order of the page")
     parser.add_argument("--out", default="benchmarks")
     args = parser.parse_args(argv)
+    out = Path(args.out)
+    if any(Path(folder).resolve() == out.resolve() for folder in args.folders):
+        raise SystemExit(f"error: --out {out} is one of the runs' folders: its {{device}}.json would be overwritten")
     reports = [json.loads(path.read_text()) for folder in args.folders for path in sorted(Path(folder).glob("*.json"))]
     if not reports:
         raise SystemExit(f"error: no bench report (*.json) in {', '.join(args.folders)}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     markdown = out / f"{reports[0]['device']}.md"
-    markdown.write_text(combined_markdown(reports))
-    markdown.with_suffix(".json").write_text(json.dumps(reports, indent=2))
+    for path, text in ((markdown, combined_markdown(reports)), (markdown.with_suffix(".json"), json.dumps(reports, indent=2))):
+        with atomic_path(path) as temporary:
+            temporary.write_text(text)
     print(f"wrote {markdown} and {markdown.with_suffix('.json')}")
     return markdown
 

@@ -118,20 +118,30 @@ def _worker(connection, rollouts: list[tuple[Task, int, Path | None]], seed: int
     or with ("error", one line, traceback) once, when an env fails, and stops. Ctrl-C is the main process's to
     handle (one line); it then sends 'close'."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    envs = []
+    envs, finished = [], False
     try:
         envs = [_build_env(task, episode, seed, video) for task, episode, video in rollouts]
         while True:
             command, payload = connection.recv()
-            if command == "close":
+            if command in ("close", "abandon"):
+                finished = command == "close"
                 break
             connection.send(("ok", _answer(envs, command, payload)))
     except Exception as error:  # noqa: BLE001 - every failure goes back to the parent as a message
         connection.send(("error", str(error) if isinstance(error, EnvFailure) else one_line(error), traceback.format_exc()))
     finally:
-        for env in envs:
-            env.close()
+        close_envs(envs, finished)
         connection.close()
+
+
+def close_envs(envs: list, finished: bool) -> None:
+    """Close every env; when the rollouts did not run to their end (an error, Ctrl-C) a recorded env deletes
+    its video instead of keeping a cut one (m3dt/video.py)."""
+    for env in envs:
+        if finished or not hasattr(env, "abandon"):
+            env.close()
+        else:
+            env.abandon()
 
 
 class EnvPool:
@@ -199,14 +209,14 @@ class EnvPool:
         answers = [iter(answer) for answer in self._ask([("step", message) for message in messages])]
         return [next(answers[self.owner[rollout]]) for rollout in live]
 
-    def close(self) -> None:
+    def close(self, finished: bool = True) -> None:
+        """Close every env; `finished`: the rollouts ran to their end (else videos are not kept)."""
         if self.local:
-            for env in self.envs:
-                env.close()
+            close_envs(self.envs, finished)
             return
         for connection in self.connections:
             try:
-                connection.send(("close", None))
+                connection.send(("close" if finished else "abandon", None))
             except (BrokenPipeError, OSError):  # a worker that failed has closed its end
                 pass
         for process in self.processes:
@@ -387,6 +397,7 @@ def run_rollouts(policy: Callable[[History, np.ndarray, int], np.ndarray], stati
     alive = np.ones(count, dtype=bool)
 
     pool = EnvPool(rollouts, seed, workers)
+    finished = False
     try:
         history.states[:, 0] = (pool.reset() - mean) / std
         for t in tqdm(range(longest), desc="rollout steps", dynamic_ncols=True):
@@ -407,8 +418,9 @@ def run_rollouts(policy: Callable[[History, np.ndarray, int], np.ndarray], stati
                 else:
                     history.states[r, t + 1] = (observation - mean[r]) / std[r]
                     history.returns_to_go[r, t + 1] = history.returns_to_go[r, t] - reward / scales[r]
+        finished = True
     finally:
-        pool.close()
+        pool.close(finished)
     return {"returns": total_return, "success": success, "steps": steps, "actions": history.actions}
 
 

@@ -623,6 +623,9 @@ def load_benches(folder: Path = BENCH_DIR) -> list[Bench]:
     for path in sorted(folder.glob("*.json")):
         try:
             report = json.loads(path.read_text())
+            if isinstance(report, list):  # a page of several runs (bench combine): the plain fp32 one
+                report = next((run for run in report if run["settings"]["precision"] == "fp32"
+                               and run["settings"].get("compile") in (None, "none")), report[0])
             options = {name: value for name, value in report["settings"]["config"].items()
                        if name in {option.name for option in dataclasses.fields(Config)}}
             fast = [row for row in report["training"] if row["path"] == "fast" and row["ms_per_step"]]

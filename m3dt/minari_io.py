@@ -232,6 +232,9 @@ def export_collected_task(task: Task, folder: Path, episodes: int, entry: dict, 
     existing = get_dataset_path(identifier)
     if is_minari_folder(existing):
         recorded = json.loads((data_folder(existing) / "metadata.json").read_text()).get("m3dt")
+        if recorded is None:  # written by another tool, or cut between its episodes and m3dt's metadata
+            raise DataError(f"Minari dataset {identifier} ({existing}) has no m3dt metadata (not written by m3dt, "
+                            f"or its writing was cut short): delete it (minari delete {identifier}) and export again")
         if recorded != metadata:
             raise DataError(f"Minari dataset {identifier} ({existing}) holds another collection of {task.name}: "
                             f"delete it (minari delete {identifier}) to write this one")

@@ -179,13 +179,18 @@ def rng_state(sampler: DeviceSampler) -> dict[str, Any]:
     return state
 
 
-def check_rng_device(state: dict[str, Any], device: torch.device, path: Path) -> None:
+def check_rng_device(state: dict[str, Any], sampler: DeviceSampler, path: Path) -> None:
     """CPU and CUDA generators have different states and streams, so a checkpoint resumes only on the device
-    type it was trained on; a CUDA state moves between GPUs unchanged (cuda:0 -> cuda:1 is fine)."""
+    type it was trained on; a CUDA state moves between GPUs unchanged (cuda:0 -> cuda:1 is fine). The
+    sampler's streams are CPU generators whatever the device (older versions kept them on the GPU)."""
     saved = state.get("device", "an unrecorded device")
-    if saved != device.type:
+    if saved != sampler.device.type:
         raise ArtifactError(f"{path}: checkpoint was trained on {saved}; its random streams cannot continue on "
-                            f"{device}: rerun with --device {saved} to resume, or --restart")
+                            f"{sampler.device}: rerun with --device {saved} to resume, or --restart")
+    if any(saved_stream.numel() != generator.get_state().numel()
+           for saved_stream, generator in zip(state["sampler"], sampler.generators)):
+        raise ArtifactError(f"{path}: checkpoint's batch streams were written by an older version of m3dt "
+                            "(on the GPU) and cannot continue here; rerun with --restart")
 
 
 def restore_rng_state(state: dict[str, Any], sampler: DeviceSampler) -> None:
@@ -431,7 +436,7 @@ def resume(path: Path, job: Job, optimizer, scheduler, sampler: DeviceSampler, d
     if changed:
         raise ArtifactError(f"{path}: checkpoint was made with another {', '.join(changed)}; "
                             f"rerun with --restart to start over")
-    check_rng_device(state["rng"][distributed.rank], sampler.device, path)
+    check_rng_device(state["rng"][distributed.rank], sampler, path)
     with torch.no_grad():
         for name, parameter in job.trainable.items():
             if name not in state["trainable"] or state["trainable"][name].shape != parameter.shape:

@@ -106,8 +106,8 @@ def follow_camera(model, body: int = 1):
 
 class RecordedEnv:
     """An env (the TaskEnv contract) that renders a frame after every reset and step into an MP4 at `path`.
-    The file is written to a temporary name and renamed when the env is closed, so a video on disk is
-    always complete."""
+    The file is written to a temporary name and renamed when the env is closed after its rollout ran to
+    the end; `abandon` (a failed or interrupted evaluation) deletes it, so a video on disk is always complete."""
 
     def __init__(self, env, path: Path):
         import imageio_ffmpeg
@@ -157,6 +157,14 @@ class RecordedEnv:
     def close(self) -> None:
         self.writer.close()  # ffmpeg finishes the file
         self.files.close()  # renamed into place
+        self.renderer.close()
+        self.env.close()
+
+    def abandon(self) -> None:
+        """Close without keeping the video: the rollout did not run to its end."""
+        self.writer.close()
+        unfinished = RuntimeError("the rollout did not finish")
+        self.files.__exit__(type(unfinished), unfinished, None)  # atomic_path deletes the temporary file
         self.renderer.close()
         self.env.close()
 

@@ -216,3 +216,29 @@ def test_bench_keeps_its_measurements_when_the_env_workers_fail(tmp_path, monkey
     assert report["training"] and report["evaluation"] and report["env_stepping"] == []
     markdown = (tmp_path / f"{report['device']}.md").read_text()
     assert "Not measured: ModuleNotFoundError: No module named 'metaworld'." in markdown
+
+
+def test_the_gpu_check_page_of_several_runs_gives_the_plain_fp32_figures(tmp_path, monkeypatch):
+    """scripts/gpu_check.sh combines its bench runs into one {device}.json (a list of reports): the grid's
+    cost estimates (m3dt.experiment) read its fp32 run without compile; combining into one of the runs' own
+    folders is refused."""
+    from m3dt.experiment import load_benches
+
+    monkeypatch.setattr(bench, "measure_env_stepping", lambda settings: [])
+    report = bench.main(["--quick", "--device", "cpu", "--embed_dim", "16", "--n_layer", "1", "--n_head", "2",
+                         "--tasks", "2", "--groups", "2", "--experts", "2", "--eval_rows", "2", "--steps", "1",
+                         "--warmup", "0", "--out", str(tmp_path / "measured")])
+    for index, precision in enumerate(("bf16", "fp32")):  # the bf16 run first, its step times doubled
+        run = {**report, "settings": {**report["settings"], "precision": precision},
+               "peak_tflops": {**report["peak_tflops"], precision: 1.0},
+               "training": [{**row, "ms_per_step": row["ms_per_step"] * (2 - index)} for row in report["training"]]}
+        (tmp_path / precision).mkdir()
+        (tmp_path / precision / f"{report['device']}.json").write_text(json.dumps(run))
+    with pytest.raises(SystemExit, match="is one of the runs' folders"):
+        bench.combine([str(tmp_path / "bf16"), str(tmp_path / "fp32"), "--out", str(tmp_path / "bf16")])
+    bench.combine([str(tmp_path / "bf16"), str(tmp_path / "fp32"), "--out", str(tmp_path / "page")])
+    assert len(json.loads((tmp_path / "page" / f"{report['device']}.json").read_text())) == 2
+    (combined,) = load_benches(tmp_path / "page")
+    (measured,) = load_benches(tmp_path / "measured")
+    assert combined.training == measured.training  # the fp32 run's figures, not the bf16 run's doubled ones
+

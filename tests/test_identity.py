@@ -123,6 +123,20 @@ def test_a_checkpoint_resumes_only_on_its_device_type(datasets, stage1_run, tmp_
         train_backbone(parse_config("", argv(datasets["a"], run_dir, "--max_iters", "15")))
 
 
+def test_batch_streams_of_an_older_gpu_checkpoint_are_refused_in_one_line(datasets, stage1_run, tmp_path):
+    """Older versions kept the sampler's streams on the GPU: a CUDA generator state (16 bytes, Philox) that a
+    CPU generator cannot take; resuming says so instead of failing inside Generator.set_state."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(stage1_run / "stage1", run_dir / "stage1")
+    checkpoint = run_dir / "stage1" / "train_state.pt"
+    state = load_checkpoint(checkpoint)
+    state["rng"][0]["sampler"] = [torch.zeros(16, dtype=torch.uint8) for _ in state["rng"][0]["sampler"]]
+    save_checkpoint(checkpoint, state)
+    with pytest.raises(ArtifactError, match="train_state.pt: checkpoint's batch streams were written by an older "
+                                            "version of m3dt .on the GPU. and cannot continue here; rerun with --restart"):
+        train_backbone(parse_config("", argv(datasets["a"], run_dir, "--max_iters", "15")))
+
+
 @pytest.mark.parametrize("embed_dim, router_hidden, widths", [
     (256, None, "1024,1024,1024,512"), (128, None, "512,512,512,256"), (128, "64, 32", "64,32")])
 def test_router_widths_are_tied_to_the_model_width_unless_given(embed_dim, router_hidden, widths):

@@ -149,3 +149,9 @@ def test_collect_format_minari_round_trip(minari_root, tmp_path, capsys):
     with pytest.raises(SystemExit):
         collect_main([*arguments[:3], "4", *arguments[4:]])
     assert "holds another collection of reach-v2" in capsys.readouterr().err
+    # an export cut between Minari's episodes and m3dt's metadata: named as such, not as another collection
+    metadata.pop("m3dt")
+    (folder / "data" / "metadata.json").write_text(json.dumps(metadata))
+    with pytest.raises(SystemExit):
+        collect_main([*arguments[:3], "4", *arguments[4:]])  # the 4 episodes the refused call collected
+    assert "has no m3dt metadata (not written by m3dt, or its writing was cut short)" in capsys.readouterr().err

@@ -57,3 +57,24 @@ def test_no_gl_backend_is_one_line(tiny_run, monkeypatch, capsys):
     error = capsys.readouterr().err
     assert exited.value.code == 2 and error.count("\n") == 1
     assert "cannot render videos (MUJOCO_GL=osmesa: OSError: libOSMesa.so.8" in error and "libosmesa6" in error
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_an_evaluation_that_fails_keeps_no_cut_video(tiny_run, monkeypatch, workers):
+    """A rollout stopped by an error (or Ctrl-C) before its end: its video is deleted, not kept cut short."""
+    from m3dt.evaluate import RandomPolicy
+
+    monkeypatch.setenv("MUJOCO_GL", "disable")
+    monkeypatch.setenv("PYOPENGL_PLATFORM", "")
+    draw = RandomPolicy.__call__
+
+    def fails_at_step_3(self, history, live, t):
+        if t == 3:
+            raise RuntimeError("policy failed at step 3")
+        return draw(self, history, live, t)
+
+    monkeypatch.setattr(RandomPolicy, "__call__", fails_at_step_3)
+    with pytest.raises(RuntimeError, match="policy failed at step 3"):
+        evaluate(str(tiny_run), "random", tasks="reach-v2", episodes=1, max_steps=STEPS + 1, workers=workers, video=1)
+    folders = [folder for folder in (tiny_run / "eval").iterdir() if folder.name.endswith(f"steps{STEPS + 1}")]
+    assert all(not list(folder.glob("**/*.mp4")) and not list(folder.glob("**/.*.tmp")) for folder in folders)
