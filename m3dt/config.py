@@ -194,11 +194,14 @@ def build_parser(description: str) -> ArgumentParser:
 
 
 def read_yaml_mapping(file: Path, what: str) -> dict[str, Any]:
-    """A YAML file that holds a mapping; a missing file, bad YAML or another type is one ConfigError."""
+    """A YAML file that holds a mapping; a missing file, a file that is not UTF-8 text, bad YAML or another
+    type is one ConfigError."""
     if not file.is_file():
         raise ConfigError(f"{what} {file} does not exist")
     try:
-        values = yaml.safe_load(file.read_text()) or {}
+        values = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{what} {file} is not valid YAML: not UTF-8 text (byte {error.start})") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{what} {file} is not valid YAML: {' '.join(str(error).split())}") from None
     if not isinstance(values, dict):

@@ -623,11 +623,17 @@ def open_run(run_dir: str, method: str, grouping: str, expert_num: int) -> tuple
     return run, read_manifest(artifact, what), statistics_file
 
 
-def register_run_tasks(run_dir: str) -> None:
-    """Make a run's own tasks (README "Your own tasks"), which its stage-1 manifest records, known by name."""
-    path = manifest_path(RunDir(run_dir).backbone)
+def register_run_tasks(run_dir: str, method: str, grouping: str, expert_num: int) -> None:
+    """Make a run's own tasks (README "Your own tasks") known by name, from the manifest of the artifact that
+    `method` evaluates (stage 1's and every comparison method's record them; a stage-3 model was trained
+    on its stage-1 backbone's tasks). Nothing when that manifest is absent: open_run then says so."""
+    run = RunDir(run_dir)
+    artifact, _, what = method_files(run, method, grouping, expert_num)
+    if method == "m3dt":
+        artifact, what = run.backbone, "stage-1 backbone"
+    path = manifest_path(artifact)
     if path.is_file():
-        register_task_rows(read_json(path, "stage-1 manifest").get("user_tasks", []), str(path))
+        register_task_rows(read_json(path, f"manifest of the {what}").get("user_tasks", []), str(path))
 
 
 def shared_training_goals(trained_manifest: dict, rollouts: list[Rollout], seed: int) -> dict | None:
@@ -687,10 +693,10 @@ def evaluate(run_dir: str, method: str, grouping: str = "gradient", expert_num: 
     check_options(episodes, max_steps, workers, max_rollouts, seed, context_actions, eval_rows)
     if video < 0:
         raise ConfigError(f"--video must be at least 0, got {video}")
-    register_run_tasks(run_dir)
+    method = STAGE_METHODS.get(method, method)
+    register_run_tasks(run_dir, method, grouping, expert_num)
     asked = resolve_tasks(prefix_name, tasks, seed) if (prefix_name or tasks) else None
     check_episodes(asked or [], episodes)
-    method = STAGE_METHODS.get(method, method)
     run, trained_manifest, statistics_file = open_run(run_dir, method, grouping, expert_num)
     trained = trained_manifest["tasks"]
     chosen = asked or trained

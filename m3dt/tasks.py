@@ -5,8 +5,9 @@ RTG scale, goal parameter) comes from `configs/reference/mt160_tasks.json`, the 
 mt10..mt160 for seeds 0-2 come from `configs/reference/mt160_suites.json`.
 
 A task table of your own (`--task_table FILE`, README "Your own tasks") adds tasks outside MT160 with the
-same columns: either a task of one of the four families, built and scored by that family's rules, or a
-gymnasium environment (`env_id` + `env_kwargs`) scored linearly between two returns.
+same columns: either a task of the dmc, ant_dir or cheetah_vel family, built and scored by that family's rules
+(not metaworld: every Meta-World v2 task is already in MT160), or a gymnasium environment (`env_id` +
+`env_kwargs`) scored linearly between two returns.
 """
 
 from __future__ import annotations
@@ -92,16 +93,40 @@ REQUIRED_COLUMNS = ("task", "obs_dim", "act_dim", "horizon", "return_target", "r
 OPTIONAL_COLUMNS = ("family", "env_id", "env_kwargs", "score_min_return", "score_max_return", "single_task_score",
                     "dataset", "goal_angle_rad", "goal_velocity", "index", "train_trajectories",
                     "obs_dims_nonconstant")
+USER_FAMILIES = ("dmc", "ant_dir", "cheetah_vel")  # not metaworld: every Meta-World v2 task is an MT160 task
+GOAL_COLUMNS = {"ant_dir": "goal_angle_rad", "cheetah_vel": "goal_velocity"}
+INTEGER_COLUMNS = {"obs_dim": MAX_OBS_DIM, "act_dim": MAX_ACT_DIM, "horizon": None, "train_trajectories": None}
+NUMBER_COLUMNS = ("return_target", "rtg_scale", "single_task_score", *GOAL_COLUMNS.values())
 
 
 def task_from_row(row: dict, where: str, index: int) -> Task:
     """A user's task from one row of a task table (the shipped table's columns; README "Your own tasks").
 
-    A row has either `family` (one of FAMILIES: the env is built from the task name by that family's module
-    and scored by its rule) or `env_id` (+ `env_kwargs`): a gymnasium env whose score is
+    A row has either `family` (one of USER_FAMILIES: the env is built from the task name by that family's
+    module and scored by its rule; ant_dir and cheetah_vel rows give their goal column) or `env_id`
+    (+ `env_kwargs`): a gymnasium env whose score is
     100 * (mean return - score_min_return) / (score_max_return - score_min_return), not clipped, as D4RL
-    and Minari normalise. Raises TaskError naming `where` and the column at fault.
+    and Minari normalise. Every column is checked here; TaskError names `where`, the task and the column.
     """
+    label = check_columns(row, where)
+    family, env_id = check_source(row, label)
+    check_numbers(row, label)
+    score_returns = gymnasium_scores(row, label) if env_id is not None else None
+    dataset = row.get("dataset")
+    if dataset is not None and not isinstance(dataset, str):
+        raise TaskError(f"{label}: dataset must be 'minari:DATASET_ID' or a folder, got {dataset!r}")
+    return Task(
+        name=row["task"], index=index, family=family or GYMNASIUM, act_dim=row["act_dim"], obs_dim=row["obs_dim"],
+        horizon=row["horizon"], return_target=float(row["return_target"]), rtg_scale=float(row["rtg_scale"]),
+        single_task_score=row.get("single_task_score"), train_trajectories=row.get("train_trajectories"),
+        goal=row[GOAL_COLUMNS[family]] if family in GOAL_COLUMNS else None, env_id=env_id,
+        env_kwargs=dict(row.get("env_kwargs", {})), score_returns=score_returns, dataset=dataset,
+    )
+
+
+def check_columns(row: object, where: str) -> str:
+    """Check that a row is an object with the known columns and a name of one's own; return how messages
+    name it ("FILE: task 'NAME'")."""
     if not isinstance(row, dict):
         raise TaskError(f"{where}: each task must be an object of columns, got {type(row).__name__}")
     name = row.get("task")
@@ -116,50 +141,74 @@ def task_from_row(row: dict, where: str, index: int) -> Task:
         raise TaskError(f"{where}: 'task' must be a name without '/', got {name!r}")
     if name in task_table():
         raise TaskError(f"{label}: is an MT160 task; give your own tasks other names")
+    return label
+
+
+def check_source(row: dict, label: str) -> tuple[str | None, str | None]:
+    """(family, env_id) of a row: exactly one of them, a family a task of one's own can have, the goal column
+    of an ant_dir or cheetah_vel row and no goal column elsewhere."""
     family, env_id = row.get("family"), row.get("env_id")
     if (family is None) == (env_id is None):
-        raise TaskError(f"{label}: give exactly one of 'family' ({', '.join(FAMILIES)}) and 'env_id' (gymnasium)")
-    if family is not None and family not in FAMILIES:
-        raise TaskError(f"{label}: family must be one of {', '.join(FAMILIES)}, got {family!r}")
-    for column, limit in (("obs_dim", MAX_OBS_DIM), ("act_dim", MAX_ACT_DIM), ("horizon", None)):
-        value = row[column]
-        if not isinstance(value, int) or value < 1 or (limit is not None and value > limit):
+        raise TaskError(f"{label}: give exactly one of 'family' ({', '.join(USER_FAMILIES)}) and 'env_id' (gymnasium)")
+    if family == "metaworld":
+        raise TaskError(f"{label}: family metaworld cannot hold a task of your own: every Meta-World v2 task is "
+                        "already an MT160 task (name it in --tasks without a task table)")
+    if family is not None and family not in USER_FAMILIES:
+        raise TaskError(f"{label}: family must be one of {', '.join(USER_FAMILIES)}, got {family!r}")
+    goal = GOAL_COLUMNS.get(family)
+    if goal is not None and row.get(goal) is None:
+        raise TaskError(f"{label}: {family} rows need the goal column {goal} (a number)")
+    for other_family, column in GOAL_COLUMNS.items():
+        if column != goal and column in row:
+            raise TaskError(f"{label}: {column} is the goal column of {other_family} rows only")
+    return family, env_id
+
+
+def check_numbers(row: dict, label: str) -> None:
+    """The numeric columns: widths, horizon and trajectory count are positive integers, the others numbers
+    (an optional column may be absent or null)."""
+    for column, limit in INTEGER_COLUMNS.items():
+        value = row.get(column)
+        if value is None and column not in REQUIRED_COLUMNS:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1 or (limit is not None and value > limit):
             bound = f" and at most {limit} (the model's padded width)" if limit else ""
             raise TaskError(f"{label}: {column} must be an integer at least 1{bound}, got {value!r}")
-    for column in ("return_target", "rtg_scale"):
-        if not isinstance(row[column], (int, float)) or isinstance(row[column], bool):
-            raise TaskError(f"{label}: {column} must be a number, got {row[column]!r}")
+    for column in NUMBER_COLUMNS:
+        value = row.get(column)
+        if not is_number(value) and (value is not None or column in REQUIRED_COLUMNS):
+            raise TaskError(f"{label}: {column} must be a number, got {value!r}")
     if row["rtg_scale"] <= 0:
         raise TaskError(f"{label}: rtg_scale must be positive, got {row['rtg_scale']}")
-    score_returns = None
-    if env_id is not None:
-        if not isinstance(env_id, str):
-            raise TaskError(f"{label}: env_id must be a gymnasium env id string, got {env_id!r}")
-        if not isinstance(row.get("env_kwargs", {}), dict):
-            raise TaskError(f"{label}: env_kwargs must be an object of keyword arguments")
-        low, high = row.get("score_min_return"), row.get("score_max_return")
-        if not all(isinstance(value, (int, float)) for value in (low, high)) or not high > low:
-            raise TaskError(f"{label}: a gymnasium task needs score_min_return < score_max_return (numbers), "
-                            f"got {low!r} and {high!r}")
-        score_returns = (float(low), float(high))
-    dataset = row.get("dataset")
-    if dataset is not None and not isinstance(dataset, str):
-        raise TaskError(f"{label}: dataset must be 'minari:DATASET_ID' or a folder, got {dataset!r}")
-    return Task(
-        name=name, index=index, family=family or GYMNASIUM, act_dim=row["act_dim"], obs_dim=row["obs_dim"],
-        horizon=row["horizon"], return_target=float(row["return_target"]), rtg_scale=float(row["rtg_scale"]),
-        single_task_score=row.get("single_task_score"), train_trajectories=row.get("train_trajectories"),
-        goal=row.get("goal_angle_rad", row.get("goal_velocity")), env_id=env_id,
-        env_kwargs=dict(row.get("env_kwargs", {})), score_returns=score_returns, dataset=dataset,
-    )
+
+
+def gymnasium_scores(row: dict, label: str) -> tuple[float, float]:
+    """The returns a gymnasium task scores 0 and 100 at, after checking its env id and keyword arguments."""
+    if not isinstance(row["env_id"], str):
+        raise TaskError(f"{label}: env_id must be a gymnasium env id string, got {row['env_id']!r}")
+    if not isinstance(row.get("env_kwargs", {}), dict):
+        raise TaskError(f"{label}: env_kwargs must be an object of keyword arguments")
+    low, high = row.get("score_min_return"), row.get("score_max_return")
+    if not (is_number(low) and is_number(high) and high > low):
+        raise TaskError(f"{label}: a gymnasium task needs score_min_return < score_max_return (numbers), "
+                        f"got {low!r} and {high!r}")
+    return float(low), float(high)
+
+
+def is_number(value: object) -> bool:
+    """An int or float of JSON (true and false are not numbers here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def read_json_file(path: Path, what: str):
-    """A user's JSON file (task list or task table); TaskError naming it when missing or not JSON."""
+    """A user's JSON file (task list or task table); TaskError naming it when missing, not UTF-8 text or not
+    JSON."""
     if not path.is_file():
         raise TaskError(f"{what} {path} does not exist")
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise TaskError(f"{what} {path} is not valid JSON: not UTF-8 text (byte {error.start})") from None
     except json.JSONDecodeError as error:
         raise TaskError(f"{what} {path} is not valid JSON: {error}") from None
 
@@ -210,8 +259,9 @@ def task_row(task: Task) -> dict:
         row.update(env_id=task.env_id, env_kwargs=task.env_kwargs, score_min_return=task.score_returns[0],
                    score_max_return=task.score_returns[1])
     optional = {"single_task_score": task.single_task_score, "dataset": task.dataset,
-                "train_trajectories": task.train_trajectories,
-                {"ant_dir": "goal_angle_rad"}.get(task.family, "goal_velocity"): task.goal}
+                "train_trajectories": task.train_trajectories}
+    if task.family in GOAL_COLUMNS:
+        optional[GOAL_COLUMNS[task.family]] = task.goal
     row.update({key: value for key, value in optional.items() if value is not None})
     return row
 

@@ -24,9 +24,12 @@ SHELL_SCRIPT = "stage2_expert_train_total.sh"
 def bad_inputs(entry: str, tmp: Path) -> dict[str, tuple[list[str], str]]:
     """The bad inputs an entry point takes: class -> (argv, a part of the expected message)."""
     missing_yaml, broken_yaml = tmp / "missing.yaml", tmp / "broken.yaml"  # the test writes broken.yaml
+    binary_yaml = tmp / "binary.yaml"  # and binary.yaml, not UTF-8 text
     nowhere = tmp / "nowhere"
     config_file = {"missing config file": (["--config", str(missing_yaml)], f"config file {missing_yaml} does not exist"),
-                   "bad config file": (["--config", str(broken_yaml)], f"config file {broken_yaml} is not valid YAML")}
+                   "bad config file": (["--config", str(broken_yaml)], f"config file {broken_yaml} is not valid YAML"),
+                   "binary config file": (["--config", str(binary_yaml)],
+                                          f"config file {binary_yaml} is not valid YAML: not UTF-8 text (byte 0)")}
     unknown_option = {"unknown option": (["--no_such_option"], "unrecognized arguments: --no_such_option")}
     stage = {**config_file, **unknown_option,
              "bad option value": (["--grouping", "kmeans"], "argument --grouping: invalid choice: 'kmeans'"),
@@ -59,6 +62,7 @@ def bad_inputs(entry: str, tmp: Path) -> dict[str, tuple[list[str], str]]:
     if entry == "m3dt.experiment":
         return {"missing grid file": ([str(missing_yaml)], f"grid file {missing_yaml} does not exist"),
                 "bad grid file": ([str(broken_yaml)], f"grid file {broken_yaml} is not valid YAML"),
+                "binary grid file": ([str(binary_yaml)], f"grid file {binary_yaml} is not valid YAML: not UTF-8 text"),
                 "unknown option": ([str(broken_yaml), "--no_such_option"], "unrecognized arguments: --no_such_option"),
                 "bad option value": ([str(broken_yaml), "--launcher", "pbs"], "argument --launcher: invalid choice"),
                 "out-of-range number": ([str(broken_yaml), "--shard", "4/2"], "--shard must be g/N with 0 <= g < N")}
@@ -103,6 +107,7 @@ CASES = [(entry, case) for entry in (*STAGE_SCRIPTS, *MODULES) for case in bad_i
 def test_bad_input_is_one_line_with_exit_code_2(entry, case, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # nothing a command might create lands in the repository
     (tmp_path / "broken.yaml").write_text("embed_dim: [32\n")
+    (tmp_path / "binary.yaml").write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
     argv, message = bad_inputs(entry, tmp_path)[case]
     code = run_in_process(entry, argv, monkeypatch)
     err = capsys.readouterr().err

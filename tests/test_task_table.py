@@ -9,11 +9,14 @@ import pytest
 import torch
 
 from m3dt import tasks as task_module
+from m3dt.baselines.__main__ import main as baselines_main
 from m3dt.envs import make_env
 from m3dt.evaluate import evaluate
+from m3dt.evaluate import main as evaluate_main
 from m3dt.minari_io import write_task_dataset
 from m3dt.stages import run_cli, train_backbone
 from m3dt.tasks import TaskError, get_task, use_task_table
+from tests.test_cli_errors import run_in_process
 from tests.test_pipeline import TINY, read_losses
 
 ROWS = [
@@ -102,6 +105,36 @@ def test_own_gymnasium_tasks_train_and_evaluate(tmp_path, monkeypatch, one_threa
     assert (folder / "videos" / "own-hopper_episode0.mp4").stat().st_size > 1000
 
 
+def test_a_comparison_method_without_stage_1_evaluates_its_own_tasks(tmp_path, one_thread):
+    """MTDT trained on a table's task in a run without stage 1 records the task in its own manifest, and
+    m3dt.evaluate (which has no --task_table) evaluates it from there."""
+    table = write_table(tmp_path, ROWS[:1])
+    use_task_table(table)
+    data_root = tmp_path / "data"
+    (data_root / "own-hopper").mkdir(parents=True)
+    for index, episode in enumerate(random_episodes("own-hopper", EPISODES)):
+        np.savez(data_root / "own-hopper" / f"{index}.npz", observations=episode["observations"][:-1],
+                 actions=episode["actions"], rewards=episode["rewards"], terminals=episode["terminations"])
+    run_dir = tmp_path / "run"
+    baselines_main(["--method", "mtdt", *TINY, "--task_table", str(table), "--tasks", "own-hopper",
+                    "--data_path", str(data_root), "--run_dir", str(run_dir), "--max_iters", "20"])
+    assert not (run_dir / "stage1").exists()
+    manifest = json.loads((run_dir / "baselines" / "mtdt" / "model.manifest.json").read_text())
+    assert manifest["user_tasks"] == [{**ROWS[0], "env_kwargs": {}}]
+
+    task_module._user_tasks.clear()  # as a new process: the table is not given again
+    task_module._user_table_files.clear()
+    evaluate_main(["--run_dir", str(run_dir), "--method", "mtdt", "--tasks", "own-hopper", "--episodes", "2",
+                   "--max_steps", "4", "--workers", "0", "--device", "cpu"])
+    results = json.loads((run_dir / "eval" / "mtdt_episodes2_steps4" / "results.json").read_text())
+    assert results["method_id"] == "mtdt" and list(results["tasks"]) == ["own-hopper"]
+    outcome = results["tasks"]["own-hopper"]
+    assert outcome["family"] == "gymnasium" and outcome["episodes"] == 2 and 1 <= outcome["steps_mean"] <= 4
+    low, high = ROWS[0]["score_min_return"], ROWS[0]["score_max_return"]
+    per_full_episode = outcome["return_mean"] * ROWS[0]["horizon"] / 4
+    assert outcome["score"] == pytest.approx(100 * (per_full_episode - low) / (high - low))
+
+
 def test_actions_are_rescaled_to_the_env_bounds(tmp_path):
     use_task_table(write_table(tmp_path, ROWS))
     env = make_env("own-pendulum", episode=0, seed=0)  # InvertedPendulum acts in [-3, 3]
@@ -130,6 +163,45 @@ def test_bad_rows_are_one_line(tmp_path, capsys, change, message):
     with pytest.raises(SystemExit) as exited:
         run_cli(train_backbone, "stage 1", [*TINY, "--task_table", str(tmp_path / "table.json"), "--tasks", "x"])
     assert exited.value.code == 2 and message in capsys.readouterr().err
+
+
+ANT = {"task": "bad-row", "family": "ant_dir", "obs_dim": 27, "act_dim": 8, "horizon": 200, "return_target": 500.0,
+       "rtg_scale": 500.0, "goal_angle_rad": 1.0}
+BAD_TABLES = {  # what the table file holds -> the message after "{file}: " (the binary file: after "task table ")
+    "score not a number": ([{**ROWS[0], "task": "bad-row", "single_task_score": "high"}],
+                           "task 'bad-row': single_task_score must be a number, got 'high'"),
+    "trajectories not a number": ([{**ROWS[0], "task": "bad-row", "train_trajectories": "1998"}],
+                                  "task 'bad-row': train_trajectories must be an integer at least 1, got '1998'"),
+    "trajectories true": ([{**ROWS[0], "task": "bad-row", "train_trajectories": True}],
+                          "task 'bad-row': train_trajectories must be an integer at least 1, got True"),
+    "ant_dir without goal": ([{key: value for key, value in ANT.items() if key != "goal_angle_rad"}],
+                             "task 'bad-row': ant_dir rows need the goal column goal_angle_rad (a number)"),
+    "cheetah_vel with ant's goal": ([{**ANT, "family": "cheetah_vel", "obs_dim": 20, "act_dim": 6}],
+                                    "task 'bad-row': cheetah_vel rows need the goal column goal_velocity (a number)"),
+    "goal not a number": ([{**ANT, "goal_angle_rad": "north"}],
+                          "task 'bad-row': goal_angle_rad must be a number, got 'north'"),
+    "goal on a gymnasium row": ([{**ROWS[0], "task": "bad-row", "goal_velocity": 1.5}],
+                                "task 'bad-row': goal_velocity is the goal column of cheetah_vel rows only"),
+    "metaworld family": ([{"task": "reach-v9", "family": "metaworld", "obs_dim": 39, "act_dim": 4, "horizon": 500,
+                           "return_target": 4500.0, "rtg_scale": 1000.0}],
+                         "task 'reach-v9': family metaworld cannot hold a task of your own: every Meta-World v2 "
+                         "task is already an MT160 task"),
+    "binary file": (b"\x89PNG\r\n\x1a\n\x00\xff\xfe", "is not valid JSON: not UTF-8 text (byte 0)"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_TABLES))
+def test_bad_tables_stop_when_read_in_one_line(case, tmp_path, monkeypatch, capsys):
+    content, message = BAD_TABLES[case]
+    table = tmp_path / "table.json"
+    table.write_bytes(content if isinstance(content, bytes) else json.dumps(content).encode())
+    expected = f"task table {table} {message}" if isinstance(content, bytes) else f"{table}: {message}"
+    with pytest.raises(TaskError) as error:
+        use_task_table(table)
+    assert str(error.value).startswith(expected), str(error.value)
+    code = run_in_process("stage1_backbone_train.py", ["--task_table", str(table), "--tasks", "x"], monkeypatch)
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err and err.startswith(f"error: {expected}"), err
 
 
 def test_a_family_row_builds_that_familys_env(tmp_path):

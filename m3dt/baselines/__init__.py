@@ -18,7 +18,8 @@ backbone), HYPERPARAMETERS (its own options, part of a checkpoint's identity), D
 torchrun), `hooks(model, sampler, config, steps)` (what it adds to the loop's step) and
 `artifact_tensors(hooks)` (what it saves beside the weights). Everything else, the sampler, the loop,
 resume, the artifact `{run_dir}/baselines/{method}/model.safetensors` with its manifest and
-`data_stats.safetensors` (what evaluation needs from the data), is shared below.
+`data_stats.safetensors` (what evaluation needs from the data), is shared below; the manifest records the
+rows of the run's own tasks (README "Your own tasks"), so that evaluation needs no --task_table.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from m3dt.model import PromptDecisionTransformer
 from m3dt.run import ArtifactError, RunDir, file_hash, load_tensors, read_manifest, save_tensors, write_manifest
 from m3dt.stages import (build_model, data_files, data_stats, finished, gather_shares, gather_statistics, make_sampler,
                          rank_share, recorded_config, seed_rank, stage1_tasks, stage_identity)
-from m3dt.tasks import resolve_tasks
+from m3dt.tasks import resolve_tasks, user_task_rows
 from m3dt.train import Job, TrainingHooks, start_distributed, train
 
 
@@ -92,7 +93,7 @@ def train_baseline(config: Config, method_id: str) -> Path:
     write_manifest(output, f"baseline_{method_id}", recorded_config(config, device), tasks, inputs, run.root,
                    method=method_id, steps_done=done, identity=identity, num_experts=experts_of(model),
                    top_k=config.top_k, data={"files": files, "statistics": statistics},
-                   data_stats_sha256=file_hash(run.baseline_data_stats(method_id)))
+                   data_stats_sha256=file_hash(run.baseline_data_stats(method_id)), user_tasks=user_task_rows(tasks))
     print(f"{method_id}: wrote {output}")
     return output
 
