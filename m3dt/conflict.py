@@ -7,8 +7,10 @@ task list, each task's gradient of the whole backbone (the mean of a few clipped
 grouping stage computes them), and logs to metrics.jsonl
   - conflict_share: the share of task pairs whose gradients have a negative cosine,
   - conflict_mean_cosine: the mean cosine over those pairs.
-The measurement draws its batches from its own random stream and restores the global one afterwards, so
-turning it on does not change the training run. `gradient_conflict.png` in the stage-1 folder plots both.
+The measurement draws each task's batches from a stream of its own, seeded by (--seed, step, task), and
+restores the global stream afterwards, so turning it on does not change the training run and a resumed run
+measures what the uninterrupted one did. Under torchrun each rank computes the gradients of the chosen tasks
+in its own share and the ranks gather them: the same tasks and batches as in one process. `gradient_conflict.png` in the stage-1 folder plots both.
 """
 
 from __future__ import annotations
@@ -19,13 +21,14 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from m3dt.config import ConfigError
 from m3dt.data import DeviceSampler
 from m3dt.grouping import task_gradients
 from m3dt.model import PromptDecisionTransformer
 from m3dt.run import atomic_path
-from m3dt.train import TrainingHooks
+from m3dt.train import Distributed, TrainingHooks
 
 PLOT = "gradient_conflict.png"
 
@@ -48,31 +51,46 @@ def conflict_measures(gradients: torch.Tensor) -> dict[str, float]:
 
 
 class GradientConflict(TrainingHooks):
-    """The stage-1 loop's hook that measures conflict every `every` steps (see the module docstring)."""
+    """The stage-1 loop's hook that measures conflict every `every` steps (see the module docstring).
+
+    `tasks` are indices into the whole task list; under torchrun task i is the (i // world_size)-th task of
+    rank i % world_size's share (m3dt.stages.rank_share), and every rank must call after_step."""
 
     def __init__(self, model: PromptDecisionTransformer, sampler: DeviceSampler, tasks: list[int], every: int,
-                 batches: int, max_norm: float, seed: int):
+                 batches: int, max_norm: float, seed: int, distributed: Distributed = Distributed()):
         if len(tasks) < 2:
             raise ConfigError("--conflict_every needs at least two tasks (and --conflict_tasks >= 2)")
         self.model, self.sampler, self.tasks, self.every = model, sampler, tasks, every
-        self.batches, self.max_norm = batches, max_norm
-        self.generator = torch.Generator().manual_seed(seed)  # a CPU generator, as the sampler's streams
+        self.batches, self.max_norm, self.seed, self.distributed = batches, max_norm, seed, distributed
 
     def after_step(self, step: int) -> dict[str, float]:
         if step % self.every:
             return {}
+        world = self.distributed.world_size
+        by_rank = [[task for task in self.tasks if task % world == rank] for rank in range(world)]
         device = self.sampler.device
+        rows = []
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # dropout stream kept
-            gradients = task_gradients(self.model, self.sampler, self.tasks, self.batches, self.max_norm,
-                                       self.generator, progress=False)
-        return {**conflict_measures(gradients), "conflict_tasks": len(self.tasks)}
+            for task in by_rank[self.distributed.rank]:
+                generator = torch.Generator().manual_seed(batch_seed(self.seed, step, task))  # CPU, as the sampler's
+                rows.append(task_gradients(self.model, self.sampler, [task // world], self.batches, self.max_norm,
+                                           generator, progress=False))  # task // world: its place in the share
+        if world == 1:
+            return {**conflict_measures(torch.cat(rows)), "conflict_tasks": len(self.tasks)}
+        # every rank pads its rows to the largest share, so that one all_gather of equal shapes carries them
+        width = sum(parameter.numel() for parameter in self.model.parameters() if parameter.requires_grad)
+        padded = torch.zeros(max(map(len, by_rank)), width, device=device)
+        for position, row in enumerate(rows):
+            padded[position] = row[0].to(device)
+        shares = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(shares, padded)
+        gradients = torch.stack([shares[task % world][by_rank[task % world].index(task)] for task in self.tasks])
+        return {**conflict_measures(gradients.cpu()), "conflict_tasks": len(self.tasks)}
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"conflict_generator": self.generator.get_state()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if "conflict_generator" in state:
-            self.generator.set_state(state["conflict_generator"])
+def batch_seed(seed: int, step: int, task: int) -> int:
+    """The seed of one task's measurement batches at one step (independent of world size and resume)."""
+    return int(np.random.SeedSequence([seed, step, task]).generate_state(1)[0])
 
 
 def read_conflict(metrics: Path) -> list[dict[str, float]]:

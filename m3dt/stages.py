@@ -253,9 +253,10 @@ def train_backbone(config: Config) -> Path:
     torch.manual_seed(seed_rank(config, distributed))  # each rank its own dropout stream
     # a checkpoint resumes only on the same data: the same files, and (known once loaded) the same contents
     hooks = TrainingHooks()
-    if config.conflict_every:  # under torchrun, over the tasks of each rank's share
-        hooks = GradientConflict(model, sampler, spread_tasks(len(share), config.conflict_tasks),
-                                 config.conflict_every, config.conflict_batches, config.grad_clip, config.seed)
+    if config.conflict_every:  # tasks spread over the whole list; under torchrun the ranks gather them
+        hooks = GradientConflict(model, sampler, spread_tasks(len(tasks), config.conflict_tasks),
+                                 config.conflict_every, config.conflict_batches, config.grad_clip, config.seed,
+                                 distributed)
     job = Job(name="stage1", model=model, trainable=set_up_stage(model, stage=1),
               task_groups=[list(range(len(share)))], task_names=share, steps=steps, job_dir=run.stage1,
               per_expert_clip=False, identity={**identity, "data_statistics": statistics}, hooks=hooks)

@@ -1,15 +1,19 @@
-"""Stages 1 and 3 under torchrun: 2 CPU processes with the gloo backend, each loading half of the tasks."""
+"""Stages 1 and 3 under torchrun: 2 CPU processes with the gloo backend, each loading half of the tasks; the
+stage-1 gradient-conflict measure gathered from both."""
 
 import json
 import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
+from m3dt.config import Config
+from m3dt.conflict import GradientConflict, spread_tasks
 from m3dt.data import DeviceSampler, TaskDataset
-from m3dt.stages import data_stats
+from m3dt.stages import build_model, data_stats, make_sampler, set_up_stage
 from tests.conftest import REPO, SMALL_TASKS
 from tests.test_pipeline import TINY, run_stage
 
@@ -57,3 +61,27 @@ def test_stage1_and_stage3_under_torchrun(small_data, tmp_path):
     # the same command again: finished under the same world size
     again = torchrun("stage3_router_train.py", "--expert_num", "2", "--grouping", "random", "--max_iters", "20", *common)
     assert "already finished" in again.stdout
+
+
+def test_gradient_conflict_under_torchrun_covers_every_ranks_tasks(small_data, tmp_path):
+    """Under torchrun the conflict measure gathers the chosen tasks from both ranks' shares: at the last step it
+    equals the measure one process computes on the same weights (no dropout, so the gradients do not depend on
+    a rank's dropout stream; the batches of each task come from its own (seed, step, task) stream)."""
+    torchrun("stage1_backbone_train.py", *TINY, "--data_path", str(small_data), "--run_dir", str(tmp_path),
+             "--tasks", ",".join(SMALL_TASKS), "--max_iters", "20", "--dropout", "0", "--conflict_every", "20",
+             "--conflict_tasks", "4", "--conflict_batches", "2")
+    logged = [json.loads(line) for line in (tmp_path / "stage1" / "metrics.jsonl").read_text().splitlines()]
+    measured = [record for record in logged if "conflict_share" in record]
+    assert [record["step"] for record in measured] == [20] and measured[0]["conflict_tasks"] == 4
+
+    config = Config(tasks=",".join(SMALL_TASKS), data_path=str(small_data), embed_dim=32, n_layer=2, n_head=2,
+                    dropout=0.0, device="cpu")
+    model = build_model(config, 0.0)
+    model.load_state_dict(load_file(tmp_path / "stage1" / "backbone.safetensors"))
+    set_up_stage(model, stage=1)
+    sampler, _ = make_sampler(config, SMALL_TASKS, torch.device("cpu"), [0], model)
+    chosen = spread_tasks(len(SMALL_TASKS), 4)
+    assert sorted(task % 2 for task in chosen) == [0, 0, 1, 1]  # both ranks hold chosen tasks
+    one_process = GradientConflict(model, sampler, chosen, 20, 2, config.grad_clip, config.seed).after_step(20)
+    assert one_process["conflict_mean_cosine"] == pytest.approx(measured[0]["conflict_mean_cosine"], abs=1e-5)
+    assert one_process["conflict_share"] == measured[0]["conflict_share"]
