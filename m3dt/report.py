@@ -280,13 +280,14 @@ def iqm_interval(scores: np.ndarray, reps: int, seed: int, task_bootstrap: bool 
     return float(points["row"][0]), (float(intervals["row"][0, 0]), float(intervals["row"][1, 0]))
 
 
-def performance_profiles(matrices: dict[str, np.ndarray], thresholds: np.ndarray, reps: int,
-                         seed: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Fraction of seed x task scores above each threshold, with 95% stratified-bootstrap bands (rliable)."""
+def performance_profiles(matrices: dict[str, np.ndarray], thresholds: np.ndarray, reps: int, seed: int,
+                         task_bootstrap: bool = False) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Fraction of seed x task scores above each threshold, with 95% stratified-bootstrap bands (rliable:
+    seeds resampled within each task; with `task_bootstrap` the task columns too)."""
     from rliable import library
 
     with numpy_seed(seed):
-        return library.create_performance_profile(matrices, thresholds, reps=reps)
+        return library.create_performance_profile(matrices, thresholds, reps=reps, task_bootstrap=task_bootstrap)
 
 
 def mean_reference(entries: list[dict[str, Any]]) -> float | None:
@@ -672,7 +673,10 @@ def plot_profiles(path: Path, rows: list[Row], title: str, palette: dict[str, An
     plt = pyplot()
     thresholds = np.linspace(0.0, 100.0, 101)
     matrices = {series_name(row): score_matrix(row.results)[0] for row in rows}
-    profiles, bands = performance_profiles(matrices, thresholds, reps, seed)
+    # as the IQM's interval: where a row's task lists differ by seed, its columns are task positions, and
+    # the bands resample them too
+    task_bootstrap = not all(score_matrix(row.results)[1] for row in rows)
+    profiles, bands = performance_profiles(matrices, thresholds, reps, seed, task_bootstrap)
     figure, axes = plt.subplots(figsize=(9, 4.8))
     for name, row in zip(matrices, rows):
         colour = palette.get(series_name(row, with_experts=False))
@@ -684,7 +688,8 @@ def plot_profiles(path: Path, rows: list[Row], title: str, palette: dict[str, An
     axes.set_xlabel("normalised score threshold τ")
     axes.set_ylabel("fraction of seed x task scores > τ")
     axes.set_title(plot_title(f"Performance profiles, {rows[0].task_cell.replace('(', 'tasks (')} (bands: 95% "
-                              "bootstrap CI over seeds)", rows, title), fontsize=9)
+                              f"bootstrap CI over {'task positions and ' if task_bootstrap else ''}seeds)", rows, title),
+                   fontsize=9)
     finish(figure, axes, path)
 
 

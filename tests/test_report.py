@@ -54,6 +54,15 @@ def test_performance_profile_is_the_fraction_of_scores_above_each_threshold():
     expected = [(SCORES > threshold).mean() for threshold in thresholds]
     np.testing.assert_allclose(profiles["row"], expected)
     assert bands["row"].shape == (2, len(thresholds)) and np.all(bands["row"][0] <= bands["row"][1])
+    # every seed scores the same per task: resampling seeds gives no band; resampling tasks too does
+    same_over_seeds = np.tile(np.array([10.0, 40.0, 60.0, 90.0]), (3, 1))
+    widths = {}
+    for task_bootstrap in (False, True):
+        profiles, bands = performance_profiles({"row": same_over_seeds}, np.array([50.0]), reps=200, seed=0,
+                                               task_bootstrap=task_bootstrap)
+        assert profiles["row"][0] == 0.5
+        widths[task_bootstrap] = bands["row"][1, 0] - bands["row"][0, 0]
+    assert widths[False] == 0.0 and 0.5 <= widths[True] <= 1.0
 
 
 def write_result(run_dir, label, method, method_id, seed, scores, experts=0, grouping=None, full=True,
