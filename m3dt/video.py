@@ -7,7 +7,9 @@ Rendering needs an OpenGL backend for MuJoCo (the MUJOCO_GL variable, read when 
 EGL on a GPU machine, OSMesa (software, `apt-get install libosmesa6`, done by scripts/install.sh when run
 as root) on a CPU. `choose_gl_backend` keeps a MUJOCO_GL the user set, else tries EGL when a GPU is visible
 and OSMesa, each in a short probe process, and stops with one line when none renders. The env workers are
-spawned after the choice, so they inherit it.
+spawned after the choice, so they inherit it; in a process that imported mujoco before the choice (rollouts
+in the evaluating process, `--workers 0`, after an import of the simulators), mujoco's GL module is
+reloaded so that its renderers use the chosen backend.
 
 Cameras: a family's own camera where it has one (Meta-World's front corner view, each DMC domain's first
 camera); otherwise a camera that follows the robot's root body from the side (ant-dir, cheetah-vel,
@@ -16,8 +18,10 @@ gymnasium MuJoCo tasks).
 
 from __future__ import annotations
 
+import importlib
 import multiprocessing
 import os
+import sys
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -84,6 +88,9 @@ def choose_gl_backend(gpu: bool) -> str:
         if failure is None:
             os.environ["MUJOCO_GL"] = backend
             os.environ["PYOPENGL_PLATFORM"] = backend
+            gl_module = sys.modules.get("mujoco.gl_context")  # read MUJOCO_GL when it was imported
+            if gl_module is not None and getattr(gl_module, "_MUJOCO_GL", None) != backend:
+                importlib.reload(gl_module)
             return backend
         failures.append(f"MUJOCO_GL={backend}: {failure}")
     raise VideoError("cannot render videos (" + "; ".join(failures) + "): on a CPU install OSMesa "

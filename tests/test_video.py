@@ -2,6 +2,8 @@
 --video, decoded back frame by frame and linked from the report (a gymnasium task's video: test_task_table);
 and the one-line error when no GL backend renders."""
 
+import importlib
+
 import imageio_ffmpeg
 import numpy as np
 import pytest
@@ -61,11 +63,16 @@ def test_no_gl_backend_is_one_line(tiny_run, monkeypatch, capsys):
 
 @pytest.mark.parametrize("workers", [0, 1])
 def test_an_evaluation_that_fails_keeps_no_cut_video(tiny_run, monkeypatch, workers):
-    """A rollout stopped by an error (or Ctrl-C) before its end: its video is deleted, not kept cut short."""
+    """A rollout stopped by an error (or Ctrl-C) before its end: its video is deleted, not kept cut short. With
+    workers=0 the frames are rendered in this process, where mujoco was imported before the backend was chosen
+    (as by an earlier test): its GL module is reloaded with the chosen backend, so steps 0-2 render."""
+    import mujoco.gl_context
+
     from m3dt.evaluate import RandomPolicy
 
     monkeypatch.setenv("MUJOCO_GL", "disable")
     monkeypatch.setenv("PYOPENGL_PLATFORM", "")
+    importlib.reload(mujoco.gl_context)  # as imported under MUJOCO_GL=disable, whatever ran before
     draw = RandomPolicy.__call__
 
     def fails_at_step_3(self, history, live, t):
