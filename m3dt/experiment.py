@@ -3,7 +3,7 @@
     python -m m3dt.experiment configs/experiments/paper_table1.yaml --dry_run        # the plan and its cost
     python -m m3dt.experiment configs/experiments/paper_table1.yaml --data_path ./mt160_used
     python -m m3dt.experiment GRID.yaml --shard 0/4                                  # runs 0, 4, 8, ... only
-    python -m m3dt.experiment GRID.yaml --launcher slurm                             # a job array per level
+    python -m m3dt.experiment GRID.yaml --launcher slurm                             # a SLURM job per job
 
 A grid file (configs/experiments/*.yaml):
 
@@ -927,17 +927,19 @@ def levels(jobs: list[Job]) -> list[list[Job]]:
     return grouped
 
 
-def slurm_dependency(previous_ids: list[str]) -> dict[str, Any]:
-    """SLURM's dependency on the array jobs submitted before (afterany: a failed run fails only its own later
-    jobs, which stop at once with a one-line message naming the missing input)."""
-    arrays = sorted({job_id.split("_")[0] for job_id in previous_ids})
-    return {"dependency": "afterany:" + ":".join(arrays)} if arrays else {}
+def slurm_dependency(job: Job, submitted: dict[str, str]) -> dict[str, Any]:
+    """SLURM's dependency of one job on the submitted jobs whose outputs it reads (`submitted`: job key -> SLURM
+    id). afterany: a failed job stops only its own run's later jobs, which exit at once with a one-line message
+    naming the missing input (afterok would leave them pending for ever)."""
+    ids = [submitted[need] for need in job.needs if need in submitted]
+    return {"dependency": "afterany:" + ":".join(ids)} if ids else {}
 
 
 def run_submitit(jobs: list[Job], run_root: Path, parameters: dict[str, Any], cluster: str) -> int:
-    """One job array per dependency level. On SLURM each array waits for the arrays before it (`dependency`)
-    and this returns once all are queued; submitit's other executors (local: tests, a workstation) have no
-    dependencies, so each level is waited for before the next is submitted."""
+    """On SLURM: every job submitted on its own, waiting only for the jobs it reads from (`dependency`), so a
+    small run's jobs need not wait for a large run's stage 1; this returns once all are queued. submitit's
+    other executors (local: tests, a workstation) have no dependencies: one job array per dependency level,
+    each waited for before the next is submitted."""
     import submitit
 
     executor = submitit.AutoExecutor(folder=run_root / "slurm" / "%j", cluster=cluster)
@@ -945,25 +947,29 @@ def run_submitit(jobs: list[Job], run_root: Path, parameters: dict[str, Any], cl
         executor.update_parameters(**{"name": "m3dt", **parameters})
     except (NameError, AssertionError, TypeError) as error:
         raise ConfigError(f"slurm parameters: {' '.join(str(error).split())}") from None
-    submitted: list[str] = []
+    if cluster == "slurm":
+        submitted: dict[str, str] = {}
+        for job in jobs:  # plan order puts every job after the jobs it needs
+            extra = {**parameters.get("slurm_additional_parameters", {}), **slurm_dependency(job, submitted)}
+            executor.update_parameters(slurm_additional_parameters=extra)
+            submitted[job.key] = executor.submit(run_logged, job).job_id
+            after = extra.get("dependency", "").removeprefix("afterany:")
+            print(f"submitted {submitted[job.key]} {job.run_dir.name} {job.describe()}"
+                  + (f" (after {after.replace(':', ', ')})" if after else ""), flush=True)
+        return 0
     failures = 0
     for level in levels(jobs):
-        if cluster == "slurm":
-            extra = {**parameters.get("slurm_additional_parameters", {}), **slurm_dependency(submitted)}
-            executor.update_parameters(slurm_additional_parameters=extra)
         with executor.batch():
             handles = [executor.submit(run_logged, job) for job in level]
-        submitted += [handle.job_id for handle in handles]
         print(f"submitted {len(level)} job(s): " + ", ".join(f"{handle.job_id} {job.run_dir.name} {job.describe()}"
                                                             for handle, job in zip(handles, level)), flush=True)
-        if cluster != "slurm":
-            for handle, job in zip(handles, level):
-                try:
-                    handle.result()
-                except Exception:  # noqa: BLE001 - submitit wraps the job's error; its log has the details
-                    failures += 1
-                    print(f"error: {job.describe()} in {job.run_dir} failed; see {job.run_dir}/logs/",
-                          file=sys.stderr, flush=True)
+        for handle, job in zip(handles, level):
+            try:
+                handle.result()
+            except Exception:  # noqa: BLE001 - submitit wraps the job's error; its log has the details
+                failures += 1
+                print(f"error: {job.describe()} in {job.run_dir} failed; see {job.run_dir}/logs/",
+                      file=sys.stderr, flush=True)
     return failures
 
 
@@ -980,7 +986,8 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--show_commands", action="store_true", help="with --dry_run: each job's shell command")
     parser.add_argument("--shard", help="g/N: only run directories g, g+N, g+2N, ... (for N machines)")
     parser.add_argument("--launcher", choices=("local", "slurm"), default="local",
-                        help="local: every job here, in order; slurm: job arrays through submitit")
+                        help="local: every job here, in order; slurm: SLURM jobs through submitit, each waiting "
+                             "for the jobs it reads from")
     parser.add_argument("--cluster", default="slurm", choices=("slurm", "local", "debug"),
                         help="submitit executor of --launcher slurm (local: processes on this machine, for tests)")
     parser.add_argument("--bench_dir", type=Path, default=BENCH_DIR, help="folder of the bench files for --dry_run")

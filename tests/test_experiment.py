@@ -10,12 +10,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from m3dt.experiment import (dry_run, estimate_hours, job_status, levels, load_benches, load_grid, main, plan_jobs,
-                             planned_steps, shard_jobs, slurm_dependency)
+                             planned_steps, shard_jobs)
 from m3dt.report import build_report
 from m3dt.synthetic import make_dataset
 from tests.conftest import REPO
@@ -131,8 +132,38 @@ def test_slurm_launcher_through_submitits_local_executor(grid_file, monkeypatch)
     assert "stage 1: wrote" in logs["stage_1_backbone.log"]
     plan = plan_jobs(load_grid(grid), run_root, {})
     assert [[job.kind for job in level] for level in levels(plan)] == [["stage1"], ["evaluate"]]
-    assert slurm_dependency(["12_0", "12_1", "15"]) == {"dependency": "afterany:12:15"}
-    assert slurm_dependency([]) == {}
+
+
+def test_on_slurm_each_job_waits_only_for_the_jobs_it_reads_from(grid_file, monkeypatch, capsys):
+    """--cluster slurm (no SLURM here: submitit's executor replaced by one that records what is submitted):
+    one SLURM job per job of the plan, whose dependency names exactly the jobs of its own run it needs."""
+    import submitit
+
+    submissions = []
+
+    class RecordingExecutor:
+        def __init__(self, folder, cluster):
+            self.parameters = {}
+
+        def update_parameters(self, **parameters):
+            self.parameters.update(parameters)
+
+        def submit(self, function, job):
+            submissions.append((job, dict(self.parameters.get("slurm_additional_parameters", {}))))
+            return SimpleNamespace(job_id=str(100 + len(submissions)))
+
+    monkeypatch.setattr(submitit, "AutoExecutor", RecordingExecutor)
+    run_root = grid_file.parent / "slurm_plan"
+    main([str(grid_file), "--run_root", str(run_root), "--launcher", "slurm", "--cluster", "slurm"])
+    # per run: stage 1, its Prompt-DT evaluation, grouping, experts, routers, M3DT evaluation (ids from 101)
+    expected = [("stage1", None), ("evaluate", 1), ("grouping", 1), ("experts", 3), ("router", 4), ("evaluate", 5)]
+    for seed in (0, 1):
+        for position, (kind, needs) in enumerate(expected):
+            job, extra = submissions[6 * seed + position]
+            assert job.run_dir.name == f"loco_seed{seed}" and job.kind == kind
+            wanted = None if needs is None else f"afterany:{100 + 6 * seed + needs}"
+            assert extra.get("dependency") == wanted, (job.describe(), extra)
+    assert "(after " in capsys.readouterr().out
 
 
 def test_dry_run_of_the_paper_grid_and_its_cost():
