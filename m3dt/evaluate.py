@@ -667,14 +667,18 @@ def checkpoint_identity(run: RunDir, artifact: Path) -> dict[str, str]:
     return {"path": str(artifact.relative_to(run.root)), "sha256": file_hash(artifact)}
 
 
-def output_label(method: str, grouping: str, expert_num: int, protocol: dict, context_actions: str) -> str:
-    """The folder under eval/: the method, then what differs from the protocol and the faithful defaults,
-    so that a quick check never overwrites a full evaluation."""
+def output_label(method: str, grouping: str, expert_num: int, protocol: dict, context_actions: str, seed: int,
+                 run_seed: int) -> str:
+    """The folder under eval/: the method, then what differs from the protocol, the faithful defaults and the
+    run's own seed (`run_seed`, its training seed), so that a quick check or an evaluation with another --seed
+    never overwrites the evaluation of the protocol."""
     label = {"prompt-dt": "stage1", "m3dt": f"stage3_{grouping}_{expert_num}"}.get(method, method)
     if not protocol["full"]:
         label += "".join(f"_{name}{protocol[name]}" for name in ("episodes", "max_steps") if protocol[name] is not None)
     if context_actions != "full":
         label += f"_context-{context_actions}"
+    if seed != run_seed:
+        label += f"_seed{seed}"
     return label.replace("max_steps", "steps")
 
 
@@ -705,7 +709,8 @@ def evaluate(run_dir: str, method: str, grouping: str = "gradient", expert_num: 
     if untrained:
         raise ArtifactError(f"{trained_manifest['artifact']}: the model was not trained on {', '.join(untrained[:3])}")
     protocol = describe_protocol([get_task(name) for name in chosen], episodes, max_steps)
-    out_dir = run.root / "eval" / output_label(method, grouping, expert_num, protocol, context_actions)
+    out_dir = run.root / "eval" / output_label(method, grouping, expert_num, protocol, context_actions, seed,
+                                               trained_manifest["config"].get("seed", 0))
     rollouts = [Rollout(get_task(name), trained.index(name), episode,
                         video_path(out_dir / "videos", name, episode) if episode < video else None)
                 for name in chosen

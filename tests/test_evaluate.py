@@ -169,6 +169,12 @@ def test_random_policy_baseline(tiny_run):
     results = evaluate(str(tiny_run), "random", tasks="reach-v2,cheetah-vel-8", episodes=2, max_steps=6, workers=0)
     assert (results["method"], results["method_id"], results["checkpoint"]) == ("random policy", "random", None)
     assert (tiny_run / "eval" / "random_episodes2_steps6" / "results.json").exists()
+    # another --seed than the run's (0) goes to a folder of its own: both results are kept
+    other = evaluate(str(tiny_run), "random", tasks="reach-v2,cheetah-vel-8", episodes=2, max_steps=6, workers=0, seed=1)
+    kept = json.loads((tiny_run / "eval" / "random_episodes2_steps6" / "results.json").read_text())
+    assert kept["seed"] == 0 and kept["tasks"] == json.loads(json.dumps(results["tasks"]))
+    assert other["seed"] == 1 and other["tasks"] != results["tasks"]
+    assert json.loads((tiny_run / "eval" / "random_episodes2_steps6_seed1" / "results.json").read_text())["seed"] == 1
 
 
 def test_unknown_stage_artifact_is_a_clear_error(tiny_run, capsys):
