@@ -90,12 +90,14 @@ def load_backbone(run: RunDir, config: Config) -> PromptDecisionTransformer:
 
 
 def make_sampler(config: Config, tasks: list[str], device: torch.device, streams: list[int],
-                 model: PromptDecisionTransformer, run: RunDir | None = None) -> tuple[DeviceSampler, dict[str, str]]:
+                 model: PromptDecisionTransformer, run: RunDir | None = None,
+                 optimizer: bool = True) -> tuple[DeviceSampler, dict[str, str]]:
     """Plan the stage's peak memory and print it before reading the data (m3dt/memory.py), put the data
     where `--data_device` says, then load `tasks` from --data_path. `model`: the stage's model as it will
-    train (experts installed, frozen parts frozen), on any device; one row group per stream. Returns the
-    sampler and the per-task statistics fingerprints; with `run` (stages after stage 1), they must equal
-    what stage 1 recorded."""
+    train (experts installed, frozen parts frozen), on any device; one row group per stream; `optimizer`
+    False for a stage that only computes gradients (the grouping: no AdamW moments). Returns the sampler and
+    the per-task statistics fingerprints; with `run` (stages after stage 1), they must equal what stage 1
+    recorded."""
     check_timesteps(config.max_timestep, tasks)
     workers = os.cpu_count() if config.workers is None else config.workers
     lengths = episode_lengths(config.data_path, tasks, config.max_episodes, workers)
@@ -103,6 +105,8 @@ def make_sampler(config: Config, tasks: list[str], device: torch.device, streams
     groups = len(streams)
     plan = memory.plan_training(model, config.batch_size * groups, groups, config.context_length,
                                 config.prompt_length, data)
+    if not optimizer:
+        plan = dataclasses.replace(plan, optimizer=0)
     free, capacity = memory.free_memory(device)
     data_device = memory.data_device(config.data_device, device, plan, free)
     if data_device != device:
@@ -332,7 +336,7 @@ def group_tasks(config: Config, method: str) -> Path:
         device = resolve_device(config.device)
         torch.manual_seed(config.seed)
         model = load_backbone(run, config)
-        sampler, _ = make_sampler(config, tasks, device, [config.seed], model, run)
+        sampler, _ = make_sampler(config, tasks, device, [config.seed], model, run, optimizer=False)
         model.to(device)
         print(f"task gradients on {device}")
         gradients = task_gradients(model, sampler, list(range(len(tasks))), config.grouping_gradients, config.grad_clip)

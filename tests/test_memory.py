@@ -96,3 +96,19 @@ def test_measured_peak_of_a_stage_is_near_its_plan_on_a_cpu():
     plan = memory.plan_case(case, TINY)
     measured = memory.measured_peak(case, TINY, torch.device("cpu"))
     assert plan.weights < measured < 1.3 * plan.total
+
+
+def test_the_grouping_stage_plans_no_optimizer_state(small_data, tmp_path, monkeypatch):
+    """Stage 2's grouping computes gradients only: its printed plan has no AdamW moments (stage 1's has)."""
+    from m3dt.stages import group_tasks, train_backbone
+
+    plans = []
+    describe = memory.MemoryPlan.describe
+    monkeypatch.setattr(memory.MemoryPlan, "describe", lambda plan, *args: plans.append(plan) or describe(plan, *args))
+    config = Config(tasks=",".join(SMALL_TASKS[:3]), data_path=str(small_data), run_dir=str(tmp_path), max_iters=2,
+                    embed_dim=32, n_layer=2, n_head=2, device="cpu", workers=0, group_num=2, grouping_gradients=1,
+                    kmeans_restarts=1, kmeans_repeats=1)
+    train_backbone(config)
+    group_tasks(config, "gradient")
+    stage1, grouping = plans
+    assert stage1.optimizer == 2 * stage1.weights and grouping.optimizer == 0 and grouping.weights == stage1.weights
