@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -288,7 +288,24 @@ class NpzEpisodes:
         return list(self.files)
 
 
-EpisodeSource = NpzEpisodes  # or m3dt.minari_io.MinariEpisodes: the same methods
+class EpisodeSource(Protocol):
+    """What the loader reads one task's episodes through: NpzEpisodes (the MT160 layout) or
+    m3dt.minari_io.MinariEpisodes (a Minari dataset); picklable, so that loading workers get it."""
+
+    @property
+    def where(self) -> str: ...  # a folder or dataset id, for messages
+
+    def __len__(self) -> int: ...
+
+    def part(self, start: int, stop: int | None = None) -> EpisodeSource: ...  # episodes start..stop-1
+
+    def location(self, position: int) -> Path | str: ...  # one episode, for messages
+
+    def lengths(self) -> list[int]: ...  # steps per episode, without loading the arrays
+
+    def load(self) -> list[Episode]: ...
+
+    def stored_files(self) -> list[Path]: ...  # the files behind it (the data fingerprint)
 
 
 def task_source(data_path: str, task: Task, max_episodes: int) -> EpisodeSource:
