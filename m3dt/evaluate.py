@@ -591,13 +591,13 @@ def plot_families(out_dir: Path, results: dict) -> None:
 
 # ------------------------------------------------------------------------------------------ what is evaluated
 def check_options(episodes: int | None, max_steps: int | None, workers: int | None, max_rollouts: int | None,
-                  seed: int, context_actions: str, eval_rows: int | None = None) -> None:
+                  seed: int | None, context_actions: str, eval_rows: int | None = None) -> None:
     """The evaluation's numbers and choices, before anything is read or started."""
     for name, value, minimum in (("episodes", episodes, 1), ("max_steps", max_steps, 1), ("workers", workers, 0),
                                  ("max_rollouts", max_rollouts, 1), ("seed", seed, 0), ("eval_rows", eval_rows, 1)):
         if value is not None and value < minimum:
             raise ConfigError(f"--{name} must be at least {minimum}, got {value}")
-    if seed >= 2**32:
+    if seed is not None and seed >= 2**32:
         raise ConfigError(f"--seed must be below 2**32 (it seeds numpy and Meta-World), got {seed}")
     if context_actions not in CHOICES["context_actions"]:
         raise ConfigError(f"--context_actions must be one of {', '.join(CHOICES['context_actions'])}, "
@@ -685,12 +685,13 @@ def output_label(method: str, grouping: str, expert_num: int, protocol: dict, co
 # ------------------------------------------------------------------------------------------ CLI
 def evaluate(run_dir: str, method: str, grouping: str = "gradient", expert_num: int = 48, prefix_name: str | None = None,
              tasks: str | None = None, episodes: int | None = None, max_steps: int | None = None, workers: int | None = None,
-             seed: int = 0, device: str = "auto", max_rollouts: int | None = None, context_actions: str = "full",
+             seed: int | None = None, device: str = "auto", max_rollouts: int | None = None, context_actions: str = "full",
              eval_rows: int | None = None, video: int = 0) -> dict:
     """Evaluate `method` (one of METHODS, or a --stage value: "1" Prompt-DT, "3" M3DT, "random"); write and
     return the results.
     Every input is checked (ConfigError, TaskError, ArtifactError) before an env is built; a failing env
-    raises EnvFailure. `video` K > 0 records the first K episodes of every task as MP4 files
+    raises EnvFailure. `seed` None: the run's training seed (from the evaluated artifact's manifest), as the
+    protocol evaluates a run. `video` K > 0 records the first K episodes of every task as MP4 files
     (m3dt/video.py; VideoError when nothing renders here)."""
     from m3dt.train import resolve_device
 
@@ -699,9 +700,11 @@ def evaluate(run_dir: str, method: str, grouping: str = "gradient", expert_num: 
         raise ConfigError(f"--video must be at least 0, got {video}")
     method = STAGE_METHODS.get(method, method)
     register_run_tasks(run_dir, method, grouping, expert_num)
+    run, trained_manifest, statistics_file = open_run(run_dir, method, grouping, expert_num)
+    training_seed = trained_manifest["config"].get("seed", 0)
+    seed = training_seed if seed is None else seed  # the protocol evaluates a run with its own seed
     asked = resolve_tasks(prefix_name, tasks, seed) if (prefix_name or tasks) else None
     check_episodes(asked or [], episodes)
-    run, trained_manifest, statistics_file = open_run(run_dir, method, grouping, expert_num)
     trained = trained_manifest["tasks"]
     chosen = asked or trained
     check_episodes(chosen, episodes)
@@ -710,7 +713,7 @@ def evaluate(run_dir: str, method: str, grouping: str = "gradient", expert_num: 
         raise ArtifactError(f"{trained_manifest['artifact']}: the model was not trained on {', '.join(untrained[:3])}")
     protocol = describe_protocol([get_task(name) for name in chosen], episodes, max_steps)
     out_dir = run.root / "eval" / output_label(method, grouping, expert_num, protocol, context_actions, seed,
-                                               trained_manifest["config"].get("seed", 0))
+                                               training_seed)
     rollouts = [Rollout(get_task(name), trained.index(name), episode,
                         video_path(out_dir / "videos", name, episode) if episode < video else None)
                 for name in chosen
@@ -760,7 +763,7 @@ def evaluate(run_dir: str, method: str, grouping: str = "gradient", expert_num: 
     results = {
         "run_dir": str(run.root), "stage": stage, "method": method_name(method), "method_id": method,
         "grouping": grouping if method == "m3dt" else None, "num_experts": num_experts, "checkpoint": checkpoint,
-        "seed": seed, "protocol": protocol, "context_actions": context_actions, "shared_goals": shared,
+        "seed": seed, "training_seed": training_seed, "protocol": protocol, "context_actions": context_actions, "shared_goals": shared,
         "max_steps": max_steps, "seconds": time.perf_counter() - started, **summarise(rollouts, outcome, max_steps),
     }
     if video:  # paths relative to the results' folder, as the tables link them
@@ -786,6 +789,8 @@ def merged_options(config_file: str | None, flags: dict[str, Any]) -> dict[str, 
     check_values(config)
     options = {flag: getattr(config, name) for name, flag in CONFIG_OPTIONS.items()}
     options["run_dir"] = str(config.resolved_run_dir())
+    if "seed" not in values:
+        options["seed"] = None  # evaluate: the run's training seed
     return options
 
 
@@ -810,8 +815,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max_steps", type=int, help="cut episodes short, for quick checks (labelled as not the full "
                         "protocol; return-based scores are then normalised per allowed step)")
     parser.add_argument("--workers", type=int, help="env worker processes (default: CPU count; 0: in-process)")
-    parser.add_argument("--seed", type=int, help="Meta-World goals (those of metaworld.MT1 with this seed) and the "
-                        "random policy (default: 0)")
+    parser.add_argument("--seed", type=int, help="Meta-World goals (those of metaworld.MT1 with this seed), the "
+                        "official suite lists of --prefix_name and the random policy (default: the run's training "
+                        "seed; another seed's results go to a folder of their own, eval/{label}_seed{N})")
     parser.add_argument("--device", help="auto (default): cuda when available, else cpu")
     parser.add_argument("--max_rollouts", type=int,
                         help="run the rollouts in waves of at most this many (bounds memory; default: all at once)")

@@ -100,7 +100,8 @@ class Result:
     def suite(self) -> str:
         """"mt{N}" when its tasks are the paper's official suite of that size for its seed (the lists differ by
         seed), else "list {hash}" of its task names: the paper's numbers are of the official suites only."""
-        official = suites()[f"seed{self.seed}" if f"seed{self.seed}" in suites() else "seed0"].get(f"mt{self.tasks}")
+        seed = self.data.get("training_seed", self.seed)  # the lists are drawn per training seed
+        official = suites()[f"seed{seed}" if f"seed{seed}" in suites() else "seed0"].get(f"mt{self.tasks}")
         if official is not None and sorted(official) == sorted(self.data["tasks"]):
             return f"mt{self.tasks}"
         listed = "list " + hashlib.sha256(" ".join(sorted(self.data["tasks"])).encode()).hexdigest()[:6]
@@ -125,7 +126,8 @@ def find_results(folders: list[Path]) -> list[Path]:
 
 def evaluation_settings(data: dict[str, Any]) -> tuple[str, bool]:
     """("full protocol", True) or ("NOT full protocol (...)", False), from the protocol the evaluator recorded;
-    a context with masked predicted actions (--context_actions masked, a deviation) is named too."""
+    a context with masked predicted actions (--context_actions masked, a deviation) and an evaluation seed
+    other than the run's training seed are named too."""
     protocol = data["protocol"]
     settings = "full protocol"
     if not protocol["full"]:
@@ -133,7 +135,12 @@ def evaluation_settings(data: dict[str, Any]) -> tuple[str, bool]:
                  f"<= {protocol['max_steps']} steps" if protocol.get("max_steps") else ""]
         settings = "NOT full protocol (" + ", ".join(part for part in parts if part) + ")"
     context = data.get("context_actions", "full")
-    return settings + ("" if context == "full" else f", context actions {context}"), bool(protocol["full"])
+    settings += "" if context == "full" else f", context actions {context}"
+    # an evaluation with another seed than its run's training seed is a row of its own, never a seed of one
+    training_seed = data.get("training_seed", data.get("seed"))
+    if data.get("seed") != training_seed:
+        settings += f", evaluation seed {data.get('seed')} of a seed-{training_seed} run"
+    return settings, bool(protocol["full"])
 
 
 def checkpoint_of(run_dir: Path, data: dict[str, Any]) -> Path | None:
@@ -668,17 +675,28 @@ def plot_families(path: Path, rows: list[Row], title: str, palette: dict[str, An
     plt.close(figure)
 
 
+def profile_curves(rows: list[Row], thresholds: np.ndarray, reps: int, seed: int
+                   ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Each row's performance profile and 95% band, by series name. As for its IQM interval, a row whose task
+    lists differ by seed has task positions for columns, and its band resamples them too; the others
+    resample seeds within tasks."""
+    profiles, bands = {}, {}
+    for row in rows:
+        name = series_name(row)
+        matrix, same_tasks = score_matrix(row.results)
+        curve, band = performance_profiles({name: matrix}, thresholds, reps, seed, task_bootstrap=not same_tasks)
+        profiles[name], bands[name] = curve[name], band[name]
+    return profiles, bands
+
+
 def plot_profiles(path: Path, rows: list[Row], title: str, palette: dict[str, Any], reps: int, seed: int) -> None:
     """Performance profiles with 95% bands: the fraction of seed x task scores above each threshold."""
     plt = pyplot()
     thresholds = np.linspace(0.0, 100.0, 101)
-    matrices = {series_name(row): score_matrix(row.results)[0] for row in rows}
-    # as the IQM's interval: where a row's task lists differ by seed, its columns are task positions, and
-    # the bands resample them too
-    task_bootstrap = not all(score_matrix(row.results)[1] for row in rows)
-    profiles, bands = performance_profiles(matrices, thresholds, reps, seed, task_bootstrap)
+    profiles, bands = profile_curves(rows, thresholds, reps, seed)
+    task_positions = not all(score_matrix(row.results)[1] for row in rows)
     figure, axes = plt.subplots(figsize=(9, 4.8))
-    for name, row in zip(matrices, rows):
+    for name, row in zip(profiles, rows):
         colour = palette.get(series_name(row, with_experts=False))
         axes.plot(thresholds, profiles[name], color=colour, label=f"{name} (seeds: {len(row.results)})")
         if len(row.results) > 1:
@@ -688,7 +706,8 @@ def plot_profiles(path: Path, rows: list[Row], title: str, palette: dict[str, An
     axes.set_xlabel("normalised score threshold τ")
     axes.set_ylabel("fraction of seed x task scores > τ")
     axes.set_title(plot_title(f"Performance profiles, {rows[0].task_cell.replace('(', 'tasks (')} (bands: 95% "
-                              f"bootstrap CI over {'task positions and ' if task_bootstrap else ''}seeds)", rows, title),
+                              "bootstrap CI over seeds" + (", and task positions where a series' task lists differ "
+                                                           "by seed" if task_positions else "") + ")", rows, title),
                    fontsize=9)
     finish(figure, axes, path)
 

@@ -182,3 +182,17 @@ def test_unknown_stage_artifact_is_a_clear_error(tiny_run, capsys):
         main(["--run_dir", str(tiny_run), "--stage", "3", "--expert_num", "7"])
     assert exit_info.value.code == 2
     assert "moe.safetensors: stage-3 model does not exist" in capsys.readouterr().err
+
+
+def test_a_run_is_evaluated_with_its_own_training_seed_by_default(small_data, tmp_path):
+    """A run trained with --seed 1, evaluated without --seed: seed 1 (its Meta-World goals, its suite lists),
+    in the plain folder; --seed 0 then goes to a folder of its own."""
+    train_backbone(Config(tasks="reach-v2,cheetah-vel-8", data_path=str(small_data), run_dir=str(tmp_path),
+                          embed_dim=16, n_layer=1, n_head=2, max_iters=2, device="cpu", seed=1))
+    main(["--run_dir", str(tmp_path), "--stage", "random", "--episodes", "1", "--max_steps", "3", "--workers", "0"])
+    own = json.loads((tmp_path / "eval" / "random_episodes1_steps3" / "results.json").read_text())
+    assert own["seed"] == own["training_seed"] == 1
+    main(["--run_dir", str(tmp_path), "--stage", "random", "--episodes", "1", "--max_steps", "3", "--workers", "0",
+          "--seed", "0"])
+    other = json.loads((tmp_path / "eval" / "random_episodes1_steps3_seed0" / "results.json").read_text())
+    assert other["seed"] == 0 and other["training_seed"] == 1

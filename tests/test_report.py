@@ -8,7 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from m3dt.report import build_report, iqm_interval, main, performance_profiles
+from m3dt.report import (build_report, build_rows, find_results, iqm_interval, load_results, main,
+                         performance_profiles, profile_curves)
 from m3dt.tasks import get_task, resolve_tasks
 
 # Per-task scores of 3 seeds x 5 tasks (a fixed table: the statistics below are computed from it by hand).
@@ -66,7 +67,7 @@ def test_performance_profile_is_the_fraction_of_scores_above_each_threshold():
 
 
 def write_result(run_dir, label, method, method_id, seed, scores, experts=0, grouping=None, full=True,
-                 checkpoint=None, tasks=TASKS):
+                 checkpoint=None, tasks=TASKS, training_seed=None):
     rows = {task: {"family": get_task(task).family, "score": score, "episodes": 1, "reference_score": 90.0}
             for task, score in zip(tasks, scores)}
     families = {family: {"score": float(np.mean([r["score"] for r in rows.values() if r["family"] == family])),
@@ -76,6 +77,7 @@ def write_result(run_dir, label, method, method_id, seed, scores, experts=0, gro
             "protocol": {"full": full, "episodes": None, "max_steps": None if full else 20,
                          "note": "" if full else "episodes cut at 20 steps"},
             "checkpoint": checkpoint, "tasks": rows, "families": families,
+            "training_seed": seed if training_seed is None else training_seed,
             "total": {"score": float(np.mean(scores)), "tasks": len(tasks), "reference_score": 90.0}}
     path = run_dir / "eval" / label / "results.json"
     path.parent.mkdir(parents=True)
@@ -196,6 +198,14 @@ def test_variants_are_rows_of_their_own_and_a_seed_twice_is_refused(tmp_path, ca
     totals = SCORES[:2].mean(axis=1)
     assert f"| {totals.mean():.2f} ± {totals.std(ddof=1):.2f} |" in plain and "| 2 (0, 1) |" in plain
     assert f"| {totals.mean() + 10:.2f} ± {totals.std(ddof=1):.2f} |" in variant and "| 2 (0, 1) |" in variant
+    # the seed-0 run evaluated again with --seed 1 (eval/stage1_seed1): a row of its own, not a third seed
+    write_result(tmp_path / "runs" / "loco_seed0", "stage1_seed1", "Prompt-DT", "prompt-dt", 1, SCORES[2],
+                 training_seed=0)
+    text = build_report([tmp_path / "runs"], tmp_path / "out", reps=20)
+    plain = next(line for line in text.splitlines() if "| Prompt-DT |" in line and "evaluation seed" not in line)
+    assert f"| {totals.mean():.2f} ± {totals.std(ddof=1):.2f} |" in plain and "| 2 (0, 1) |" in plain
+    other_seed = next(line for line in text.splitlines() if "evaluation seed 1 of a seed-0 run" in line)
+    assert f"| {SCORES[2].mean():.2f} |" in other_seed and "| 1 (1) |" in other_seed
     write_result(tmp_path / "old" / "loco_seed0", "stage1", "Prompt-DT", "prompt-dt", 0, SCORES[2])
     with pytest.raises(SystemExit) as stop:
         main([str(tmp_path / "runs"), str(tmp_path / "old"), "--out", str(tmp_path / "out2")])
@@ -218,3 +228,24 @@ def test_a_broken_results_file_is_one_line(tmp_path, capsys, change, message):
     error = capsys.readouterr().err
     assert stop.value.code == 2 and str(path) in error and message in error
     assert error.count("\n") == 1 and "Traceback" not in error
+
+
+def test_each_profile_band_resamples_what_its_own_interval_does(tmp_path):
+    """Prompt-DT: the same tasks (a list of one's own) for every seed, and the same scores: resampling seeds
+    gives no band. M3DT: the official mt10 lists, which differ by seed, so its band resamples task positions
+    too; one row's lists do not change how the other's band is drawn."""
+    scores = np.linspace(5.0, 95.0, 10)  # 5 of the 10 scores are above 50
+    for seed in range(3):
+        run = tmp_path / "runs" / f"loco_seed{seed}"
+        write_result(run, "stage1", "Prompt-DT", "prompt-dt", seed, scores[::2])  # 2 of 5 above 50
+        write_result(run, "stage3_gradient_4", "M3DT", "m3dt", seed, scores, experts=4, grouping="gradient",
+                     tasks=resolve_tasks("mt10", None, seed))
+    rows = build_rows(load_results(find_results([tmp_path / "runs"])), reps=50, seed=0)
+    assert sorted(row.bootstrap for row in rows) == ["seeds within tasks",
+                                                     "task positions and seeds (task lists differ by seed)"]
+    profiles, bands = profile_curves(rows, np.array([50.0]), reps=200, seed=0)
+    (prompt_dt,) = [name for name in profiles if name.startswith("Prompt-DT")]
+    (m3dt,) = [name for name in profiles if name.startswith("M3DT")]
+    assert profiles[prompt_dt][0] == 0.4 and profiles[m3dt][0] == 0.5
+    assert bands[prompt_dt][0, 0] == bands[prompt_dt][1, 0] == 0.4
+    assert bands[m3dt][1, 0] - bands[m3dt][0, 0] >= 0.3
