@@ -159,7 +159,7 @@ def check_source(row: dict, label: str) -> tuple[str | None, str | None]:
     if goal is not None and row.get(goal) is None:
         raise TaskError(f"{label}: {family} rows need the goal column {goal} (a number)")
     for other_family, column in GOAL_COLUMNS.items():
-        if column != goal and column in row:
+        if column != goal and row.get(column) is not None:  # null: absent, as a table from pandas writes it
             raise TaskError(f"{label}: {column} is the goal column of {other_family} rows only")
     return family, env_id
 

@@ -204,6 +204,15 @@ def test_bad_tables_stop_when_read_in_one_line(case, tmp_path, monkeypatch, caps
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err and err.startswith(f"error: {expected}"), err
 
 
+def test_null_columns_count_as_absent(tmp_path):
+    """A table exported from a data frame has every column in every row, null where a row has no value."""
+    every_column = {"goal_angle_rad": None, "goal_velocity": None, "single_task_score": None, "dataset": None,
+                    "train_trajectories": None}
+    use_task_table(write_table(tmp_path, [{**every_column, **ROWS[0]}, {**every_column, **ANT, "task": "own-ant"}]))
+    assert get_task("own-hopper").goal is None and get_task("own-hopper").single_task_score is None
+    assert get_task("own-ant").family == "ant_dir" and get_task("own-ant").goal == 1.0
+
+
 def test_a_family_row_builds_that_familys_env(tmp_path):
     row = {"task": "acrobot-swingup-sparse", "family": "dmc", "obs_dim": 6, "act_dim": 1, "horizon": 500,
            "return_target": 1000.0, "rtg_scale": 200.0}

@@ -72,7 +72,8 @@ def test_an_evaluation_that_fails_keeps_no_cut_video(tiny_run, monkeypatch, work
 
     monkeypatch.setenv("MUJOCO_GL", "disable")
     monkeypatch.setenv("PYOPENGL_PLATFORM", "")
-    importlib.reload(mujoco.gl_context)  # as imported under MUJOCO_GL=disable, whatever ran before
+    importlib.reload(mujoco.gl_context)  # as imported under MUJOCO_GL=disable, whatever ran before (a reload
+    monkeypatch.delattr(mujoco.gl_context, "GLContext", raising=False)  # keeps names an earlier import defined)
     draw = RandomPolicy.__call__
 
     def fails_at_step_3(self, history, live, t):
