@@ -70,7 +70,7 @@ from m3dt.data import MIN_EPISODES, DataError, load_episode  # noqa: E402
 from m3dt.envs import TaskEnv, make_env  # noqa: E402
 from m3dt.envs.metaworld import scripted_policy  # noqa: E402
 from m3dt.run import ArtifactError, atomic_path, read_json, write_json  # noqa: E402
-from m3dt.scores import episode_score  # noqa: E402
+from m3dt.scores import episode_score, full_episode_return  # noqa: E402
 from m3dt.tasks import (FAMILIES, MAX_ACT_DIM, MT1_GOALS, Task, TaskError, get_task, resolve_tasks,  # noqa: E402
                         suite_names, task_table)
 
@@ -334,6 +334,7 @@ class EpisodeSummary:
     steps: int
     episode_return: float
     success: bool | None  # None for a file without the successes key (not written by this module)
+    ended: bool  # the env ended the episode itself (its last step is a terminal)
 
 
 def episode_path(out: Path, task_name: str, episode: int) -> Path:
@@ -371,12 +372,13 @@ def collect_episode(job: EpisodeJob) -> tuple[str, EpisodeSummary]:
     }
     with atomic_path(episode_path(job.out, task.name, job.episode)) as temporary, open(temporary, "wb") as file:
         np.savez_compressed(file, **arrays)  # a file object: numpy would append .npz to the temporary name
-    return task.name, summarize(job.episode, arrays["rewards"], arrays["successes"])
+    return task.name, summarize(job.episode, arrays["rewards"], arrays["successes"], arrays["terminals"])
 
 
-def summarize(episode: int, rewards: np.ndarray, successes: np.ndarray | None) -> EpisodeSummary:
+def summarize(episode: int, rewards: np.ndarray, successes: np.ndarray | None, terminals: np.ndarray) -> EpisodeSummary:
     success = None if successes is None else bool(successes.any())
-    return EpisodeSummary(episode, int(rewards.shape[0]), float(rewards.sum(dtype=np.float64)), success)
+    return EpisodeSummary(episode, int(rewards.shape[0]), float(rewards.sum(dtype=np.float64)), success,
+                          bool(terminals[-1]))
 
 
 def existing_episode(path: Path, episode: int) -> EpisodeSummary | None:
@@ -387,9 +389,10 @@ def existing_episode(path: Path, episode: int) -> EpisodeSummary | None:
         rewards = load_episode(path).rewards
         with np.load(path, allow_pickle=False) as archive:
             successes = archive["successes"] if "successes" in archive.files else None
+            terminals = archive["terminals" if "terminals" in archive.files else "dones"]  # load_episode checked
     except DataError:
         return None
-    return summarize(episode, rewards, successes)
+    return summarize(episode, rewards, successes, terminals)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -425,9 +428,10 @@ def task_entry(task: Task, settings: dict, summaries: list[EpisodeSummary]) -> d
     # Files from elsewhere may lack the success flags; then Meta-World's rate and score are unknown.
     success_known = task.family == "metaworld" and None not in successes
     success_rate = float(np.mean(successes)) if success_known else None
-    steps_fraction = min(task.horizon, settings["max_steps"] or task.horizon) / task.horizon
+    full_returns = [full_episode_return(summary.episode_return, summary.steps, task.horizon, summary.ended)
+                    for summary in summaries]  # an episode cut by --max_steps on the scale of a full one
     score = (None if task.family == "metaworld" and not success_known
-             else episode_score(task.family, returns, successes, steps_fraction))
+             else episode_score(task.family, full_returns, successes))
     goals = {"mt1_goals": mt1_goal_blocks(settings["seed"], len(summaries))} if task.family == "metaworld" else {}
     return {
         "settings": settings,

@@ -19,9 +19,10 @@ context keeps all 8 predicted dims, as the reference does (`--context_actions ma
 act_dim, as the training data pads them).
 
 With fewer episodes or steps than the protocol (`--episodes`, `--max_steps`) the evaluation is labelled as
-not the full protocol in every output, and the return-based scores normalise the return per allowed step
-(return x horizon / steps allowed), so that a cut episode is scored on the scale of a full one; a
-Meta-World success counts within the cut. Every input is checked before a worker starts, and an env that
+not the full protocol in every output, and the return-based scores normalise the return of an episode cut
+short per allowed step (return x horizon / steps allowed), so that it is scored on the scale of a full one
+(an episode the env ended itself is complete: its return counts as it is); a Meta-World success counts
+within the cut. Every input is checked before a worker starts, and an env that
 fails in a worker reaches the user as one line naming the task and episode.
 """
 
@@ -51,7 +52,7 @@ from m3dt.memory import evaluation_rows, free_memory
 from m3dt.model import PromptDecisionTransformer
 from m3dt.run import (ArtifactError, RunDir, atomic_path, check_inputs, file_hash, input_hashes, load_tensors,
                       manifest_path, read_json, read_manifest, write_json)
-from m3dt.scores import SCORE_AXIS, task_score
+from m3dt.scores import SCORE_AXIS, full_episode_return, task_score
 from m3dt.tasks import (FAMILIES, GYMNASIUM, MAX_ACT_DIM, MAX_OBS_DIM, MT1_GOALS, Task, check_timesteps, get_task,
                         register_task_rows, resolve_tasks)
 from m3dt.video import VideoError, video_path
@@ -373,7 +374,8 @@ class RandomPolicy:
 def run_rollouts(policy: Callable[[History, np.ndarray, int], np.ndarray], statistics: Statistics,
                  rollouts: list[Rollout], seed: int, workers: int, max_steps: int | None,
                  context_actions: str = "full") -> dict[str, np.ndarray]:
-    """All rollouts in lockstep. Returns per rollout: return, success (any step), steps, and the actions
+    """All rollouts in lockstep. Returns per rollout: return, success (any step), steps, ended (the env ended
+    the episode itself, before the horizon or --max_steps), and the actions
     (rollouts, steps, 8) the context held: all 8 predicted dims ("full", the reference) or those beyond the
     task's act_dim zeroed ("masked"). The env receives the first act_dim dims either way."""
     count = len(rollouts)
@@ -394,6 +396,7 @@ def run_rollouts(policy: Callable[[History, np.ndarray, int], np.ndarray], stati
     total_return = np.zeros(count)
     success = np.zeros(count, dtype=bool)
     steps = np.zeros(count, dtype=np.int64)
+    ended = np.zeros(count, dtype=bool)
     alive = np.ones(count, dtype=bool)
 
     pool = EnvPool(rollouts, seed, workers)
@@ -413,6 +416,7 @@ def run_rollouts(policy: Callable[[History, np.ndarray, int], np.ndarray], stati
                 total_return[r] += reward
                 success[r] |= succeeded
                 steps[r] = t + 1
+                ended[r] = done
                 if done or t + 1 >= horizons[r]:
                     alive[r] = False
                 else:
@@ -421,7 +425,7 @@ def run_rollouts(policy: Callable[[History, np.ndarray, int], np.ndarray], stati
         finished = True
     finally:
         pool.close(finished)
-    return {"returns": total_return, "success": success, "steps": steps, "actions": history.actions}
+    return {"returns": total_return, "success": success, "steps": steps, "ended": ended, "actions": history.actions}
 
 
 # ------------------------------------------------------------------------------------------ results
@@ -447,7 +451,7 @@ def describe_protocol(tasks: list[Task], episodes: int | None, max_steps: int | 
         horizons = "/".join(str(horizon) for horizon in sorted({task.horizon for task in cut}))
         scoring = []
         if any(task.family != "metaworld" for task in cut):
-            scoring.append(f"returns scaled by horizon / {max_steps} before normalisation")
+            scoring.append(f"returns of cut episodes scaled by horizon / {max_steps} before normalisation")
         if any(task.family == "metaworld" for task in cut):
             scoring.append(f"Meta-World success within {max_steps} steps")
         differences.append(f"episodes cut at {max_steps} of {horizons} steps ({', '.join(scoring)})")
@@ -464,9 +468,11 @@ def summarise(rollouts: list[Rollout], outcome: dict[str, np.ndarray], max_steps
         returns = outcome["returns"][indices].tolist()
         successes = outcome["success"][indices].tolist()
         steps = allowed_steps(task, max_steps)
+        full_returns = [full_episode_return(outcome["returns"][i], int(outcome["steps"][i]), task.horizon,
+                                            bool(outcome["ended"][i])) for i in indices]
         per_task[name] = {
             "family": task.family,
-            "score": task_score(task, returns, successes, steps / task.horizon),
+            "score": task_score(task, full_returns, successes),
             "return_mean": float(np.mean(returns)),
             "success_rate": float(np.mean(successes)) if task.family == "metaworld" else None,
             "episodes": len(indices),
@@ -474,6 +480,10 @@ def summarise(rollouts: list[Rollout], outcome: dict[str, np.ndarray], max_steps
             "full_protocol": is_full_protocol(task, len(indices), max_steps),
             "steps_mean": float(outcome["steps"][indices].mean()),
             "reference_score": task.single_task_score,
+            # per episode: its return, its steps, whether the env ended it (then its return is not scaled)
+            "episode_returns": [float(outcome["returns"][i]) for i in indices],
+            "episode_steps": [int(outcome["steps"][i]) for i in indices],
+            "episode_ended": [bool(outcome["ended"][i]) for i in indices],
         }
     families = {}
     for family in dict.fromkeys([*FAMILIES, *(row["family"] for row in per_task.values())]):
@@ -758,7 +768,7 @@ def evaluate(run_dir: str, method: str, grouping: str = "gradient", expert_num: 
     waves = [rollouts[start : start + wave_size] for start in range(0, len(rollouts), wave_size)]
     outcomes = [run_rollouts(make_policy(wave), statistics, wave, seed, workers, max_steps, context_actions)
                 for wave in waves]
-    outcome = {key: np.concatenate([part[key] for part in outcomes]) for key in ("returns", "success", "steps")}
+    outcome = {key: np.concatenate([part[key] for part in outcomes]) for key in ("returns", "success", "steps", "ended")}
     stage = {"prompt-dt": "1", "m3dt": "3", "random": "random"}.get(method)  # None: a comparison method
     results = {
         "run_dir": str(run.root), "stage": stage, "method": method_name(method), "method_id": method,

@@ -17,23 +17,29 @@ SCORE_AXIS = {
 }
 
 
-def episode_score(family: str, returns: list[float], successes: list[bool], steps_fraction: float = 1.0) -> float:
-    """One task's score from its evaluation episodes.
+def full_episode_return(episode_return: float, steps: int, horizon: int, ended: bool) -> float:
+    """An episode's return on the scale of a full episode, which the score thresholds below are for.
 
-    Meta-World: 100 x success rate (success = info['success'] at any step of the episode).
+    An episode cut short by --max_steps at `steps` < `horizon` is scored by its return per allowed step:
+    return x horizon / steps (without it a random policy cut at 20 of cheetah-vel's 200 steps would lose
+    about a tenth of its full-episode penalty and score 100). An episode the env `ended` itself (an ant
+    that fell, a pendulum that dropped) is complete, and its return counts as it is.
+    """
+    if ended or steps >= horizon:
+        return episode_return
+    return episode_return * horizon / steps
+
+
+def episode_score(family: str, returns: list[float], successes: list[bool]) -> float:
+    """One task's score from its evaluation episodes (returns on the full-episode scale: full_episode_return).
+
+    Meta-World: 100 x success rate (success = info['success'] at any step of the episode; within the allowed
+    steps when cut short).
     DMC: mean return / 10, not clipped.
     ant-dir: clip(mean return / 5, 0, 100).
     cheetah-vel: 0 below a mean return of -100, 100 above -30, linear between.
-
-    `steps_fraction` is the fraction of the task's horizon the episodes were allowed (1 under the
-    protocol). The thresholds above are for full episodes, so a return-based score normalises the return
-    per allowed step: mean return / steps_fraction. Without it a random policy cut at 20 of cheetah-vel's
-    200 steps would lose about a tenth of its full-episode penalty and score 100. A Meta-World success
-    counts within the allowed steps (it cannot be scaled).
     """
-    if not 0.0 < steps_fraction <= 1.0:
-        raise ValueError(f"steps_fraction must be in (0, 1], got {steps_fraction}")
-    mean_return = float(np.mean(returns)) / steps_fraction
+    mean_return = float(np.mean(returns))
     if family == "metaworld":
         return 100.0 * float(np.mean(successes))
     if family == "dmc":
@@ -45,11 +51,11 @@ def episode_score(family: str, returns: list[float], successes: list[bool], step
     raise ValueError(f"unknown family '{family}'")
 
 
-def task_score(task: Task, returns: list[float], successes: list[bool], steps_fraction: float = 1.0) -> float:
+def task_score(task: Task, returns: list[float], successes: list[bool]) -> float:
     """A task's score: its family's rule (`episode_score`), or for a user's gymnasium task
-    100 * (mean return / steps_fraction - score_min_return) / (score_max_return - score_min_return), not
-    clipped (D4RL's and Minari's normalised score; steps_fraction as in episode_score)."""
+    100 * (mean return - score_min_return) / (score_max_return - score_min_return), not clipped (D4RL's and
+    Minari's normalised score); returns on the full-episode scale (full_episode_return)."""
     if task.score_returns is None:
-        return episode_score(task.family, returns, successes, steps_fraction)
+        return episode_score(task.family, returns, successes)
     low, high = task.score_returns
-    return 100.0 * (float(np.mean(returns)) / steps_fraction - low) / (high - low)
+    return 100.0 * (float(np.mean(returns)) - low) / (high - low)

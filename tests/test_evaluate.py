@@ -14,7 +14,7 @@ from m3dt.envs import TaskEnv
 from m3dt.evaluate import (EnvFailure, ModelPolicy, RandomPolicy, Rollout, evaluate, load_policy, load_statistics, main,
                            run_rollouts)
 from m3dt.run import RunDir, file_hash
-from m3dt.scores import episode_score
+from m3dt.scores import episode_score, full_episode_return
 from m3dt.stages import train_backbone
 from m3dt.tasks import get_task
 from tests.conftest import REPO, SMALL_TASKS
@@ -51,7 +51,7 @@ def test_evaluate_cli_takes_a_config_file_and_labels_a_short_evaluation_everywhe
     assert results["protocol"] == {
         "full": False, "episodes": 2, "max_steps": 8,
         "note": "Not the full evaluation protocol: 2 episode(s) per task instead of the protocol's (Meta-World 10, "
-                "DMC 10, ant-dir 1, cheetah-vel 1); episodes cut at 8 of 200/500 steps (returns scaled by horizon / 8 "
+                "DMC 10, ant-dir 1, cheetah-vel 1); episodes cut at 8 of 200/500 steps (returns of cut episodes scaled by horizon / 8 "
                 "before normalisation, Meta-World success within 8 steps)."}
     rows = list(csv.DictReader((out_dir / "results.csv").open()))
     assert len(rows) == 4 and {row["full_protocol"] for row in rows} == {"False"} and rows[0]["max_steps"] == "8"
@@ -71,9 +71,10 @@ def test_random_policy_cut_short_on_cheetah_vel_is_scored_on_the_full_episode_sc
     assert episode_score("cheetah_vel", [cut["return_mean"]], [False]) == 100.0
     assert cut["score"] == full["score"] == 0.0 and full["return_mean"] < -100
     assert not cut["full_protocol"] and full["full_protocol"]
-    assert episode_score("cheetah_vel", [-5.0], [False], steps_fraction=0.1) == pytest.approx(71.4285714)
-    assert episode_score("dmc", [50.0], [False], steps_fraction=0.5) == 10.0
-    assert episode_score("metaworld", [0.0], [True], steps_fraction=0.5) == 100.0
+    assert cut["episode_steps"] == [20] and cut["episode_ended"] == [False]
+    assert full_episode_return(-5.0, 20, 200, ended=False) == -50.0  # cut: per allowed step
+    assert full_episode_return(-5.0, 20, 200, ended=True) == -5.0  # ended by the env: complete
+    assert full_episode_return(-5.0, 200, 200, ended=False) == -5.0
 
 
 def test_context_holds_the_full_predicted_action_unless_masked(tiny_run, monkeypatch):

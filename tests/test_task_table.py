@@ -96,13 +96,24 @@ def test_own_gymnasium_tasks_train_and_evaluate(tmp_path, monkeypatch, one_threa
     for row in ROWS:
         outcome = results["tasks"][row["task"]]
         low, high = row["score_min_return"], row["score_max_return"]
-        per_full_episode = outcome["return_mean"] * row["horizon"] / 6  # returns scaled by the steps allowed
-        assert outcome["score"] == pytest.approx(100 * (per_full_episode - low) / (high - low))
+        # an episode cut at 6 steps scaled by horizon / 6; one the env ended (a fallen pole) counts as it is
+        full = [value if ended else value * row["horizon"] / 6 for value, ended in
+                zip(outcome["episode_returns"], outcome["episode_ended"])]
+        assert outcome["score"] == pytest.approx(100 * (np.mean(full) - low) / (high - low))
         assert outcome["episodes"] == 2 and 1 <= outcome["steps_mean"] <= 6
+        assert all(ended or steps == 6 for ended, steps in zip(outcome["episode_ended"], outcome["episode_steps"]))
     (folder,) = (run_dir / "eval").iterdir()  # stage1, labelled with the shortened protocol
     assert (folder / "table.md").read_text().count("| gymnasium | 2 |")
     assert results["videos"]["own-hopper"] == ["videos/own-hopper_episode0.mp4"]
     assert (folder / "videos" / "own-hopper_episode0.mp4").stat().st_size > 1000
+
+    # a pole that falls within 30 steps: the same score with --max_steps 30 as over the whole horizon of 40
+    # (it scored 40/30 of it, as if its episodes had been cut)
+    short, whole = (evaluate(str(run_dir), "random", tasks="own-pendulum", episodes=3, max_steps=steps, workers=0)
+                    ["tasks"]["own-pendulum"] for steps in (30, None))
+    assert all(short["episode_ended"]) and max(short["episode_steps"]) < 30
+    assert short["episode_returns"] == whole["episode_returns"] and short["score"] == whole["score"]
+    assert whole["score"] == pytest.approx(100 * np.mean(whole["episode_returns"]) / 1000.0)
 
 
 def test_a_comparison_method_without_stage_1_evaluates_its_own_tasks(tmp_path, one_thread):
