@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import multiprocessing
 import os
 import signal
@@ -677,12 +678,25 @@ def checkpoint_identity(run: RunDir, artifact: Path) -> dict[str, str]:
     return {"path": str(artifact.relative_to(run.root)), "sha256": file_hash(artifact)}
 
 
+def subset_name(chosen: list[str], trained: list[str], prefix_name: str | None, tasks: str | None) -> str:
+    """How an evaluation's folder names the tasks it covers: "" for the run's own task list, the suite's name
+    (`--prefix_name mt10`) for an official suite, else "tasks{N}-{hash of the names}"."""
+    if chosen == trained:
+        return ""
+    if prefix_name and not tasks:
+        return prefix_name
+    return f"tasks{len(chosen)}-{hashlib.sha256(' '.join(chosen).encode()).hexdigest()[:6]}"
+
+
 def output_label(method: str, grouping: str, expert_num: int, protocol: dict, context_actions: str, seed: int,
-                 run_seed: int) -> str:
-    """The folder under eval/: the method, then what differs from the protocol, the faithful defaults and the
-    run's own seed (`run_seed`, its training seed), so that a quick check or an evaluation with another --seed
-    never overwrites the evaluation of the protocol."""
+                 run_seed: int, tasks: str = "") -> str:
+    """The folder under eval/: the method, then what differs from the protocol, the faithful defaults, the
+    run's own tasks (`tasks`: "" for all of them, else what names the subset) and the run's own seed
+    (`run_seed`, its training seed), so that a quick check, an evaluation of some of the tasks or one with
+    another --seed never overwrites the evaluation of the protocol."""
     label = {"prompt-dt": "stage1", "m3dt": f"stage3_{grouping}_{expert_num}"}.get(method, method)
+    if tasks:
+        label += f"_{tasks}"
     if not protocol["full"]:
         label += "".join(f"_{name}{protocol[name]}" for name in ("episodes", "max_steps") if protocol[name] is not None)
     if context_actions != "full":
@@ -723,7 +737,7 @@ def evaluate(run_dir: str, method: str, grouping: str = "gradient", expert_num: 
         raise ArtifactError(f"{trained_manifest['artifact']}: the model was not trained on {', '.join(untrained[:3])}")
     protocol = describe_protocol([get_task(name) for name in chosen], episodes, max_steps)
     out_dir = run.root / "eval" / output_label(method, grouping, expert_num, protocol, context_actions, seed,
-                                               training_seed)
+                                               training_seed, subset_name(chosen, trained, prefix_name, tasks))
     rollouts = [Rollout(get_task(name), trained.index(name), episode,
                         video_path(out_dir / "videos", name, episode) if episode < video else None)
                 for name in chosen
@@ -742,7 +756,8 @@ def evaluate(run_dir: str, method: str, grouping: str = "gradient", expert_num: 
             prompt_length = statistics.prompts["timesteps"].shape[1]
             eval_rows = evaluation_rows(model, manifest["config"]["context_length"], prompt_length,
                                         free_memory(torch_device)[0])
-        print(f"evaluation forwards of at most {eval_rows or len(rollouts)} rollouts (--eval_rows)")
+        print(f"evaluation forwards of at most {min(eval_rows or len(rollouts), len(rollouts))} of the {len(rollouts)} "
+              "rollouts (--eval_rows)")
         checkpoint = checkpoint_identity(run, run.root / manifest["artifact"])
     shared = shared_training_goals(trained_manifest, rollouts, seed)
     if shared and shared["shared"]:

@@ -57,7 +57,8 @@ def test_method_loss_falls_and_it_evaluates(trained, method):
     assert manifest["method"] == method and manifest["steps_done"] == STEPS[method] and manifest["tasks"] == SMALL_TASKS
     evaluate_main(["--run_dir", str(run.root), "--method", method, "--tasks", "pendulum-swingup,cheetah-vel-8",
                    "--episodes", "1", "--max_steps", "3", "--workers", "0", "--device", "cpu"])
-    results = json.loads((run.root / "eval" / f"{method}_episodes1_steps3" / "results.json").read_text())
+    (folder,) = (run.root / "eval").glob(f"{method}_tasks2-*_episodes1_steps3")  # 2 of the run's tasks
+    results = json.loads((folder / "results.json").read_text())
     assert results["method_id"] == method and results["method"] == method_module(method).NAME
     assert results["checkpoint"]["path"] == f"baselines/{method}/model.safetensors" and not results["protocol"]["full"]
     assert results["num_experts"] == (2 if method.startswith("m3dt") else 0) and results["grouping"] is None

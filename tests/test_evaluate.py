@@ -2,6 +2,7 @@
 say; the context it keeps; failures as one line; goals shared with the training data."""
 
 import csv
+import hashlib
 import json
 
 import numpy as np
@@ -36,7 +37,9 @@ def test_evaluate_cli_takes_a_config_file_and_labels_a_short_evaluation_everywhe
     config_file.write_text(f"run_dir: {tiny_run}\ntasks: {','.join(ONE_PER_FAMILY)}\neval_episodes: 2\n"
                            "eval_max_steps: 30\nworkers: 2\ndevice: cpu\nembed_dim: 32\n")
     main(["--config", str(config_file), "--stage", "1", "--max_steps", "8"])
-    out_dir = tiny_run / "eval" / "stage1_episodes2_steps8"  # a quick check never overwrites eval/stage1
+    # 4 of the run's 6 tasks, a quick check: it overwrites neither eval/stage1 nor an evaluation of all tasks
+    names = hashlib.sha256(" ".join(ONE_PER_FAMILY).encode()).hexdigest()[:6]
+    out_dir = tiny_run / "eval" / f"stage1_tasks4-{names}_episodes2_steps8"
     results = json.loads((out_dir / "results.json").read_text())
     assert list(results["tasks"]) == ONE_PER_FAMILY
     assert set(results["families"]) == {"metaworld", "dmc", "ant_dir", "cheetah_vel"}
@@ -166,16 +169,22 @@ def test_waves_give_the_same_results(tiny_run):
         assert in_waves["tasks"][name]["episodes"] == row["episodes"]
 
 
-def test_random_policy_baseline(tiny_run):
+def test_random_policy_baseline_and_folders_that_never_overwrite_another_evaluation(tiny_run):
+    everything = evaluate(str(tiny_run), "random", episodes=2, max_steps=6, workers=0)
+    assert (everything["method"], everything["method_id"], everything["checkpoint"]) == ("random policy", "random", None)
+    assert list(everything["tasks"]) == SMALL_TASKS
+    # two of the run's tasks: a folder of its own, named after them (it overwrote the evaluation of all tasks)
     results = evaluate(str(tiny_run), "random", tasks="reach-v2,cheetah-vel-8", episodes=2, max_steps=6, workers=0)
-    assert (results["method"], results["method_id"], results["checkpoint"]) == ("random policy", "random", None)
-    assert (tiny_run / "eval" / "random_episodes2_steps6" / "results.json").exists()
+    subset = f"random_tasks2-{hashlib.sha256(b'reach-v2 cheetah-vel-8').hexdigest()[:6]}_episodes2_steps6"
+    assert list(json.loads((tiny_run / "eval" / subset / "results.json").read_text())["tasks"]) == ["reach-v2", "cheetah-vel-8"]
+    kept = json.loads((tiny_run / "eval" / "random_episodes2_steps6" / "results.json").read_text())
+    assert list(kept["tasks"]) == SMALL_TASKS
     # another --seed than the run's (0) goes to a folder of its own: both results are kept
     other = evaluate(str(tiny_run), "random", tasks="reach-v2,cheetah-vel-8", episodes=2, max_steps=6, workers=0, seed=1)
-    kept = json.loads((tiny_run / "eval" / "random_episodes2_steps6" / "results.json").read_text())
+    kept = json.loads((tiny_run / "eval" / subset / "results.json").read_text())
     assert kept["seed"] == 0 and kept["tasks"] == json.loads(json.dumps(results["tasks"]))
     assert other["seed"] == 1 and other["tasks"] != results["tasks"]
-    assert json.loads((tiny_run / "eval" / "random_episodes2_steps6_seed1" / "results.json").read_text())["seed"] == 1
+    assert json.loads((tiny_run / "eval" / f"{subset}_seed1" / "results.json").read_text())["seed"] == 1
 
 
 def test_unknown_stage_artifact_is_a_clear_error(tiny_run, capsys):
