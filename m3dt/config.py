@@ -155,10 +155,14 @@ CHOICES = {
     "harmodt_select": ("fisher", "magnitude"),
     "context_actions": ("full", "masked"),
 }
-# Sizes and intervals below 1 would fail deep inside a stage (a division by zero, an empty tensor).
+# Sizes, counts and intervals below 1 would fail deep inside a stage (a division by zero, an empty tensor) or
+# do nothing and say it was done (0 steps writes an untrained model); optional ones may be None (their default).
 POSITIVE = ("embed_dim", "n_layer", "n_head", "context_length", "prompt_length", "max_timestep", "batch_size",
             "warmup_steps", "log_every", "save_every", "group_num", "expert_num", "conflict_tasks", "conflict_batches",
-            "harmodt_mask_interval")
+            "harmodt_mask_interval", "max_episodes", "backbone_steps", "expert_steps", "router_steps", "harmodt_steps",
+            "grouping_gradients", "kmeans_restarts", "kmeans_repeats", "kmeans_iterations", "demo_episodes",
+            "max_iters")  # eval_episodes, eval_max_steps: m3dt.evaluate checks them under its flags
+NON_NEGATIVE = ("seed", "top_k", "expert_id", "workers", "conflict_every", "demo_collect_seed")
 
 
 def _option_type(field_type: str):
@@ -251,11 +255,11 @@ def check_values(config: Config) -> None:
     for name, allowed in CHOICES.items():
         if getattr(config, name) not in allowed:
             raise ConfigError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(config, name)!r}")
-    for name in POSITIVE:
-        if getattr(config, name) < 1:
-            raise ConfigError(f"--{name} must be at least 1, got {getattr(config, name)}")
-    if config.conflict_every < 0:
-        raise ConfigError(f"--conflict_every must be 0 (off) or a number of steps, got {config.conflict_every}")
+    for names, minimum in ((POSITIVE, 1), (NON_NEGATIVE, 0)):
+        for name in names:
+            value = getattr(config, name)
+            if value is not None and value < minimum:
+                raise ConfigError(f"--{name} must be at least {minimum}, got {value}")
     if not 0.0 <= config.harmodt_sparsity < 1.0:
         raise ConfigError(f"--harmodt_sparsity must be in [0, 1), got {config.harmodt_sparsity}")
     if not 0 <= config.harmodt_eta_min <= config.harmodt_eta_max:

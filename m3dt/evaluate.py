@@ -634,17 +634,21 @@ def open_run(run_dir: str, method: str, grouping: str, expert_num: int) -> tuple
     return run, read_manifest(artifact, what), statistics_file
 
 
-def register_run_tasks(run_dir: str, method: str, grouping: str, expert_num: int) -> None:
+def register_run_tasks(run_dir: str, method: str, grouping: str, expert_num: int) -> int:
     """Make a run's own tasks (README "Your own tasks") known by name, from the manifest of the artifact that
     `method` evaluates (stage 1's and every comparison method's record them; a stage-3 model was trained
-    on its stage-1 backbone's tasks). Nothing when that manifest is absent: open_run then says so."""
+    on its stage-1 backbone's tasks), and return the run's training seed that manifest records. Nothing
+    (seed 0) when that manifest is absent: open_run then says so."""
     run = RunDir(run_dir)
     artifact, _, what = method_files(run, method, grouping, expert_num)
     if method == "m3dt":
         artifact, what = run.backbone, "stage-1 backbone"
     path = manifest_path(artifact)
-    if path.is_file():
-        register_task_rows(read_json(path, f"manifest of the {what}").get("user_tasks", []), str(path))
+    if not path.is_file():
+        return 0
+    manifest = read_json(path, f"manifest of the {what}")
+    register_task_rows(manifest.get("user_tasks", []), str(path))
+    return manifest.get("config", {}).get("seed", 0)
 
 
 def shared_training_goals(trained_manifest: dict, rollouts: list[Rollout], seed: int) -> dict | None:
@@ -723,12 +727,11 @@ def evaluate(run_dir: str, method: str, grouping: str = "gradient", expert_num: 
     if video < 0:
         raise ConfigError(f"--video must be at least 0, got {video}")
     method = STAGE_METHODS.get(method, method)
-    register_run_tasks(run_dir, method, grouping, expert_num)
-    run, trained_manifest, statistics_file = open_run(run_dir, method, grouping, expert_num)
-    training_seed = trained_manifest["config"].get("seed", 0)
+    training_seed = register_run_tasks(run_dir, method, grouping, expert_num)
     seed = training_seed if seed is None else seed  # the protocol evaluates a run with its own seed
     asked = resolve_tasks(prefix_name, tasks, seed) if (prefix_name or tasks) else None
     check_episodes(asked or [], episodes)
+    run, trained_manifest, statistics_file = open_run(run_dir, method, grouping, expert_num)
     trained = trained_manifest["tasks"]
     chosen = asked or trained
     check_episodes(chosen, episodes)

@@ -3,6 +3,7 @@
 is saved."""
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import os
@@ -22,7 +23,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import m3dt.train
-from m3dt.config import Config, ConfigError, build_parser, field_comments, parse_config
+from m3dt.config import (NON_NEGATIVE, POSITIVE, Config, ConfigError, build_parser, check_values, field_comments,
+                         parse_config)
 from m3dt.data import DataError, TaskDataset, load_episode
 from m3dt.model import action_loss
 from m3dt.run import (ArtifactError, RunDir, load_checkpoint, load_tensors, save_checkpoint, save_tensors,
@@ -457,6 +459,19 @@ def test_timesteps_beyond_the_embedding_table_are_refused_at_start(tmp_path, cap
 def test_bad_options_are_one_line(tmp_path, capsys, argv, message):
     err = run_stage1([*TINY, "--run_dir", str(tmp_path), *argv], capsys)
     assert err == f"error: {message}\n"
+
+
+@pytest.mark.parametrize("name", [*POSITIVE, *NON_NEGATIVE])
+def test_every_count_below_its_range_is_refused(name):
+    """--max_iters 0 wrote an untrained backbone and said "stage 1: wrote"; every count, size, interval and
+    step number of the config is checked (sizes at least 1, seeds and indices at least 0)."""
+    minimum = 1 if name in POSITIVE else 0
+    assert {field.name for field in dataclasses.fields(Config) if field.type in ("int", "int | None")} <= {
+        *POSITIVE, *NON_NEGATIVE, "harmodt_eta_min", "harmodt_eta_max",  # the eta pair: checked as a pair
+        "eval_episodes", "eval_max_steps"}  # checked by m3dt.evaluate as --episodes, --max_steps (test_cli_errors)
+    with pytest.raises(ConfigError, match=f"^--{name} must be at least {minimum}, got {minimum - 1}$"):
+        check_values(Config(**{name: minimum - 1}))
+    check_values(Config(**{name: minimum, "n_head": 1}))  # width 1 needs one head
 
 
 @pytest.mark.parametrize("text, message", [
