@@ -462,8 +462,8 @@ def report_markdown(rows: list[Row], stale: list[Result], folders: list[Path], r
             f"{results} evaluations from {', '.join(map(str, folders))}, in {len(rows)} rows. Statistics: "
             f"{reps} bootstrap resamples (numpy seed {seed}).", "", *caption(rows), "",
             "## Score by number of tasks and method", "", *table(main_rows(rows), PAPER_TOTALS), "",
-            "M3DT is shown at one expert count per task count (the one with most seeds, then the paper's best "
-            "count); every count is in the next table. The paper's 'best baseline' is the best of its baselines "
+            "M3DT, where there is one, is shown at one expert count per task count (the one with most seeds, then "
+            "the paper's best count); every count is in the next table. The paper's 'best baseline' is the best of its baselines "
             "(MTDT, Prompt-DT, HarmoDT) at each task count.", "",
             "Single-task Decision Transformers (the paper's per-task scores, mean over the same tasks):", "",
             *reference_table(rows), "", "## M3DT by number of experts", ""]
@@ -507,21 +507,23 @@ def write_csvs(out: Path, rows: list[Row], results: list[Result]) -> None:
                          "total_mean", "total_std", "iqm", "iqm_ci_low", "iqm_ci_high", "bootstrap"])
         for row in rows:
             first = row.first
-            family_values = [f"{row.families[family][index]:.4f}" if family in row.families else ""
-                             for family in REPORTED_FAMILIES for index in (0, 1)]
+            single = len(row.results) == 1  # no std of one seed: left empty, not 0
+            family_values = [f"{row.families[family][index]:.4f}" if family in row.families and not (index and single)
+                             else "" for family in REPORTED_FAMILIES for index in (0, 1)]
             low, high = (f"{bound:.4f}" for bound in row.interval) if row.interval else ("", "")
             writer.writerow([first.tasks, first.suite, first.method, first.grouping, first.experts, first.model,
                              first.parameters or "", first.evaluation, first.full, len(row.results),
                              " ".join(map(str, row.seeds)), *family_values, f"{row.total[0]:.4f}",
-                             f"{row.total[1]:.4f}", f"{row.iqm:.4f}", low, high, row.bootstrap])
+                             "" if single else f"{row.total[1]:.4f}", f"{row.iqm:.4f}", low, high, row.bootstrap])
     with atomic_path(out / "results.csv") as temporary, open(temporary, "w", newline="") as file:
         writer = csv.writer(file)
-        writer.writerow(["results", "tasks", "suite", "method", "grouping", "experts", "model", "seed", "evaluation",
-                         "full_protocol", *REPORTED_FAMILIES, "total", "left_out_because"])
+        writer.writerow(["results", "tasks", "suite", "method", "grouping", "experts", "model", "seed",
+                         "training_seed", "evaluation", "full_protocol", *REPORTED_FAMILIES, "total", "left_out_because"])
         for result in results:
             families = result.data.get("families", {})
             writer.writerow([result.path, result.tasks, result.suite, result.method, result.grouping, result.experts,
-                             result.model, result.seed, result.evaluation, result.full,
+                             result.model, result.seed, result.data.get("training_seed", result.seed),
+                             result.evaluation, result.full,
                              *(f"{families[family]['score']:.4f}" if family in families else ""
                                for family in REPORTED_FAMILIES), f"{result.data['total']['score']:.4f}", result.flag])
 
@@ -537,12 +539,12 @@ def pyplot():
 
 
 def plot_title(what: str, rows: list[Row], title: str) -> str:
-    """What is plotted, the runs, and the evaluation settings (flagged when not the paper's protocol)."""
-    short = sorted({row.first.evaluation for row in rows if not row.first.full})
+    """What is plotted, the runs, and the evaluation settings (flagged when not the paper's protocol; each
+    series' label says how it was evaluated)."""
     settings = "evaluation: full protocol"
-    if short:
-        settings = ("series marked 'not full protocol' were evaluated with " + "; ".join(short)
-                    .replace("NOT full protocol ", "") + ": not comparable with the paper's numbers")
+    if any(not row.first.full for row in rows):
+        settings = ("series marked 'not full protocol' were evaluated with fewer episodes or steps (their labels "
+                    "say how): not comparable with the paper's numbers")
     return "\n".join([what, *textwrap.wrap(title, 90), *textwrap.wrap(settings, 90)])
 
 
@@ -565,12 +567,19 @@ def colours(names: list[str]) -> dict[str, Any]:
     return {name: palette[index % len(palette)] for index, name in enumerate(unique)}
 
 
-def finish(figure, axes, path: Path) -> None:
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    figure.tight_layout()
+def finish(figure, all_axes: list, path: Path) -> None:
+    """Grid, one legend for every series of `all_axes` below the plots (long series names would squeeze the
+    plots beside them), and the PNG cropped to what was drawn (titles and legend whole)."""
+    entries: dict[str, Any] = {}
+    for axes in all_axes:
+        axes.grid(alpha=0.3, axis="y" if len(all_axes) > 1 else "both")
+        for handle, name in zip(*axes.get_legend_handles_labels()):
+            entries.setdefault(name, handle)
+    columns = 2 if max(map(len, entries), default=0) <= 48 and len(entries) > 3 else 1
+    figure.legend(list(entries.values()), list(entries), fontsize=7, loc="upper center", bbox_to_anchor=(0.5, 0.0),
+                  ncol=columns, frameon=False)
     with atomic_path(path) as temporary:
-        figure.savefig(temporary, format="png", dpi=120)
+        figure.savefig(temporary, format="png", dpi=120, bbox_inches="tight", pad_inches=0.15)
     pyplot().close(figure)
 
 
@@ -612,7 +621,7 @@ def plot_tasks(path: Path, rows: list[Row], title: str, palette: dict[str, Any])
     axes.set_xlabel("number of tasks")
     axes.set_ylabel("normalised score, mean over tasks (0-100)")
     axes.set_title(plot_title("Total score against task count", rows, title), fontsize=9)
-    finish(figure, axes, path)
+    finish(figure, [axes], path)
 
 
 def plot_experts(path: Path, rows: list[Row], title: str) -> None:
@@ -642,7 +651,7 @@ def plot_experts(path: Path, rows: list[Row], title: str) -> None:
     axes.set_xlabel("number of experts")
     axes.set_ylabel("normalised score, mean over tasks (0-100)")
     axes.set_title(plot_title("Total score against expert count", rows, title), fontsize=9)
-    finish(figure, axes, path)
+    finish(figure, [axes], path)
 
 
 def plot_families(path: Path, rows: list[Row], title: str, palette: dict[str, Any]) -> None:
@@ -650,29 +659,24 @@ def plot_families(path: Path, rows: list[Row], title: str, palette: dict[str, An
     bars, the paper's single-task DT over the same tasks as a dashed line."""
     plt = pyplot()
     present = [family for family in REPORTED_FAMILIES if any(family in row.families for row in rows)]
-    figure, all_axes = plt.subplots(1, len(present), figsize=(2.6 * len(present) + 3.2, 4.4), squeeze=False)
-    for index, (axes, family) in enumerate(zip(all_axes[0], present)):
+    figure, all_axes = plt.subplots(1, len(present), figsize=(max(2.4 * len(present) + 0.8, 6.5), 4.4), squeeze=False)
+    for axes, family in zip(all_axes[0], present):
         members = [row for row in rows if family in row.families]
-        for position, row in enumerate(members):
-            name = series_name(row)
+        numbers = [rows.index(row) + 1 for row in members]  # a series' number, the same in every panel
+        for position, (number, row) in enumerate(zip(numbers, members)):
             axes.bar(position, row.families[family][0], yerr=row.families[family][1], capsize=3,
                      color=palette.get(series_name(row, with_experts=False)),
-                     label=f"{name} (seeds: {len(row.results)})")
+                     label=f"{number}: {series_name(row)} (seeds: {len(row.results)})")
         if members[0].reference[family] is not None:
             axes.axhline(members[0].reference[family], color="black", linestyle="--", label="single-task DT (paper)")
-        axes.set_xticks([])
+        axes.set_xticks(range(len(members)), [str(number) for number in numbers], fontsize=7)
         axes.set_ylim(0, 100)
         axes.set_ylabel(SCORE_AXIS[family])
         axes.set_title(family, fontsize=9)
-        axes.grid(alpha=0.3, axis="y")
-        if index == len(present) - 1:
-            axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     figure.suptitle(plot_title(f"Score per family, {rows[0].task_cell.replace('(', 'tasks (')}", rows, title),
                     fontsize=9)
-    figure.tight_layout()
-    with atomic_path(path) as temporary:
-        figure.savefig(temporary, format="png", dpi=120)
-    plt.close(figure)
+    figure.subplots_adjust(top=0.74, wspace=0.45)  # room for the title's lines above the panels
+    finish(figure, list(all_axes[0]), path)
 
 
 def profile_curves(rows: list[Row], thresholds: np.ndarray, reps: int, seed: int
@@ -709,7 +713,7 @@ def plot_profiles(path: Path, rows: list[Row], title: str, palette: dict[str, An
                               "bootstrap CI over seeds" + (", and task positions where a series' task lists differ "
                                                            "by seed" if task_positions else "") + ")", rows, title),
                    fontsize=9)
-    finish(figure, axes, path)
+    finish(figure, [axes], path)
 
 
 def video_links(folders: list[Path], out_dir: Path) -> list[str]:
