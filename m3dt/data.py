@@ -29,7 +29,7 @@ import torch
 from numpy.lib.npyio import NpzFile
 from tqdm import tqdm
 
-from m3dt.tasks import MAX_ACT_DIM, MAX_OBS_DIM, Task, get_task
+from m3dt.tasks import MAX_ACT_DIM, MAX_OBS_DIM, Task, get_task, task_table
 
 PAD_ACTION = -10.0  # training pads actions with -10 (states 0 before normalising, rtg 0, timestep 0)
 STD_EPSILON = 1e-6
@@ -334,13 +334,23 @@ def read_lengths(source: EpisodeSource) -> list[int]:
 
 
 def read_task(task: Task, source: EpisodeSource, prompt_length: int) -> TaskPart:
-    """Read one task's training episodes and prompts; the last PROMPT_EPISODES episodes are the prompts."""
+    """Read one task's training episodes and prompts; the last PROMPT_EPISODES episodes are the prompts.
+    A task of one's own (README "Your own tasks") must hold zeros beyond its table's obs_dim and act_dim, else
+    DataError: a width in the table below the data's would train on values evaluation never gives the model."""
     episodes = source.part(0, -PROMPT_EPISODES).load()
     observations = np.concatenate([episode.observations for episode in episodes])
+    actions = np.concatenate([episode.actions for episode in episodes])
+    if task.name not in task_table():
+        for what, values, width in (("observations", observations, task.obs_dim), ("actions", actions, task.act_dim)):
+            beyond = np.flatnonzero(np.abs(values[:, width:]).max(axis=0, initial=0.0) > 0)
+            if len(beyond):
+                raise DataError(f"{source.where}: {what} hold non-zero values in dim {width + beyond[0]}, beyond the "
+                                f"task table's {'obs_dim' if what == 'observations' else 'act_dim'} {width} of "
+                                f"{task.name}: give its native width there, and zero-pad the data")
     mean, std = mean_and_std(observations)
     return TaskPart(
         observations=observations,
-        actions=np.concatenate([episode.actions for episode in episodes]),
+        actions=actions,
         returns_to_go=np.concatenate([returns_to_go(episode.rewards) for episode in episodes]) / task.rtg_scale,
         episode_lengths=[episode.rewards.shape[0] for episode in episodes],
         statistics=TaskStatistics(mean, std + STD_EPSILON,

@@ -233,3 +233,24 @@ def test_a_family_row_builds_that_familys_env(tmp_path):
     wrong = task_module.task_from_row({**row, "obs_dim": 7}, "test", 0)
     with pytest.raises(TaskError, match="its env observes 6 dims, the task table says obs_dim 7"):
         make_env(wrong, episode=0).reset()
+
+
+def test_a_table_width_below_the_datas_is_refused_when_loading(tmp_path, capsys):
+    """obs_dim 5 for Hopper's 11-dim observations: stage 1 trained on it and only evaluation noticed. The data
+    holds non-zero values beyond the table's width: stage 1 stops with one line naming the folder."""
+    use_task_table(write_table(tmp_path, ROWS[:1]))  # the right widths, to make the data
+    data_root = tmp_path / "data"
+    (data_root / "own-hopper").mkdir(parents=True)
+    for index, episode in enumerate(random_episodes("own-hopper", 4)):
+        np.savez(data_root / "own-hopper" / f"{index}.npz", observations=episode["observations"][:-1],
+                 actions=episode["actions"], rewards=episode["rewards"], terminals=episode["terminations"])
+    task_module._user_tasks.clear()  # as a new process, given the table with the wrong width
+    task_module._user_table_files.clear()
+    table = write_table(tmp_path, [{**ROWS[0], "obs_dim": 5}])
+    with pytest.raises(SystemExit) as exited:
+        run_cli(train_backbone, "stage 1", [*TINY, "--task_table", str(table), "--tasks", "own-hopper",
+                                            "--data_path", str(data_root), "--run_dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.count("\n") == 1, err
+    assert (f"{data_root / 'own-hopper'}: observations hold non-zero values in dim 5, beyond the task table's "
+            "obs_dim 5 of own-hopper") in err
