@@ -536,6 +536,9 @@ def markdown_table(results: dict) -> str:
     total = results["total"]
     reference = reference_text(total["reference_score"])
     lines.append(f"| **total** | {total['tasks']} | **{total['score']:.2f}** | {reference} |")
+    lines += ["", "Scores (0-100, per task, averaged over its episodes): " + "; ".join(
+        f"{family}: {SCORE_AXIS[family]}" for family in results["families"]) + "; a family's and the total "
+        f"score: the mean over tasks. Seed {results['seed']}."]
     if results.get("videos"):
         lines += ["", "Videos: " + ", ".join(f"[{Path(path).stem}]({path})" for paths in results["videos"].values()
                                             for path in paths)]
