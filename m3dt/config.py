@@ -26,7 +26,12 @@ class ConfigError(ValueError):
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with its errors (an unknown option, a value that does not parse or is not a choice) as one
-    line and exit code 2, like every other bad input, instead of the usage block followed by the error."""
+    line and exit code 2, like every other bad input, instead of the usage block followed by the error; no
+    abbreviated options (argparse would take --episode for --episodes, and a misspelt option would pass)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"error: {message} (--help lists the options)\n")

@@ -461,6 +461,12 @@ def test_bad_options_are_one_line(tmp_path, capsys, argv, message):
     assert err == f"error: {message}\n"
 
 
+def test_an_abbreviated_option_is_not_taken_for_the_whole_one(tmp_path, capsys):
+    """argparse took --max_iter for --max_iters (and --episode for --episodes): a misspelt option passed."""
+    err = run_stage1([*TINY, "--run_dir", str(tmp_path), "--tasks", "reach-v2", "--max_iter", "5"], capsys)
+    assert err == "error: unrecognized arguments: --max_iter 5 (--help lists the options)\n"
+
+
 @pytest.mark.parametrize("name", [*POSITIVE, *NON_NEGATIVE])
 def test_every_count_below_its_range_is_refused(name):
     """--max_iters 0 wrote an untrained backbone and said "stage 1: wrote"; every count, size, interval and
