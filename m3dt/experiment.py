@@ -1010,6 +1010,11 @@ def main(argv: list[str] | None = None) -> None:
         jobs = shard_jobs(plan_jobs(grid, run_root, overrides), arguments.shard)
         if arguments.dry_run:
             print(dry_run(grid, jobs, run_root, load_benches(arguments.bench_dir), arguments.show_commands))
+            if arguments.launcher == "slurm":
+                pending = [job for job in jobs if job.kind != "evaluate" or not evaluation_status(job).done]
+                print(f"--launcher slurm would submit {len(pending)} SLURM job(s) (every training job: a finished "
+                      "stage returns at once; the evaluations not done), each waiting only for the jobs it reads "
+                      f"from; submitit parameters: {grid.slurm or 'submitit defaults (the grid has no slurm: mapping)'}")
             return
         check_conflicts(jobs)
         if arguments.launcher == "slurm":  # every training job: a finished stage returns at once

@@ -154,6 +154,8 @@ def test_on_slurm_each_job_waits_only_for_the_jobs_it_reads_from(grid_file, monk
 
     monkeypatch.setattr(submitit, "AutoExecutor", RecordingExecutor)
     run_root = grid_file.parent / "slurm_plan"
+    main([str(grid_file), "--run_root", str(run_root), "--launcher", "slurm", "--dry_run"])
+    assert "--launcher slurm would submit 12 SLURM job(s)" in capsys.readouterr().out and not submissions
     main([str(grid_file), "--run_root", str(run_root), "--launcher", "slurm", "--cluster", "slurm"])
     # per run: stage 1, its Prompt-DT evaluation, grouping, experts, routers, M3DT evaluation (ids from 101)
     expected = [("stage1", None), ("evaluate", 1), ("grouping", 1), ("experts", 3), ("router", 4), ("evaluate", 5)]
