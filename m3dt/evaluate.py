@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import multiprocessing
 import os
 import signal
@@ -55,7 +54,7 @@ from m3dt.run import (ArtifactError, RunDir, atomic_path, check_inputs, file_has
                       manifest_path, read_json, read_manifest, write_json)
 from m3dt.scores import SCORE_AXIS, full_episode_return, task_score
 from m3dt.tasks import (FAMILIES, GYMNASIUM, MAX_ACT_DIM, MAX_OBS_DIM, MT1_GOALS, Task, check_timesteps, get_task,
-                        register_task_rows, resolve_tasks)
+                        names_hash, register_task_rows, resolve_tasks)
 from m3dt.video import VideoError, video_path
 
 # the protocol's; a gymnasium task of one's own (README "Your own tasks") gets 10, as D4RL-style evaluations do
@@ -692,7 +691,7 @@ def subset_name(chosen: list[str], trained: list[str], prefix_name: str | None, 
         return ""
     if prefix_name and not tasks:
         return prefix_name
-    return f"tasks{len(chosen)}-{hashlib.sha256(' '.join(chosen).encode()).hexdigest()[:6]}"
+    return f"tasks{len(chosen)}-{names_hash(chosen)}"
 
 
 def output_label(method: str, grouping: str, expert_num: int, protocol: dict, context_actions: str, seed: int,

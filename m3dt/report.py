@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import csv
 import dataclasses
-import hashlib
 import json
 import os
 import re
@@ -45,7 +44,7 @@ from m3dt.baselines.dense_sizes import parameter_count
 from m3dt.evaluate import reference_text
 from m3dt.run import ArtifactError, atomic_path, file_hash, manifest_path
 from m3dt.scores import SCORE_AXIS
-from m3dt.tasks import FAMILIES, GYMNASIUM, suites
+from m3dt.tasks import FAMILIES, GYMNASIUM, names_hash, suites
 
 # The paper's published numbers (Kong et al., ICML 2025): normalised score, mean over tasks, by task count.
 PAPER_TOTALS = {"M3DT": {10: 89.23, 80: 80.66, 160: 78.21},
@@ -104,7 +103,7 @@ class Result:
         official = suites()[f"seed{seed}" if f"seed{seed}" in suites() else "seed0"].get(f"mt{self.tasks}")
         if official is not None and sorted(official) == sorted(self.data["tasks"]):
             return f"mt{self.tasks}"
-        listed = "list " + hashlib.sha256(" ".join(sorted(self.data["tasks"])).encode()).hexdigest()[:6]
+        listed = "list " + names_hash(sorted(self.data["tasks"]))
         match = RUN_NAME.fullmatch(self.run_dir.name)  # a grid names its suites: {suite}_seed{seed}[_{variant}]
         return f"{match.group(1)}, {listed}" if match else listed
 

@@ -12,6 +12,7 @@ same columns: either a task of the dmc, ant_dir or cheetah_vel family, built and
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -198,6 +199,12 @@ def gymnasium_scores(row: dict, label: str) -> tuple[float, float]:
 def is_number(value: object) -> bool:
     """An int or float of JSON (true and false are not numbers here)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def names_hash(names: list[str]) -> str:
+    """Six hex digits of the sha256 of task names in the given order: how folders and reports name a task list
+    that is not an official suite."""
+    return hashlib.sha256(" ".join(names).encode()).hexdigest()[:6]
 
 
 def read_json_file(path: Path, what: str):
