@@ -222,7 +222,13 @@ class Row:
     total: tuple[float, float, int] = (0.0, 0.0, 0)
     iqm: float = 0.0
     interval: tuple[float, float] | None = None  # 95% CI of the IQM; None with one seed
-    bootstrap: str = ""  # how the CI was computed
+    task_bootstrap: bool = False  # its task lists differ by seed: CIs resample task positions too
+
+    @property
+    def bootstrap(self) -> str:
+        """How its CI and profile band were computed."""
+        return "task positions and seeds (task lists differ by seed)" if self.task_bootstrap else "seeds within tasks"
+
     reference: dict[str, float | None] = field(default_factory=dict)  # single-task DT: per family, "total"
     # (None: tasks of one's own, which have no paper reference)
 
@@ -325,8 +331,8 @@ def build_rows(results: list[Result], reps: int, seed: int) -> list[Row]:
         row.total = mean_std([result.data["total"]["score"] for result in members])
         row.reference["total"] = mean_reference([result.data["total"] for result in members])
         matrix, same_tasks = score_matrix(members)
-        row.iqm, row.interval = iqm_interval(matrix, reps, seed, task_bootstrap=not same_tasks)
-        row.bootstrap = "seeds within tasks" if same_tasks else "task positions and seeds (task lists differ by seed)"
+        row.task_bootstrap = not same_tasks
+        row.iqm, row.interval = iqm_interval(matrix, reps, seed, task_bootstrap=row.task_bootstrap)
         rows.append(row)
     return rows
 
@@ -388,7 +394,7 @@ def caption(rows: list[Row]) -> list[str]:
     if not all(row.official for row in rows):
         notes.append("The paper's numbers are of its official suites (mt10, mt80, mt160 of seeds 0-2): rows on "
                      "other task lists have none beside them, even with the same task count.")
-    if any(row.interval and "differ" in row.bootstrap for row in rows):
+    if any(row.interval and row.task_bootstrap for row in rows):
         notes.append("Where a row's seeds have different task lists (the official mt10..mt120 lists differ by "
                      "seed) its CI resamples task positions and seeds (rliable's task bootstrap).")
     if any(not row.first.full for row in rows):
@@ -686,8 +692,8 @@ def profile_curves(rows: list[Row], thresholds: np.ndarray, reps: int, seed: int
     profiles, bands = {}, {}
     for row in rows:
         name = series_name(row)
-        matrix, same_tasks = score_matrix(row.results)
-        curve, band = performance_profiles({name: matrix}, thresholds, reps, seed, task_bootstrap=not same_tasks)
+        curve, band = performance_profiles({name: score_matrix(row.results)[0]}, thresholds, reps, seed,
+                                           task_bootstrap=row.task_bootstrap)
         profiles[name], bands[name] = curve[name], band[name]
     return profiles, bands
 
@@ -697,7 +703,7 @@ def plot_profiles(path: Path, rows: list[Row], title: str, palette: dict[str, An
     plt = pyplot()
     thresholds = np.linspace(0.0, 100.0, 101)
     profiles, bands = profile_curves(rows, thresholds, reps, seed)
-    task_positions = not all(score_matrix(row.results)[1] for row in rows)
+    task_positions = any(row.task_bootstrap for row in rows)
     figure, axes = plt.subplots(figsize=(9, 4.8))
     for name, row in zip(profiles, rows):
         colour = palette.get(series_name(row, with_experts=False))
