@@ -78,6 +78,7 @@ from m3dt.tasks import (FAMILIES, MAX_ACT_DIM, MT1_GOALS, Task, TaskError, get_t
 warnings.filterwarnings("ignore", message="Constant\\(s\\) may be too high")
 
 EXPERTS_DIR = "_experts"
+SHIPPED_EXPERTS = Path(__file__).resolve().parent.parent / "experts"  # trained experts in the repository
 SUMMARY_FILE = "collect.json"
 GOAL_RANGES = {"ant_dir": (0.0, 2 * np.pi), "cheetah_vel": (0.0, 3.0)}  # expert training goals, uniform
 LOCOMOTION_FAMILIES = tuple(GOAL_RANGES)
@@ -165,9 +166,13 @@ class ExpertFiles:
     state: Path  # JSON: steps done and asked for; written last, so it never claims more than the model has
 
     @staticmethod
-    def of(out: Path, name: str) -> ExpertFiles:
-        folder = out / EXPERTS_DIR
+    def in_folder(folder: Path, name: str) -> ExpertFiles:
         return ExpertFiles(folder / f"{name}.zip", folder / f"{name}.replay_buffer.pkl", folder / f"{name}.json")
+
+    @staticmethod
+    def of(out: Path, name: str) -> ExpertFiles:
+        """The expert `name` of the data root `out`."""
+        return ExpertFiles.in_folder(out / EXPERTS_DIR, name)
 
 
 class ExpertTrainingEnv(gym.Env):
@@ -243,7 +248,7 @@ def train_expert(name: str, steps: int, out: Path, seed: int, save_every: int, l
                  buffer_size: int, device: str) -> None:
     """Train (or continue training) the SAC expert `name` to `steps` environment steps."""
     files = ExpertFiles.of(out, name)
-    resume = files.model.is_file() and files.replay_buffer.is_file() and files.state.is_file()
+    resume = files.model.is_file() and files.state.is_file()
     start = read_json(files.state, f"state of the {name} expert")["steps_done"] if resume else 0
     if start >= steps:
         print(f"expert {name}: already trained for {start} steps ({files.model})")
@@ -252,8 +257,6 @@ def train_expert(name: str, steps: int, out: Path, seed: int, save_every: int, l
     env = ExpertTrainingEnv(name, derived_seed(seed, start))
     if resume:
         model = SAC.load(files.model, env=env, device=device)
-        model.load_replay_buffer(files.replay_buffer)
-        print(f"resuming {name} from step {model.num_timesteps}")
     else:
         # SB3's SAC defaults (256x256 MLPs, lr 3e-4, batch 256); random actions for the first
         # `learning_starts` steps, as RL Zoo does for MuJoCo.
@@ -262,12 +265,29 @@ def train_expert(name: str, steps: int, out: Path, seed: int, save_every: int, l
     # SB3 otherwise makes a new empty log folder in the system's temp dir on every learn(); keep its
     # training log (episode returns, losses) beside the expert instead.
     model.set_logger(configure_logger(str(files.model.with_suffix("")) + "_log", ["csv"]))
+    if resume and files.replay_buffer.is_file():
+        model.load_replay_buffer(files.replay_buffer)
+        print(f"resuming {name} from step {model.num_timesteps}")
+    elif resume:
+        refill_replay_buffer(model, name, min(learning_starts, steps - start))
     if model.num_timesteps < steps:
         progress = TrainingProgress(files, steps, save_every, seed)
         model.learn(total_timesteps=steps - model.num_timesteps, callback=progress, reset_num_timesteps=False)
     save_expert(model, files, steps, seed)
     env.close()
     print(f"expert {name}: {model.num_timesteps} steps, saved to {files.model}")
+
+
+def refill_replay_buffer(model: SAC, name: str, steps: int) -> None:
+    """Resume a checkpoint that has no replay buffer (as the experts shipped in `experts/`): first `steps`
+    environment steps of its own stochastic policy with no update, so that its first updates sample its
+    own behaviour rather than a handful of transitions (SB3's warm-up would act at random instead). They
+    count as environment steps of the training."""
+    print(f"resuming {name} from step {model.num_timesteps} without its replay buffer: {steps} steps of its "
+          "policy refill it before the updates continue")
+    gradient_steps, model.gradient_steps = model.gradient_steps, 0  # SB3 collects and skips train() at 0
+    model.learn(total_timesteps=steps, reset_num_timesteps=False)
+    model.gradient_steps = gradient_steps
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -282,8 +302,11 @@ def expert_state(task: Task, out: Path) -> dict:
     files = ExpertFiles.of(out, name)
     if not files.model.is_file() or not files.state.is_file():
         what = "no expert for DMC" if task.family == "dmc" else f"no {name} expert"
+        shipped = ExpertFiles.in_folder(SHIPPED_EXPERTS, name)
+        use_shipped = (f", or copy the repository's ({shipped.model} and {shipped.state.name}) into "
+                       f"{files.model.parent}/" if shipped.model.is_file() else "")
         raise CollectError(f"{what} ({task.name}): train one with python -m m3dt.collect train-expert "
-                           f"--expert {name} --out {out}")
+                           f"--expert {name} --out {out}{use_shipped}")
     state = read_json(files.state, f"state of the {name} expert")
     if state["steps_done"] < state["steps_target"]:
         raise CollectError(f"the {name} expert stopped at {state['steps_done']} of {state['steps_target']} "
@@ -549,6 +572,10 @@ def train_parser() -> argparse.ArgumentParser:
                         help="replay buffer capacity, fixed by the first run (each checkpoint writes all of it: "
                              "~200-300 MB at 1M)")
     parser.add_argument("--device", default="auto", help="auto: cuda when available, else cpu")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads for SAC's updates: 1 leaves the other cores to other work (a second "
+                             "thread on a busy machine made each step ~10x slower); on an otherwise idle 2-core "
+                             "machine 2 threads ran ant-dir's expert 1.3-1.4x faster than 1")
     parser.add_argument("--debug", action="store_true", help="tracebacks instead of one-line errors")
     return parser
 
@@ -574,12 +601,11 @@ def run_command(argv: list[str]) -> None:
         positive("save_every", args.save_every, 1)
         positive("learning_starts", args.learning_starts, 0)
         positive("buffer_size", args.buffer_size, 1)
+        positive("threads", args.threads, 1)
         names = collection_tasks("dmc") if args.expert == "dmc" else [args.expert]
         for name in names:
             expert_task(name)  # validates the name before anything is built
-        # SAC's networks are small (256x256, batch 256): on CPU a second intra-op thread gains little, and on
-        # a busy machine it made each step ~10x slower (measured: 66 vs 5 steps/s).
-        torch.set_num_threads(1)
+        torch.set_num_threads(args.threads)  # SAC's 256x256 networks: see --threads for what more threads gain
         for name in names:  # each resumes from its own checkpoint, so a rerun skips the finished ones
             train_expert(name, args.steps, Path(args.out), args.seed, args.save_every, args.learning_starts,
                          args.buffer_size, args.device)

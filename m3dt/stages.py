@@ -111,12 +111,14 @@ def make_sampler(config: Config, tasks: list[str], device: torch.device, streams
     data_device = memory.data_device(config.data_device, device, plan, free)
     if data_device != device:
         plan = dataclasses.replace(plan, data=0)
-    print(plan.describe(free, capacity, device))
+    # under torchrun every rank plans and loads its own share of the tasks, so each line says whose it is
+    rank = f"rank {dist.get_rank()}: " if dist.is_initialized() else ""
+    print(rank + plan.describe(free, capacity, device))
     if data_device != device:
-        print(f"the dataset ({data / memory.GIB:.2f} GiB) stays in host memory (--data_device {config.data_device}); "
-              "batches are gathered there and copied to the device")
+        print(f"{rank}the dataset ({data / memory.GIB:.2f} GiB) stays in host memory (--data_device "
+              f"{config.data_device}); batches are gathered there and copied to the device")
     dataset = TaskDataset(config.data_path, tasks, config.max_episodes, config.prompt_length, workers, lengths)
-    print(f"loaded {len(tasks)} tasks, {len(dataset.returns_to_go):,} transitions ({dataset.nbytes() / memory.GIB:.2f} GiB) "
+    print(f"{rank}loaded {len(tasks)} tasks, {len(dataset.returns_to_go):,} transitions ({dataset.nbytes() / memory.GIB:.2f} GiB) "
           f"from {config.data_path}")
     statistics = dataset.statistics_fingerprints()
     if run is not None:

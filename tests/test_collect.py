@@ -3,15 +3,20 @@ expert training and resume, the scripted Meta-World experts, scores, and one-lin
 
 import hashlib
 import json
+import shutil
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
+from stable_baselines3 import SAC
+from stable_baselines3.common.logger import configure as configure_logger
 
 from m3dt.collect import (
     EXPERTS_DIR,
     SUMMARY_FILE,
     EpisodeJob,
+    ExpertTrainingEnv,
     collect,
     collect_episode,
     collection_tasks,
@@ -19,6 +24,7 @@ from m3dt.collect import (
     is_termination,
     main,
     mt1_goal_blocks,
+    refill_replay_buffer,
     train_expert,
 )
 from m3dt.data import TaskDataset, load_episode
@@ -110,11 +116,48 @@ def test_expert_training_resumes_from_its_checkpoint(data_root, capsys):
     assert "expert cheetah_vel: already trained for 90 steps" in capsys.readouterr().out
 
 
+def test_a_checkpoint_without_its_replay_buffer_refills_it_with_its_policy_before_updating(data_root, tmp_path,
+                                                                                        capsys):
+    # the 60-step expert of the fixture, shipped as `experts/` ships one: model and state, no replay buffer
+    shipped = tmp_path / EXPERTS_DIR
+    shipped.mkdir()
+    for suffix in (".zip", ".json"):
+        shutil.copy(data_root / EXPERTS_DIR / f"cheetah_vel{suffix}", shipped)
+    model = SAC.load(shipped / "cheetah_vel.zip", env=ExpertTrainingEnv("cheetah_vel", 1), device="cpu")
+    model.set_logger(configure_logger(None, []))
+    weights = [parameter.detach().clone() for parameter in model.policy.parameters()]
+    refill_replay_buffer(model, "cheetah_vel", 25)
+    assert model.num_timesteps == 85 and model.replay_buffer.size() == 25
+    assert all(torch.equal(before, after) for before, after in zip(weights, model.policy.parameters()))
+    assert model.gradient_steps == 1  # and later steps update again
+    # through train_expert: the refill (at most --learning_starts steps), then training to the target
+    train_expert("cheetah_vel", steps=100, out=tmp_path, seed=0, save_every=1000, learning_starts=30,
+                 buffer_size=100, device="cpu")
+    assert "from step 60 without its replay buffer: 30 steps of its policy" in capsys.readouterr().out
+    assert json.loads((shipped / "cheetah_vel.json").read_text())["steps_done"] == 100
+    trained = SAC.load(shipped / "cheetah_vel.zip", device="cpu")
+    trained.load_replay_buffer(shipped / "cheetah_vel.replay_buffer.pkl")
+    assert trained.replay_buffer.size() == 40
+    assert not all(torch.equal(before, after) for before, after in zip(weights, trained.policy.parameters()))
+
+
 def test_expert_dmc_trains_one_expert_per_dmc_task_in_turn(tmp_path, monkeypatch):
     trained = []
     monkeypatch.setattr("m3dt.collect.train_expert", lambda name, *arguments: trained.append(name))
     main(["train-expert", "--expert", "dmc", "--steps", "10", "--out", str(tmp_path)])
     assert trained == [task.name for task in task_table().values() if task.family == "dmc"] and len(trained) == 30
+
+
+def test_expert_training_uses_the_threads_asked_for(tmp_path, monkeypatch):
+    threads_seen = []
+    monkeypatch.setattr("m3dt.collect.train_expert", lambda *arguments: threads_seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    try:
+        main(["train-expert", "--expert", "ant_dir", "--threads", "2", "--out", str(tmp_path)])
+        main(["train-expert", "--expert", "ant_dir", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(before)
+    assert threads_seen == [2, 1]
 
 
 @pytest.mark.parametrize("task_name", ["reach-v2", "button-press-topdown-v2", "drawer-close-v2"])
@@ -159,6 +202,7 @@ def test_scores_per_family():
     (["--tasks", "ant-dir-0", "--episodes", "3"], "no ant_dir expert (ant-dir-0)"),
     (["--tasks", "reach-v3", "--episodes", "3"], "unknown task 'reach-v3'"),
     (["--tasks", "reach-v2", "--episodes", "3", "--noise", "-1"], "--noise must be at least"),
+    (["train-expert", "--expert", "ant_dir", "--threads", "0"], "--threads must be at least 1, got 0"),
 ])
 def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, capsys, arguments, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -166,6 +210,20 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, capsys, arguments, m
     error = capsys.readouterr().err
     assert exit_info.value.code == 2
     assert error.startswith("error: ") and message in error and error.count("\n") == 1
+
+
+def test_a_missing_expert_points_to_the_one_shipped_in_the_repository(data_root, tmp_path, monkeypatch, capsys):
+    shipped = tmp_path / "experts"
+    shipped.mkdir()
+    for suffix in (".zip", ".json"):
+        shutil.copy(data_root / EXPERTS_DIR / f"cheetah_vel{suffix}", shipped)
+    monkeypatch.setattr("m3dt.collect.SHIPPED_EXPERTS", shipped)
+    out = tmp_path / "data"
+    with pytest.raises(SystemExit):
+        main(["--tasks", "cheetah-vel-3", "--episodes", "3", "--out", str(out)])
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "no cheetah_vel expert (cheetah-vel-3)" in error
+    assert f"or copy the repository's ({shipped / 'cheetah_vel.zip'} and cheetah_vel.json) into {out / EXPERTS_DIR}/" in error
 
 
 def test_rerun_with_other_settings_or_fewer_episodes_is_refused(data_root, capsys):
