@@ -28,7 +28,8 @@ Policies:
   (`train-expert --expert walker-walk`, or `--expert dmc` for all 30 in turn), in the protocol's env
   (action repeat 2, 500 steps).
 Experts live in `{out}/_experts/`; the loader reads only the folders of the tasks it is given, so this
-folder is never taken for data.
+folder is never taken for data. The repository's `experts/` folder holds experts trained by this project
+(model and state file, no replay buffer) to copy there.
 
 Collection is deterministic given --seed: episode i of task t draws its action noise and reset state from
 a seed derived from (seed, task index, i), whatever the worker scheduling. The default seed (100) differs
