@@ -37,6 +37,13 @@ TASKS = ["reach-v2", "cheetah-vel-3"]
 STEPS = 20
 
 
+def copy_expert(source, name, target):
+    """An expert's model and state file, without its replay buffer (as `experts/` ships one)."""
+    target.mkdir(exist_ok=True)
+    for suffix in (".zip", ".json"):
+        shutil.copy(source / f"{name}{suffix}", target)
+
+
 def file_fingerprints(folder):
     return {path.name: (path.stat().st_mtime_ns, hashlib.sha256(path.read_bytes()).hexdigest())
             for path in sorted(folder.glob("*.npz"))}
@@ -121,9 +128,7 @@ def test_a_checkpoint_without_its_replay_buffer_refills_it_with_its_policy_befor
                                                                                         capsys):
     # the 60-step expert of the fixture, shipped as `experts/` ships one: model and state, no replay buffer
     shipped = tmp_path / EXPERTS_DIR
-    shipped.mkdir()
-    for suffix in (".zip", ".json"):
-        shutil.copy(data_root / EXPERTS_DIR / f"cheetah_vel{suffix}", shipped)
+    copy_expert(data_root / EXPERTS_DIR, "cheetah_vel", shipped)
     model = SAC.load(shipped / "cheetah_vel.zip", env=ExpertTrainingEnv("cheetah_vel", 1), device="cpu")
     model.set_logger(configure_logger(None, []))
     weights = [parameter.detach().clone() for parameter in model.policy.parameters()]
@@ -215,9 +220,7 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, capsys, arguments, m
 
 def test_a_missing_expert_points_to_the_one_shipped_in_the_repository(data_root, tmp_path, monkeypatch, capsys):
     shipped = tmp_path / "experts"
-    shipped.mkdir()
-    for suffix in (".zip", ".json"):
-        shutil.copy(data_root / EXPERTS_DIR / f"cheetah_vel{suffix}", shipped)
+    copy_expert(data_root / EXPERTS_DIR, "cheetah_vel", shipped)
     monkeypatch.setattr("m3dt.collect.SHIPPED_EXPERTS", shipped)
     out = tmp_path / "data"
     with pytest.raises(SystemExit):
@@ -231,9 +234,7 @@ def test_the_shipped_ant_dir_expert_collects(tmp_path):
     """experts/ant_dir.zip, copied as the README says, is a finished checkpoint that collection accepts."""
     state = json.loads((SHIPPED_EXPERTS / "ant_dir.json").read_text())
     assert state["steps_done"] == state["steps_target"] > 0
-    (tmp_path / EXPERTS_DIR).mkdir()
-    for suffix in (".zip", ".json"):
-        shutil.copy(SHIPPED_EXPERTS / f"ant_dir{suffix}", tmp_path / EXPERTS_DIR)
+    copy_expert(SHIPPED_EXPERTS, "ant_dir", tmp_path / EXPERTS_DIR)
     summary = collect(["ant-dir-0"], episodes=3, out=tmp_path, seed=0, noise=0.0, workers=0, max_steps=30)
     assert summary["ant-dir-0"]["settings"]["policy"] == f"sac ant_dir at {state['steps_done']} steps"
     # it walks: 48.8 in 30 steps at 300k training steps; random actions got -34.6 to 3.7 in three episodes
