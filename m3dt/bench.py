@@ -158,12 +158,13 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_paths(paths: dict[str, Callable[[int], Any]], warmup: int, steps: int,
-               device: torch.device) -> dict[str, float]:
-    """Median ms per call of each path after `warmup` untimed calls. The paths take turns, a window of
-    calls each, so that a machine whose speed drifts (shared CPUs, clocks) slows them alike. A window is
-    one call on the CPU; on CUDA it is several calls with a sync only at its ends, so that the host queues
-    the next step while the device runs the current one, as in training."""
+def time_paths(paths: dict[str, Callable[[int], Any]], warmup: int, steps: int, device: torch.device,
+               statistic: Callable[[list[float]], float] = statistics.median) -> dict[str, float]:
+    """Ms per call of each path after `warmup` untimed calls: the `statistic` (median by default) of its
+    timed windows. The paths take turns, a window of calls each, so that a machine whose speed drifts
+    (shared CPUs, clocks) slows them alike. A window is one call on the CPU; on CUDA it is several calls
+    with a sync only at its ends, so that the host queues the next step while the device runs the current
+    one, as in training."""
     for call in paths.values():
         for number in range(warmup):
             call(number)
@@ -177,31 +178,41 @@ def time_paths(paths: dict[str, Callable[[int], Any]], warmup: int, steps: int,
                 call(number)
             synchronize(device)
             times[path].append((time.perf_counter() - start) * 1e3 / window)
-    return {path: statistics.median(values) for path, values in times.items()}
+    return {path: statistic(values) for path, values in times.items()}
+
+
+# A ceiling is the best the device did: the fastest of its repeats, so that a moment of contention on a
+# shared machine lowers it less than a median would (a lower ceiling reads as a higher "% of peak").
+CEILING_REPEATS = 10
+MATMUL_SIZES = {"cuda": (4096, 8192, 16384), "cpu": (512, 1024, 2048)}
 
 
 def matmul_peak(device: torch.device, precision: str) -> float:
-    """TFLOP/s of a large square matmul in `precision` (median of 5): the ceiling achieved TFLOP/s are
-    compared with."""
-    size = 8192 if device.type == "cuda" else 2048
+    """TFLOP/s of square matmuls in `precision`: the best over a few sizes of the fastest of
+    `CEILING_REPEATS` calls each, the ceiling the stages' achieved TFLOP/s are compared with."""
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    left = torch.randn(size, size, device=device, dtype=dtype)
-    right = torch.randn(size, size, device=device, dtype=dtype)
+    best = 0.0
+    for size in MATMUL_SIZES["cuda" if device.type == "cuda" else "cpu"]:
+        left = torch.randn(size, size, device=device, dtype=dtype)
+        right = torch.randn(size, size, device=device, dtype=dtype)
 
-    def product(_: int) -> torch.Tensor:
-        with Precision(device, precision):
-            return left @ right
+        def product(_: int) -> torch.Tensor:
+            with Precision(device, precision):
+                return left @ right
 
-    milliseconds = time_paths({"matmul": product}, warmup=2, steps=5, device=device)["matmul"]
-    return 2 * size**3 / (milliseconds / 1e3) / 1e12
+        milliseconds = time_paths({"matmul": product}, warmup=2, steps=CEILING_REPEATS, device=device,
+                                  statistic=min)["matmul"]
+        best = max(best, 2 * size**3 / (milliseconds / 1e3) / 1e12)
+    return best
 
 
 def copy_bandwidth(device: torch.device) -> float:
     """GB/s of a 256 MiB copy within the device's memory (beyond every cache), bytes read plus bytes
-    written (median of 5): the ceiling the bytes a step must move are compared with."""
+    written (the fastest of `CEILING_REPEATS`): the ceiling the bytes a step must move are compared with."""
     source = torch.ones(2**26, device=device)
     target = torch.empty_like(source)
-    milliseconds = time_paths({"copy": lambda _: target.copy_(source)}, warmup=2, steps=5, device=device)["copy"]
+    milliseconds = time_paths({"copy": lambda _: target.copy_(source)}, warmup=2, steps=CEILING_REPEATS,
+                              device=device, statistic=min)["copy"]
     return 2 * source.numel() * source.element_size() / (milliseconds / 1e3) / 1e9
 
 

@@ -186,6 +186,26 @@ def test_floor_is_set_by_the_slower_of_arithmetic_and_memory():
     assert bench.time_floor(1e9, 1e12, peak_tflops=1.0, bandwidth=1000.0) == (1000.0, "bytes")  # 1 ms vs 1 s
 
 
+def test_ceilings_take_the_fastest_window_and_training_rows_the_median(monkeypatch):
+    """time_paths hands the statistic one time per window (one call per window on the CPU): the matmul
+    peak and copy bandwidth take the fastest, training rows the median. Clock readings are scripted: the
+    path's calls take 3, 1, 2 ms."""
+    durations = iter([0.003, 0.001, 0.002])
+    clock = [0.0]
+
+    def perf_counter() -> float:
+        return clock[0]
+
+    def call(_: int) -> None:
+        clock[0] += next(durations)
+
+    monkeypatch.setattr(bench.time, "perf_counter", perf_counter)
+    cpu = torch.device("cpu")
+    assert bench.time_paths({"path": call}, warmup=0, steps=3, device=cpu, statistic=min)["path"] == pytest.approx(1.0)
+    durations = iter([0.003, 0.001, 0.002])
+    assert bench.time_paths({"path": call}, warmup=0, steps=3, device=cpu)["path"] == pytest.approx(2.0)
+
+
 def test_bench_runs_end_to_end_with_tiny_settings(tmp_path):
     report = bench.main(["--quick", "--device", "cpu", "--embed_dim", "16", "--n_layer", "1", "--n_head", "2",
                          "--tasks", "4", "--groups", "2", "--experts", "2", "--eval_rows", "4", "--steps", "1",
