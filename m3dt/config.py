@@ -219,6 +219,8 @@ def read_yaml_mapping(file: Path, what: str) -> dict[str, Any]:
 
 
 def load_yaml(path: str) -> dict[str, Any]:
+    """The options of a config file (`--config`), each converted to its Config field's type. Raises
+    ConfigError naming the file for unknown options and values of the wrong type."""
     file = Path(path)
     values = read_yaml_mapping(file, "config file")
     field_types = {config_field.name: str(config_field.type) for config_field in dataclasses.fields(Config)}
@@ -257,6 +259,8 @@ def parse_config(description: str, argv: list[str] | None = None) -> Config:
 
 
 def check_values(config: Config) -> None:
+    """Raise ConfigError, naming the option, for a choice outside its allowed values or a count below its
+    minimum."""
     for name, allowed in CHOICES.items():
         if getattr(config, name) not in allowed:
             raise ConfigError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(config, name)!r}")

@@ -47,6 +47,8 @@ class DataError(ValueError):
 
 @dataclass
 class Episode:
+    """One trajectory of a task, zero-padded to the dataset's widths."""
+
     observations: np.ndarray  # (T, 39) float32
     actions: np.ndarray  # (T, 8) float32
     rewards: np.ndarray  # (T,) float32
@@ -483,7 +485,7 @@ def episode_lengths(data_root: str | Path, task_names: list[str], max_episodes: 
         return pool.map(read_lengths, [source.part(0, -PROMPT_EPISODES) for source in sources])
 
 
-def bounded_map(pool, function, items: list, in_flight: int) -> Iterator:
+def bounded_map(pool: multiprocessing.pool.Pool, function: Callable, items: list, in_flight: int) -> Iterator:
     """pool.map over `in_flight` items at a time, so that at most that many tasks' arrays wait in memory."""
     for start in range(0, len(items), in_flight):
         yield from pool.map(function, items[start : start + in_flight])

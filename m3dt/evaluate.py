@@ -111,7 +111,7 @@ def _answer(envs: list, command: str, payload):
     if command == "reset":
         return np.stack([_in_env(env.task.name, env.episode, "reset", env.reset) for env in envs])
     results = [_in_env(envs[i].task.name, envs[i].episode, "step", lambda: envs[i].step(action)) for i, action in payload]
-    return [(obs, reward, done, info["success"]) for obs, reward, done, info in results]
+    return [(observation, reward, done, info["success"]) for observation, reward, done, info in results]
 
 
 def _worker(connection, rollouts: list[tuple[Task, int, Path | None]], seed: int) -> None:
@@ -411,17 +411,17 @@ def run_rollouts(policy: Callable[[History, np.ndarray, int], np.ndarray], stati
             if context_actions == "masked":
                 predicted[np.arange(MAX_ACT_DIM)[None, :] >= act_dims[live, None]] = 0.0  # as the data pads actions
             history.actions[live, t] = predicted
-            results = pool.step(live, [predicted[i, : act_dims[r]] for i, r in enumerate(live)])
-            for r, (observation, reward, done, succeeded) in zip(live, results):
-                total_return[r] += reward
-                success[r] |= succeeded
-                steps[r] = t + 1
-                ended[r] = done
-                if done or t + 1 >= horizons[r]:
-                    alive[r] = False
+            results = pool.step(live, [predicted[i, : act_dims[rollout]] for i, rollout in enumerate(live)])
+            for rollout, (observation, reward, done, succeeded) in zip(live, results):
+                total_return[rollout] += reward
+                success[rollout] |= succeeded
+                steps[rollout] = t + 1
+                ended[rollout] = done
+                if done or t + 1 >= horizons[rollout]:
+                    alive[rollout] = False
                 else:
-                    history.states[r, t + 1] = (observation - mean[r]) / std[r]
-                    history.returns_to_go[r, t + 1] = history.returns_to_go[r, t] - reward / scales[r]
+                    history.states[rollout, t + 1] = (observation - mean[rollout]) / std[rollout]
+                    history.returns_to_go[rollout, t + 1] = history.returns_to_go[rollout, t] - reward / scales[rollout]
         finished = True
     finally:
         pool.close(finished)
@@ -545,6 +545,8 @@ def markdown_table(results: dict) -> str:
 
 
 def write_results(out_dir: Path, results: dict) -> None:
+    """Write an evaluation's results.json and results.csv (one row per task: score, mean return, success
+    rate, episodes, steps per episode, whether it was the full protocol, the paper's single-task DT score)."""
     write_json(out_dir / "results.json", results)
     columns = ["task", "family", "score", "return_mean", "success_rate", "episodes", "max_steps", "full_protocol",
                "reference_score"]

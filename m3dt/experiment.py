@@ -299,6 +299,8 @@ def run_options(grid: Grid, entry: Entry, suite: str, seed: int, run_dir: Path,
 
 
 def build_config(grid: Grid, values: dict[str, Any], where: str) -> Config:
+    """The Config of one grid run from its option values, as the command line would parse them; a bad value
+    is reported as an error in the grid file at `where`."""
     try:
         return parse_config("grid run", config_flags(values))
     except ConfigError as error:

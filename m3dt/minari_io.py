@@ -23,11 +23,16 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from m3dt.data import DataError, Episode, finite_float32
 from m3dt.tasks import MAX_ACT_DIM, MAX_OBS_DIM, Task
+
+if TYPE_CHECKING:  # optional packages, imported where they are used
+    import gymnasium
+    import minari
 
 PREFIX = "minari:"
 # Minari's ref_min_score / ref_max_score where the protocol's score is 100 (return - min) / (max - min), before
@@ -131,7 +136,7 @@ def padded(array: np.ndarray, width: int) -> np.ndarray:
     return out
 
 
-def space_width(space, what: str, where: str) -> int:
+def space_width(space: gymnasium.spaces.Space, what: str, where: str) -> int:
     """The width of a flat Box space with finite bounds (actions) or any bounds (observations)."""
     import gymnasium as gym
 
@@ -142,7 +147,9 @@ def space_width(space, what: str, where: str) -> int:
     return int(space.shape[0])
 
 
-def open_dataset(data_path: Path):
+def open_dataset(data_path: Path) -> minari.MinariDataset:
+    """The Minari dataset stored in the folder of `data_path`; DataError naming the folder when it cannot be
+    read as one."""
     import minari
 
     try:

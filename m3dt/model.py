@@ -24,6 +24,8 @@ PADDING_SCORE = -1e4  # added to the attention scores of padded keys, as GPT-2 d
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """The network's shape, the part of Config a checkpoint's weights depend on."""
+
     embed_dim: int = 256
     n_layer: int = 6
     n_head: int = 8
@@ -35,6 +37,8 @@ class ModelConfig:
 
 
 class SelfAttention(nn.Module):
+    """Causal multi-head self-attention (GPT-2's, as the reference's Prompt-DT) over (B, L, d) tokens."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.n_head = config.n_head
@@ -69,6 +73,8 @@ class SelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
+    """The block's dense feed-forward layer: d -> 4d -> d with ReLU and residual dropout (as the reference)."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.up = nn.Linear(config.embed_dim, 4 * config.embed_dim)
@@ -80,6 +86,8 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    """A pre-LayerNorm transformer block; stages 2 and 3 add an expert mixture beside its MLP."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.ln1 = nn.LayerNorm(config.embed_dim)
@@ -89,17 +97,17 @@ class Block(nn.Module):
         self.residual = config.residual
         self.expert_mixture: ExpertMixture | None = None  # installed by stages 2 and 3
 
-    def forward(self, h: torch.Tensor, attention_bias: torch.Tensor, rows: slice = slice(None),
+    def forward(self, hidden: torch.Tensor, attention_bias: torch.Tensor, rows: slice = slice(None),
                 past: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """The block's output at token positions `rows` (all by default); `past`: keys and values of tokens
-        before h (see SelfAttention)."""
-        h = h[:, rows] + self.attention(self.ln1(h), attention_bias, rows, past)
-        u = self.ln2(h)
+        before `hidden` (see SelfAttention)."""
+        hidden = hidden[:, rows] + self.attention(self.ln1(hidden), attention_bias, rows, past)
+        normed = self.ln2(hidden)
         if self.expert_mixture is None:
-            return h + self.mlp(u)
-        # The reference takes the residual from u (the LayerNorm output) once experts are installed.
-        residual = u if self.residual == "ln2" else h
-        return residual + self.mlp(u) + self.expert_mixture(u)
+            return hidden + self.mlp(normed)
+        # The reference takes the residual from the LayerNorm output once experts are installed.
+        residual = normed if self.residual == "ln2" else hidden
+        return residual + self.mlp(normed) + self.expert_mixture(normed)
 
 
 def interleave(returns: torch.Tensor, states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
@@ -119,12 +127,17 @@ class TokenEmbedding(nn.Module):
         self.state = nn.Linear(MAX_OBS_DIM, config.embed_dim)
         self.action = nn.Linear(MAX_ACT_DIM, config.embed_dim)
 
-    def forward(self, states, actions, returns_to_go, timesteps) -> torch.Tensor:
+    def forward(self, states: torch.Tensor, actions: torch.Tensor, returns_to_go: torch.Tensor,
+                timesteps: torch.Tensor) -> torch.Tensor:
         time = self.timestep(timesteps)
         return interleave(self.return_to_go(returns_to_go) + time, self.state(states) + time, self.action(actions) + time)
 
 
 class PromptDecisionTransformer(nn.Module):
+    """Prompt-DT (Xu et al., 2022) as M3DT's backbone: a prompt of two short trajectories of the task, then
+    the (return-to-go, state, action) tokens of the trajectory; predicts each step's action (B, K, 8) from its
+    state token, tanh-squashed."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
@@ -167,25 +180,26 @@ class PromptDecisionTransformer(nn.Module):
                     batch.prompt_states, batch.prompt_actions, batch.prompt_returns_to_go, batch.prompt_timesteps
                 )
                 tokens = torch.cat((prompt_tokens, tokens), dim=1)
-        h = self.dropout(tokens)
+        hidden = self.dropout(tokens)
         token_mask = token_mask.repeat_interleave(3, dim=1)
         attention_bias = attention_bias_for(token_mask)
         pasts = [None] * len(self.blocks)
         if prompt_cache is not None:
             if self.training:
                 raise ValueError("a prompt cache is for evaluation: in training, dropout changes the prompt tokens")
-            attention_bias = attention_bias[:, :, attention_bias.shape[-1] - h.shape[1]:]  # the trajectory's queries
+            # the trajectory's queries only
+            attention_bias = attention_bias[:, :, attention_bias.shape[-1] - hidden.shape[1]:]
             pasts = list(zip(prompt_cache.keys, prompt_cache.values))
         # Tokens are R, s, a per step and the action head reads the state tokens. Nothing later depends on
         # the last block's other outputs, so with `skip_unread_tokens` that block computes the read ones only.
-        length = h.shape[1]
+        length = hidden.shape[1]
         read = slice(length - 2, length - 1) if last_step_only else slice(length - 3 * steps + 1, None, 3)
         for block, past in zip(self.blocks[:-1], pasts):
-            h = block(h, attention_bias, past=past)
-        h = self.blocks[-1](h, attention_bias, read if self.skip_unread_tokens else slice(None), pasts[-1])
+            hidden = block(hidden, attention_bias, past=past)
+        hidden = self.blocks[-1](hidden, attention_bias, read if self.skip_unread_tokens else slice(None), pasts[-1])
         if not self.skip_unread_tokens:
-            h = h[:, read]
-        return torch.tanh(self.action_head(self.ln_final(h)))
+            hidden = hidden[:, read]
+        return torch.tanh(self.action_head(self.ln_final(hidden)))
 
     @torch.no_grad()
     def cache_prompt(self, states: torch.Tensor, actions: torch.Tensor, returns_to_go: torch.Tensor,
@@ -198,15 +212,15 @@ class PromptDecisionTransformer(nn.Module):
             raise ValueError("a prompt cache is for evaluation: in training, dropout changes the prompt tokens")
         if self.embed_prompt is None:
             raise ValueError("this model has no prompt embeddings (MTDT): there is no prompt to cache")
-        h = self.embed_prompt(states, actions, returns_to_go, timesteps)
+        hidden = self.embed_prompt(states, actions, returns_to_go, timesteps)
         attention_bias = attention_bias_for(mask.repeat_interleave(3, dim=1))
         keys, values = [], []
         for block in self.blocks:
-            key, value = block.attention.keys_values(block.ln1(h))
+            key, value = block.attention.keys_values(block.ln1(hidden))
             keys.append(key)
             values.append(value)
             if block is not self.blocks[-1]:
-                h = block(h, attention_bias)
+                hidden = block(hidden, attention_bias)
         return PromptCache(keys, values)
 
 

@@ -121,16 +121,16 @@ class ExpertMixture(nn.Module):
         self.router = Router(embed_dim, num_experts, hidden) if routed else None
         self.top_k = top_k
 
-    def forward(self, u: torch.Tensor) -> torch.Tensor:
-        """u: (B, L, d), the LayerNorm output of the block -> the experts' contribution (B, L, d)."""
-        batch, length, width = u.shape
+    def forward(self, normed: torch.Tensor) -> torch.Tensor:
+        """normed: (B, L, d), the LayerNorm output of the block -> the experts' contribution (B, L, d)."""
+        batch, length, width = normed.shape
         num_experts = self.experts.num_experts
         if self.router is None:
             if batch % num_experts:
                 raise ValueError(f"assigned mode needs rows in multiples of {num_experts} experts, got {batch}")
-            grouped = u.reshape(num_experts, (batch // num_experts) * length, width)
+            grouped = normed.reshape(num_experts, (batch // num_experts) * length, width)
             return self.experts(grouped).reshape(batch, length, width)
-        tokens = u.reshape(batch * length, width)
+        tokens = normed.reshape(batch * length, width)
         weights = gate_weights(self.router(tokens), self.top_k)  # (N, E) float32
         outputs = self.experts(tokens.unsqueeze(0))  # (E, N, d), bf16 under bf16 autocast
         return torch.einsum("ne,end->nd", weights.to(outputs.dtype), outputs).reshape(batch, length, width)

@@ -57,13 +57,13 @@ class NaiveMixture(nn.Module):
         self.experts = nn.ModuleList(experts)
         self.router = router
 
-    def forward(self, u: torch.Tensor) -> torch.Tensor:
+    def forward(self, normed: torch.Tensor) -> torch.Tensor:
         if self.router is None:
-            return self.experts[0](u)
-        weights = torch.softmax(self.router(u), dim=-1)
-        output = torch.zeros_like(u)
+            return self.experts[0](normed)
+        weights = torch.softmax(self.router(normed), dim=-1)
+        output = torch.zeros_like(normed)
         for index, expert in enumerate(self.experts):
-            output = output + weights[..., index : index + 1] * expert(u)
+            output = output + weights[..., index : index + 1] * expert(normed)
         return output
 
 
@@ -151,7 +151,8 @@ class NaiveTask:
 def load_naive_task(root: Path, name: str, max_episodes: int) -> NaiveTask:
     files = episode_files(root / name, max_episodes)
     episodes = [load_episode(path) for path in files[:-PROMPT_EPISODES]]
-    prompts = sorted((load_episode(path) for path in files[-PROMPT_EPISODES:]), key=lambda e: e.rewards.sum())
+    prompts = sorted((load_episode(path) for path in files[-PROMPT_EPISODES:]),
+                     key=lambda episode: episode.rewards.sum())
     lengths = np.array([episode.rewards.shape[0] for episode in episodes])
     return NaiveTask(get_task(name), episodes, lengths / lengths.sum(), *state_statistics(episodes),
                      prompts, *state_statistics(prompts))
@@ -173,7 +174,7 @@ class NaiveSampler:
         """(episode, start) per row: episode in proportion to its length, start uniform within it."""
         task = self.tasks[task_index]
         picks = self.rng.choice(len(task.episodes), size=self.batch_size, p=task.sample_probability)
-        return [(int(e), int(self.rng.integers(task.episodes[e].rewards.shape[0]))) for e in picks]
+        return [(int(episode), int(self.rng.integers(task.episodes[episode].rewards.shape[0]))) for episode in picks]
 
     def sample(self, task_index: int) -> Batch:
         return self.build(task_index, self.draw(task_index))

@@ -534,7 +534,7 @@ def write_csvs(out: Path, rows: list[Row], results: list[Result]) -> None:
 
 
 # ------------------------------------------------------------------------------------------ plots
-def pyplot():
+def pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -572,7 +572,7 @@ def colours(names: list[str]) -> dict[str, Any]:
     return {name: palette[index % len(palette)] for index, name in enumerate(unique)}
 
 
-def finish(figure, all_axes: list, path: Path) -> None:
+def finish(figure: Any, all_axes: list, path: Path) -> None:
     """Grid, one legend for every series of `all_axes` below the plots (long series names would squeeze the
     plots beside them), and the PNG cropped to what was drawn (titles and legend whole)."""
     entries: dict[str, Any] = {}

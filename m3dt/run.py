@@ -94,6 +94,7 @@ def load_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write a training checkpoint (torch.save) atomically: a killed write leaves the previous one."""
     with atomic_path(path) as temporary:
         torch.save(state, temporary)
 
@@ -204,6 +205,8 @@ def manifest_path(artifact: Path) -> Path:
 
 def write_manifest(artifact: Path, stage: str, config: dict[str, Any], tasks: list[str], inputs: list[Path],
                    run_root: Path, **extra: Any) -> None:
+    """Write the manifest beside `artifact`: the stage, its tasks and settings, and the sha256 of every input
+    file, so that a later stage can tell whether what it reads is what this stage was made from."""
     manifest = {
         "stage": stage,
         "artifact": str(artifact.relative_to(run_root)),

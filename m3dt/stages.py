@@ -80,6 +80,8 @@ def stage1_tasks(run: RunDir, config: Config) -> list[str]:
 
 
 def load_backbone(run: RunDir, config: Config) -> PromptDecisionTransformer:
+    """The stage-1 Prompt-DT of `run` (stage1/backbone.safetensors) in a model built from `config`, on the
+    CPU. Raises ArtifactError, naming the file, when it is missing, unreadable or of another shape."""
     model = build_model(config, config.dropout)
     state = load_tensors(run.backbone, "stage-1 backbone")
     try:
@@ -208,6 +210,8 @@ def shard_experts(shard: str | None, num_experts: int) -> list[int]:
 
 
 def expert_seed(config: Config, expert_id: int) -> int:
+    """The seed of expert `expert_id`'s initial weights and batch stream: distinct per expert and run seed,
+    and the same whether the expert trains alone, in an `--all` process or in one of its shards."""
     return config.seed * 1000 + expert_id + 1
 
 
@@ -241,6 +245,9 @@ def set_trainable(model: PromptDecisionTransformer, part: str) -> dict[str, torc
 
 # ----------------------------------------------------------------------------------------------- stages
 def train_backbone(config: Config) -> Path:
+    """Stage 1 (README, "The MT160 pipeline"): train the whole Prompt-DT on every task, round-robin over tasks, for
+    `backbone_steps`; under torchrun each rank trains its share of the tasks. Resumes a killed run from its
+    last checkpoint, returns at once when the same stage already finished. Returns the backbone's path."""
     run = RunDir(config.resolved_run_dir())
     tasks = resolve_tasks(config.prefix_name, config.tasks, config.seed)
     steps = config.stage_steps(config.backbone_steps)
@@ -321,6 +328,9 @@ def data_stats(state_mean: torch.Tensor, state_std: torch.Tensor, prompts: Promp
 
 
 def group_tasks(config: Config, method: str) -> Path:
+    """Stage 2's task grouping into `group_num` groups: `method` "gradient" clusters the stage-1 backbone's
+    per-task gradients, "random" splits the tasks at random with the run's seed. Returns the groups file
+    (stage2/groups_{method}_{G}.json). Raises ConfigError when there are more groups than tasks."""
     run = RunDir(config.resolved_run_dir())
     tasks = stage1_tasks(run, config)
     if config.group_num > len(tasks):
@@ -401,9 +411,9 @@ def train_experts(config: Config) -> list[Path]:
     torch.manual_seed(config.seed)
     model = load_backbone(run, config)
     trainable = set_up_stage(model, stage=2, num_experts=len(expert_ids),
-                             seeds=[expert_seed(config, e) for e in expert_ids])
-    sampler, _ = make_sampler(config, group_tasks_needed, device, [expert_seed(config, e) for e in expert_ids], model,
-                              run)
+                             seeds=[expert_seed(config, expert) for expert in expert_ids])
+    sampler, _ = make_sampler(config, group_tasks_needed, device,
+                              [expert_seed(config, expert) for expert in expert_ids], model, run)
     model.to(device)
     task_groups, offset = [], 0
     for expert in expert_ids:
@@ -427,6 +437,9 @@ def train_experts(config: Config) -> list[Path]:
 
 
 def train_router(config: Config) -> Path:
+    """Stage 3: load the backbone and every expert of the grouping, then train only the routers on all
+    tasks for `router_steps` (torchrun shares the tasks among ranks). Resumes and skips like stage 1.
+    Returns the mixture's path (stage3/{grouping}_{G}/moe.safetensors)."""
     run = RunDir(config.resolved_run_dir())
     tasks = stage1_tasks(run, config)
     groups_file, groups = read_groups(run, config, tasks)

@@ -17,6 +17,7 @@ import json
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 REFERENCE_DIR = Path(__file__).resolve().parent.parent / "configs" / "reference"
 TASK_TABLE_FILE = REFERENCE_DIR / "mt160_tasks.json"
@@ -36,6 +37,8 @@ class TaskError(ValueError):
 
 @dataclass(frozen=True)
 class Task:
+    """One row of the task table: what the data layer, the model and the evaluator need to know of a task."""
+
     name: str
     index: int  # position in the official MT160 order
     family: str
@@ -207,7 +210,7 @@ def names_hash(names: list[str]) -> str:
     return hashlib.sha256(" ".join(names).encode()).hexdigest()[:6]
 
 
-def read_json_file(path: Path, what: str):
+def read_json_file(path: Path, what: str) -> Any:
     """A user's JSON file (task list or task table); TaskError naming it when missing, not UTF-8 text or not
     JSON."""
     if not path.is_file():

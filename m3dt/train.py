@@ -139,7 +139,9 @@ def round_robin_table(task_groups: list[list[int]], device: torch.device) -> tup
     return table.to(device), lengths.to(device)
 
 
-def warmup_factor(warmup_steps: int):
+def warmup_factor(warmup_steps: int) -> Callable[[int], float]:
+    """The learning-rate multiplier of LambdaLR at each step: linear from 1/warmup_steps to 1 over the
+    first `warmup_steps` steps, then 1 (the reference's schedule; no decay)."""
     return lambda step: min((step + 1) / warmup_steps, 1.0)
 
 
@@ -157,6 +159,8 @@ def clip_gradients(parameters: list[nn.Parameter], max_norm: float, per_expert: 
 
 
 def build_optimizer(parameters: list[nn.Parameter], config: Config) -> torch.optim.AdamW:
+    """AdamW over `parameters` with the run's learning rate and weight decay, betas (0.9, 0.999) and eps
+    1e-8, as the reference in every stage."""
     return torch.optim.AdamW(
         parameters,
         lr=config.learning_rate,
@@ -201,7 +205,8 @@ def restore_rng_state(state: dict[str, Any], sampler: DeviceSampler) -> None:
         torch.cuda.set_rng_state(state["cuda"], sampler.device)
 
 
-def start_wandb(config: Config, job: Job):
+def start_wandb(config: Config, job: Job) -> Any:
+    """A wandb run logging into the job's folder, offline unless WANDB_MODE says otherwise."""
     import wandb
 
     os.environ.setdefault("WANDB_MODE", "offline")  # no network needed; `wandb sync` uploads later
@@ -395,7 +400,7 @@ def check_finite(losses: torch.Tensor, grad_norms: torch.Tensor, first_step: int
     index = int(bad[0])
     step = first_step + index
     what = "gradient" if finite_loss[index] else "loss"
-    tasks = [job.task_names[int(table[g, step % int(lengths[g])])] for g in range(len(job.task_groups))]
+    tasks = [job.task_names[int(table[group, step % int(lengths[group])])] for group in range(len(job.task_groups))]
     if distributed.world_size > 1:  # every rank sees the same reduced window, so every rank is here
         every_rank: list[list[str] | None] = [None] * distributed.world_size
         dist.all_gather_object(every_rank, tasks)
@@ -406,7 +411,8 @@ def check_finite(losses: torch.Tensor, grad_norms: torch.Tensor, first_step: int
                         f"nothing was written for this window; {pointer}")
 
 
-def save_train_state(path: Path, job: Job, optimizer, scheduler, sampler: DeviceSampler, step: int,
+def save_train_state(path: Path, job: Job, optimizer: torch.optim.Optimizer,
+                     scheduler: torch.optim.lr_scheduler.LambdaLR, sampler: DeviceSampler, step: int,
                      distributed: Distributed) -> None:
     """Rank 0 writes the checkpoint, with every rank's RNG states (each resumes its own streams)."""
     rng_states = [rng_state(sampler)]
@@ -426,7 +432,11 @@ def save_train_state(path: Path, job: Job, optimizer, scheduler, sampler: Device
     })
 
 
-def resume(path: Path, job: Job, optimizer, scheduler, sampler: DeviceSampler, distributed: Distributed) -> int:
+def resume(path: Path, job: Job, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
+           sampler: DeviceSampler, distributed: Distributed) -> int:
+    """Restore the model, optimiser, schedule and this rank's batch streams from the checkpoint at `path`
+    and return the steps it had done. Raises ArtifactError naming what differs when the checkpoint was made
+    with other settings or data (the job's identity)."""
     state = load_checkpoint(path)
     saved = state.get("identity", {})
     changed = [name for name, value in job.identity.items() if saved.get(name) != value]
@@ -450,6 +460,8 @@ def resume(path: Path, job: Job, optimizer, scheduler, sampler: DeviceSampler, d
 
 
 def resolve_device(name: str) -> torch.device:
+    """The torch device of `--device` ("auto": CUDA when visible, else the CPU). Raises ConfigError for a
+    name torch does not know or a CUDA device that is not there."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

@@ -24,15 +24,21 @@ import os
 import sys
 from contextlib import ExitStack
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from m3dt.run import atomic_path
+from m3dt.tasks import Task
+
+if TYPE_CHECKING:  # names for the annotations only: importing m3dt.envs would set MUJOCO_GL
+    import mujoco
+
+    from m3dt.envs.base import TaskEnv
 
 WIDTH, HEIGHT = 320, 240  # multiples of 16, so that the H.264 encoder needs no resizing
 FRAMES_PER_SECOND = 30
 FOLLOW_DISTANCE = 4.0  # metres from the tracked body (gymnasium's default view of Ant and HalfCheetah)
-GL_BACKENDS = ("egl", "osmesa")
 DISABLED = ("", "disable", "disabled", "off", "false", "0")
 
 
@@ -98,7 +104,7 @@ def choose_gl_backend(gpu: bool) -> str:
                      "EGL (libegl1), or set MUJOCO_GL to a backend that works")
 
 
-def follow_camera(model, body: int = 1):
+def follow_camera(model: mujoco.MjModel, body: int = 1) -> mujoco.MjvCamera:
     """A camera that tracks `body` (the root body of a robot) from the side."""
     import mujoco
 
@@ -116,7 +122,7 @@ class RecordedEnv:
     The file is written to a temporary name and renamed when the env is closed after its rollout ran to
     the end; `abandon` (a failed or interrupted evaluation) deletes it, so a video on disk is always complete."""
 
-    def __init__(self, env, path: Path):
+    def __init__(self, env: TaskEnv, path: Path):
         import imageio_ffmpeg
         import mujoco
 
@@ -138,7 +144,7 @@ class RecordedEnv:
         self.writer.send(None)  # start ffmpeg
 
     @property
-    def task(self):
+    def task(self) -> Task:
         return self.env.task
 
     @property
@@ -156,7 +162,7 @@ class RecordedEnv:
         self.writer.send(np.ascontiguousarray(self.frame()))
         return observation
 
-    def step(self, action: np.ndarray):
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, dict]:
         result = self.env.step(action)
         self.writer.send(np.ascontiguousarray(self.frame()))
         return result
@@ -176,7 +182,7 @@ class RecordedEnv:
         self.env.close()
 
 
-def make_recorded_env(task, episode: int, seed: int, path: Path | None):
+def make_recorded_env(task: str | Task, episode: int, seed: int, path: Path | None) -> TaskEnv | RecordedEnv:
     """make_env, wrapped in a RecordedEnv when `path` is given."""
     from m3dt.envs import make_env
 

@@ -18,7 +18,6 @@ import torch
 from m3dt.config import Config, load_yaml
 from m3dt.stages import build_model
 
-EXPERT_COUNTS = (8, 16, 24, 32, 40, 48)
 DENSE_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "dense"
 
 

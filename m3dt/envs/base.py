@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Union
+
 import numpy as np
 
 from m3dt.tasks import MAX_OBS_DIM, Task, TaskError
+
+# What m3dt.video renders (names only: mujoco is imported by the families that need it).
+Physics = tuple["mujoco.MjModel", "mujoco.MjData"]
+Camera = Union[int, str, "mujoco.MjvCamera", None]  # a camera id or name of the model, or a free camera
 
 
 def pad_observation(observation: np.ndarray) -> np.ndarray:
@@ -26,6 +32,8 @@ class TaskEnv:
         self.steps = 0
 
     def reset(self) -> np.ndarray:
+        """Start the episode; the first observation, zero-padded to 39 dims (float32). Raises TaskError when
+        the env observes another width than the task table says."""
         self.steps = 0
         observation = np.asarray(self._reset()).reshape(-1)
         if observation.shape[0] != self.task.obs_dim:  # a task of one's own whose table row is wrong
@@ -34,6 +42,8 @@ class TaskEnv:
         return pad_observation(observation)
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, dict]:
+        """Apply `action` (act_dim values): the padded next observation, the reward, whether the episode
+        ended (the env terminated or the task's horizon was reached) and the env's info (with "success")."""
         action = np.asarray(action, dtype=np.float64).reshape(-1)
         if action.shape[0] != self.task.act_dim:
             raise ValueError(f"{self.task.name}: action has {action.shape[0]} dims, expected {self.task.act_dim}")
@@ -44,14 +54,14 @@ class TaskEnv:
         return pad_observation(observation), float(reward), done, info
 
     def close(self) -> None:
-        pass
+        """Release the simulator (nothing by default)."""
 
-    # What m3dt.video renders: the MuJoCo model and data of the current state, and the camera to use (an id
-    # or name of a camera of the model, or a mujoco.MjvCamera; None: the default tracking camera).
-    def physics(self):
+    def physics(self) -> Physics:
+        """The MuJoCo model and data of the current state, for m3dt.video."""
         raise NotImplementedError(f"{type(self).__name__} cannot be rendered")
 
-    def camera(self):
+    def camera(self) -> Camera:
+        """The camera m3dt.video renders from (None: a free camera following the agent)."""
         return None
 
     # Family modules implement these two on native (unpadded) observations.

@@ -18,7 +18,7 @@ import numpy as np
 from dm_control import suite
 from dm_control.rl import control
 
-from m3dt.envs.base import TaskEnv
+from m3dt.envs.base import Camera, Physics, TaskEnv
 from m3dt.envs.dmc_extra_tasks import EXTRA_TASKS, load_extra_task
 from m3dt.tasks import Task
 
@@ -61,9 +61,9 @@ class DMCEnv(TaskEnv):
             reward += time_step.reward
         return flatten_observation(time_step.observation), reward, False, {}
 
-    def physics(self):
+    def physics(self) -> Physics:
         physics = self.environment.physics
         return physics.model.ptr, physics.data.ptr
 
-    def camera(self):
+    def camera(self) -> Camera:
         return 0  # every suite domain's first camera: the one dm_control renders by default

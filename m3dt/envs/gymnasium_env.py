@@ -13,7 +13,7 @@ from __future__ import annotations
 import gymnasium as gym
 import numpy as np
 
-from m3dt.envs.base import TaskEnv
+from m3dt.envs.base import Physics, TaskEnv
 from m3dt.tasks import Task, TaskError
 
 
@@ -61,7 +61,7 @@ class GymnasiumEnv(TaskEnv):
         observation, reward, terminated, truncated, info = self.env.step(from_unit_range(action, self.low, self.high))
         return observation, reward, terminated or truncated, {"success": bool(info.get("success", False))}
 
-    def physics(self):
+    def physics(self) -> Physics:
         unwrapped = self.env.unwrapped
         if not hasattr(unwrapped, "model") or not hasattr(unwrapped, "data"):
             raise TaskError(f"task '{self.task.name}': {self.task.env_id} is not a MuJoCo env; videos need one")

@@ -28,7 +28,7 @@ import numpy as np
 from gymnasium.envs.mujoco.ant_v5 import AntEnv
 from gymnasium.envs.mujoco.half_cheetah_v5 import HalfCheetahEnv
 
-from m3dt.envs.base import TaskEnv
+from m3dt.envs.base import Physics, TaskEnv
 from m3dt.tasks import Task
 
 RESET_NOISE_SCALE = 0.1
@@ -103,7 +103,7 @@ class LocomotionEnv(TaskEnv):
             return np.concatenate([data.qpos[2:], data.qvel])
         return np.concatenate([data.qpos[1:], data.qvel, data.body("torso").xpos])
 
-    def physics(self):
+    def physics(self) -> Physics:
         return self.sim.model, self.sim.data
 
     def close(self) -> None:

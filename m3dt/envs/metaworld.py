@@ -22,7 +22,7 @@ import metaworld
 import numpy as np
 from metaworld.policies import ENV_POLICY_MAP
 
-from m3dt.envs.base import TaskEnv
+from m3dt.envs.base import Camera, Physics, TaskEnv
 from m3dt.tasks import Task
 
 
@@ -68,10 +68,10 @@ class MetaWorldEnv(TaskEnv):
         # metaworld reports success as a float 0/1; the evaluator counts "success at any step".
         return observation, reward, terminated, dict(info, success=bool(info["success"]))
 
-    def physics(self):
+    def physics(self) -> Physics:
         return self._env.model, self._env.data
 
-    def camera(self):
+    def camera(self) -> Camera:
         """A view of the table from its front right corner (metaworld's own corner cameras are mounted upside
         down: its renderer flips their images)."""
         import mujoco
