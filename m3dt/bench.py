@@ -64,6 +64,8 @@ DEFAULTS = {
 
 @dataclass
 class Settings:
+    """What one bench run times and how, from its command line (parse_settings)."""
+
     device: torch.device
     precision: str  # of the fast path (fp32, tf32, bf16); the naive path is fp32 as the reference
     mode: str  # full | quick
@@ -94,6 +96,9 @@ class Case:
 
 
 def training_cases(settings: Settings) -> list[Case]:
+    """The training steps to time, of the stages in `settings.stages`: stage 1 over every task, stage 2 with one
+    expert (the first group of a random grouping) and with all `groups` experts in one `--all` step (which the
+    reference lacks), and stage 3's routers at each expert count."""
     every_task = list(range(settings.tasks))
     groups = random_grouping(settings.tasks, settings.groups, seed=0)
     cases = [
@@ -115,6 +120,9 @@ def case_model(case: Case, config: Config) -> tuple[PromptDecisionTransformer, d
 # ------------------------------------------------------------------------------------------ the two steps
 def fast_stepper(case: Case, model: PromptDecisionTransformer, trainable: dict[str, nn.Parameter],
                  dataset: TaskDataset, settings: Settings, compile_mode: str) -> Callable[[int], None]:
+    """The project's training step of `case` as a function of the step number (m3dt/train.py): one row group per
+    task group cycling through its tasks, device sampler, fused AdamW with warm-up, per-expert clipping in
+    stage 2, the forward in `settings.precision` and under torch.compile in `compile_mode` unless "none"."""
     config, device = settings.config, settings.device
     groups = len(case.task_groups)
     sampler = DeviceSampler(dataset, config.context_length, config.batch_size, device, seeds=list(range(groups)))
@@ -136,6 +144,8 @@ def fast_stepper(case: Case, model: PromptDecisionTransformer, trainable: dict[s
 
 def naive_stepper(case: Case, model: PromptDecisionTransformer, sampler: NaiveSampler,
                   config: Config) -> Callable[[int], None]:
+    """The reference's training step of `case` as a function of the step number (m3dt/naive.py): one task of its
+    first task group per step in turn, the batch built by `sampler`, default AdamW with warm-up, fp32."""
     parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
     optimizer = naive_optimizer(parameters, config.learning_rate, config.weight_decay)
     scheduler = LambdaLR(optimizer, warmup_factor(config.warmup_steps))
@@ -154,6 +164,7 @@ CUDA_WINDOW = 5  # steps timed back to back between two syncs on CUDA
 
 
 def synchronize(device: torch.device) -> None:
+    """Wait until the device has run the work queued on it (CUDA); nothing to wait for on a CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -246,6 +257,7 @@ class Matmul:
         return 1 + self.input_grad + self.weight_grad
 
     def flops(self) -> float:
+        """FLOPs of the `count` products, forward only: 2 per multiply-add."""
         return 2.0 * self.count * self.m * self.k * self.n
 
     def bytes(self) -> float:
@@ -255,10 +267,13 @@ class Matmul:
 
 
 def trains(module: nn.Module) -> bool:
+    """Whether any parameter of `module` requires a gradient."""
     return any(parameter.requires_grad for parameter in module.parameters())
 
 
 def linear_matmuls(module: nn.Module, tokens: int, input_grad: bool) -> list[Matmul]:
+    """One Matmul per nn.Linear in `module` (itself included) over `tokens` rows; its weight gradient counted
+    when that weight trains, its input gradient when `input_grad`."""
     return [Matmul(1, tokens, layer.in_features, layer.out_features, input_grad, layer.weight.requires_grad)
             for layer in module.modules() if isinstance(layer, nn.Linear)]
 
@@ -335,6 +350,8 @@ def case_work(case: Case, config: Config, rows: int, path: str, last_step_only: 
 # ------------------------------------------------------------------------------------------ measurements
 @dataclass
 class Measurement:
+    """One path's ms per training step in one stage and the work counted for that step (a training table row)."""
+
     stage: str
     path: str  # naive | fast | fast + compile {mode}
     ms_per_step: float | None  # median; None when the path failed
@@ -371,6 +388,8 @@ def measure_sampling(dataset: TaskDataset, naive_sampler: NaiveSampler, settings
 
 def measure_case(case: Case, dataset: TaskDataset, naive_sampler: NaiveSampler,
                  settings: Settings) -> list[Measurement]:
+    """Time `case` on the naive path (where the reference has that step), the fast path and, with --compile,
+    the fast path under torch.compile; a compilation that fails is a measurement with its error and no time."""
     config = settings.config
 
     def work(path: str) -> Work:
@@ -409,6 +428,8 @@ def compile_error(step: Callable[[int], Any]) -> str:
 
 @dataclass
 class EvalMeasurement:
+    """One path's lockstep evaluation forwards of one model: ms per call, rows/s, work and memory peak."""
+
     model: str
     rows: int  # rollouts per call
     path: str
@@ -462,6 +483,8 @@ def measure_evaluation(dataset: TaskDataset, settings: Settings) -> list[EvalMea
 
 @dataclass
 class EnvMeasurement:
+    """Env steps per second of the evaluator's worker pool with `workers` processes over `rollouts` rollouts."""
+
     workers: int
     rollouts: int
     env_steps_per_second: float
@@ -562,6 +585,8 @@ def projected_hours(results: list[Measurement], settings: Settings) -> list[dict
 
 # ------------------------------------------------------------------------------------------ report
 def device_name(device: torch.device) -> str:
+    """The device as a file name ({device}.md, .json): the GPU's name or `cpu-{N}core`, lower case, every run of
+    other characters than letters and digits as one '-'."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
@@ -570,12 +595,14 @@ def device_name(device: torch.device) -> str:
 
 
 def device_description(device: torch.device) -> str:
+    """The device for a reader: the GPU's name, or the CPU's model and core count."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"{cpu_model()}, {os.cpu_count()} cores"
 
 
 def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo, else platform's processor or machine name."""
     cpuinfo = Path("/proc/cpuinfo")  # Linux; elsewhere platform's (often vaguer) answer
     lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
     names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
@@ -583,16 +610,21 @@ def cpu_model() -> str:
 
 
 def format_number(value: float | None, digits: int = 1) -> str:
+    """`value` with thousands separators and `digits` decimals; "-" for None."""
     return "-" if value is None else f"{value:,.{digits}f}"
 
 
 def markdown_report(report: dict[str, Any]) -> str:
+    """The page of one bench run ({device}.md): its settings, training steps, projected paper schedule,
+    evaluation forwards, env steps, and how FLOPs and bytes are counted."""
     sections = (header_lines(report), training_lines(report), projection_lines(report), evaluation_lines(report),
                 env_lines(report), ["## How FLOPs and bytes are counted", "", WORK_NOTE])
     return "\n\n".join("\n".join(lines) for lines in sections) + "\n"
 
 
 def header_lines(report: dict[str, Any]) -> list[str]:
+    """The page's title and what was measured: command, device, model and data, matmul peak and copy bandwidth;
+    on a CPU also the torch threads, the CPU-seconds per second the process got and the glibc malloc settings."""
     settings, config = report["settings"], report["settings"]["config"]
     tokens = 3 * (config["context_length"] + config["prompt_length"])
     lines = [
@@ -624,6 +656,8 @@ def header_lines(report: dict[str, Any]) -> list[str]:
 
 
 def training_lines(report: dict[str, Any]) -> list[str]:
+    """The training steps table: per stage and path ms/step, speedup over the naive path, TFLOP/s, % of the
+    matmul peak of its precision, the floor (ms), what sets it, and time / floor."""
     settings, peak = report["settings"], report["peak_tflops"]
     training = [Measurement(**row) for row in report["training"]]
     lines = ["## Training steps", "",
@@ -646,6 +680,7 @@ def training_lines(report: dict[str, Any]) -> list[str]:
 
 
 def projection_lines(report: dict[str, Any]) -> list[str]:
+    """The paper schedule's projected hours per stage and path (projected_hours), with its scaling note."""
     config = report["settings"]["config"]
     lines = ["## Paper schedule, projected", "",
              f"{config['backbone_steps']:,} backbone steps; {config['expert_num']} experts x "
@@ -662,6 +697,8 @@ def projection_lines(report: dict[str, Any]) -> list[str]:
 
 
 def evaluation_lines(report: dict[str, Any]) -> list[str]:
+    """The evaluation forwards table: per model and path ms per call, rows/s, memory peak (MiB), TFLOP/s, the
+    floor (ms) and what sets it, and the model time of one MT160 evaluation (min)."""
     lines = ["## Evaluation: policy forwards", "",
              "Model forward only (inference mode, actions copied to the host); env stepping is timed below. "
              f"Fast: the evaluator's lockstep forwards over {report['settings']['eval_rows']} rollouts, without "
@@ -687,6 +724,8 @@ def evaluation_lines(report: dict[str, Any]) -> list[str]:
 
 
 def env_lines(report: dict[str, Any]) -> list[str]:
+    """The env steps table: steps/s per worker count and the env time of one MT160 evaluation (min), or why
+    they were not measured."""
     lines = ["## Evaluation: env steps", "",
              "The evaluator's env worker processes stepping rollouts taken evenly from one MT160 evaluation "
              "(its mix of Meta-World, DMC, ant-dir and cheetah-vel), random actions, env construction not timed. "
@@ -735,6 +774,7 @@ def speedup_vs_naive(result: Measurement, results: list[Measurement]) -> float |
 
 
 def write_report(report: dict[str, Any], out: Path) -> Path:
+    """Write the run's page and its data to `out`/{device}.md and {device}.json; returns the .md's path."""
     out.mkdir(parents=True, exist_ok=True)
     markdown = out / f"{report['device']}.md"
     markdown.write_text(markdown_report(report))
@@ -811,6 +851,9 @@ def combine(argv: list[str]) -> Path:
 
 # ------------------------------------------------------------------------------------------ main
 def parse_settings(argv: list[str] | None) -> Settings:
+    """The bench's settings from `argv` (unset options from DEFAULTS of --quick or full mode); sets torch's CPU
+    threads (--threads). SystemExit for a bad --experts, --steps, --groups or --env_rollouts; ConfigError
+    for a --device torch does not know or that is not there."""
     parser = ArgumentParser(description="Time every stage: the project's step against the reference's way.")
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--precision", choices=CHOICES["precision"], default="fp32",
@@ -862,6 +905,9 @@ def parse_settings(argv: list[str] | None) -> Settings:
 
 @command
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Time the training steps, evaluation forwards and env steps on synthetic data in the MT160 layout, print
+    the page and write it (write_report); returns the report as written to {device}.json. Exits (SystemExit)
+    with a one-line error for bad options."""
     argv = sys.argv[1:] if argv is None else argv
     try:
         settings = parse_settings(argv)

@@ -21,6 +21,8 @@ Main = TypeVar("Main", bound=Callable)
 
 
 def exit_with_message(error: Exception, debug: bool) -> NoReturn:
+    """Bad input: print `error` as one line "error: ..." to stderr and exit with code 2 (SystemExit); with `debug`,
+    re-raise it instead (a traceback)."""
     if debug:
         raise error
     one_line = " ".join(str(error).split())  # some library messages quoted in ours span several lines

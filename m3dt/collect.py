@@ -162,12 +162,15 @@ def episode_env(task: Task, episode: int, seed: int) -> TaskEnv:
 
 @dataclass(frozen=True)
 class ExpertFiles:
+    """The files of one SAC expert."""
+
     model: Path  # SB3 zip, what collection loads
     replay_buffer: Path  # kept so that a rerun continues training where it stopped
     state: Path  # JSON: steps done and asked for; written last, so it never claims more than the model has
 
     @staticmethod
     def in_folder(folder: Path, name: str) -> ExpertFiles:
+        """The expert `name`'s files in `folder`: {name}.zip, {name}.replay_buffer.pkl and {name}.json."""
         return ExpertFiles(folder / f"{name}.zip", folder / f"{name}.replay_buffer.pkl", folder / f"{name}.json")
 
     @staticmethod
@@ -193,6 +196,8 @@ class ExpertTrainingEnv(gym.Env):
         self.action_space = gym.spaces.Box(-1.0, 1.0, (self.task.act_dim,), np.float32)
 
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
+        """Close the last env and start the next episode in a fresh one (a new goal for a locomotion family);
+        returns the expert's observation (native observation + goal features, float32) and an empty info."""
         super().reset(seed=seed)
         if self.env is not None:
             self.env.close()
@@ -204,11 +209,14 @@ class ExpertTrainingEnv(gym.Env):
         return expert_observation(self.task, self.env.reset(), self.goal), {}
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
+        """Gymnasium's (observation, reward, terminated, truncated, info): terminated only when the env ended the
+        episode itself, truncated when the horizon came."""
         observation, reward, done, info = self.env.step(action)
         terminated = is_termination(self.env, done)
         return expert_observation(self.task, observation, self.goal), reward, terminated, done and not terminated, info
 
     def close(self) -> None:
+        """Close the current episode's env, if any."""
         if self.env is not None:
             self.env.close()
 
@@ -324,6 +332,7 @@ def policy_name(task: Task, out: Path) -> str:
 
 @lru_cache(maxsize=None)  # per process: the 40 tasks of a family share one loaded expert
 def expert_model(name: str, out: Path) -> SAC:
+    """The SAC expert `name` of the data root `out`, loaded on the CPU once per process."""
     return SAC.load(ExpertFiles.of(out, name).model, device="cpu")
 
 
@@ -344,6 +353,8 @@ def task_policy(task_name: str, out: Path) -> Policy:
 
 @dataclass(frozen=True)
 class EpisodeJob:
+    """One episode to collect: episode `episode` of task `task_name` into the data root `out`, with these settings."""
+
     task_name: str
     episode: int
     out: Path
@@ -354,6 +365,8 @@ class EpisodeJob:
 
 @dataclass(frozen=True)
 class EpisodeSummary:
+    """What collect.json takes from one episode file: its length, undiscounted return, success and ending."""
+
     episode: int
     steps: int
     episode_return: float
@@ -362,6 +375,7 @@ class EpisodeSummary:
 
 
 def episode_path(out: Path, task_name: str, episode: int) -> Path:
+    """The file of episode `episode` of a task: {out}/{task_name}/{episode}.npz."""
     return out / task_name / f"{episode}.npz"
 
 
@@ -400,6 +414,8 @@ def collect_episode(job: EpisodeJob) -> tuple[str, EpisodeSummary]:
 
 
 def summarize(episode: int, rewards: np.ndarray, successes: np.ndarray | None, terminals: np.ndarray) -> EpisodeSummary:
+    """The summary of an episode's arrays: a success when any step succeeded (None without `successes`), ended when
+    its last step is a terminal."""
     success = None if successes is None else bool(successes.any())
     return EpisodeSummary(episode, int(rewards.shape[0]), float(rewards.sum(dtype=np.float64)), success,
                           bool(terminals[-1]))
@@ -424,6 +440,8 @@ def existing_episode(path: Path, episode: int) -> EpisodeSummary | None:
 
 
 def task_settings(task: Task, out: Path, seed: int, noise: float, max_steps: int | None) -> dict:
+    """The settings collect.json records for a task (policy, seed, noise, max_steps); a rerun must match them.
+    Raises CollectError when the task's SAC expert is missing or unfinished."""
     return {"policy": policy_name(task, out), "seed": seed, "noise": noise, "max_steps": max_steps}
 
 
@@ -517,6 +535,7 @@ def collect(task_names: list[str], episodes: int, out: Path, seed: int, noise: f
 
 
 def print_table(summary: dict, task_names: list[str]) -> None:
+    """Print collect.json's entries of `task_names` as a table: episodes, mean return, success rate, score."""
     print(f"{'task':32s} {'episodes':>8s} {'mean return':>12s} {'success':>8s} {'score':>7s}")
     for name in task_names:
         entry = summary[name]
@@ -530,6 +549,7 @@ def print_table(summary: dict, task_names: list[str]) -> None:
 
 
 def collect_parser() -> argparse.ArgumentParser:
+    """The command line of collection (`python -m m3dt.collect --tasks ...`)."""
     parser = ArgumentParser(
         prog="python -m m3dt.collect", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Expert training: python -m m3dt.collect train-expert --help")
@@ -555,6 +575,7 @@ def collect_parser() -> argparse.ArgumentParser:
 
 
 def train_parser() -> argparse.ArgumentParser:
+    """The command line of expert training (`python -m m3dt.collect train-expert ...`)."""
     parser = ArgumentParser(
         prog="python -m m3dt.collect train-expert",
         description="Train the SAC expert that collects ant-dir, cheetah-vel or a DMC task (stable-baselines3, "
@@ -591,11 +612,14 @@ def collection_tasks(text: str) -> list[str]:
 
 
 def positive(name: str, value: int | float | None, minimum: int | float) -> None:
+    """Raise CollectError when option --`name` is below `minimum` (None passes)."""
     if value is not None and value < minimum:
         raise CollectError(f"--{name} must be at least {minimum}, got {value}")
 
 
 def run_command(argv: list[str]) -> None:
+    """Run `train-expert` (every named expert in turn) or a collection (then the table, and the Minari export with
+    --format minari). Raises CollectError for a bad option value; SystemExit for one argparse rejects."""
     if argv and argv[0] == "train-expert":
         args = train_parser().parse_args(argv[1:])
         positive("steps", args.steps, 1)
@@ -630,6 +654,8 @@ def run_command(argv: list[str]) -> None:
 
 @command
 def main(argv: list[str] | None = None) -> None:
+    """`python -m m3dt.collect`: `run_command` on `argv` (default sys.argv[1:]); a bad request ends as one line and
+    exit code 2 (SystemExit), a traceback with --debug."""
     argv = sys.argv[1:] if argv is None else argv
     try:
         run_command(argv)

@@ -34,11 +34,14 @@ class ArgumentParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
+        """Print "error: {message} (--help lists the options)" to stderr and exit with code 2 (SystemExit)."""
         self.exit(2, f"error: {message} (--help lists the options)\n")
 
 
 @dataclass
 class Config:
+    """Every option of the pipeline; each field's trailing comment is its --help text (`field_comments`)."""
+
     # what to train on
     prefix_name: str | None = None  # official suite: mt10, mt20, mt40, mt80, mt120, mt160
     tasks: str | None = None  # instead of a suite: "a,b,c" or "@file.json"
@@ -131,11 +134,13 @@ class Config:
     config: str | None = None  # YAML file of these options
 
     def resolved_run_dir(self) -> Path:
+        """The run directory: --run_dir, else runs/{prefix_name or 'custom'}_seed{seed} (relative to the cwd)."""
         if self.run_dir:
             return Path(self.run_dir)
         return Path("runs") / f"{self.prefix_name or 'custom'}_seed{self.seed}"
 
     def stage_steps(self, default: int) -> int:
+        """Steps of the stage being run: --max_iters when given, else `default` (the stage's schedule)."""
         return self.max_iters if self.max_iters is not None else default
 
     def model_fields(self) -> dict[str, Any]:

@@ -64,6 +64,7 @@ class GradientConflict(TrainingHooks):
         self.batches, self.max_norm, self.seed, self.distributed = batches, max_norm, seed, distributed
 
     def after_step(self, step: int) -> dict[str, float]:
+        """Every `every` steps, the chosen tasks' conflict_share, conflict_mean_cosine and conflict_tasks (count)."""
         if step % self.every:
             return {}
         world = self.distributed.world_size

@@ -80,6 +80,7 @@ def open_npz(path: Path) -> NpzFile:
 
 
 def unreadable(path: Path, error: Exception) -> DataError:
+    """The DataError (returned, not raised) for an episode file that numpy cannot read, naming the file and `error`."""
     return DataError(f"{path}: not a readable npz file ({type(error).__name__}: {error})")
 
 
@@ -269,24 +270,30 @@ class NpzEpisodes:
 
     @property
     def where(self) -> str:
+        """The task folder (that of the first file), for messages."""
         return str(self.files[0].parent)
 
     def __len__(self) -> int:
         return len(self.files)
 
     def part(self, start: int, stop: int | None = None) -> NpzEpisodes:
+        """The episodes start..stop-1 (slice semantics: negative positions count from the end)."""
         return NpzEpisodes(self.files[start:stop])
 
     def location(self, position: int) -> Path:
+        """The file of the episode at `position`, for messages."""
         return self.files[position]
 
     def lengths(self) -> list[int]:
+        """Steps per episode, from each file's rewards header only; DataError for an unreadable file."""
         return [episode_length(path) for path in self.files]
 
     def load(self) -> list[Episode]:
+        """Every episode, read and validated (`load_episode`); DataError naming the first bad file."""
         return [load_episode(path) for path in self.files]
 
     def stored_files(self) -> list[Path]:
+        """The episode files themselves."""
         return list(self.files)
 
 
@@ -295,19 +302,25 @@ class EpisodeSource(Protocol):
     m3dt.minari_io.MinariEpisodes (a Minari dataset); picklable, so that loading workers get it."""
 
     @property
-    def where(self) -> str: ...  # a folder or dataset id, for messages
+    def where(self) -> str:
+        """A folder or dataset id, for messages."""
 
     def __len__(self) -> int: ...
 
-    def part(self, start: int, stop: int | None = None) -> EpisodeSource: ...  # episodes start..stop-1
+    def part(self, start: int, stop: int | None = None) -> EpisodeSource:
+        """The episodes start..stop-1, as a source of the same kind."""
 
-    def location(self, position: int) -> Path | str: ...  # one episode, for messages
+    def location(self, position: int) -> Path | str:
+        """One episode (its file, or dataset and index), for messages."""
 
-    def lengths(self) -> list[int]: ...  # steps per episode, without loading the arrays
+    def lengths(self) -> list[int]:
+        """Steps per episode, without loading the arrays."""
 
-    def load(self) -> list[Episode]: ...
+    def load(self) -> list[Episode]:
+        """Every episode, read and validated: observations (T, 39), actions (T, 8), rewards (T,), float32."""
 
-    def stored_files(self) -> list[Path]: ...  # the files behind it (the data fingerprint)
+    def stored_files(self) -> list[Path]:
+        """The files behind it (the data fingerprint)."""
 
 
 def task_source(data_path: str, task: Task, max_episodes: int) -> EpisodeSource:
@@ -332,6 +345,7 @@ def task_source(data_path: str, task: Task, max_episodes: int) -> EpisodeSource:
 
 
 def read_lengths(source: EpisodeSource) -> list[int]:
+    """`source.lengths()`, as a picklable function for the loading workers' pool."""
     return source.lengths()
 
 
@@ -467,12 +481,16 @@ class TaskDataset:
 
     @property
     def task_names(self) -> list[str]:
+        """The tasks' names, in dataset order."""
         return [task.name for task in self.tasks]
 
     def statistics_fingerprints(self) -> dict[str, str]:
+        """Per task, the sha256 of its state statistics and prompt windows (the module's `statistics_fingerprints`)."""
         return statistics_fingerprints(self.task_names, self.state_mean, self.state_std, self.prompts)
 
     def nbytes(self) -> int:
+        """Bytes of the flat arrays (observations, actions, return-to-go, episode starts); prompts and statistics not
+        counted."""
         return self.observations.nbytes + self.actions.nbytes + self.returns_to_go.nbytes + self.episode_starts.nbytes
 
 
@@ -492,10 +510,12 @@ def bounded_map(pool: multiprocessing.pool.Pool, function: Callable, items: list
 
 
 def read_task_star(arguments: tuple[Task, EpisodeSource], prompt_length: int) -> TaskPart:
+    """`read_task` of one (task, source) pair, as `bounded_map` passes its items."""
     return read_task(*arguments, prompt_length)
 
 
 def read_statistics_star(arguments: tuple[Task, EpisodeSource], prompt_length: int) -> TaskStatistics:
+    """Only the statistics of `read_task` of one (task, source) pair, so that a worker sends back no transitions."""
     return read_task(*arguments, prompt_length).statistics
 
 

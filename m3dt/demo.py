@@ -50,6 +50,9 @@ def check_demo_options(config: Config, task_names: list[str]) -> None:
 
 
 def run_demo(config: Config) -> dict[str, dict]:
+    """The six steps of the module docstring, each resuming where it stopped; prints the scores side by side and
+    returns the evaluation results (random, Prompt-DT, M3DT) by method name. Raises ConfigError, CollectError and
+    the stages' errors for bad input."""
     started = time.perf_counter()
     task_names = resolve_tasks(config.prefix_name, config.tasks, config.seed)
     check_demo_options(config, task_names)
@@ -84,6 +87,8 @@ def run_demo(config: Config) -> dict[str, dict]:
 
 @command
 def main(argv: list[str] | None = None) -> None:
+    """`python -m m3dt.demo`: the demo with configs/demo.yaml unless `argv` (default sys.argv[1:]) gives --config; bad
+    input ends as one line and exit code 2 (SystemExit), a traceback with --debug."""
     argv = sys.argv[1:] if argv is None else argv
     if "--config" not in argv:
         argv = ["--config", DEFAULT_CONFIG, *argv]

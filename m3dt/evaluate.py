@@ -79,6 +79,8 @@ class EnvFailure(RuntimeError):
 
 @dataclass(frozen=True)
 class Rollout:
+    """One evaluation episode: its task, which of the run's tasks it is, and the episode number."""
+
     task: Task
     task_slot: int  # index of the task in the stage-1 statistics
     episode: int
@@ -103,6 +105,7 @@ def _build_env(task: Task, episode: int, seed: int, video: Path | None):
 
 
 def one_line(error: BaseException) -> str:
+    """An error as one line, its type and message (an env's failure in a worker, for the report)."""
     return f"{type(error).__name__}: {' '.join(str(error).split())}"
 
 
@@ -193,6 +196,7 @@ class EnvPool:
         return answers
 
     def reset(self) -> np.ndarray:
+        """Reset every env: the first observations (count, 39), padded, in rollout order."""
         if self.local:
             return _answer(self.envs, "reset", None)
         observations = np.zeros((self.count, MAX_OBS_DIM), dtype=np.float32)
@@ -430,10 +434,12 @@ def run_rollouts(policy: Callable[[History, np.ndarray, int], np.ndarray], stati
 
 # ------------------------------------------------------------------------------------------ results
 def allowed_steps(task: Task, max_steps: int | None) -> int:
+    """The steps an episode of `task` may run: its horizon, or fewer with `--max_steps`."""
     return min(task.horizon, max_steps or task.horizon)
 
 
 def is_full_protocol(task: Task, episodes: int, max_steps: int | None) -> bool:
+    """Whether `task` got the protocol's episodes for its family and its whole horizon."""
     return episodes == EPISODES_PER_FAMILY[task.family] and allowed_steps(task, max_steps) == task.horizon
 
 
@@ -520,10 +526,13 @@ def mean_reference(references: list[float | None]) -> float | None:
 
 
 def reference_text(reference: float | None) -> str:
+    """The paper's single-task DT score as a table cell ("-" for a task it does not score)."""
     return "-" if reference is None else f"{reference:.2f}"
 
 
 def markdown_table(results: dict) -> str:
+    """table.md of an evaluation: what was evaluated and how, whether it was the full protocol, and the
+    mean score per family beside the paper's single-task DT."""
     protocol = results["protocol"]
     status = "Full evaluation protocol." if protocol["full"] else (
         f"**{protocol['note']}** These scores are not comparable with the paper's.")
@@ -545,8 +554,9 @@ def markdown_table(results: dict) -> str:
 
 
 def write_results(out_dir: Path, results: dict) -> None:
-    """Write an evaluation's results.json and results.csv (one row per task: score, mean return, success
-    rate, episodes, steps per episode, whether it was the full protocol, the paper's single-task DT score)."""
+    """Write an evaluation's results.json, results.csv (one row per task: score, mean return, success rate,
+    episodes, steps per episode, whether it was the full protocol, the paper's single-task DT score), table.md
+    and the per-family plots."""
     write_json(out_dir / "results.json", results)
     columns = ["task", "family", "score", "return_mean", "success_rate", "episodes", "max_steps", "full_protocol",
                "reference_score"]
@@ -683,6 +693,7 @@ def shared_training_goals(trained_manifest: dict, rollouts: list[Rollout], seed:
 
 
 def checkpoint_identity(run: RunDir, artifact: Path) -> dict[str, str]:
+    """The evaluated checkpoint's path in the run directory and its sha256 (results.json's record of it)."""
     return {"path": str(artifact.relative_to(run.root)), "sha256": file_hash(artifact)}
 
 
@@ -715,6 +726,45 @@ def output_label(method: str, grouping: str, expert_num: int, protocol: dict, co
 
 
 # ------------------------------------------------------------------------------------------ CLI
+@dataclass
+class EvaluatedPolicy:
+    """What an evaluation rolls out: a trained model on its device, or the random policy (`model` None)."""
+
+    model: torch.nn.Module | None = None
+    device: torch.device | None = None
+    context_length: int = 0
+    eval_rows: int | None = None  # rollouts per forward (--eval_rows, or sized to the device's free memory)
+    num_experts: int = 0
+    checkpoint: dict[str, str] | None = None  # checkpoint_identity of the evaluated artifact
+
+    def for_wave(self, wave: list[Rollout], statistics: Statistics, seed: int) -> ModelPolicy | RandomPolicy:
+        """The policy acting for one wave of rollouts."""
+        if self.model is None:
+            return RandomPolicy(seed)
+        return ModelPolicy(self.model, statistics, wave, self.context_length, self.device, eval_rows=self.eval_rows)
+
+
+def load_evaluated_policy(run: RunDir, method: str, grouping: str, expert_num: int, device: str, chosen: list[str],
+                          statistics: Statistics, eval_rows: int | None) -> EvaluatedPolicy:
+    """Load `method`'s trained model onto `device` (nothing for "random"), check that its timestep table
+    covers the `chosen` tasks' horizons and size its forwards. Raises ConfigError for an unusable device,
+    ArtifactError for a missing or mismatched artifact."""
+    from m3dt.train import resolve_device
+
+    if method == "random":
+        return EvaluatedPolicy()
+    torch_device = resolve_device(device)
+    model, manifest = load_policy(run, method, grouping, expert_num)
+    check_timesteps(manifest["config"]["max_timestep"], chosen)
+    model.to(torch_device)
+    context_length = manifest["config"]["context_length"]
+    if isinstance(model, PromptDecisionTransformer) and not eval_rows:
+        prompt_length = statistics.prompts["timesteps"].shape[1]
+        eval_rows = evaluation_rows(model, context_length, prompt_length, free_memory(torch_device)[0])
+    return EvaluatedPolicy(model, torch_device, context_length, eval_rows, manifest.get("num_experts", 0),
+                           checkpoint_identity(run, run.root / manifest["artifact"]))
+
+
 def evaluate(run_dir: str, method: str, grouping: str = "gradient", expert_num: int = 48, prefix_name: str | None = None,
              tasks: str | None = None, episodes: int | None = None, max_steps: int | None = None, workers: int | None = None,
              seed: int | None = None, device: str = "auto", max_rollouts: int | None = None, context_actions: str = "full",
@@ -725,8 +775,6 @@ def evaluate(run_dir: str, method: str, grouping: str = "gradient", expert_num: 
     raises EnvFailure. `seed` None: the run's training seed (from the evaluated artifact's manifest), as the
     protocol evaluates a run. `video` K > 0 records the first K episodes of every task as MP4 files
     (m3dt/video.py; VideoError when nothing renders here)."""
-    from m3dt.train import resolve_device
-
     check_options(episodes, max_steps, workers, max_rollouts, seed, context_actions, eval_rows)
     if video < 0:
         raise ConfigError(f"--video must be at least 0, got {video}")
@@ -752,20 +800,10 @@ def evaluate(run_dir: str, method: str, grouping: str = "gradient", expert_num: 
     statistics = load_statistics(run if statistics_file == run.data_stats else statistics_file)
     if len(statistics.state_mean) != len(trained):
         raise ArtifactError(f"{statistics_file}: holds {len(statistics.state_mean)} tasks, the model {len(trained)}")
-    num_experts, model, checkpoint = 0, None, None
-    if method != "random":
-        torch_device = resolve_device(device)
-        model, manifest = load_policy(run, method, grouping, expert_num)
-        check_timesteps(manifest["config"]["max_timestep"], chosen)
-        model.to(torch_device)
-        num_experts = manifest.get("num_experts", 0)
-        if isinstance(model, PromptDecisionTransformer) and not eval_rows:
-            prompt_length = statistics.prompts["timesteps"].shape[1]
-            eval_rows = evaluation_rows(model, manifest["config"]["context_length"], prompt_length,
-                                        free_memory(torch_device)[0])
-        print(f"evaluation forwards of at most {min(eval_rows or len(rollouts), len(rollouts))} of the {len(rollouts)} "
-              "rollouts (--eval_rows)")
-        checkpoint = checkpoint_identity(run, run.root / manifest["artifact"])
+    policy = load_evaluated_policy(run, method, grouping, expert_num, device, chosen, statistics, eval_rows)
+    if policy.model is not None:
+        print(f"evaluation forwards of at most {min(policy.eval_rows or len(rollouts), len(rollouts))} of the "
+              f"{len(rollouts)} rollouts (--eval_rows)")
     shared = shared_training_goals(trained_manifest, rollouts, seed)
     if shared and shared["shared"]:
         print(f"warning: {shared['shared']} of {shared['evaluation_goals']} Meta-World evaluation goals are goals of "
@@ -777,24 +815,19 @@ def evaluate(run_dir: str, method: str, grouping: str = "gradient", expert_num: 
 
         print(f"videos: MuJoCo renders with MUJOCO_GL={choose_gl_backend(gpu=torch.cuda.is_available())}")
 
-    def make_policy(wave: list[Rollout]):
-        if model is None:
-            return RandomPolicy(seed)
-        return ModelPolicy(model, statistics, wave, manifest["config"]["context_length"], torch_device,
-                           eval_rows=eval_rows)
-
     started = time.perf_counter()
     workers = os.cpu_count() if workers is None else workers
     # Waves bound memory (a Meta-World env holds 20-40 MB); within a wave every rollout advances in lockstep.
     wave_size = max_rollouts or len(rollouts)
     waves = [rollouts[start : start + wave_size] for start in range(0, len(rollouts), wave_size)]
-    outcomes = [run_rollouts(make_policy(wave), statistics, wave, seed, workers, max_steps, context_actions)
-                for wave in waves]
+    outcomes = [run_rollouts(policy.for_wave(wave, statistics, seed), statistics, wave, seed, workers, max_steps,
+                             context_actions) for wave in waves]
     outcome = {key: np.concatenate([part[key] for part in outcomes]) for key in ("returns", "success", "steps", "ended")}
     stage = {"prompt-dt": "1", "m3dt": "3", "random": "random"}.get(method)  # None: a comparison method
     results = {
         "run_dir": str(run.root), "stage": stage, "method": method_name(method), "method_id": method,
-        "grouping": grouping if method == "m3dt" else None, "num_experts": num_experts, "checkpoint": checkpoint,
+        "grouping": grouping if method == "m3dt" else None, "num_experts": policy.num_experts,
+        "checkpoint": policy.checkpoint,
         "seed": seed, "training_seed": training_seed, "protocol": protocol, "context_actions": context_actions, "shared_goals": shared,
         "max_steps": max_steps, "seconds": time.perf_counter() - started, **summarise(rollouts, outcome, max_steps),
     }

@@ -67,6 +67,8 @@ from m3dt.tasks import get_task, resolve_tasks, suite_names, use_task_table
 
 @dataclass(frozen=True)
 class Method:
+    """How a grid runs one m3dt.evaluate --method: what trains it, and whether it has expert counts and groupings."""
+
     trains: str  # what trains it: "stages" (the three stages), "stage1", "baseline" (m3dt.baselines), "" (nothing)
     experts: bool  # has an expert count
     groupings: bool  # has a task grouping
@@ -100,6 +102,8 @@ ENTRY_KEYS = {"method", "experts", "groupings", "suites", "seeds", "config", "op
 # ------------------------------------------------------------------------------------------ the grid file
 @dataclass
 class Entry:
+    """One checked `runs:` entry of a grid file (load_entry), its suites, seeds and options resolved."""
+
     method: str
     experts: dict[str, list[int]]  # suite -> expert counts ([0] for methods without experts)
     groupings: list[str]
@@ -111,6 +115,8 @@ class Entry:
 
 @dataclass
 class Grid:
+    """A checked grid file (load_grid): its keys, each `runs:` entry an Entry."""
+
     path: Path
     description: str
     run_root: Path | None
@@ -122,6 +128,8 @@ class Grid:
 
 
 def grid_error(path: Path, where: str, message: str) -> ConfigError:
+    """A ConfigError (returned, for the caller to raise) naming the grid file and the place in it: a key or
+    `runs[i]...`, or "" for the file itself."""
     return ConfigError(f"{path}: {where}{': ' if where else ''}{message}")
 
 
@@ -141,6 +149,8 @@ def check_options(path: Path, where: str, options: Any) -> dict[str, Any]:
 
 
 def as_list(path: Path, where: str, value: Any, kind: type) -> list:
+    """`value` as a list (one value: a list of it) of `kind`, a bool never counting as an int; ConfigError when
+    it is empty or holds anything else."""
     values = value if isinstance(value, list) else [value]
     if not values or not all(isinstance(item, kind) and not isinstance(item, bool) for item in values):
         raise grid_error(path, where, f"expected a {kind.__name__} or a non-empty list of them, got {value!r}")
@@ -189,6 +199,10 @@ def load_grid(path: Path) -> Grid:
 
 def load_entry(path: Path, index: int, run: Any, suites: list[str], seeds: list[int],
                grid_options: dict[str, Any]) -> Entry:
+    """Check `runs[index]` of the grid file and resolve it: suites and seeds (the grid's, which it may only
+    narrow), options (its `config` file's, then its `options`), expert counts per suite, groupings (default
+    gradient) and the variant (default: named by the stage-1 options that differ from the grid's). Every problem
+    is one ConfigError naming the entry."""
     where = f"runs[{index}]"
     if not isinstance(run, dict) or "method" not in run:
         raise grid_error(path, where, "each entry needs a method")
@@ -263,14 +277,18 @@ class Job:
 
     @property
     def key(self) -> str:
+        """The job's identity in the plan: run directory, kind, method, grouping and expert count, joined by '|'."""
         parts = [str(self.run_dir), self.kind, self.method, self.grouping, str(self.experts)]
         return "|".join(parts)
 
     @property
     def run(self) -> RunDir:
+        """The job's run directory."""
         return RunDir(self.run_dir)
 
     def describe(self) -> str:
+        """The job in words, e.g. "stage 3 routers (gradient, E=8)", for the plan, the output and the names of
+        its log and lock files."""
         label = {"stage1": "stage 1 backbone", "grouping": f"stage 2 {self.method} grouping",
                  "experts": "stage 2 experts (--all)", "router": "stage 3 routers",
                  "baseline": f"train {self.method}", "evaluate": f"evaluate {self.method}"}[self.kind]
@@ -294,6 +312,9 @@ def config_flags(values: dict[str, Any]) -> list[str]:
 
 def run_options(grid: Grid, entry: Entry, suite: str, seed: int, run_dir: Path,
                 overrides: dict[str, Any]) -> dict[str, Any]:
+    """The option values of one run: its suite (`tasks` for one of the grid's task_sets, else `prefix_name`),
+    seed and run directory, then the grid's options, the entry's and `overrides` (the command line's), later
+    ones winning."""
     suite_option = {"tasks": grid.task_sets[suite]} if suite in grid.task_sets else {"prefix_name": suite}
     return {**suite_option, "seed": seed, "run_dir": str(run_dir), **grid.options, **entry.options, **overrides}
 
@@ -431,6 +452,8 @@ def job_dir(job: Job) -> Path:
 
 
 def evaluation_flags(job: Job) -> list[str]:
+    """The m3dt.evaluate flags of an evaluation job: run directory, method, grouping and expert count (where
+    set), the run's seed, and the grid's evaluation options."""
     flags = ["--run_dir", str(job.run_dir), "--method", job.method]
     if job.grouping:
         flags += ["--grouping", job.grouping]
@@ -482,6 +505,8 @@ def entry_point(job: Job) -> Callable[[list[str]], None]:
 # ------------------------------------------------------------------------------------------ status
 @dataclass
 class Status:
+    """Where a job stands (job_status): done or not, in words, the training steps left and any conflict."""
+
     done: bool
     detail: str  # "done", "to do", "cut at step N of M", ...
     steps_left: int | None = None  # training steps still to run (None: the whole schedule or not training)
@@ -514,6 +539,7 @@ def identity_matches(recorded: dict[str, Any], config: Config, tasks: list[str])
 
 
 def last_logged_step(directory: Path) -> int:
+    """The largest step in `directory`/metrics.jsonl (lines without a readable step skipped); 0 without one."""
     path = directory / "metrics.jsonl"
     if not path.exists():
         return 0
@@ -555,6 +581,7 @@ def training_status(job: Job) -> Status:
 
 
 def planned_tasks(job: Job) -> list[str]:
+    """The task names of the job's run (its suite or task list, for its seed); TaskError for a bad list."""
     return resolve_tasks(job.config.prefix_name, job.config.tasks, job.config.seed)
 
 
@@ -593,6 +620,7 @@ def same_settings(result: dict[str, Any], evaluation: dict[str, Any]) -> bool:
 
 
 def job_status(job: Job) -> Status:
+    """evaluation_status of an evaluation job, training_status of a training job."""
     return evaluation_status(job) if job.kind == "evaluate" else training_status(job)
 
 
@@ -616,6 +644,7 @@ class Bench:
 
     @property
     def is_gpu(self) -> bool:
+        """Whether the bench ran on a GPU (its device name is not cpu-{N}core)."""
         return not self.device.startswith("cpu")
 
 
@@ -684,6 +713,8 @@ def row_flops(shape: tuple, experts: int) -> float:
 
 
 def nearest_router(bench: Bench, experts: int) -> tuple[str, int] | None:
+    """(stage name, E) of the bench's stage-3 router step with the expert count nearest `experts`; None when
+    the bench timed no stage 3."""
     measured = {int(stage.rsplit("=", 1)[1]): stage for stage in bench.training if stage.startswith("stage 3")}
     if not measured:
         return None
@@ -773,6 +804,7 @@ def bench_name(bench: Bench) -> str:
 
 
 def format_hours(hours: float | None) -> str:
+    """Hours for the dry run's tables: "?" for no estimate, "0", "<0.01", 2 decimals below 10, else whole."""
     if hours is None:
         return "?"
     if hours == 0:
@@ -783,6 +815,9 @@ def format_hours(hours: float | None) -> str:
 
 
 def dry_run(grid: Grid, jobs: list[Job], run_root: Path, benches: list[Bench], show_commands: bool) -> str:
+    """The --dry_run page: every job with its status and estimated hours left on each bench's device, how many
+    jobs are left, the conflicts, each bench's total by kind of job and, with `show_commands`, every job's shell
+    command."""
     runs = list(dict.fromkeys(job.run_dir for job in jobs))
     lines = [f"Grid {grid.path}: {grid.description}".rstrip(": "),
              f"{len(runs)} run directories under {run_root}, {len(jobs)} jobs", ""]
@@ -854,6 +889,8 @@ def job_lock(job: Job) -> Iterator[None]:
 
 
 def log_name(job: Job) -> str:
+    """The job's description as a file name (its log and lock files in {run_dir}/logs/): each run of characters
+    other than letters, digits, '_', '.' and '-' as one '_', none at the ends."""
     return re.sub(r"[^\w.-]+", "_", job.describe()).strip("_")
 
 
@@ -977,6 +1014,7 @@ def run_submitit(jobs: list[Job], run_root: Path, parameters: dict[str, Any], cl
 
 # ------------------------------------------------------------------------------------------ CLI
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
+    """The command line, --shard checked to be g/N with 0 <= g < N; SystemExit for bad arguments."""
     parser = ArgumentParser(prog="python -m m3dt.experiment", description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("grid", type=Path, help="grid file (configs/experiments/*.yaml)")

@@ -98,6 +98,7 @@ class KMeansPoints:
 
     @property
     def count(self) -> int:
+        """P, the number of points (tasks)."""
         return self.gram.shape[0]
 
     def total_variance(self) -> float:
@@ -123,6 +124,8 @@ class KMeansPoints:
 
 @dataclass
 class KMeansRun:
+    """The result of one K-means run (`kmeans`)."""
+
     labels: np.ndarray  # (P,) cluster of each point, every cluster non-empty
     weights: np.ndarray  # (K, P) centroid k = weights[k] @ features
     score: float  # sum over points of the distance to the nearest centroid
@@ -186,6 +189,8 @@ def squared_distances(gram: np.ndarray, squared_norms: np.ndarray, weights: np.n
 
 @dataclass
 class Grouping:
+    """The task groups that `gradient_grouping` chose, one per expert, and how many Lloyd steps its runs took."""
+
     groups: list[list[int]]  # task indices of each group
     lloyd_steps: list[int]  # steps taken by every K-means run, in the order they ran
 

@@ -158,6 +158,7 @@ class ReferenceFile:
         self.taken: set[str] = set()
 
     def error(self, message: str) -> ArtifactError:
+        """The ArtifactError (returned, not raised) "{path}: {message}" for this file."""
         return ArtifactError(f"{self.path}: {message}")
 
     def require(self, key: str) -> torch.Tensor:
@@ -200,6 +201,7 @@ class ReferenceFile:
 
 
 def flatten(content: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as one dict with dotted keys ({"block_0": {"c_fc.weight": w}} -> {"block_0.c_fc.weight": w})."""
     flat: dict[str, Any] = {}
     for key, value in content.items():
         if isinstance(value, dict):
@@ -210,6 +212,7 @@ def flatten(content: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def check_size(file: ReferenceFile, what: str, found: int, option: str, expected: int) -> None:
+    """Raise ArtifactError naming `file` when its `what` (`found`) is not this run's `option` (`expected`)."""
     if found != expected:
         raise file.error(f"has {what} {found}, this run has {option} {expected}")
 
@@ -527,6 +530,8 @@ def export_moe(state: Tensors, n_layer: int) -> dict[str, Tensors]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """`python -m m3dt.import_reference`: `import_reference` with the stages' options from `argv` (default
+    sys.argv[1:]); bad input ends as one line and exit code 2 (SystemExit), a traceback with --debug."""
     run_cli(import_reference, "Import the authors' trained checkpoints (their torch.save files) into a run directory "
             "that m3dt.evaluate and the later stages use unchanged.", argv)
 

@@ -25,7 +25,10 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
 
 
 class Dropout(nn.Dropout):
+    """nn.Dropout computed by `dropout` (torch.rand masks on the CPU, PyTorch's kernel elsewhere)."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` with inverted dropout applied in training mode; `x` itself in eval mode or with p = 0."""
         return dropout(x, self.p, self.training)
 
 

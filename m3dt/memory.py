@@ -55,6 +55,7 @@ class MemoryPlan:
 
     @property
     def total(self) -> int:
+        """The planned peak: data + weights + optimizer + activations, in bytes."""
         return self.data + self.weights + self.optimizer + self.activations
 
     def describe(self, free: int, capacity: int, device: torch.device) -> str:
@@ -123,6 +124,7 @@ def meta_batch(rows: int, context_length: int, prompt_length: int, device: torch
 
 
 def weight_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer of `model`, frozen ones included, counted as float32 whatever their dtype."""
     return sum(tensor.numel() * FLOAT_BYTES for tensor in [*model.parameters(), *model.buffers()])
 
 
@@ -250,6 +252,8 @@ def case_model(case: StageCase, model_fields: dict, device: torch.device | str =
 
 def plan_case(case: StageCase, model_fields: dict, context_length: int = 20, prompt_length: int = 5,
               data: int = 0) -> MemoryPlan:
+    """The plan of `case` with its model built on "meta": a training stage's (`plan_training`), or for an evaluation
+    forward (stage 0) the weights and the forward's activations, no optimizer; `data`: dataset bytes on the device."""
     model = case_model(case, model_fields)
     if case.stage == 0:
         return MemoryPlan(data=data, weights=weight_bytes(model), optimizer=0,
@@ -391,6 +395,9 @@ def check(device: torch.device, precision: str, tiny: bool) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`python -m m3dt.memory table|check`: print the "what fits where" table, or check measured peaks against plans
+    (optionally written as JSON to --out). Returns the exit code: 1 when a GPU peak exceeds its plan by more than
+    CHECK_TOLERANCE, else 0."""
     import argparse
     import json
 

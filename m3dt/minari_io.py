@@ -46,6 +46,7 @@ def is_minari_folder(folder: Path) -> bool:
 
 
 def data_folder(folder: Path) -> Path:
+    """The data/ folder of a Minari dataset folder (`folder` itself when it is already the data/ folder)."""
     return folder / "data" if (folder / "data" / "metadata.json").is_file() else folder
 
 
@@ -80,18 +81,22 @@ class MinariEpisodes:
 
     @property
     def where(self) -> str:
+        """The dataset folder (the one holding data/), for messages."""
         return str(self.data_path.parent)
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def part(self, start: int, stop: int | None = None) -> MinariEpisodes:
+        """The episodes start..stop-1 of these (slice semantics: negative positions count from the end)."""
         return MinariEpisodes(self.data_path, self.indices[start:stop], self.task)
 
     def location(self, position: int) -> str:
+        """The dataset folder and the dataset's index of the episode at `position`, for messages."""
         return f"{self.where} episode {self.indices[position]}"
 
     def stored_files(self) -> list[Path]:
+        """Every file of the data/ folder (they hold all of the dataset's episodes, not only these), sorted."""
         return sorted(path for path in self.data_path.iterdir() if path.is_file())
 
     def lengths(self) -> list[int]:
@@ -100,6 +105,9 @@ class MinariEpisodes:
         return [int(episode["total_steps"]) for episode in metadata]
 
     def load(self) -> list[Episode]:
+        """The episodes as the npz loader gives them: observations without the final one, zero-padded to (T, 39),
+        actions mapped onto [-1, 1] and zero-padded to (T, 8), rewards (T,), all float32. Raises DataError when
+        the spaces' widths are not the task's, or an episode's arrays are malformed or not finite."""
         dataset = open_dataset(self.data_path)
         observation_width = space_width(dataset.observation_space, "observation", self.where)
         action_width = space_width(dataset.action_space, "action", self.where)
@@ -131,6 +139,7 @@ class MinariEpisodes:
 
 
 def padded(array: np.ndarray, width: int) -> np.ndarray:
+    """(T, w) -> (T, `width`) float32, zeros beyond column w."""
     out = np.zeros((array.shape[0], width), dtype=np.float32)
     out[:, : array.shape[1]] = array
     return out
@@ -174,6 +183,7 @@ def minari_episodes(spec: str, task: Task, max_episodes: int) -> MinariEpisodes:
 
 
 def dataset_id(namespace: str, task_name: str) -> str:
+    """The Minari id a collected task is exported as: "{namespace}/{task_name}-v0"."""
     return f"{namespace}/{task_name}-v0"
 
 

@@ -82,6 +82,7 @@ class MLP(nn.Module):
         self.dropout = Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, L, d) -> (B, L, d)."""
         return self.dropout(self.down(F.relu(self.up(x))))
 
 
@@ -129,6 +130,8 @@ class TokenEmbedding(nn.Module):
 
     def forward(self, states: torch.Tensor, actions: torch.Tensor, returns_to_go: torch.Tensor,
                 timesteps: torch.Tensor) -> torch.Tensor:
+        """states (B, T, 39), actions (B, T, 8), returns_to_go (B, T, 1), timesteps (B, T) -> tokens
+        (B, 3T, d) in the order R1, s1, a1, R2, ..."""
         time = self.timestep(timesteps)
         return interleave(self.return_to_go(returns_to_go) + time, self.state(states) + time, self.action(actions) + time)
 
@@ -254,6 +257,8 @@ def attention_bias_for(token_mask: torch.Tensor) -> torch.Tensor:
 
 
 def gpt2_init(module: nn.Module) -> None:
+    """GPT-2's initialisation of one module, as the reference's transformer: Linear weights normal with std
+    0.02 and zero biases, LayerNorm weight 1 and bias 0 (apply with `model.apply`)."""
     if isinstance(module, nn.Linear):
         nn.init.normal_(module.weight, std=0.02)
         nn.init.zeros_(module.bias)

@@ -54,6 +54,7 @@ class StackedExperts(nn.Module):
 
     @property
     def num_experts(self) -> int:
+        """E, the number of stacked experts."""
         return self.up_weight.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -88,6 +89,7 @@ class Router(nn.Module):
         self.network = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (N, d) tokens -> (N, E) router logits (no softmax)."""
         return self.network(x)  # router logits
 
 

@@ -45,6 +45,7 @@ class NaiveExpert(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., d) -> (..., d): dropout(down(relu(up(x))))."""
         return self.dropout(self.down(F.relu(self.up(x))))
 
 
@@ -58,6 +59,8 @@ class NaiveMixture(nn.Module):
         self.router = router
 
     def forward(self, normed: torch.Tensor) -> torch.Tensor:
+        """normed (B, L, d) -> the experts' contribution (B, L, d): without a router the first (only) expert's
+        output, else the sum of every expert's output weighted by the router's softmax, one expert after another."""
         if self.router is None:
             return self.experts[0](normed)
         weights = torch.softmax(self.router(normed), dim=-1)
@@ -112,6 +115,8 @@ def suffix_sums(rewards: np.ndarray) -> np.ndarray:
 
 
 def state_statistics(episodes: list[Episode]) -> tuple[np.ndarray, np.ndarray]:
+    """State mean and std (plus STD_EPSILON), (39,) each, over every step of `episodes`, computed on one concatenated
+    array as the reference does."""
     states = np.concatenate([episode.observations for episode in episodes])
     return states.mean(axis=0), states.std(axis=0) + STD_EPSILON
 
@@ -138,6 +143,8 @@ def segment(episode: Episode, start: int, length: int, mean: np.ndarray, std: np
 
 @dataclass
 class NaiveTask:
+    """One task's data as the reference holds it: episode lists in host memory with their statistics and prompts."""
+
     task: Task
     episodes: list[Episode]  # training episodes
     sample_probability: np.ndarray  # per episode, in proportion to its length
@@ -149,6 +156,9 @@ class NaiveTask:
 
 
 def load_naive_task(root: Path, name: str, max_episodes: int) -> NaiveTask:
+    """Task `name` from the npz files of `{root}/{name}/` (at most `max_episodes`), its last PROMPT_EPISODES the
+    prompt trajectories, lower return first. Raises DataError for a bad folder or file, TaskError for an unknown
+    task."""
     files = episode_files(root / name, max_episodes)
     episodes = [load_episode(path) for path in files[:-PROMPT_EPISODES]]
     prompts = sorted((load_episode(path) for path in files[-PROMPT_EPISODES:]),
@@ -177,9 +187,13 @@ class NaiveSampler:
         return [(int(episode), int(self.rng.integers(task.episodes[episode].rewards.shape[0]))) for episode in picks]
 
     def sample(self, task_index: int) -> Batch:
+        """A batch of `batch_size` rows of task `task_index`, drawn and assembled the reference's way."""
         return self.build(task_index, self.draw(task_index))
 
     def build(self, task_index: int, choices: list[tuple[int, int]]) -> Batch:
+        """The Batch of the (episode, start) rows `choices` of task `task_index`: K-step segments, the prompt window
+        (the lower-return prompt trajectory on rows LOW_RETURN_PROMPT_ROWS), action mask and task_index, on the
+        sampler's device."""
         task = self.tasks[task_index]
         rows, prompt_rows = [], []
         for row, (episode, start) in enumerate(choices):
@@ -198,10 +212,12 @@ class NaiveSampler:
         return Batch(**{key: self.to_device(key, array) for key, array in arrays.items()})
 
     def to_device(self, key: str, array: np.ndarray) -> torch.Tensor:
+        """`array` copied to the sampler's device: int64 for timesteps and task_index, float32 otherwise."""
         dtype = torch.long if key.endswith("timesteps") or key == "task_index" else torch.float32
         return torch.from_numpy(array).to(self.device, dtype)
 
     def act_dim(self, task_index: int) -> int:
+        """The true action dims of task `task_index`."""
         return self.tasks[task_index].task.act_dim
 
 
@@ -224,6 +240,8 @@ def naive_optimizer(parameters: list[nn.Parameter], learning_rate: float, weight
 def naive_train_step(model: nn.Module, batch: Batch, act_dim: int, optimizer: torch.optim.Optimizer,
                      scheduler: torch.optim.lr_scheduler.LRScheduler, parameters: list[nn.Parameter],
                      max_norm: float) -> float:
+    """One training step the reference's way: loss, zero_grad, backward, global-norm clip of `parameters`, optimizer
+    and scheduler steps. Returns the loss as a Python float (a host sync)."""
     loss = naive_action_loss(model(batch), batch, act_dim)
     optimizer.zero_grad()
     loss.backward()

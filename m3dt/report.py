@@ -78,10 +78,13 @@ class Result:
 
     @property
     def tasks(self) -> int:
+        """The number of tasks evaluated (results.json's total.tasks)."""
         return int(self.data["total"]["tasks"])
 
     @property
     def key(self) -> tuple:
+        """What a row groups results by: task count, suite, method, grouping, expert count, model, evaluation
+        settings and variant; results with one key are seeds of one row."""
         return (self.tasks, self.suite, self.method, self.grouping, self.experts, self.model, self.evaluation,
                 self.variant)
 
@@ -93,6 +96,7 @@ class Result:
         return match.group(2) or "" if match else ""
 
     def task_scores(self) -> dict[str, float]:
+        """Each task's normalised score (0-100), by task name."""
         return {name: float(row["score"]) for name, row in self.data["tasks"].items()}
 
     @property
@@ -109,6 +113,8 @@ class Result:
 
 
 def find_results(folders: list[Path]) -> list[Path]:
+    """Every eval/*/results.json below `folders`, once each however it was reached; ArtifactError for a folder
+    that does not exist or holds none."""
     paths: list[Path] = []
     for folder in folders:
         found = sorted(folder.glob("**/eval/*/results.json")) if folder.is_dir() else []
@@ -150,6 +156,7 @@ def checkpoint_of(run_dir: Path, data: dict[str, Any]) -> Path | None:
 
 @lru_cache(maxsize=None)
 def cached_hash(path: Path, size: int, modified_ns: int) -> str:
+    """file_hash of `path`, cached: `size` and `modified_ns` are only part of the cache key (current_hash)."""
     return file_hash(path)
 
 
@@ -190,6 +197,8 @@ def model_size(run_dir: Path, data: dict[str, Any]) -> tuple[str, int | None]:
 
 
 def load_results(paths: list[Path]) -> list[Result]:
+    """Each results.json as a Result, with its run directory, staleness flag, evaluation settings and model size;
+    ArtifactError for a file that is not valid JSON or not a results.json of m3dt.evaluate."""
     results = []
     for path in paths:
         try:
@@ -234,18 +243,22 @@ class Row:
 
     @property
     def first(self) -> Result:
+        """The row's first result (lowest seed), which has every field the row groups by."""
         return self.results[0]
 
     @property
     def seeds(self) -> list[int]:
+        """The seeds of the row's results, sorted."""
         return sorted(result.seed for result in self.results)
 
     @property
     def official(self) -> bool:
+        """Whether its tasks are an official suite (mt{N}), the only rows the paper's numbers stand beside."""
         return self.first.suite.startswith("mt")
 
     @property
     def task_cell(self) -> str:
+        """The tasks column: task count and suite, e.g. "160 (mt160)"."""
         return f"{self.first.tasks} ({self.first.suite})"
 
 
@@ -310,6 +323,9 @@ def mean_reference(entries: list[dict[str, Any]]) -> float | None:
 
 
 def build_rows(results: list[Result], reps: int, seed: int) -> list[Row]:
+    """One Row per Result.key, sorted, with per-family and total mean ± std over seeds, the paper's single-task DT
+    reference, and the IQM with its 95% CI (`reps` bootstrap resamples, numpy seed `seed`). ArtifactError
+    when two results of a row have one seed."""
     grouped: dict[tuple, list[Result]] = defaultdict(list)
     for result in results:
         grouped[result.key].append(result)
@@ -339,17 +355,20 @@ def build_rows(results: list[Result], reps: int, seed: int) -> list[Row]:
 
 # ------------------------------------------------------------------------------------------ tables
 def cell(statistic: tuple[float, float, int]) -> str:
+    """A (mean, std, seeds) statistic as "mean ± std", or "mean" for one seed, 2 decimals."""
     mean, std, count = statistic
     return f"{mean:.2f} ± {std:.2f}" if count > 1 else f"{mean:.2f}"
 
 
 def iqm_cell(row: Row) -> str:
+    """The row's IQM and its 95% CI, "IQM [low, high]", or the IQM marked as having no CI (one seed)."""
     if row.interval is None:
         return f"{row.iqm:.2f} (1 seed: no CI)"
     return f"{row.iqm:.2f} [{row.interval[0]:.2f}, {row.interval[1]:.2f}]"
 
 
 def seeds_cell(row: Row) -> str:
+    """How many seeds the row has and which, e.g. "3 (0, 1, 2)"."""
     return f"{len(row.results)} ({', '.join(map(str, row.seeds))})"
 
 
@@ -384,6 +403,8 @@ def table(rows: list[Row], paper: dict[str, dict[int, float]], families: bool = 
 
 
 def caption(rows: list[Row]) -> list[str]:
+    """The notes above the tables: how scores and statistics are computed and, where `rows` need them, notes on
+    one's own tasks, unofficial task lists, task-position bootstraps and evaluations short of the full protocol."""
     notes = ["Score: per task the protocol's normalised score (Meta-World success %, DMC return / 10, ant-dir "
              "and cheetah-vel returns mapped to 0-100), averaged over tasks; mean ± sample std over the seeds "
              "of a row (seeds column: how many, which); IQM over every seed x task score with its 95% "
@@ -458,6 +479,8 @@ def ablation_rows(rows: list[Row]) -> list[Row]:
 
 
 def report_markdown(rows: list[Row], stale: list[Result], folders: list[Path], reps: int, seed: int) -> str:
+    """report.md: the method comparison beside the paper's numbers, the single-task DT references, M3DT by
+    expert count, the ablations, dense Prompt-DT by size, and the results left out as out of date (`stale`)."""
     expert_rows = [row for row in rows if row.first.method == "M3DT"]
     ablations = ablation_rows(rows)
     dense_rows = [row for row in rows if row.first.method == "Prompt-DT"]
@@ -493,6 +516,8 @@ def report_markdown(rows: list[Row], stale: list[Result], folders: list[Path], r
 
 
 def size_table(rows: list[Row]) -> list[str]:
+    """The dense Prompt-DT size sweep as Markdown: each row's model, parameters (millions), evaluation, seeds,
+    total and IQM, by task count, then size."""
     lines = ["| tasks | model | parameters | evaluation | seeds | total (mean ± std) | IQM [95% CI] |",
              "|---|---|---|---|---|---|---|"]
     for row in sorted(rows, key=lambda row: (row.first.tasks, row.first.parameters or 0)):
@@ -504,6 +529,8 @@ def size_table(rows: list[Row]) -> list[str]:
 
 
 def write_csvs(out: Path, rows: list[Row], results: list[Result]) -> None:
+    """Write `out`/report.csv (a line per row with every statistic; a single seed's std left empty) and
+    results.csv (a line per results.json, those left out with the reason), atomically."""
     with atomic_path(out / "report.csv") as temporary, open(temporary, "w", newline="") as file:
         writer = csv.writer(file)
         writer.writerow(["tasks", "suite", "method", "grouping", "experts", "model", "parameters", "evaluation",
@@ -535,6 +562,7 @@ def write_csvs(out: Path, rows: list[Row], results: list[Result]) -> None:
 
 # ------------------------------------------------------------------------------------------ plots
 def pyplot() -> Any:
+    """matplotlib.pyplot on the non-interactive Agg backend, imported only when the report plots."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -554,6 +582,8 @@ def plot_title(what: str, rows: list[Row], title: str) -> str:
 
 
 def series_name(row: Row, with_experts: bool = True) -> str:
+    """A row's name in the plots: its method label, E={experts} (with `with_experts`), its model when not the
+    paper's size, and its evaluation settings when not the full protocol."""
     first = row.first
     parts = [label(row)]
     if with_experts and first.experts:
@@ -770,6 +800,8 @@ def build_report(folders: list[Path], out: Path, reps: int = 2000, seed: int = 0
 
 
 def parse_arguments(argv: list[str]) -> argparse.Namespace:
+    """The command line; without folders, --config's run directory. ConfigError when neither is given or
+    --bootstrap_reps is below 1; SystemExit for arguments argparse rejects."""
     parser = ArgumentParser(prog="python -m m3dt.report", description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folders", nargs="*", type=Path, help="run roots or run directories (default: --config's "

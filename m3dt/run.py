@@ -65,11 +65,14 @@ def remove_stale_temporaries(path: Path) -> None:
 
 
 def write_json(path: Path, value: Any) -> None:
+    """Write `value` as JSON (indent 2, keys in their order, a final newline) to `path`, atomically."""
     with atomic_path(path) as temporary:
         temporary.write_text(json.dumps(value, indent=2, sort_keys=False) + "\n")
 
 
 def read_json(path: Path, what: str) -> Any:
+    """The JSON value in `path`; ArtifactError naming the file and `what` it should be when it is missing or
+    not valid JSON."""
     if not path.is_file():
         raise ArtifactError(f"{path}: {what} does not exist")
     try:
@@ -79,12 +82,16 @@ def read_json(path: Path, what: str) -> Any:
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write `tensors` (detached, contiguous CPU copies) and the string `metadata` as a safetensors file,
+    atomically."""
     contiguous = {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}
     with atomic_path(path) as temporary:
         save_file(contiguous, str(temporary), metadata=metadata)
 
 
 def load_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, by name, on the CPU; ArtifactError naming the file and `what` it
+    should be when it is missing, damaged or not a safetensors file."""
     if not path.is_file():
         raise ArtifactError(f"{path}: {what} does not exist")
     try:
@@ -111,6 +118,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def file_hash(path: Path) -> str:
+    """sha256 of the file's bytes as 64 hex digits, read in 1 MiB chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as file:
         for chunk in iter(lambda: file.read(1 << 20), b""):
@@ -151,48 +159,62 @@ class RunDir:
     # stage 1
     @property
     def stage1(self) -> Path:
+        """Stage 1's folder: the backbone, data statistics, manifest, metrics and training checkpoint."""
         return self.root / "stage1"
 
     @property
     def backbone(self) -> Path:
+        """The stage-1 backbone's weights (stage1/backbone.safetensors)."""
         return self.stage1 / "backbone.safetensors"
 
     @property
     def data_stats(self) -> Path:
+        """Stage 1's per-task state mean and std and evaluation prompt, which the evaluator reads with the model."""
         return self.stage1 / "data_stats.safetensors"
 
     # stage 2
     @property
     def stage2(self) -> Path:
+        """Stage 2's folder: the task groupings and the experts trained on them."""
         return self.root / "stage2"
 
     def groups(self, method: str, group_count: int) -> Path:
+        """The task groups of grouping `method` (gradient, random) into `group_count` groups."""
         return self.stage2 / f"groups_{method}_{group_count}.json"
 
     def experts_dir(self, method: str, group_count: int) -> Path:
+        """The folder of the experts trained on those groups (one per task group)."""
         return self.stage2 / f"experts_{method}_{group_count}"
 
     def expert(self, method: str, group_count: int, expert_id: int) -> Path:
+        """The weights of expert `expert_id` (that of task group `expert_id`)."""
         return self.experts_dir(method, group_count) / f"expert_{expert_id}.safetensors"
 
     def expert_job(self, method: str, group_count: int, job: str) -> Path:
+        """The folder of one stage-2 training job (`all`, `shard_g_of_N`, `expert_i`): metrics, checkpoint."""
         return self.experts_dir(method, group_count) / "jobs" / job
 
     # stage 3
     def stage3(self, method: str, group_count: int) -> Path:
+        """Stage 3's folder for the experts of (`method`, `group_count`): the MoE model, manifest, metrics and
+        training checkpoint."""
         return self.root / "stage3" / f"{method}_{group_count}"
 
     def moe(self, method: str, group_count: int) -> Path:
+        """The stage-3 model: its whole state dict (backbone, experts and routers)."""
         return self.stage3(method, group_count) / "moe.safetensors"
 
     # comparison methods and ablations (m3dt/baselines)
     def baseline(self, method: str) -> Path:
+        """The folder of a comparison method or ablation (an m3dt.baselines --method)."""
         return self.root / "baselines" / method
 
     def baseline_model(self, method: str) -> Path:
+        """That method's trained model (model.safetensors, its manifest beside it)."""
         return self.baseline(method) / "model.safetensors"
 
     def baseline_data_stats(self, method: str) -> Path:
+        """That method's data statistics (as stage 1's), which the evaluator reads with its model."""
         return self.baseline(method) / "data_stats.safetensors"
 
 

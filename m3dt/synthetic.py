@@ -12,6 +12,7 @@ from m3dt.tasks import MAX_ACT_DIM, MAX_OBS_DIM, get_task
 
 
 def write_episode(path: Path, observations: np.ndarray, actions: np.ndarray, rewards: np.ndarray) -> None:
+    """Write one episode file at `path` (np.savez) with terminals (T,) True at the last step only."""
     terminals = np.zeros(len(rewards), dtype=bool)
     terminals[-1] = True
     np.savez(path, observations=observations, actions=actions, rewards=rewards, terminals=terminals)
@@ -40,6 +41,8 @@ def make_task_data(root: Path, task_name: str, episodes: int, steps: int | None,
 
 
 def make_dataset(root: Path, tasks: list[str], episodes: int = 6, steps: int | None = 40) -> Path:
+    """Write `episodes` made-up episode files for each of `tasks` under `root` (the data root, returned); a task's
+    seed is its position in `tasks`. Raises TaskError for an unknown task name."""
     for offset, task in enumerate(tasks):
         make_task_data(root, task, episodes, steps, seed=offset)
     return root

@@ -59,6 +59,7 @@ class Task:
 
 @lru_cache(maxsize=1)
 def task_table() -> dict[str, Task]:
+    """The official MT160 task table (configs/reference/mt160_tasks.json) by task name, in its order; read once."""
     rows = json.loads(TASK_TABLE_FILE.read_text())["tasks"]
     table = {}
     for row in rows:
@@ -79,6 +80,7 @@ def task_table() -> dict[str, Task]:
 
 
 def get_task(name: str) -> Task:
+    """The task `name` of the MT160 table or of a registered table of the user's; TaskError for an unknown name."""
     if name in task_table():
         return task_table()[name]
     if name in _user_tasks:
@@ -283,10 +285,12 @@ def user_task_rows(names: list[str]) -> list[dict]:
 
 @lru_cache(maxsize=1)
 def suites() -> dict[str, dict[str, list[str]]]:
+    """The official suites' task lists by seed key and suite: {"seed0": {"mt160": [task, ...], ...}, ...}; read once."""
     return json.loads(SUITES_FILE.read_text())
 
 
 def suite_names() -> list[str]:
+    """The official suite names (mt160, mt120, ..., mt10), as listed for seed 0."""
     return list(suites()["seed0"])
 
 

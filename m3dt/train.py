@@ -70,10 +70,11 @@ class TrainingHooks:
         return {}
 
     def state_dict(self) -> dict[str, Any]:
+        """What the checkpoint keeps of the hooks' state, so that a resumed run continues it (none by default)."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+        """Restore what state_dict returned."""
 
 
 @dataclass
@@ -101,6 +102,7 @@ class Distributed:
 
     @property
     def is_main(self) -> bool:
+        """Rank 0: the process that writes checkpoints, logs and artifacts."""
         return self.rank == 0
 
 
@@ -198,6 +200,7 @@ def check_rng_device(state: dict[str, Any], sampler: DeviceSampler, path: Path) 
 
 
 def restore_rng_state(state: dict[str, Any], sampler: DeviceSampler) -> None:
+    """Put back torch's RNG (dropout) and the sampler's batch streams as rng_state saved them."""
     torch.set_rng_state(state["torch"])
     for generator, generator_state in zip(sampler.generators, state["sampler"]):
         generator.set_state(generator_state)

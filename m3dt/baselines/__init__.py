@@ -99,6 +99,7 @@ def train_baseline(config: Config, method_id: str) -> Path:
 
 
 def experts_of(model: PromptDecisionTransformer) -> int:
+    """Experts per block of `model` (its first block's mixture; 0 without one), the manifest's num_experts."""
     mixture = model.blocks[0].expert_mixture
     return 0 if mixture is None else mixture.experts.num_experts
 

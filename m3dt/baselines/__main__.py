@@ -10,6 +10,8 @@ from m3dt.stages import run_cli
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Train the --method named in `argv` (default sys.argv[1:]) with the stages' options; --help without a method
+    lists every stage option."""
     arguments = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--method", choices=METHODS, required="-h" not in arguments and "--help" not in arguments)

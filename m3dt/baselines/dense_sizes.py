@@ -54,6 +54,8 @@ def dense_configs() -> dict[int, Path]:
 
 
 def table(n_layer: int | None = None) -> str:
+    """A markdown table, one row per shipped dense configuration: M3DT's parameters at the paper's size with E experts
+    against the dense configuration's, or, with `n_layer`, against the width that matches them at that depth."""
     lines = ["| experts E | M3DT parameters | dense config | dense parameters | dense / M3DT |", "|---|---:|---|---:|---:|"]
     paper = Config()
     for experts, path in dense_configs().items():
@@ -72,6 +74,7 @@ def table(n_layer: int | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Print the parameter table (`table`) for the command line `argv` (default sys.argv[1:])."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n_layer", type=int, help="print the matching width at this depth instead")
     args = parser.parse_args(argv)

@@ -54,15 +54,19 @@ UNMASKED_PREFIXES = ("embed", "action_head")  # our names of the reference's unm
 
 
 def steps(config: Config) -> int:
+    """HarmoDT's schedule: `--harmodt_steps` steps."""
     return config.harmodt_steps
 
 
 def build(config: Config, run: RunDir) -> tuple[PromptDecisionTransformer, dict[str, torch.nn.Parameter]]:
+    """A fresh Prompt-DT (no experts), every parameter trainable."""
     model = build_model(config, config.dropout)
     return model, set_trainable(model, "")
 
 
 def hooks(model: PromptDecisionTransformer, sampler: DeviceSampler, config: Config, total_steps: int) -> "TaskMasks":
+    """The task masks, one random ERK draw per task of the sampler at density 1 - `--harmodt_sparsity` (seeded by
+    `--seed`), on the sampler's device."""
     generator = torch.Generator().manual_seed(config.seed)
     task_count = len(sampler.task_sizes)
     masks = initial_masks(model, task_count, 1.0 - config.harmodt_sparsity, generator).to(sampler.device)
@@ -70,10 +74,13 @@ def hooks(model: PromptDecisionTransformer, sampler: DeviceSampler, config: Conf
 
 
 def artifact_tensors(task_masks: "TaskMasks") -> dict[str, torch.Tensor]:
+    """The task masks to save beside the weights: {MASKS_KEY: (tasks, ceil(parameters / 8)) uint8, bit-packed}."""
     return {MASKS_KEY: pack(task_masks.masks)}
 
 
 def policy(fields: dict[str, Any], manifest: dict[str, Any], tensors: dict[str, torch.Tensor]) -> "MaskedPolicy":
+    """The evaluated HarmoDT (dropout off): the weights of `tensors` with each task's mask (popped from `tensors`).
+    Raises ArtifactError when the weights do not fit or the masks are missing or not one per manifest task."""
     model = build_model(fields, dropout=0.0)
     packed = tensors.pop(MASKS_KEY, None)
     load_weights(model, tensors, manifest)
@@ -128,6 +135,7 @@ def pack(masks: torch.Tensor) -> torch.Tensor:
 
 
 def unpack(packed: torch.Tensor, count: int) -> torch.Tensor:
+    """uint8 (tasks, ceil(count / 8)) on the CPU -> bool (tasks, count): the inverse of `pack`."""
     return torch.from_numpy(np.unpackbits(packed.numpy(), axis=1, count=count).astype(bool))
 
 
@@ -175,6 +183,8 @@ class TaskMasks(TrainingHooks):
 
     @torch.no_grad()
     def before_forward(self, task_indices: torch.Tensor) -> None:
+        """Keep a copy of every parameter, then multiply the transformer's weights by the mask of the step's task
+        (that of the first row group) in place."""
         row = self.masks.index_select(0, task_indices[:1].to(self.masks.device))[0]  # no host sync
         self.views = mask_views(self.model, row)
         self.before = [parameter.detach().clone() for _, parameter, _ in self.views]
@@ -184,17 +194,21 @@ class TaskMasks(TrainingHooks):
 
     @torch.no_grad()
     def before_update(self) -> None:
+        """Mask the (clipped) gradients of the transformer's weights with the step's task mask."""
         for name, parameter, mask in self.views:
             if forward_masked(name) and parameter.grad is not None:
                 parameter.grad.mul_(mask)
 
     @torch.no_grad()
     def after_update(self) -> None:
+        """Put every masked-out entry, of every parameter, back to its value before the forward."""
         for (_, parameter, mask), before in zip(self.views, self.before):
             parameter.copy_(torch.where(mask, parameter, before))
         self.views, self.before = [], []
 
     def after_step(self, step: int) -> dict[str, float]:
+        """Every `--harmodt_mask_interval` steps, swap `change_count` entries of each task's mask; returns that count
+        as harmodt_mask_changes (no metrics at other steps)."""
         if step % self.config.harmodt_mask_interval:
             return {}
         count = change_count(step - 1, self.total_steps, self.config.harmodt_eta_min, self.config.harmodt_eta_max)
@@ -223,6 +237,8 @@ class TaskMasks(TrainingHooks):
 
     @torch.no_grad()
     def swap(self, gradients: torch.Tensor, count: int) -> None:
+        """Given the tasks' flat masked gradients (tasks, parameters), revive and prune up to `count` entries of each
+        task's mask (fewer when the mask has fewer ones or zeros), in place, as the module docstring says."""
         harmony = gradients.mean(dim=0)
         weights = torch.cat([parameter.detach().flatten() for parameter in self.model.parameters()])
         for task, gradient in enumerate(gradients):
@@ -240,9 +256,11 @@ class TaskMasks(TrainingHooks):
             mask[prune] = False
 
     def state_dict(self) -> dict[str, Any]:
+        """The masks (bit-packed) and the tie-breaking generator's state, for the checkpoint."""
         return {"harmodt_masks": pack(self.masks), "harmodt_generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the masks and the generator from a checkpoint's `state_dict`."""
         self.masks.copy_(unpack(state["harmodt_masks"], self.masks.shape[1]).to(self.masks.device))
         self.generator.set_state(state["harmodt_generator"])
 
@@ -258,11 +276,14 @@ class MaskedPolicy(torch.nn.Module):
         self.register_buffer("masks", masks)
 
     def masked_parameters(self, task: int) -> dict[str, torch.Tensor]:
+        """The model's parameters by name as task `task` (run's task index) sees them: the transformer's masked."""
         return {name: parameter * mask if forward_masked(name) else parameter
                 for name, parameter, mask in mask_views(self.model, self.masks[task])}
 
     @torch.no_grad()
     def forward(self, batch: Batch, last_step_only: bool = False) -> torch.Tensor:
+        """Predicted actions (B, K, 8), or (B, 1, 8) with `last_step_only`, each row through its task's masked
+        weights. Raises ValueError when `batch.task_index` is None."""
         if batch.task_index is None:
             raise ValueError("HarmoDT needs each row's task (Batch.task_index)")
         outputs = None

@@ -27,16 +27,21 @@ HYPERPARAMETERS = ("expert_num",)
 
 
 def steps(config: Config) -> int:
+    """The three stages' steps together: `--backbone_steps + --expert_steps + --router_steps`."""
     return config.backbone_steps + config.expert_steps + config.router_steps
 
 
 def build(config: Config, run: RunDir) -> tuple[PromptDecisionTransformer, dict[str, torch.nn.Parameter]]:
+    """A fresh M3DT model (`--expert_num` routed experts per block, seeded as stage 2's experts, `--top_k`),
+    every parameter trainable."""
     seeds = [expert_seed(config, expert) for expert in range(config.expert_num)]
     model = moe_model(config, config.dropout, config.expert_num, config.top_k, seeds)
     return model, set_trainable(model, "")
 
 
 def policy(fields: dict[str, Any], manifest: dict[str, Any], tensors: dict[str, torch.Tensor]) -> PromptDecisionTransformer:
+    """The evaluated model (dropout off, the manifest's num_experts and top_k) with the weights of `tensors`;
+    raises ArtifactError when they do not fit."""
     model = moe_model(fields, 0.0, manifest["num_experts"], manifest["top_k"])
     load_weights(model, tensors, manifest)
     return model

@@ -30,10 +30,13 @@ HYPERPARAMETERS = ("expert_num",)
 
 
 def steps(config: Config) -> int:
+    """The steps of stages 2 and 3 together: `--expert_steps + --router_steps`."""
     return config.expert_steps + config.router_steps
 
 
 def build(config: Config, run: RunDir) -> tuple[PromptDecisionTransformer, dict[str, torch.nn.Parameter]]:
+    """The run's stage-1 backbone with `--expert_num` fresh routed experts per block (seeded as stage 2's experts,
+    `--top_k`); only the expert mixtures (experts and routers) trainable. Raises ArtifactError without a backbone."""
     model = load_backbone(run, config)
     seeds = [expert_seed(config, expert) for expert in range(config.expert_num)]
     model.install_experts(config.expert_num, routed=True, top_k=config.top_k, seeds=seeds)
@@ -41,6 +44,8 @@ def build(config: Config, run: RunDir) -> tuple[PromptDecisionTransformer, dict[
 
 
 def policy(fields: dict[str, Any], manifest: dict[str, Any], tensors: dict[str, torch.Tensor]) -> PromptDecisionTransformer:
+    """The evaluated model (dropout off, the manifest's num_experts and top_k) with the weights of `tensors`;
+    raises ArtifactError when they do not fit."""
     model = moe_model(fields, 0.0, manifest["num_experts"], manifest["top_k"])
     load_weights(model, tensors, manifest)
     return model

@@ -24,15 +24,19 @@ NAME = "MTDT"
 
 
 def steps(config: Config) -> int:
+    """MTDT's schedule: stage 1's, `--backbone_steps` steps."""
     return config.backbone_steps
 
 
 def build(config: Config, run: RunDir) -> tuple[PromptDecisionTransformer, dict[str, torch.nn.Parameter]]:
+    """A fresh Prompt-DT without prompt embeddings, every parameter trainable."""
     model = build_model(config, config.dropout, prompt=False)
     return model, set_trainable(model, "")
 
 
 def policy(fields: dict[str, Any], manifest: dict[str, Any], tensors: dict[str, torch.Tensor]) -> PromptDecisionTransformer:
+    """The evaluated MTDT (no prompt embeddings, dropout off) with the weights of `tensors`; raises ArtifactError
+    when they do not fit."""
     model = build_model(fields, dropout=0.0, prompt=False)
     load_weights(model, tensors, manifest)
     return model

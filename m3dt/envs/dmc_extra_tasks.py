@@ -59,6 +59,7 @@ class WalkerBackwards(walker.PlanarWalker):
     """The suite's walk/run reward with the velocity term mirrored: upright, and moving along -x."""
 
     def get_reward(self, physics: walker.Physics) -> float:
+        """Stand reward x (5 * move + 1) / 6, move 1 from `move_speed` along -x up and linear below; in [0, 1]."""
         standing = high_enough(physics.torso_height(), WALKER_STAND_HEIGHT)
         upright = (1 + physics.torso_upright()) / 2
         stand_reward = (3 * standing + upright) / 4
@@ -71,6 +72,7 @@ class CheetahRunBackwards(cheetah.Cheetah):
     """The suite's run reward along -x, with a lower top speed."""
 
     def get_reward(self, physics: cheetah.Physics) -> float:
+        """1 from CHEETAH_BACKWARDS_SPEED along -x up, falling linearly to 0 at a standstill or moving forwards."""
         speed = -physics.speed()
         return at_least(speed, CHEETAH_BACKWARDS_SPEED, margin=CHEETAH_BACKWARDS_SPEED, value_at_margin=0.0)
 
@@ -83,6 +85,7 @@ class CheetahRunReared(cheetah.Cheetah):
         self.raised_foot = raised_foot
 
     def get_reward(self, physics: cheetah.Physics) -> float:
+        """Up reward (3/5 raised foot, 2/5 torso height) x (5 * fast + 1) / 6, fast linear in the forward speed."""
         torso_up = high_enough(physics.named.data.xpos["torso", "z"], CHEETAH_REARED_HEIGHT)
         foot_up = high_enough(physics.named.data.xpos[self.raised_foot, "z"], CHEETAH_REARED_HEIGHT)
         up_reward = (3 * foot_up + 2 * torso_up) / 5
@@ -98,6 +101,7 @@ class CheetahJump(cheetah.Cheetah):
     """
 
     def get_reward(self, physics: cheetah.Physics) -> float:
+        """(5 * mean of the two feet's reared scores + in_place) / 6, as the class docstring says; in [0, 1]."""
         torso_height = physics.named.data.xpos["torso", "z"]
         reared = [
             high_enough((torso_height + physics.named.data.xpos[raised_foot, "z"]) / 2, CHEETAH_REARED_HEIGHT)
@@ -120,6 +124,8 @@ class HopperHopBackwards(hopper.Hopper):
         super().__init__(hopping=True, random=random)
 
     def get_reward(self, physics: hopper.Physics) -> float:
+        """Standing (1 at heights in [0.6, 2], else 0) x hopping (1 from HOPPER_BACKWARDS_SPEED along -x, linear
+        below)."""
         standing = rewards.tolerance(physics.height(), bounds=(HOPPER_STAND_HEIGHT, 2))
         speed = -physics.speed()
         hopping = at_least(speed, HOPPER_BACKWARDS_SPEED, margin=HOPPER_BACKWARDS_SPEED / 2, value_at_margin=0.5)
@@ -130,6 +136,7 @@ class CupSpin(ball_in_cup.BallInCup):
     """Swing the ball fast and far around the cup; nothing is paid while the ball is in the cup."""
 
     def initialize_episode(self, physics: ball_in_cup.Physics) -> None:
+        """Place the ball in the cup, or with CUP_START_OUTSIDE_PROBABILITY anywhere collision-free."""
         # Most episodes start with the ball in the cup (the spin must first get it out); the rest start
         # anywhere collision-free, as in the suite's catch task. The draw order fixes the start of a seed.
         may_start_outside = self.random.uniform() < CUP_START_OUTSIDE_PROBABILITY
@@ -143,6 +150,7 @@ class CupSpin(ball_in_cup.BallInCup):
         base.Task.initialize_episode(self, physics)
 
     def get_reward(self, physics: ball_in_cup.Physics) -> float:
+        """0 while the ball is in the cup, else (far + 2 * fast) / 3 of the ball's distance to the cup and its speed."""
         distance = np.linalg.norm(physics.ball_to_target())
         speed = np.linalg.norm(physics.named.data.qvel[["ball_x", "ball_z"]])
         far = at_least(distance, CUP_SPIN_DISTANCE, margin=CUP_SPIN_DISTANCE / 2, value_at_margin=0.5)
@@ -154,6 +162,7 @@ class PendulumSpin(pendulum.SwingUp):
     """Spin the pole fast in either direction (swing-up's start and observations)."""
 
     def get_reward(self, physics: pendulum.Physics) -> float:
+        """1 from PENDULUM_SPIN_SPEED rad/s of angular speed up, linear below it (0.5 at half of it, 0 at rest)."""
         speed = np.linalg.norm(physics.angular_velocity())
         return at_least(speed, PENDULUM_SPIN_SPEED, margin=PENDULUM_SPIN_SPEED / 2, value_at_margin=0.5)
 

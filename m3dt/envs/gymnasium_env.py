@@ -37,6 +37,9 @@ def to_unit_range(action: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.n
 
 
 class GymnasiumEnv(TaskEnv):
+    """A user's task given by a gymnasium env id and kwargs (README "Your own tasks"); actions in [-1, 1] are
+    mapped onto the env's bounds. Raises TaskError when the env's widths differ from the task table's."""
+
     def __init__(self, task: Task, episode: int, seed: int):
         super().__init__(task, episode, seed)
         try:
@@ -68,4 +71,5 @@ class GymnasiumEnv(TaskEnv):
         return unwrapped.model, unwrapped.data
 
     def close(self) -> None:
+        """Close the gymnasium env."""
         self.env.close()

@@ -107,4 +107,5 @@ class LocomotionEnv(TaskEnv):
         return self.sim.model, self.sim.data
 
     def close(self) -> None:
+        """Close the gymnasium MuJoCo env underneath."""
         self.sim.close()

@@ -83,6 +83,7 @@ class MetaWorldEnv(TaskEnv):
         return camera
 
     def close(self) -> None:
+        """Close the Meta-World env."""
         self._env.close()
 
 
