@@ -39,7 +39,7 @@ import torch.nn as nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from m3dt.cli import command, exit_with_message
-from m3dt.config import CHOICES, ArgumentParser, Config, ConfigError
+from m3dt.config import CHOICES, ArgumentParser, Config, ConfigError, check_values
 from m3dt.data import Batch, DeviceSampler, TaskDataset
 from m3dt.evaluate import EPISODES_PER_FAMILY, EnvPool, Rollout  # env packages load inside the env workers
 from m3dt.grouping import random_grouping
@@ -60,6 +60,10 @@ DEFAULTS = {
     "quick": {"steps": 5, "warmup": 2, "experts": "8", "groups": 4, "tasks": 48, "eval_rows": 16,
               "env_rollouts": 32, "env_steps": 20},
 }
+# The least value of each numeric option (env_rollouts 0 skips the env workers).
+OPTION_MINIMUMS = {"steps": 1, "warmup": 0, "groups": 1, "tasks": 1, "eval_rows": 1, "env_rollouts": 0, "env_steps": 1,
+                   "threads": 1}
+MT160_TASKS = 160
 
 
 @dataclass
@@ -773,12 +777,17 @@ def speedup_vs_naive(result: Measurement, results: list[Measurement]) -> float |
     return naive[0].ms_per_step * result.expert_steps / result.ms_per_step
 
 
+def write_page(markdown: Path, text: str, data: Any) -> None:
+    """Write a bench page and its data (the .json beside it), each atomically."""
+    for path, content in ((markdown, text), (markdown.with_suffix(".json"), json.dumps(data, indent=2))):
+        with atomic_path(path) as temporary:
+            temporary.write_text(content)
+
+
 def write_report(report: dict[str, Any], out: Path) -> Path:
     """Write the run's page and its data to `out`/{device}.md and {device}.json; returns the .md's path."""
-    out.mkdir(parents=True, exist_ok=True)
     markdown = out / f"{report['device']}.md"
-    markdown.write_text(markdown_report(report))
-    (out / f"{report['device']}.json").write_text(json.dumps(report, indent=2))
+    write_page(markdown, markdown_report(report), report)
     return markdown
 
 
@@ -842,9 +851,7 @@ def combine(argv: list[str]) -> Path:
     if not reports:
         raise SystemExit(f"error: no bench report (*.json) in {', '.join(args.folders)}")
     markdown = out / f"{reports[0]['device']}.md"
-    for path, text in ((markdown, combined_markdown(reports)), (markdown.with_suffix(".json"), json.dumps(reports, indent=2))):
-        with atomic_path(path) as temporary:
-            temporary.write_text(text)
+    write_page(markdown, combined_markdown(reports), reports)
     print(f"wrote {markdown} and {markdown.with_suffix('.json')}")
     return markdown
 
@@ -852,8 +859,9 @@ def combine(argv: list[str]) -> Path:
 # ------------------------------------------------------------------------------------------ main
 def parse_settings(argv: list[str] | None) -> Settings:
     """The bench's settings from `argv` (unset options from DEFAULTS of --quick or full mode); sets torch's CPU
-    threads (--threads). SystemExit for a bad --experts, --steps, --groups or --env_rollouts; ConfigError
-    for a --device torch does not know or that is not there."""
+    threads (--threads). SystemExit for a count below its minimum (OPTION_MINIMUMS), bad --experts or --stages,
+    --tasks beyond MT160 or more --groups than tasks; ConfigError for a --device torch does not know or that is
+    not there, or a model size the stages would refuse."""
     parser = ArgumentParser(description="Time every stage: the project's step against the reference's way.")
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--precision", choices=CHOICES["precision"], default="fp32",
@@ -877,8 +885,6 @@ def parse_settings(argv: list[str] | None) -> Settings:
     parser.add_argument("--n_layer", type=int, default=6)
     parser.add_argument("--n_head", type=int, default=8)
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     mode = "quick" if args.quick else "full"
 
     def option(name: str) -> Any:
@@ -888,18 +894,31 @@ def parse_settings(argv: list[str] | None) -> Settings:
     expert_counts = str(option("experts")).split(",")
     if not all(count.strip().isdigit() and int(count) > 0 for count in expert_counts):
         parser.error(f"--experts must be comma-separated counts, got {option('experts')!r}")
+    stages = args.stages.replace(" ", "").split(",")
+    if not stages or not set(stages) <= {"1", "2", "3"}:
+        parser.error(f"--stages must be comma-separated stages of 1, 2, 3, got {args.stages!r}")
+    for name, minimum in OPTION_MINIMUMS.items():
+        value = option(name) if name in DEFAULTS[mode] else getattr(args, name)
+        if value is not None and value < minimum:
+            parser.error(f"--{name} must be at least {minimum}, got {value}")
+    if option("tasks") > MT160_TASKS:
+        parser.error(f"--tasks must be at most {MT160_TASKS} (the MT160 list), got {option('tasks')}")
+    if option("groups") > option("tasks"):
+        parser.error(f"--groups {option('groups')} is more experts than the {option('tasks')} tasks (--tasks)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     settings = Settings(
         device=resolve_device(args.device), precision=args.precision, mode=mode, steps=option("steps"),
         warmup=option("warmup"), expert_counts=[int(count) for count in expert_counts],
         groups=option("groups"), tasks=option("tasks"), eval_rows=option("eval_rows"),
         env_rollouts=option("env_rollouts"), env_steps=option("env_steps"), compile=args.compile,
-        stages=[int(stage) for stage in args.stages.split(",")],
+        stages=sorted({int(stage) for stage in stages}),
         out=Path(args.out),
-        config=Config(embed_dim=args.embed_dim, n_layer=args.n_layer, n_head=args.n_head, precision=args.precision),
+        config=Config(embed_dim=args.embed_dim, n_layer=args.n_layer, n_head=args.n_head,
+                      precision=args.precision),
     )
-    if settings.steps < 1 or settings.groups > settings.tasks or settings.env_rollouts < 0:
-        parser.error("need --steps >= 1, --groups <= --tasks and --env_rollouts >= 0")
+    check_values(settings.config)  # the model size overrides (ConfigError)
     return settings
 
 

@@ -173,6 +173,10 @@ POSITIVE = ("embed_dim", "n_layer", "n_head", "context_length", "prompt_length",
             "grouping_gradients", "kmeans_restarts", "kmeans_repeats", "kmeans_iterations", "demo_episodes",
             "max_iters")  # eval_episodes, eval_max_steps: m3dt.evaluate checks them under its flags
 NON_NEGATIVE = ("seed", "top_k", "expert_id", "workers", "conflict_every", "demo_collect_seed")
+# The float options' ranges: probabilities and shares in [0, 1), step sizes above 0, weights and noise at least 0.
+UNIT_INTERVAL = ("dropout", "harmodt_sparsity")
+POSITIVE_FLOATS = ("learning_rate", "grad_clip")
+NON_NEGATIVE_FLOATS = ("weight_decay", "kmeans_tolerance", "harmodt_gamma", "demo_noise")
 
 
 def _option_type(field_type: str):
@@ -264,8 +268,9 @@ def parse_config(description: str, argv: list[str] | None = None) -> Config:
 
 
 def check_values(config: Config) -> None:
-    """Raise ConfigError, naming the option, for a choice outside its allowed values or a count below its
-    minimum."""
+    """Raise ConfigError, naming the option, for a choice outside its allowed values, a count below its
+    minimum, a float outside its range (dropout 1 would make every activation 0 and its gradient NaN) or
+    options that contradict each other."""
     for name, allowed in CHOICES.items():
         if getattr(config, name) not in allowed:
             raise ConfigError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(config, name)!r}")
@@ -274,8 +279,15 @@ def check_values(config: Config) -> None:
             value = getattr(config, name)
             if value is not None and value < minimum:
                 raise ConfigError(f"--{name} must be at least {minimum}, got {value}")
-    if not 0.0 <= config.harmodt_sparsity < 1.0:
-        raise ConfigError(f"--harmodt_sparsity must be in [0, 1), got {config.harmodt_sparsity}")
+    for name in UNIT_INTERVAL:  # `not` so that NaN fails too
+        if not 0.0 <= getattr(config, name) < 1.0:
+            raise ConfigError(f"--{name} must be in [0, 1), got {getattr(config, name)}")
+    for name in POSITIVE_FLOATS:
+        if not getattr(config, name) > 0.0:
+            raise ConfigError(f"--{name} must be above 0, got {getattr(config, name)}")
+    for name in NON_NEGATIVE_FLOATS:
+        if not getattr(config, name) >= 0.0:
+            raise ConfigError(f"--{name} must be at least 0, got {getattr(config, name)}")
     if not 0 <= config.harmodt_eta_min <= config.harmodt_eta_max:
         raise ConfigError(f"--harmodt_eta_min/--harmodt_eta_max must satisfy 0 <= min <= max, got "
                           f"{config.harmodt_eta_min}, {config.harmodt_eta_max}")

@@ -32,6 +32,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from m3dt.cli import command, exit_with_message
 from m3dt.data import Batch
 from m3dt.model import PromptCache, PromptDecisionTransformer, action_loss
 from m3dt.tasks import MAX_ACT_DIM, MAX_OBS_DIM, get_task
@@ -394,17 +395,18 @@ def check(device: torch.device, precision: str, tiny: bool) -> list[dict]:
     return rows
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     """`python -m m3dt.memory table|check`: print the "what fits where" table, or check measured peaks against plans
     (optionally written as JSON to --out). Returns the exit code: 1 when a GPU peak exceeds its plan by more than
     CHECK_TOLERANCE, else 0."""
-    import argparse
     import json
 
-    from m3dt.config import Config
+    from m3dt.config import ArgumentParser, Config, ConfigError
+    from m3dt.run import atomic_path
     from m3dt.train import resolve_device
 
-    parser = argparse.ArgumentParser(description="Memory plans: the README's table, or plans against measured peaks.")
+    parser = ArgumentParser(description="Memory plans: the README's table, or plans against measured peaks.")
     parser.add_argument("command", choices=("table", "check"),
                         help="table: what fits where (planned, any machine); check: every stage's measured peak "
                              "against its plan on --device")
@@ -416,9 +418,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "table":
         print(fits_table(Config().model_fields()))
         return 0
-    rows = check(resolve_device(args.device), args.precision, args.tiny)
+    try:
+        device = resolve_device(args.device)
+    except ConfigError as error:  # an unknown device, or CUDA asked where there is none
+        exit_with_message(error, debug=False)
+    rows = check(device, args.precision, args.tiny)
     if args.out:
-        Path(args.out).write_text(json.dumps(rows, indent=2))
+        with atomic_path(Path(args.out)) as temporary:
+            temporary.write_text(json.dumps(rows, indent=2))
     over = [row["case"] for row in rows if row["within_plan"] is False]
     if over:
         print(f"measured peak above its plan by more than {CHECK_TOLERANCE:.0%}: {', '.join(over)}")

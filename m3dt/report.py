@@ -42,7 +42,7 @@ from m3dt.cli import command, exit_with_message
 from m3dt.config import ArgumentParser, Config, ConfigError, load_yaml
 from m3dt.baselines.dense_sizes import parameter_count
 from m3dt.evaluate import reference_text
-from m3dt.run import ArtifactError, atomic_path, file_hash, manifest_path
+from m3dt.run import ArtifactError, atomic_path, file_hash, manifest_path, read_json
 from m3dt.scores import SCORE_AXIS
 from m3dt.tasks import FAMILIES, GYMNASIUM, names_hash, suites
 
@@ -54,8 +54,8 @@ PAPER_BEST_EXPERTS = {10: 8, 80: 40, 160: 40}  # the expert count that scored be
 DEFAULT_MODEL = "d256 L6"  # the paper's width and depth
 MAIN_METHODS = ("random policy", "MTDT", "Prompt-DT", "HarmoDT", "M3DT")  # the method comparison, in this order
 ABLATIONS = ("M3DT w/o three-stage", "M3DT w/o grouping")
-REPORTED_FAMILIES = (*FAMILIES, GYMNASIUM)
-RUN_NAME = re.compile(r"(.+)_seed\d+(?:_(.+))?")  # a run directory of m3dt.experiment or the stages' default  # what results.json's "families" can hold (GYMNASIUM: one's own tasks)
+REPORTED_FAMILIES = (*FAMILIES, GYMNASIUM)  # what results.json's "families" can hold (GYMNASIUM: one's own tasks)
+RUN_NAME = re.compile(r"(.+)_seed\d+(?:_(.+))?")  # a run directory of m3dt.experiment or the stages' default
 
 
 # ------------------------------------------------------------------------------------------ results
@@ -185,10 +185,7 @@ def model_size(run_dir: Path, data: dict[str, Any]) -> tuple[str, int | None]:
     checkpoint = checkpoint_of(run_dir, data)
     if checkpoint is None or not manifest_path(checkpoint).is_file():
         return "-", None
-    try:
-        recorded = json.loads(manifest_path(checkpoint).read_text()).get("config", {})
-    except json.JSONDecodeError as error:
-        raise ArtifactError(f"{manifest_path(checkpoint)}: not valid JSON ({error})") from None
+    recorded = read_json(manifest_path(checkpoint), "manifest").get("config", {})
     if "embed_dim" not in recorded:
         return "-", None
     names = {option.name for option in dataclasses.fields(Config)}
@@ -201,10 +198,7 @@ def load_results(paths: list[Path]) -> list[Result]:
     ArtifactError for a file that is not valid JSON or not a results.json of m3dt.evaluate."""
     results = []
     for path in paths:
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise ArtifactError(f"{path}: not valid JSON ({error})") from None
+        data = read_json(path, "results.json")
         run_dir = path.parent.parent.parent  # {run_dir}/eval/{label}/results.json
         try:
             flag = staleness(run_dir, data)

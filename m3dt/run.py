@@ -76,7 +76,9 @@ def read_json(path: Path, what: str) -> Any:
     if not path.is_file():
         raise ArtifactError(f"{path}: {what} does not exist")
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise ArtifactError(f"{path}: {what} is not valid JSON: not UTF-8 text (byte {error.start})") from None
     except json.JSONDecodeError as error:
         raise ArtifactError(f"{path}: {what} is not valid JSON ({error})") from None
 

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from m3dt import bench, collect, demo, evaluate, experiment, import_reference, report
+from m3dt import bench, collect, demo, evaluate, experiment, import_reference, memory, report
 from tests.conftest import REPO
 
 STAGE_SCRIPTS = ("stage1_backbone_train.py", "stage2_task_grouping_gradient.py", "stage2_task_grouping_random.py",
                  "stage2_expert_train.py", "stage3_router_train.py")
 MODULES = {"m3dt.evaluate": evaluate.main, "m3dt.report": report.main, "m3dt.collect": collect.main,
            "m3dt.demo": demo.main, "m3dt.bench": bench.main, "m3dt.import_reference": import_reference.main,
-           "m3dt.experiment": experiment.main}
+           "m3dt.experiment": experiment.main, "m3dt.memory": memory.main}
 SHELL_SCRIPT = "stage2_expert_train_total.sh"
 
 
@@ -85,7 +85,19 @@ def bad_inputs(entry: str, tmp: Path) -> dict[str, tuple[list[str], str]]:
                 "bad option value": (["--precision", "fp16"], "argument --precision: invalid choice: 'fp16'"),
                 "bad device": (["--device", "tpu:x"], "--device 'tpu:x' is not a device name"),
                 "bad expert counts": (["--experts", "8,many"], "--experts must be comma-separated counts"),
-                "out-of-range number": (["--steps", "0"], "need --steps >= 1")}
+                "out-of-range number": (["--steps", "0"], "--steps must be at least 1, got 0"),
+                "zero env steps": (["--env_steps", "0"], "--env_steps must be at least 1, got 0"),
+                "zero groups": (["--groups", "0"], "--groups must be at least 1, got 0"),
+                "zero eval rows": (["--eval_rows", "0"], "--eval_rows must be at least 1, got 0"),
+                "bad stages": (["--stages", "1,x"], "--stages must be comma-separated stages of 1, 2, 3, got '1,x'"),
+                "no such stage": (["--stages", "4"], "--stages must be comma-separated stages of 1, 2, 3"),
+                "more tasks than MT160": (["--tasks", "200"], "--tasks must be at most 160 (the MT160 list), got 200"),
+                "more groups than tasks": (["--tasks", "4", "--groups", "8"], "--groups 8 is more experts than the 4 tasks"),
+                "bad model size": (["--embed_dim", "30", "--n_head", "8"], "--embed_dim 30 must be a multiple of --n_head 8")}
+    if entry == "m3dt.memory":
+        return {"unknown option": (["table", "--no_such_option"], "unrecognized arguments: --no_such_option"),
+                "bad option value": (["check", "--precision", "fp16"], "argument --precision: invalid choice: 'fp16'"),
+                "bad device": (["check", "--device", "tpu:x"], "--device 'tpu:x' is not a device name")}
     raise AssertionError(entry)
 
 

@@ -233,6 +233,20 @@ def test_a_broken_results_file_is_one_line(tmp_path, capsys, change, message):
     assert error.count("\n") == 1 and "Traceback" not in error
 
 
+@pytest.mark.parametrize("content, message", [
+    (b"\x89PNG\r\n\x1a\n\x00\xff", "results.json is not valid JSON: not UTF-8 text (byte 0)"),
+    (b'{"tasks": ', "results.json is not valid JSON (Expecting value"),
+])
+def test_an_unreadable_results_file_is_one_line(tmp_path, capsys, content, message):
+    path = write_result(tmp_path / "loco_seed0", "stage1", "Prompt-DT", "prompt-dt", 0, SCORES[0])
+    path.write_bytes(content)
+    with pytest.raises(SystemExit) as stop:
+        main([str(tmp_path), "--out", str(tmp_path / "out")])
+    error = capsys.readouterr().err
+    assert stop.value.code == 2 and f"{path}: {message}" in error
+    assert error.count("\n") == 1 and "Traceback" not in error
+
+
 def test_each_profile_band_resamples_what_its_own_interval_does(tmp_path):
     """Prompt-DT: the same tasks (a list of one's own) for every seed, and the same scores: resampling seeds
     gives no band. M3DT: the official mt10 lists, which differ by seed, so its band resamples task positions

@@ -8,6 +8,7 @@ import itertools
 import json
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -23,8 +24,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import m3dt.train
-from m3dt.config import (NON_NEGATIVE, POSITIVE, Config, ConfigError, build_parser, check_values, field_comments,
-                         parse_config)
+from m3dt.config import (NON_NEGATIVE, NON_NEGATIVE_FLOATS, POSITIVE, POSITIVE_FLOATS, UNIT_INTERVAL, Config,
+                         ConfigError, build_parser, check_values, field_comments, parse_config)
 from m3dt.data import DataError, TaskDataset, load_episode
 from m3dt.model import action_loss
 from m3dt.run import (ArtifactError, RunDir, load_checkpoint, load_tensors, save_checkpoint, save_tensors,
@@ -478,6 +479,23 @@ def test_every_count_below_its_range_is_refused(name):
     with pytest.raises(ConfigError, match=f"^--{name} must be at least {minimum}, got {minimum - 1}$"):
         check_values(Config(**{name: minimum - 1}))
     check_values(Config(**{name: minimum, "n_head": 1}))  # width 1 needs one head
+
+
+FLOAT_CASES = ([(name, -0.1, 0.0, "in [0, 1)") for name in UNIT_INTERVAL]
+               + [(name, 1.0, 0.5, "in [0, 1)") for name in UNIT_INTERVAL]
+               + [(name, 0.0, 1e-6, "above 0") for name in POSITIVE_FLOATS]
+               + [(name, float("nan"), 1e-6, "above 0") for name in POSITIVE_FLOATS]
+               + [(name, -1e-6, 0.0, "at least 0") for name in NON_NEGATIVE_FLOATS])
+
+
+@pytest.mark.parametrize("name, bad, good, allowed", FLOAT_CASES)
+def test_every_float_outside_its_range_is_refused(name, bad, good, allowed):
+    """--dropout 1 gave NaN gradients; every float option has a range, checked at both sides of its edge."""
+    assert {field.name for field in dataclasses.fields(Config) if field.type == "float"} == {
+        *UNIT_INTERVAL, *POSITIVE_FLOATS, *NON_NEGATIVE_FLOATS}
+    with pytest.raises(ConfigError, match=rf"^--{name} must be {re.escape(allowed)}, got {bad}$"):
+        check_values(Config(**{name: bad}))
+    check_values(Config(**{name: good}))
 
 
 @pytest.mark.parametrize("text, message", [
