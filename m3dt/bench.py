@@ -582,9 +582,9 @@ def projected_hours(results: list[Measurement], settings: Settings) -> list[dict
             "stage 3": router and config.router_steps * router.ms_per_step * scale / 3.6e6,
         }
         total = sum(hours.values()) if all(hours.values()) else None
-        rows.append({"path": path, **hours, "total": total})
-    note = "" if largest == target else f"stage 3 scaled by FLOPs from E={largest} to E={target} (x{scale:.2f})"
-    return [{**row, "note": note} for row in rows]
+        note = "" if largest == target else f"{path}: x{scale:.2f}"  # the paths count different FLOPs
+        rows.append({"path": path, **hours, "total": total, "note": note})
+    return rows
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -695,8 +695,11 @@ def projection_lines(report: dict[str, Any]) -> list[str]:
     for row in report["projection"]:
         lines.append(f"| {row['path']} | {format_number(row['stage 1'])} | {format_number(row['stage 2'])} | "
                      f"{format_number(row['stage 3'])} | {format_number(row['total'])} |")
-    if report["projection"][0]["note"]:
-        lines += ["", f"Note: {report['projection'][0]['note']}."]
+    scales = [row["note"] for row in report["projection"] if row["note"]]
+    if scales:
+        largest = max(report["settings"]["expert_counts"])
+        lines += ["", f"Note: stage 3 scaled by FLOPs from E={largest} to E={config['expert_num']} "
+                      f"({', '.join(scales)})."]
     return lines
 
 

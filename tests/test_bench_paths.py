@@ -4,6 +4,7 @@ reference-style step give the same losses and the same updated weights. Nothing 
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -216,6 +217,8 @@ def test_bench_runs_end_to_end_with_tiny_settings(tmp_path):
     assert all(row["ms_per_step"] > 0 for row in report["training"])
     markdown = (tmp_path / f"{report['device']}.md").read_text()
     assert "| stage 3: routers, E=2 | naive |" in markdown and "## Evaluation: policy forwards" in markdown
+    # each path's own FLOPs ratio scales its stage 3 to the paper's E=48 (the naive path counts more FLOPs)
+    assert re.search(r"Note: stage 3 scaled by FLOPs from E=2 to E=48 \(naive: x[\d.]+, fast: x[\d.]+\)\.", markdown)
     # env stepping: one worker and one per CPU, 4 rollouts x 2 timed steps each, at some positive rate
     assert [row["workers"] for row in report["env_stepping"]] == sorted({1, os.cpu_count()})
     assert all(row["rollouts"] == 4 and row["env_steps_per_second"] > 0 for row in report["env_stepping"])
