@@ -30,7 +30,8 @@ def make_task_data(root: Path, task_name: str, episodes: int, steps: int | None,
     folder = root / task_name
     folder.mkdir(parents=True, exist_ok=True)
     for episode in range(episodes):
-        length = steps if task.family != "ant_dir" else int(rng.integers(max(1, steps // 2), steps + 1))  # at least one step
+        # ant-dir episodes end early (the ant falls) at random, after at least one step
+        length = steps if task.family != "ant_dir" else int(rng.integers(max(1, steps // 2), steps + 1))
         native = np.cumsum(rng.normal(scale=0.3, size=(length, task.obs_dim)), axis=0)
         observations = np.zeros((length, MAX_OBS_DIM), dtype=np.float32)
         observations[:, : task.obs_dim] = native
