@@ -200,11 +200,15 @@ def time_paths(paths: dict[str, Callable[[int], Any]], warmup: int, steps: int, 
 # shared machine lowers it less than a median would (a lower ceiling reads as a higher "% of peak").
 CEILING_REPEATS = 10
 MATMUL_SIZES = {"cuda": (4096, 8192, 16384), "cpu": (512, 1024, 2048)}
+# A size whose product takes longer than this keeps the device busy enough: no larger one is tried (bf16 on a
+# CPU without bf16 units runs at about 1 GFLOP/s, where a 2048 product takes 20 s).
+LONG_CALL_MS = 100.0
 
 
 def matmul_peak(device: torch.device, precision: str) -> float:
-    """TFLOP/s of square matmuls in `precision`: the best over a few sizes of the fastest of
-    `CEILING_REPEATS` calls each, the ceiling the stages' achieved TFLOP/s are compared with."""
+    """TFLOP/s of square matmuls in `precision`: the best over sizes (ascending, up to the first whose call
+    takes LONG_CALL_MS) of the fastest of `CEILING_REPEATS` calls each, the ceiling the stages' achieved
+    TFLOP/s are compared with."""
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     best = 0.0
     for size in MATMUL_SIZES["cuda" if device.type == "cuda" else "cpu"]:
@@ -218,6 +222,8 @@ def matmul_peak(device: torch.device, precision: str) -> float:
         milliseconds = time_paths({"matmul": product}, warmup=2, steps=CEILING_REPEATS, device=device,
                                   statistic=min)["matmul"]
         best = max(best, 2 * size**3 / (milliseconds / 1e3) / 1e12)
+        if milliseconds > LONG_CALL_MS:
+            break
     return best
 
 
