@@ -904,7 +904,7 @@ def parse_settings(argv: list[str] | None) -> Settings:
     if not all(count.strip().isdigit() and int(count) > 0 for count in expert_counts):
         parser.error(f"--experts must be comma-separated counts, got {option('experts')!r}")
     stages = args.stages.replace(" ", "").split(",")
-    if not stages or not set(stages) <= {"1", "2", "3"}:
+    if not set(stages) <= {"1", "2", "3"}:  # "" (an empty or doubled comma) is not a stage
         parser.error(f"--stages must be comma-separated stages of 1, 2, 3, got {args.stages!r}")
     for name, minimum in OPTION_MINIMUMS.items():
         value = option(name) if name in DEFAULTS[mode] else getattr(args, name)
