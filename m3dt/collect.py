@@ -167,11 +167,14 @@ class ExpertFiles:
     model: Path  # SB3 zip, what collection loads
     replay_buffer: Path  # kept so that a rerun continues training where it stopped
     state: Path  # JSON: steps done and asked for; written last, so it never claims more than the model has
+    training_log: Path  # folder: SB3's progress.csv of each training run, in from_step_{N}/
 
     @staticmethod
     def in_folder(folder: Path, name: str) -> ExpertFiles:
-        """The expert `name`'s files in `folder`: {name}.zip, {name}.replay_buffer.pkl and {name}.json."""
-        return ExpertFiles(folder / f"{name}.zip", folder / f"{name}.replay_buffer.pkl", folder / f"{name}.json")
+        """The expert `name`'s files in `folder`: {name}.zip, {name}.replay_buffer.pkl, {name}.json and the
+        folder {name}_log/."""
+        return ExpertFiles(folder / f"{name}.zip", folder / f"{name}.replay_buffer.pkl", folder / f"{name}.json",
+                           folder / f"{name}_log")
 
     @staticmethod
     def of(out: Path, name: str) -> ExpertFiles:
@@ -272,8 +275,9 @@ def train_expert(name: str, steps: int, out: Path, seed: int, save_every: int, l
         model = SAC("MlpPolicy", env, buffer_size=buffer_size, learning_starts=learning_starts, seed=seed,
                     device=device, verbose=0)
     # SB3 otherwise makes a new empty log folder in the system's temp dir on every learn(); keep its
-    # training log (episode returns, losses) beside the expert instead.
-    model.set_logger(configure_logger(str(files.model.with_suffix("")) + "_log", ["csv"]))
+    # training log (episode returns, losses) beside the expert instead, one folder per run because SB3
+    # truncates an existing progress.csv.
+    model.set_logger(configure_logger(str(files.training_log / f"from_step_{start}"), ["csv"]))
     if resume and files.replay_buffer.is_file():
         model.load_replay_buffer(files.replay_buffer)
         print(f"resuming {name} from step {model.num_timesteps}")
@@ -589,7 +593,10 @@ def train_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="data root (the expert goes to its _experts/ folder)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save_every", type=int, default=50_000, help="checkpoint period in steps")
-    parser.add_argument("--learning_starts", type=int, default=10_000, help="random-action steps before learning")
+    parser.add_argument("--learning_starts", type=int, default=10_000,
+                        help="random-action steps before learning; when a checkpoint resumes without its replay "
+                             "buffer, that many steps of its own policy refill the buffer instead (0: none, and "
+                             "the first updates sample the few transitions collected so far)")
     parser.add_argument("--buffer_size", type=int, default=1_000_000,
                         help="replay buffer capacity, fixed by the first run (each checkpoint writes all of it: "
                              "~200-300 MB at 1M)")

@@ -26,8 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from m3dt.data import (LOW_RETURN_PROMPT_ROWS, PAD_ACTION, PROMPT_EPISODES, STD_EPSILON, Batch, Episode,
-                       episode_files, load_episode)
+from m3dt.data import (LOW_RETURN_PROMPT_ROWS, PAD_ACTION, PROMPT_EPISODES, STD_EPSILON, Batch, DataError,
+                       Episode, episode_files, load_episode)
 from m3dt.model import PromptDecisionTransformer
 from m3dt.moe import ExpertMixture
 from m3dt.tasks import MAX_ACT_DIM, MAX_OBS_DIM, Task, get_task
@@ -155,14 +155,20 @@ class NaiveTask:
     prompt_std: np.ndarray
 
 
-def load_naive_task(root: Path, name: str, max_episodes: int) -> NaiveTask:
+def load_naive_task(root: Path, name: str, max_episodes: int, prompt_length: int) -> NaiveTask:
     """Task `name` from the npz files of `{root}/{name}/` (at most `max_episodes`), its last PROMPT_EPISODES the
-    prompt trajectories, lower return first. Raises DataError for a bad folder or file, TaskError for an unknown
+    prompt trajectories, lower return first. Raises DataError for a bad folder or file or a prompt trajectory
+    shorter than the prompt window (`prompt_length` + 1 steps, as the main data path), TaskError for an unknown
     task."""
     files = episode_files(root / name, max_episodes)
     episodes = [load_episode(path) for path in files[:-PROMPT_EPISODES]]
-    prompts = sorted((load_episode(path) for path in files[-PROMPT_EPISODES:]),
-                     key=lambda episode: episode.rewards.sum())
+    prompts = []
+    for path in files[-PROMPT_EPISODES:]:
+        prompts.append(load_episode(path))
+        steps = prompts[-1].rewards.shape[0]
+        if steps < prompt_length + 1:
+            raise DataError(f"{path}: {steps} steps, shorter than the prompt window of {prompt_length + 1}")
+    prompts.sort(key=lambda episode: episode.rewards.sum())
     lengths = np.array([episode.rewards.shape[0] for episode in episodes])
     return NaiveTask(get_task(name), episodes, lengths / lengths.sum(), *state_statistics(episodes),
                      prompts, *state_statistics(prompts))
@@ -173,7 +179,7 @@ class NaiveSampler:
 
     def __init__(self, data_root: str | Path, task_names: list[str], context_length: int, batch_size: int,
                  prompt_length: int, device: torch.device, seed: int, max_episodes: int = 2000):
-        self.tasks = [load_naive_task(Path(data_root), name, max_episodes) for name in task_names]
+        self.tasks = [load_naive_task(Path(data_root), name, max_episodes, prompt_length) for name in task_names]
         self.context_length = context_length
         self.batch_size = batch_size
         self.prompt_length = prompt_length

@@ -122,6 +122,10 @@ def test_expert_training_resumes_from_its_checkpoint(data_root, capsys):
     train_expert("cheetah_vel", steps=90, out=data_root / "more", seed=0, save_every=40, learning_starts=50,
                  buffer_size=100, device="cpu")
     assert "expert cheetah_vel: already trained for 90 steps" in capsys.readouterr().out
+    # each run kept its own training log (SB3 would truncate one shared progress.csv)
+    logs = data_root / "more" / EXPERTS_DIR / "cheetah_vel_log"
+    assert sorted(path.relative_to(logs).as_posix() for path in logs.rglob("*.csv")) == [
+        "from_step_0/progress.csv", "from_step_70/progress.csv"]
 
 
 def test_a_checkpoint_without_its_replay_buffer_refills_it_with_its_policy_before_updating(data_root, tmp_path,

@@ -28,6 +28,7 @@ from m3dt.config import (NON_NEGATIVE, NON_NEGATIVE_FLOATS, POSITIVE, POSITIVE_F
                          ConfigError, build_parser, check_values, field_comments, parse_config)
 from m3dt.data import DataError, TaskDataset, load_episode
 from m3dt.model import action_loss
+from m3dt.naive import NaiveSampler
 from m3dt.run import (ArtifactError, RunDir, load_checkpoint, load_tensors, save_checkpoint, save_tensors,
                       write_json, write_manifest)
 from m3dt.stages import check_experts, group_tasks, read_groups, recorded_config, run_cli, train_backbone
@@ -170,11 +171,17 @@ def test_loading_never_runs_code_from_a_file(tmp_path):
     assert not marker.exists()
 
 
-def test_prompt_shorter_than_the_window(tmp_path):
+@pytest.mark.parametrize("sampler", ["device", "naive"])
+def test_prompt_shorter_than_the_window(tmp_path, sampler):
+    """The project's data path and the bench's reference-style sampler (m3dt/naive.py) refuse it alike."""
     folder = write_task(tmp_path)
     np.savez(folder / "3.npz", **valid_arrays(length=5))  # a prompt trajectory; the window needs P + 1 steps
     with pytest.raises(DataError, match=r"3\.npz: 5 steps, shorter than the prompt window of 6"):
-        TaskDataset(tmp_path, ["reach-v2"], prompt_length=5)
+        if sampler == "device":
+            TaskDataset(tmp_path, ["reach-v2"], prompt_length=5)
+        else:
+            NaiveSampler(tmp_path, ["reach-v2"], context_length=20, batch_size=4, prompt_length=5,
+                         device=torch.device("cpu"), seed=0)
 
 
 def test_task_folders_and_names(tmp_path):
