@@ -177,7 +177,7 @@ class ExpertFiles:
                            folder / f"{name}_log")
 
     @staticmethod
-    def of(out: Path, name: str) -> ExpertFiles:
+    def in_data_root(out: Path, name: str) -> ExpertFiles:
         """The expert `name` of the data root `out`."""
         return ExpertFiles.in_folder(out / EXPERTS_DIR, name)
 
@@ -259,7 +259,7 @@ def save_expert(model: SAC, files: ExpertFiles, target_steps: int, seed: int) ->
 def train_expert(name: str, steps: int, out: Path, seed: int, save_every: int, learning_starts: int,
                  buffer_size: int, device: str) -> None:
     """Train (or continue training) the SAC expert `name` to `steps` environment steps."""
-    files = ExpertFiles.of(out, name)
+    files = ExpertFiles.in_data_root(out, name)
     resume = files.model.is_file() and files.state.is_file()
     start = read_json(files.state, f"state of the {name} expert")["steps_done"] if resume else 0
     if start >= steps:
@@ -312,7 +312,7 @@ Policy = Callable[[np.ndarray], np.ndarray]  # padded 39-d observation -> action
 def expert_state(task: Task, out: Path) -> dict:
     """The state file of a task's expert, checked to exist and to have finished its training."""
     name = expert_name(task)
-    files = ExpertFiles.of(out, name)
+    files = ExpertFiles.in_data_root(out, name)
     if not files.model.is_file() or not files.state.is_file():
         what = "no expert for DMC" if task.family == "dmc" else f"no {name} expert"
         shipped = ExpertFiles.in_folder(SHIPPED_EXPERTS, name)
@@ -337,7 +337,7 @@ def policy_name(task: Task, out: Path) -> str:
 @lru_cache(maxsize=None)  # per process: the 40 tasks of a family share one loaded expert
 def expert_model(name: str, out: Path) -> SAC:
     """The SAC expert `name` of the data root `out`, loaded on the CPU once per process."""
-    return SAC.load(ExpertFiles.of(out, name).model, device="cpu")
+    return SAC.load(ExpertFiles.in_data_root(out, name).model, device="cpu")
 
 
 @lru_cache(maxsize=None)

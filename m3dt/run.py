@@ -70,17 +70,17 @@ def write_json(path: Path, value: Any) -> None:
         temporary.write_text(json.dumps(value, indent=2, sort_keys=False) + "\n")
 
 
-def read_json(path: Path, what: str) -> Any:
-    """The JSON value in `path`; ArtifactError naming the file and `what` it should be when it is missing or
-    not valid JSON."""
+def read_json(path: Path, what: str, error_type: type[Exception] = ArtifactError) -> Any:
+    """The JSON value in `path`; `error_type` (ArtifactError for a stage's artifact, TaskError for a user's task
+    file, ...) naming the file and `what` it should be when it is missing, not UTF-8 text or not JSON."""
     if not path.is_file():
-        raise ArtifactError(f"{path}: {what} does not exist")
+        raise error_type(f"{path}: {what} does not exist")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as error:
-        raise ArtifactError(f"{path}: {what} is not valid JSON: not UTF-8 text (byte {error.start})") from None
+        raise error_type(f"{path}: {what} is not valid JSON: not UTF-8 text (byte {error.start})") from None
     except json.JSONDecodeError as error:
-        raise ArtifactError(f"{path}: {what} is not valid JSON ({error})") from None
+        raise error_type(f"{path}: {what} is not valid JSON ({error})") from None
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:

@@ -19,6 +19,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from m3dt.run import read_json
+
 REFERENCE_DIR = Path(__file__).resolve().parent.parent / "configs" / "reference"
 TASK_TABLE_FILE = REFERENCE_DIR / "mt160_tasks.json"
 SUITES_FILE = REFERENCE_DIR / "mt160_suites.json"
@@ -212,26 +214,13 @@ def names_hash(names: list[str]) -> str:
     return hashlib.sha256(" ".join(names).encode()).hexdigest()[:6]
 
 
-def read_json_file(path: Path, what: str) -> Any:
-    """A user's JSON file (task list or task table); TaskError naming it when missing, not UTF-8 text or not
-    JSON."""
-    if not path.is_file():
-        raise TaskError(f"{what} {path} does not exist")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as error:
-        raise TaskError(f"{what} {path} is not valid JSON: not UTF-8 text (byte {error.start})") from None
-    except json.JSONDecodeError as error:
-        raise TaskError(f"{what} {path} is not valid JSON: {error}") from None
-
-
 def read_task_table(path: str | Path) -> list[dict]:
     """The rows of a task table file: {"tasks": [row, ...]} as the shipped one, or a plain list of rows."""
     file = Path(path)
-    content = read_json_file(file, "task table")
+    content = read_json(file, "task table", TaskError)
     rows = content.get("tasks") if isinstance(content, dict) else content
     if not isinstance(rows, list) or not rows:
-        raise TaskError(f"task table {file} must hold a non-empty list of tasks (or {{\"tasks\": [...]}})")
+        raise TaskError(f"{file}: task table must hold a non-empty list of tasks (or {{\"tasks\": [...]}})")
     return rows
 
 
@@ -303,9 +292,9 @@ def resolve_tasks(prefix_name: str | None, tasks: str | None, seed: int) -> list
     if tasks:
         if tasks.startswith("@"):
             path = Path(tasks[1:])
-            names = read_json_file(path, "task list file")
+            names = read_json(path, "task list file", TaskError)
             if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
-                raise TaskError(f"task list file {path} must hold a JSON list of task names")
+                raise TaskError(f"{path}: task list file must hold a JSON list of task names")
         else:
             names = [name.strip() for name in tasks.split(",") if name.strip()]
     elif prefix_name:

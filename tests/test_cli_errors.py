@@ -24,7 +24,7 @@ SHELL_SCRIPT = "stage2_expert_train_total.sh"
 def bad_inputs(entry: str, tmp: Path) -> dict[str, tuple[list[str], str]]:
     """The bad inputs an entry point takes: class -> (argv, a part of the expected message)."""
     missing_yaml, broken_yaml = tmp / "missing.yaml", tmp / "broken.yaml"  # the test writes broken.yaml
-    binary_yaml = tmp / "binary.yaml"  # and binary.yaml, not UTF-8 text
+    binary_yaml = tmp / "binary.yaml"  # and binary.yaml, not UTF-8 text, and tasks.json, not a list
     nowhere = tmp / "nowhere"
     config_file = {"missing config file": (["--config", str(missing_yaml)], f"config file {missing_yaml} does not exist"),
                    "bad config file": (["--config", str(broken_yaml)], f"config file {broken_yaml} is not valid YAML"),
@@ -71,14 +71,16 @@ def bad_inputs(entry: str, tmp: Path) -> dict[str, tuple[list[str], str]]:
         return {"unknown option": ([*out, "--tasks", "reach-v2", "--episodes", "3", "--no_such_option"],
                                    "unrecognized arguments: --no_such_option"),
                 "missing task list file": ([*out, "--tasks", f"@{nowhere}.json", "--episodes", "3"],
-                                                             f"task list file {nowhere}.json does not exist"),
+                                                             f"{nowhere}.json: task list file does not exist"),
                 "bad option value": ([*out, "--tasks", "reach-v2", "--episodes", "many"],
                                      "argument --episodes: invalid int value: 'many'"),
                 "out-of-range number": ([*out, "--tasks", "reach-v2", "--episodes", "2"], "--episodes must be at least 3")}
     if entry == "m3dt.demo":
         return {**config_file, **unknown_option,
                 "bad option value": (["--grouping", "kmeans"], "argument --grouping: invalid choice: 'kmeans'"),
-                "missing task list file": (["--tasks", f"@{nowhere}.json"], f"task list file {nowhere}.json does not exist"),
+                "missing task list file": (["--tasks", f"@{nowhere}.json"], f"{nowhere}.json: task list file does not exist"),
+                "task list not a list": (["--tasks", f"@{tmp / 'tasks.json'}"],
+                                         f"{tmp / 'tasks.json'}: task list file must hold a JSON list of task names"),
                 "out-of-range number": (["--demo_episodes", "2"], "--demo_episodes must be at least 3, got 2")}
     if entry == "m3dt.bench":
         return {**unknown_option,
@@ -120,6 +122,7 @@ def test_bad_input_is_one_line_with_exit_code_2(entry, case, tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)  # nothing a command might create lands in the repository
     (tmp_path / "broken.yaml").write_text("embed_dim: [32\n")
     (tmp_path / "binary.yaml").write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
+    (tmp_path / "tasks.json").write_text('{"reach-v2": 1}')  # JSON, but not a list of names
     argv, message = bad_inputs(entry, tmp_path)[case]
     code = run_in_process(entry, argv, monkeypatch)
     err = capsys.readouterr().err

@@ -198,6 +198,7 @@ BAD_TABLES = {  # what the table file holds -> the message after "{file}: " (the
                          "task 'reach-v9': family metaworld cannot hold a task of your own: every Meta-World v2 "
                          "task is already an MT160 task"),
     "binary file": (b"\x89PNG\r\n\x1a\n\x00\xff\xfe", "is not valid JSON: not UTF-8 text (byte 0)"),
+    "no rows": ({"tasks": []}, "task table must hold a non-empty list of tasks"),
 }
 
 
@@ -206,7 +207,7 @@ def test_bad_tables_stop_when_read_in_one_line(case, tmp_path, monkeypatch, caps
     content, message = BAD_TABLES[case]
     table = tmp_path / "table.json"
     table.write_bytes(content if isinstance(content, bytes) else json.dumps(content).encode())
-    expected = f"task table {table} {message}" if isinstance(content, bytes) else f"{table}: {message}"
+    expected = f"{table}: task table {message}" if isinstance(content, bytes) else f"{table}: {message}"
     with pytest.raises(TaskError) as error:
         use_task_table(table)
     assert str(error.value).startswith(expected), str(error.value)

@@ -129,3 +129,12 @@ def moe_model(fields: Config | dict[str, Any], dropout: float, num_experts: int,
     model = build_model(fields, dropout)
     model.install_experts(num_experts, routed=True, top_k=top_k, seeds=seeds)
     return model
+
+
+def moe_policy(fields: dict[str, Any], manifest: dict[str, Any], tensors: dict[str, torch.Tensor]
+               ) -> PromptDecisionTransformer:
+    """The evaluated routed-MoE model of an M3DT ablation (dropout off, the manifest's num_experts and top_k) with
+    the weights of `tensors`; raises ArtifactError when they do not fit."""
+    model = moe_model(fields, 0.0, manifest["num_experts"], manifest["top_k"])
+    load_weights(model, tensors, manifest)
+    return model

@@ -14,11 +14,9 @@ Trains: the experts and the routers of every block. Freezes: the stage-1 backbon
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from m3dt.baselines import load_weights, moe_model
+from m3dt.baselines import moe_policy
 from m3dt.config import Config
 from m3dt.model import PromptDecisionTransformer
 from m3dt.run import RunDir
@@ -43,9 +41,4 @@ def build(config: Config, run: RunDir) -> tuple[PromptDecisionTransformer, dict[
     return model, set_trainable(model, ".expert_mixture.")
 
 
-def policy(fields: dict[str, Any], manifest: dict[str, Any], tensors: dict[str, torch.Tensor]) -> PromptDecisionTransformer:
-    """The evaluated model (dropout off, the manifest's num_experts and top_k) with the weights of `tensors`;
-    raises ArtifactError when they do not fit."""
-    model = moe_model(fields, 0.0, manifest["num_experts"], manifest["top_k"])
-    load_weights(model, tensors, manifest)
-    return model
+policy = moe_policy  # the evaluated model: routed experts as the manifest records them
