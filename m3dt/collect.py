@@ -539,13 +539,14 @@ def collect(task_names: list[str], episodes: int, out: Path, seed: int, noise: f
 
 
 def print_table(summary: dict, task_names: list[str]) -> None:
-    """Print collect.json's entries of `task_names` as a table: episodes, mean return, success rate, score."""
-    print(f"{'task':32s} {'episodes':>8s} {'mean return':>12s} {'success':>8s} {'score':>7s}")
+    """Print collect.json's entries of `task_names` as a table: episodes, mean return, success rate (%), the
+    expert's score (0-100, the family's normalisation: README "Scores")."""
+    print(f"{'task':32s} {'episodes':>8s} {'mean return':>12s} {'success %':>9s} {'score 0-100':>11s}")
     for name in task_names:
         entry = summary[name]
-        success = "-" if entry["success_rate"] is None else f"{entry['success_rate']:.2f}"
+        success = "-" if entry["success_rate"] is None else f"{100 * entry['success_rate']:.0f}"
         score = "-" if entry["score"] is None else f"{entry['score']:.1f}"
-        print(f"{name:32s} {entry['episodes']:8d} {entry['mean_return']:12.2f} {success:>8s} {score:>7s}")
+        print(f"{name:32s} {entry['episodes']:8d} {entry['mean_return']:12.2f} {success:>9s} {score:>11s}")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from pathlib import Path
 from m3dt.collect import CollectError, collect, print_table
 from m3dt.config import Config, ConfigError, parse_config
 from m3dt.data import MIN_EPISODES
-from m3dt.evaluate import check_episodes, check_options, evaluate
+from m3dt.evaluate import check_episodes, check_options, describe_settings, evaluate, score_note
 from m3dt.cli import USER_ERRORS, command, exit_with_message
 from m3dt.stages import group_tasks, train_backbone, train_experts, train_router
 from m3dt.tasks import FAMILIES, resolve_tasks
@@ -30,15 +30,18 @@ DEFAULT_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "demo.
 
 
 def side_by_side(results: dict[str, dict]) -> str:
-    """One row per family and the total, one column per evaluated policy."""
+    """One row per family and the total, one column per evaluated policy, then what the scores are and how they
+    were measured (the settings and score scales of the first result: all three ran with the same settings)."""
     names = list(results)
-    lines = ["| family | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    families = [family for family in FAMILIES if family in next(iter(results.values()))["families"]]
+    first = next(iter(results.values()))
+    lines = [f"Evaluated with {describe_settings(first)}.", "",
+             "| family | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    families = [family for family in FAMILIES if family in first["families"]]
     for family in families:
         lines.append(f"| {family} | " + " | ".join(f"{results[name]['families'][family]['score']:.1f}" for name in names) + " |")
     lines.append("| **total** | " + " | ".join(f"**{results[name]['total']['score']:.1f}**" for name in names) + " |")
     notes = list(dict.fromkeys(result["protocol"]["note"] for result in results.values() if result["protocol"]["note"]))
-    return "\n".join(lines + ([""] + notes if notes else []))
+    return "\n".join(lines + ["", score_note(first)] + (notes or ["Full evaluation protocol."]))
 
 
 def check_demo_options(config: Config, task_names: list[str]) -> None:

@@ -514,7 +514,9 @@ def describe_method(results: dict) -> str:
 def describe_settings(results: dict) -> str:
     """What was evaluated, and how: the first lines of table.md and the plots' titles."""
     protocol = results["protocol"]
-    episodes = "protocol episodes" if protocol["episodes"] is None else f"{protocol['episodes']} episode(s)/task"
+    counts = sorted({row["episodes"] for row in results["tasks"].values()})
+    episodes = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+    episodes += " episode(s)/task" + (" (the protocol's)" if protocol["episodes"] is None else "")
     steps = "full horizons" if protocol["max_steps"] is None else f"at most {protocol['max_steps']} steps"
     return (f"run {Path(results['run_dir']).name}, {results['total']['tasks']} task(s), {episodes}, {steps}, "
             f"seed {results['seed']}, context actions {results['context_actions']}")
@@ -538,28 +540,33 @@ def markdown_table(results: dict) -> str:
         f"**{protocol['note']}** These scores are not comparable with the paper's.")
     method = results["method"] + ("" if protocol["full"] else " (not full protocol)")
     lines = [f"{describe_method(results)}: {describe_settings(results)}.", "", status, "",
-             f"| family | tasks | {method} | single-task DT (paper, full protocol) |", "|---|---|---|---|"]
+             f"| family | tasks | {method}: score 0-100 | single-task DT (paper, full protocol) |", "|---|---|---|---|"]
     for family, row in results["families"].items():
         lines.append(f"| {family} | {row['tasks']} | {row['score']:.2f} | {reference_text(row['reference_score'])} |")
     total = results["total"]
     reference = reference_text(total["reference_score"])
     lines.append(f"| **total** | {total['tasks']} | **{total['score']:.2f}** | {reference} |")
-    lines += ["", "Scores (0-100, per task, averaged over its episodes): " + "; ".join(
-        f"{family}: {SCORE_AXIS[family]}" for family in results["families"]) + "; a family's and the total "
-        f"score: the mean over tasks. Seed {results['seed']}."]
+    lines += ["", score_note(results)]
     if results.get("videos"):
         lines += ["", "Videos: " + ", ".join(f"[{Path(path).stem}]({path})" for paths in results["videos"].values()
                                             for path in paths)]
     return "\n".join(lines)
 
 
+def score_note(results: dict) -> str:
+    """What the scores of `results` are: per family, the scale of a task's score, and the seed."""
+    return ("Scores (0-100, per task, averaged over its episodes): " + "; ".join(
+        f"{family}: {SCORE_AXIS[family]}" for family in results["families"]) + "; a family's and the total "
+        f"score: the mean over tasks. Seed {results['seed']}.")
+
+
 def write_results(out_dir: Path, results: dict) -> None:
-    """Write an evaluation's results.json, results.csv (one row per task: score, mean return, success rate,
-    episodes, steps per episode, whether it was the full protocol, the paper's single-task DT score), table.md
-    and the per-family plots."""
+    """Write an evaluation's results.json, results.csv (one row per task: score 0-100, mean return, success rate
+    as a fraction, episodes, steps per episode, whether it was the full protocol, the paper's single-task DT
+    score, the evaluation seed), table.md and the per-family plots."""
     write_json(out_dir / "results.json", results)
     columns = ["task", "family", "score", "return_mean", "success_rate", "episodes", "max_steps", "full_protocol",
-               "reference_score"]
+               "reference_score", "seed"]
     with atomic_path(out_dir / "results.csv") as temporary:
         with open(temporary, "w", newline="") as file:
             writer = csv.writer(file)
@@ -568,7 +575,7 @@ def write_results(out_dir: Path, results: dict) -> None:
                 writer.writerow([name, row["family"], f"{row['score']:.4f}", f"{row['return_mean']:.4f}",
                                  "" if row["success_rate"] is None else f"{row['success_rate']:.4f}",
                                  row["episodes"], row["max_steps"], row["full_protocol"],
-                                 "" if row["reference_score"] is None else row["reference_score"]])
+                                 "" if row["reference_score"] is None else row["reference_score"], results["seed"]])
     with atomic_path(out_dir / "table.md") as temporary:
         temporary.write_text(markdown_table(results) + "\n")
     plot_families(out_dir, results)

@@ -51,7 +51,7 @@ def task_gradients(model: PromptDecisionTransformer, sampler: DeviceSampler, tas
     model.train()  # dropout on, as the reference computes them
     generators = None if generator is None else [generator]
     rows = []
-    for task in tqdm(tasks, desc="task gradients", disable=not progress):
+    for task in tqdm(tasks, desc="task gradients", unit="task", disable=not progress):
         total = None
         for _ in range(samples):
             batch = sampler.sample(torch.tensor([task]), generators)
@@ -204,7 +204,7 @@ def gradient_grouping(features: torch.Tensor, groups: int, seed: int, restarts: 
     points = KMeansPoints.from_features(features, tolerance)
     rng = np.random.default_rng(seed)
     best_labels, best_variance, lloyd_steps = None, np.inf, []
-    for _ in tqdm(range(repeats), desc="k-means"):
+    for _ in tqdm(range(repeats), desc=f"k-means, best of {restarts} runs", unit="repeat"):
         runs = [kmeans(points, groups, rng, iterations, tolerance, stop) for _ in range(restarts)]
         lloyd_steps += [run.steps for run in runs]
         labels = min(runs, key=lambda run: run.score).labels

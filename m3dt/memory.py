@@ -62,9 +62,10 @@ class MemoryPlan:
     def describe(self, free: int, capacity: int, device: torch.device) -> str:
         """One line for the log: the plan by part and the device's free memory (GiB)."""
         where = "host memory" if device.type == "cpu" else f"{device} memory"
-        return (f"memory plan: peak {self.total / GIB:.2f} GiB of {where} (data {self.data / GIB:.2f}, weights "
-                f"{self.weights / GIB:.2f}, optimizer {self.optimizer / GIB:.2f}, activations "
-                f"{self.activations / GIB:.2f}; float32 count); free now {free / GIB:.2f} of {capacity / GIB:.2f} GiB")
+        return (f"memory plan: peak {self.total / GIB:.2f} GiB of {where} (in GiB: data {self.data / GIB:.2f}, "
+                f"weights {self.weights / GIB:.2f}, optimizer {self.optimizer / GIB:.2f}, activations "
+                f"{self.activations / GIB:.2f}; every value counted at float32's 4 bytes, an upper bound for bf16); "
+                f"free now {free / GIB:.2f} of {capacity / GIB:.2f} GiB")
 
 
 # ------------------------------------------------------------------------------------------ the data
@@ -333,7 +334,8 @@ def fits_table(model_fields: dict) -> str:
     from m3dt.evaluate import EPISODES_PER_FAMILY  # the evaluator imports this module
     from m3dt.tasks import resolve_tasks
 
-    lines = ["| tasks | data GiB | experts | stage 1 | stage 2 `--all` | stage 3 | evaluation, all rollouts in one forward | "
+    lines = ["| tasks | data GiB | experts | stage 1 GiB (data in host memory) | stage 2 `--all` GiB (same) | "
+             "stage 3 GiB (same) | evaluation GiB, all rollouts in one forward | "
              + " | ".join(f"{gb} GB card" for gb in CARDS_GB) + " |",
              "|---:|---:|---:|---:|---:|---:|---:|" + "---|" * len(CARDS_GB)]
     for suite in TABLE_SUITES:

@@ -368,7 +368,7 @@ def group_tasks(config: Config, method: str) -> Path:
     write_manifest(path, f"stage2_grouping_{method}", recorded_config(config, device), tasks, [run.backbone],
                    run.root, method=method, group_num=config.group_num, identity=identity, **extra)
     sizes = [len(group) for group in groups]
-    print(f"stage 2 grouping ({method}): {len(groups)} groups, sizes {min(sizes)}..{max(sizes)}; wrote {path}")
+    print(f"stage 2 grouping ({method}): {len(groups)} groups of {min(sizes)}..{max(sizes)} tasks; wrote {path}")
     return path
 
 

@@ -333,7 +333,7 @@ def train(job: Job, sampler: DeviceSampler, config: Config, distributed: Distrib
     window_grad_norms: list[torch.Tensor] = []  # a finite loss can still come with a NaN gradient
     window_start = time.perf_counter()
     # closed on an error too, so that the error message starts on a line of its own
-    with tqdm(range(start, job.steps), desc=job.name, initial=start, total=job.steps, dynamic_ncols=True,
+    with tqdm(range(start, job.steps), desc=job.name, unit="step", initial=start, total=job.steps, dynamic_ncols=True,
               disable=not distributed.is_main) as progress, say_where_interrupted(job, progress, state_file):
         for step in progress:
             task_indices = table[group_index, step % lengths]
@@ -358,7 +358,7 @@ def train(job: Job, sampler: DeviceSampler, config: Config, distributed: Distrib
                           "steps_per_second": len(losses) / max(elapsed, 1e-9), **extra_metrics}
                 if distributed.is_main:
                     append_jsonl(job.job_dir / METRICS, record)
-                progress.set_postfix(loss=f"{record['loss']:.4f}", steps_per_s=f"{record['steps_per_second']:.1f}")
+                progress.set_postfix(action_mse=f"{record['loss']:.4f}")  # the window's mean training loss
                 if run is not None:
                     run.log(record, step=done)
                 window_losses, window_grad_norms, window_start = [], [], time.perf_counter()

@@ -148,7 +148,7 @@ make_dataset(pathlib.Path(sys.argv[1]), load_yaml('configs/demo.yaml')['tasks'].
             --precision "$precision" --device "$DEVICE" --workers 0 || return 1
     done
     "$PYTHON" -c "import json, pathlib, sys
-print('stage-1 loss by step, the demo config on synthetic data, seed 0:')
+print('stage-1 loss by step (training action MSE, mean over the --log_every steps before it), the demo config on synthetic data, seed 0:')
 for precision in ('fp32', 'tf32', 'bf16'):
     lines = (pathlib.Path(sys.argv[1]) / precision / 'stage1' / 'metrics.jsonl').read_text().splitlines()
     print(f'  {precision}: ' + ' / '.join(f'{record[\"step\"]}: {record[\"loss\"]:.4f}' for record in map(json.loads, lines)))" \

@@ -12,8 +12,9 @@ import torch
 from m3dt.collect import collect, mt1_goal_blocks
 from m3dt.config import Config, parse_config
 from m3dt.envs import TaskEnv
-from m3dt.evaluate import (EnvFailure, ModelPolicy, RandomPolicy, Rollout, evaluate, load_policy, load_statistics, main,
-                           run_rollouts)
+from m3dt.demo import side_by_side
+from m3dt.evaluate import (EnvFailure, ModelPolicy, RandomPolicy, Rollout, describe_settings, evaluate, load_policy,
+                           load_statistics, main, run_rollouts)
 from m3dt.run import RunDir, file_hash
 from m3dt.scores import episode_score, full_episode_return
 from m3dt.stages import train_backbone
@@ -58,12 +59,25 @@ def test_evaluate_cli_takes_a_config_file_and_labels_a_short_evaluation_everywhe
                 "before normalisation, Meta-World success within 8 steps)."}
     rows = list(csv.DictReader((out_dir / "results.csv").open()))
     assert len(rows) == 4 and {row["full_protocol"] for row in rows} == {"False"} and rows[0]["max_steps"] == "8"
+    assert {row["seed"] for row in rows} == {"0"}
     printed = capsys.readouterr().out
     for text in (printed, (out_dir / "table.md").read_text()):
         assert "**Not the full evaluation protocol: 2 episode(s) per task" in text
-        assert "| **total** | 4 |" in text and "| family | tasks | Prompt-DT (not full protocol) |" in text
+        assert "| **total** | 4 |" in text and "| family | tasks | Prompt-DT (not full protocol): score 0-100 |" in text
         assert "metaworld: success rate (%); dmc: return / 10; ant_dir: clip(return / 5, 0, 100)" in text
+        assert "4 task(s), 2 episode(s)/task, at most 8 steps, seed 0," in text
     assert all((out_dir / f"scores_{family}.png").stat().st_size > 1000 for family in results["families"])
+    # the demo's closing table says the same about the three policies it compares
+    demo_table = side_by_side({"random policy": results, "Prompt-DT (stage 1)": results})
+    assert demo_table.startswith(f"Evaluated with run {tiny_run.name}, 4 task(s), 2 episode(s)/task, at most 8 steps, "
+                                 "seed 0, context actions full.")
+    assert "| metaworld | " in demo_table and "metaworld: success rate (%)" in demo_table
+    assert demo_table.endswith(results["protocol"]["note"])
+    # a full-protocol evaluation gives its episode counts (the protocol's differ by family)
+    full = {**results, "protocol": {"full": True, "episodes": None, "max_steps": None, "note": None}}
+    assert "4 task(s), 1-2 episode(s)/task (the protocol's), full horizons" in describe_settings(
+        {**full, "tasks": {**results["tasks"], "ant-dir-2": {**results["tasks"]["ant-dir-2"], "episodes": 1}}})
+    assert side_by_side({"random policy": full}).endswith("Full evaluation protocol.")
 
 
 def test_random_policy_cut_short_on_cheetah_vel_is_scored_on_the_full_episode_scale(tiny_run):
