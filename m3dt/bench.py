@@ -376,7 +376,7 @@ def measure(stage: str, paths: dict[str, Callable[[int], Any]], work: Callable[[
     """`work`: a path's work per step."""
     medians = time_paths(paths, settings.warmup, settings.steps, settings.device)
     for path, median in medians.items():
-        print(f"  {stage:<40} {path:<15} {median:10.1f} ms/step (median of {settings.steps} steps)", flush=True)
+        print(f"  {stage:<40} {path:<15} {median:10.1f} ms/step (median over {settings.steps} timed steps)", flush=True)
     # The reference has one expert per step: only the project's paths train `expert_steps` experts.
     results = []
     for path, median in medians.items():
@@ -483,8 +483,8 @@ def measure_evaluation(dataset: TaskDataset, settings: Settings) -> list[EvalMea
         for path, (inputs, cached, rows_per_forward) in variants.items():
             rows = inputs.states.shape[0]
             peak = peak_bytes(lambda: paths[path](0), device)
-            print(f"  eval {case.name:<30} {path:<40} {rows:5d} rows {medians[path]:10.1f} ms/forward (median of "
-                  f"{settings.steps}), peak "
+            print(f"  eval {case.name:<30} {path:<40} {rows:5d} rows {medians[path]:10.1f} ms/forward (median over "
+                  f"{settings.steps} timed forwards), peak "
                   f"{peak / 2**20:,.0f} MiB", flush=True)
             work = case_work(case, config, rows, path, last_step_only=True, cached_prompt=cached)
             results.append(EvalMeasurement(case.name, rows, path, medians[path], rows / medians[path] * 1e3,

@@ -176,6 +176,15 @@ class ExpertFiles:
         return ExpertFiles(folder / f"{name}.zip", folder / f"{name}.replay_buffer.pkl", folder / f"{name}.json",
                            folder / f"{name}_log")
 
+    def run_log(self, start: int) -> Path:
+        """A folder no earlier run logged to, for the SB3 log of a run that starts at step `start`:
+        from_step_{start}/, or from_step_{start}_{n}/ when a run started from the same checkpoint before (one
+        that stopped before its next save); SB3 would truncate an existing progress.csv."""
+        folder, again = self.training_log / f"from_step_{start}", 2
+        while folder.exists():
+            folder, again = self.training_log / f"from_step_{start}_{again}", again + 1
+        return folder
+
     @staticmethod
     def in_data_root(out: Path, name: str) -> ExpertFiles:
         """The expert `name` of the data root `out`."""
@@ -275,9 +284,8 @@ def train_expert(name: str, steps: int, out: Path, seed: int, save_every: int, l
         model = SAC("MlpPolicy", env, buffer_size=buffer_size, learning_starts=learning_starts, seed=seed,
                     device=device, verbose=0)
     # SB3 otherwise makes a new empty log folder in the system's temp dir on every learn(); keep its
-    # training log (episode returns, losses) beside the expert instead, one folder per run because SB3
-    # truncates an existing progress.csv.
-    model.set_logger(configure_logger(str(files.training_log / f"from_step_{start}"), ["csv"]))
+    # training log (episode returns, losses) beside the expert instead, one folder per run.
+    model.set_logger(configure_logger(str(files.run_log(start)), ["csv"]))
     if resume and files.replay_buffer.is_file():
         model.load_replay_buffer(files.replay_buffer)
         print(f"resuming {name} from step {model.num_timesteps}")
@@ -540,13 +548,13 @@ def collect(task_names: list[str], episodes: int, out: Path, seed: int, noise: f
 
 def print_table(summary: dict, task_names: list[str]) -> None:
     """Print collect.json's entries of `task_names` as a table: episodes, mean return, success rate (%), the
-    expert's score (0-100, the family's normalisation: README "Scores")."""
-    print(f"{'task':32s} {'episodes':>8s} {'mean return':>12s} {'success %':>9s} {'score 0-100':>11s}")
+    expert's score (normalised as evaluation scores it: README "Evaluation")."""
+    print(f"{'task':32s} {'episodes':>8s} {'mean return':>12s} {'success %':>9s} {'score':>7s}")
     for name in task_names:
         entry = summary[name]
         success = "-" if entry["success_rate"] is None else f"{100 * entry['success_rate']:.0f}"
         score = "-" if entry["score"] is None else f"{entry['score']:.1f}"
-        print(f"{name:32s} {entry['episodes']:8d} {entry['mean_return']:12.2f} {success:>9s} {score:>11s}")
+        print(f"{name:32s} {entry['episodes']:8d} {entry['mean_return']:12.2f} {success:>9s} {score:>7s}")
 
 
 # ---------------------------------------------------------------------------------------------------------

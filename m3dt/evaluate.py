@@ -540,7 +540,7 @@ def markdown_table(results: dict) -> str:
         f"**{protocol['note']}** These scores are not comparable with the paper's.")
     method = results["method"] + ("" if protocol["full"] else " (not full protocol)")
     lines = [f"{describe_method(results)}: {describe_settings(results)}.", "", status, "",
-             f"| family | tasks | {method}: score 0-100 | single-task DT (paper, full protocol) |", "|---|---|---|---|"]
+             f"| family | tasks | {method}: score | single-task DT (paper, full protocol) |", "|---|---|---|---|"]
     for family, row in results["families"].items():
         lines.append(f"| {family} | {row['tasks']} | {row['score']:.2f} | {reference_text(row['reference_score'])} |")
     total = results["total"]
@@ -555,13 +555,13 @@ def markdown_table(results: dict) -> str:
 
 def score_note(results: dict) -> str:
     """What the scores of `results` are: per family, the scale of a task's score, and the seed."""
-    return ("Scores (0-100, per task, averaged over its episodes): " + "; ".join(
+    return ("Scores (per task, averaged over its episodes): " + "; ".join(
         f"{family}: {SCORE_AXIS[family]}" for family in results["families"]) + "; a family's and the total "
         f"score: the mean over tasks. Seed {results['seed']}.")
 
 
 def write_results(out_dir: Path, results: dict) -> None:
-    """Write an evaluation's results.json, results.csv (one row per task: score 0-100, mean return, success rate
+    """Write an evaluation's results.json, results.csv (one row per task: score, mean return, success rate
     as a fraction, episodes, steps per episode, whether it was the full protocol, the paper's single-task DT
     score, the evaluation seed), table.md and the per-family plots."""
     write_json(out_dir / "results.json", results)

@@ -64,8 +64,8 @@ class MemoryPlan:
         where = "host memory" if device.type == "cpu" else f"{device} memory"
         return (f"memory plan: peak {self.total / GIB:.2f} GiB of {where} (in GiB: data {self.data / GIB:.2f}, "
                 f"weights {self.weights / GIB:.2f}, optimizer {self.optimizer / GIB:.2f}, activations "
-                f"{self.activations / GIB:.2f}; every value counted at float32's 4 bytes, an upper bound for bf16); "
-                f"free now {free / GIB:.2f} of {capacity / GIB:.2f} GiB")
+                f"{self.activations / GIB:.2f}; floating-point values counted at float32's 4 bytes: under bf16 the "
+                f"peak is an upper bound); free now {free / GIB:.2f} of {capacity / GIB:.2f} GiB")
 
 
 # ------------------------------------------------------------------------------------------ the data

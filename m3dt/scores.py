@@ -6,8 +6,9 @@ import numpy as np
 
 from m3dt.tasks import Task
 
-# What a family's score is, for axis labels and tables; each is a number in [0, 100] (DMC's rewards are at
-# most 1 per simulator step, 1,000 of them per episode).
+# What a family's score is, for axis labels and tables; MT160's are numbers in [0, 100] (DMC's rewards are at
+# most 1 per simulator step, 1,000 of them per episode); a gymnasium task's leaves it where a return leaves its
+# row's [min, max].
 SCORE_AXIS = {
     "metaworld": "success rate (%)",
     "dmc": "return / 10",

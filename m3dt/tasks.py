@@ -17,8 +17,6 @@ import json
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
-
 from m3dt.run import read_json
 
 REFERENCE_DIR = Path(__file__).resolve().parent.parent / "configs" / "reference"

@@ -115,8 +115,9 @@ def test_expert_training_resumes_from_its_checkpoint(data_root, capsys):
     assert json.loads(state_file.read_text())["steps_done"] == 60
     train_expert("cheetah_vel", steps=70, out=data_root / "more", seed=0, save_every=40, learning_starts=50,
                  buffer_size=100, device="cpu")
+    (data_root / "more" / EXPERTS_DIR / "cheetah_vel_log" / "from_step_70").mkdir()  # as left by a run killed
     train_expert("cheetah_vel", steps=90, out=data_root / "more", seed=0, save_every=40, learning_starts=50,
-                 buffer_size=100, device="cpu")
+                 buffer_size=100, device="cpu")  # before its first save
     assert "resuming cheetah_vel from step 70" in capsys.readouterr().out
     assert json.loads((data_root / "more" / EXPERTS_DIR / "cheetah_vel.json").read_text())["steps_done"] == 90
     train_expert("cheetah_vel", steps=90, out=data_root / "more", seed=0, save_every=40, learning_starts=50,
@@ -125,7 +126,7 @@ def test_expert_training_resumes_from_its_checkpoint(data_root, capsys):
     # each run kept its own training log (SB3 would truncate one shared progress.csv)
     logs = data_root / "more" / EXPERTS_DIR / "cheetah_vel_log"
     assert sorted(path.relative_to(logs).as_posix() for path in logs.rglob("*.csv")) == [
-        "from_step_0/progress.csv", "from_step_70/progress.csv"]
+        "from_step_0/progress.csv", "from_step_70_2/progress.csv"]
 
 
 def test_a_checkpoint_without_its_replay_buffer_refills_it_with_its_policy_before_updating(data_root, tmp_path,

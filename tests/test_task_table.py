@@ -178,7 +178,7 @@ def test_bad_rows_are_one_line(tmp_path, capsys, change, message):
 
 ANT = {"task": "bad-row", "family": "ant_dir", "obs_dim": 27, "act_dim": 8, "horizon": 200, "return_target": 500.0,
        "rtg_scale": 500.0, "goal_angle_rad": 1.0}
-BAD_TABLES = {  # what the table file holds -> the message after "{file}: " (the binary file: after "task table ")
+BAD_TABLES = {  # what the table file holds -> the message after "{file}: "
     "score not a number": ([{**ROWS[0], "task": "bad-row", "single_task_score": "high"}],
                            "task 'bad-row': single_task_score must be a number, got 'high'"),
     "trajectories not a number": ([{**ROWS[0], "task": "bad-row", "train_trajectories": "1998"}],
@@ -197,7 +197,7 @@ BAD_TABLES = {  # what the table file holds -> the message after "{file}: " (the
                            "return_target": 4500.0, "rtg_scale": 1000.0}],
                          "task 'reach-v9': family metaworld cannot hold a task of your own: every Meta-World v2 "
                          "task is already an MT160 task"),
-    "binary file": (b"\x89PNG\r\n\x1a\n\x00\xff\xfe", "is not valid JSON: not UTF-8 text (byte 0)"),
+    "binary file": (b"\x89PNG\r\n\x1a\n\x00\xff\xfe", "task table is not valid JSON: not UTF-8 text (byte 0)"),
     "no rows": ({"tasks": []}, "task table must hold a non-empty list of tasks"),
 }
 
@@ -207,7 +207,7 @@ def test_bad_tables_stop_when_read_in_one_line(case, tmp_path, monkeypatch, caps
     content, message = BAD_TABLES[case]
     table = tmp_path / "table.json"
     table.write_bytes(content if isinstance(content, bytes) else json.dumps(content).encode())
-    expected = f"{table}: task table {message}" if isinstance(content, bytes) else f"{table}: {message}"
+    expected = f"{table}: {message}"
     with pytest.raises(TaskError) as error:
         use_task_table(table)
     assert str(error.value).startswith(expected), str(error.value)
