@@ -214,12 +214,18 @@ class Batch:
         return self.apply(lambda tensor: tensor[index])
 
 
-def prompt_window(episode: Episode, task: Task, length: int, where: Path | str) -> dict[str, np.ndarray]:
-    """The `length`-step window that ends one step before the end: steps T-length-1 .. T-2."""
+def check_prompt_length(episode: Episode, length: int, where: Path | str) -> None:
+    """DataError naming `where` unless the prompt trajectory `episode` holds the `length`-step window that ends
+    one step before its end (length + 1 steps)."""
     steps = episode.rewards.shape[0]
     if steps < length + 1:
         raise DataError(f"{where}: {steps} steps, shorter than the prompt window of {length + 1}")
-    start = steps - length - 1
+
+
+def prompt_window(episode: Episode, task: Task, length: int, where: Path | str) -> dict[str, np.ndarray]:
+    """The `length`-step window that ends one step before the end: steps T-length-1 .. T-2."""
+    check_prompt_length(episode, length, where)
+    start = episode.rewards.shape[0] - length - 1
     window = slice(start, start + length)
     return {
         "states": episode.observations[window],

@@ -26,8 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from m3dt.data import (LOW_RETURN_PROMPT_ROWS, PAD_ACTION, PROMPT_EPISODES, STD_EPSILON, Batch, DataError,
-                       Episode, episode_files, load_episode)
+from m3dt.data import (LOW_RETURN_PROMPT_ROWS, PAD_ACTION, PROMPT_EPISODES, STD_EPSILON, Batch, Episode,
+                       check_prompt_length, episode_files, load_episode)
 from m3dt.model import PromptDecisionTransformer
 from m3dt.moe import ExpertMixture
 from m3dt.tasks import MAX_ACT_DIM, MAX_OBS_DIM, Task, get_task
@@ -162,12 +162,9 @@ def load_naive_task(root: Path, name: str, max_episodes: int, prompt_length: int
     task."""
     files = episode_files(root / name, max_episodes)
     episodes = [load_episode(path) for path in files[:-PROMPT_EPISODES]]
-    prompts = []
-    for path in files[-PROMPT_EPISODES:]:
-        prompts.append(load_episode(path))
-        steps = prompts[-1].rewards.shape[0]
-        if steps < prompt_length + 1:
-            raise DataError(f"{path}: {steps} steps, shorter than the prompt window of {prompt_length + 1}")
+    prompts = [load_episode(path) for path in files[-PROMPT_EPISODES:]]
+    for path, prompt in zip(files[-PROMPT_EPISODES:], prompts):
+        check_prompt_length(prompt, prompt_length, path)
     prompts.sort(key=lambda episode: episode.rewards.sum())
     lengths = np.array([episode.rewards.shape[0] for episode in episodes])
     return NaiveTask(get_task(name), episodes, lengths / lengths.sum(), *state_statistics(episodes),
