@@ -41,14 +41,13 @@ from torch.optim.lr_scheduler import LambdaLR
 from m3dt.cli import command, exit_with_message
 from m3dt.config import CHOICES, ArgumentParser, Config, ConfigError, check_values
 from m3dt.data import Batch, DeviceSampler, TaskDataset
-from m3dt.evaluate import EPISODES_PER_FAMILY, EnvPool, Rollout  # env packages load inside the env workers
+from m3dt.evaluate import EnvPool, Rollout  # env packages load inside the env workers
 from m3dt.grouping import random_grouping
-from m3dt.model import PromptCache, PromptDecisionTransformer
+from m3dt.model import PromptCache, PromptDecisionTransformer, build_model, set_up_stage
 from m3dt.naive import NaiveSampler, naive_model, naive_optimizer, naive_train_step
 from m3dt.run import atomic_path
-from m3dt.stages import build_model, set_up_stage
 from m3dt.synthetic import make_dataset
-from m3dt.tasks import get_task, resolve_tasks
+from m3dt.tasks import EPISODES_PER_FAMILY, get_task, resolve_tasks
 from m3dt.memory import peak_bytes
 from m3dt.train import Precision, build_optimizer, resolve_device, round_robin_table, train_step, warmup_factor
 

@@ -49,16 +49,14 @@ from m3dt.cli import USER_ERRORS, command, exit_with_message
 from m3dt.config import CHOICES, ArgumentParser, Config, ConfigError, check_values, field_comments, load_yaml
 from m3dt.data import Batch
 from m3dt.memory import evaluation_rows, free_memory
-from m3dt.model import PromptDecisionTransformer
+from m3dt.model import PromptDecisionTransformer, build_model
 from m3dt.run import (ArtifactError, RunDir, atomic_path, check_inputs, file_hash, input_hashes, load_tensors,
                       manifest_path, read_json, read_manifest, write_json)
 from m3dt.scores import SCORE_AXIS, full_episode_return, task_score
-from m3dt.tasks import (FAMILIES, GYMNASIUM, MAX_ACT_DIM, MAX_OBS_DIM, MT1_GOALS, Task, check_timesteps, get_task,
-                        names_hash, register_task_rows, resolve_tasks)
+from m3dt.tasks import (EPISODES_PER_FAMILY, FAMILIES, GYMNASIUM, MAX_ACT_DIM, MAX_OBS_DIM, MT1_GOALS, Task,
+                        check_timesteps, get_task, names_hash, register_task_rows, resolve_tasks)
 from m3dt.video import VideoError, video_path
 
-# the protocol's; a gymnasium task of one's own (README "Your own tasks") gets 10, as D4RL-style evaluations do
-EPISODES_PER_FAMILY = {"metaworld": 10, "dmc": 10, "ant_dir": 1, "cheetah_vel": 1, GYMNASIUM: 10}
 MAX_EPISODES_PER_FAMILY = {"metaworld": MT1_GOALS}  # episode e uses the e-th goal of an MT1 of 50 goals
 FAMILY_NAMES = {"metaworld": "Meta-World", "dmc": "DMC", "ant_dir": "ant-dir", "cheetah_vel": "cheetah-vel",
                 GYMNASIUM: "gymnasium"}
@@ -248,7 +246,6 @@ def method_files(run: RunDir, method: str, grouping: str, expert_num: int) -> tu
 
 def load_policy(run: RunDir, method: str | int, grouping: str, expert_num: int) -> tuple[torch.nn.Module, dict]:
     """The trained model of a method (or --stage value), built from what its manifest says (eval mode)."""
-    from m3dt.stages import build_model
 
     method = STAGE_METHODS.get(str(method), method)
     if method in BASELINES:

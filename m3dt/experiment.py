@@ -59,10 +59,10 @@ from typing import Any, Callable, Iterator
 from m3dt.baselines import METHODS as BASELINES, method_module
 from m3dt.cli import INTERRUPTED_EXIT_CODE, USER_ERRORS, command, exit_with_message
 from m3dt.config import CHOICES, ArgumentParser, Config, ConfigError, load_yaml, parse_config, read_yaml_mapping
-from m3dt.evaluate import EPISODES_PER_FAMILY, METHODS as EVALUATED_METHODS, method_name
+from m3dt.evaluate import METHODS as EVALUATED_METHODS, method_name
 from m3dt.report import checkpoint_of, staleness
 from m3dt.run import RunDir, manifest_path, read_json
-from m3dt.tasks import get_task, resolve_tasks, suite_names, use_task_table
+from m3dt.tasks import EPISODES_PER_FAMILY, get_task, resolve_tasks, suite_names, use_task_table
 
 
 @dataclass(frozen=True)
@@ -686,7 +686,7 @@ def counted_flops(shape: tuple, kind: str, experts: int) -> float:
     import torch
 
     from m3dt.bench import model_matmuls
-    from m3dt.stages import build_model, set_up_stage
+    from m3dt.model import build_model, set_up_stage
 
     config = Config(**dict(shape))
     stage = {"dense": 1, "expert": 2, "router": 3, "joint": 3, "mixture": 3}[kind]

@@ -41,9 +41,10 @@ import torch
 
 from m3dt.config import Config, ConfigError
 from m3dt.data import Prompts, files_fingerprint, read_statistics, statistics_fingerprints
+from m3dt.model import build_model
 from m3dt.run import (ArtifactError, RunDir, file_hash, manifest_path, read_json, save_tensors, write_json,
                       write_manifest)
-from m3dt.stages import (build_model, check_groups, data_stats, optimisation_identity, recorded_config, run_cli,
+from m3dt.stages import (check_groups, data_stats, optimisation_identity, recorded_config, run_cli,
                          stage_identity)
 from m3dt.tasks import resolve_tasks
 

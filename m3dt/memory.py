@@ -21,6 +21,7 @@ scripts/gpu_check.sh measures the peak of every stage on a GPU against its plan.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,9 +34,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from m3dt.cli import command, exit_with_message
+from m3dt.config import ArgumentParser, Config, ConfigError
 from m3dt.data import Batch
-from m3dt.model import PromptCache, PromptDecisionTransformer, action_loss
-from m3dt.tasks import MAX_ACT_DIM, MAX_OBS_DIM, get_task
+from m3dt.model import PromptCache, PromptDecisionTransformer, action_loss, build_model, set_up_stage
+from m3dt.run import atomic_path
+from m3dt.tasks import EPISODES_PER_FAMILY, MAX_ACT_DIM, MAX_OBS_DIM, get_task, resolve_tasks
+from m3dt.train import Precision, build_optimizer, resolve_device, train_step, warmup_factor
 
 GIB = 2**30
 FLOAT_BYTES = 4
@@ -244,7 +248,6 @@ def stage_cases(experts: tuple[int, int] = (8, 48), eval_rows: int = 1560, batch
 
 def case_model(case: StageCase, model_fields: dict, device: torch.device | str = "meta") -> PromptDecisionTransformer:
     """The model of a case, set up as its stage trains it (m3dt/stages.py), on `device`."""
-    from m3dt.stages import build_model, set_up_stage  # stages plans its memory with this module
 
     with torch.device(device):
         model = build_model(model_fields, dropout=0.1)
@@ -267,9 +270,6 @@ def measured_peak(case: StageCase, model_fields: dict, device: torch.device, pre
                   context_length: int = 20, prompt_length: int = 5) -> int:
     """The peak bytes (peak_bytes) of `case` run for real on `device`: model, optimizer and two training
     steps (or an evaluation forward), on a random batch. Comparable to the plan's total without data."""
-    from m3dt.config import Config
-    from m3dt.train import Precision, build_optimizer, train_step, warmup_factor
-
     batch = meta_batch(case.rows, context_length, prompt_length, device)
     for tensor in vars(batch).values():
         if tensor is None:  # the optional task_index
@@ -331,9 +331,6 @@ def fits_table(model_fields: dict) -> str:
     """The README's "what fits where": per official suite (seed 0) and expert count, each stage's planned
     peak (GiB) with the dataset on the GPU and, in parentheses, with it in host memory; per card size,
     where the dataset has to live."""
-    from m3dt.evaluate import EPISODES_PER_FAMILY  # the evaluator imports this module
-    from m3dt.tasks import resolve_tasks
-
     lines = ["| tasks | data GiB | experts | stage 1 GiB (data in host memory) | stage 2 `--all` GiB (same) | "
              "stage 3 GiB (same) | evaluation GiB, all rollouts in one forward | "
              + " | ".join(f"{gb} GB card" for gb in CARDS_GB) + " |",
@@ -374,8 +371,6 @@ def card_cell(plans: dict[str, MemoryPlan], data: int, usable: int) -> str:
 
 def check(device: torch.device, precision: str, tiny: bool) -> list[dict]:
     """Each stage's measured peak against its plan; prints a table. `tiny`: a small model (CPU rehearsal)."""
-    from m3dt.config import Config
-
     config = Config(embed_dim=32, n_layer=2, n_head=2, router_hidden="64,32") if tiny else Config()
     cases = stage_cases((2, 4), eval_rows=64) if tiny else stage_cases()
     rows = []
@@ -402,12 +397,6 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m m3dt.memory table|check`: print the "what fits where" table, or check measured peaks against plans
     (optionally written as JSON to --out). Returns the exit code: 1 when a GPU peak exceeds its plan by more than
     CHECK_TOLERANCE, else 0."""
-    import json
-
-    from m3dt.config import ArgumentParser, Config, ConfigError
-    from m3dt.run import atomic_path
-    from m3dt.train import resolve_device
-
     parser = ArgumentParser(description="Memory plans: the README's table, or plans against measured peaks.")
     parser.add_argument("command", choices=("table", "check"),
                         help="table: what fits where (planned, any machine); check: every stage's measured peak "

@@ -9,11 +9,13 @@ options that deviate"; the docstrings below give the details.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from m3dt.config import Config
 from m3dt.data import Batch
 from m3dt.kernels import Dropout, attention
 from m3dt.moe import ExpertMixture
@@ -275,3 +277,35 @@ def action_loss(predicted: torch.Tensor, batch: Batch, groups: int = 1) -> torch
     per_group_sum = squared.reshape(groups, -1).sum(dim=1)
     per_group_count = weight.reshape(groups, -1).sum(dim=1)
     return (per_group_sum / per_group_count).sum()
+
+
+# ------------------------------------------------------------------------------------------ a stage's model
+def build_model(config: Config | dict[str, Any], dropout: float, prompt: bool = True) -> PromptDecisionTransformer:
+    """The model a config (or a manifest's config) describes; `prompt=False`: without prompt embeddings (MTDT)."""
+    fields = config.model_fields() if isinstance(config, Config) else config
+    return PromptDecisionTransformer(ModelConfig(
+        embed_dim=fields["embed_dim"], n_layer=fields["n_layer"], n_head=fields["n_head"], dropout=dropout,
+        max_timestep=fields["max_timestep"], residual=fields["residual"],
+        router_hidden=tuple(int(width) for width in fields["router_hidden"].split(",")), prompt=prompt,
+    ))
+
+
+def set_up_stage(model: PromptDecisionTransformer, stage: int, num_experts: int = 0, top_k: int = 0,
+                 seeds: list[int] | None = None) -> dict[str, torch.nn.Parameter]:
+    """Install what `stage` trains (stage 2: experts assigned to row groups; stage 3: all experts and a router
+    per block) and freeze the rest. Returns the trainable parameters by name."""
+    if stage == 1:
+        return set_trainable(model, "")
+    model.install_experts(num_experts, routed=stage == 3, top_k=top_k, seeds=seeds)
+    return set_trainable(model, ".router." if stage == 3 else ".expert_mixture.")
+
+
+def set_trainable(model: PromptDecisionTransformer, part: str) -> dict[str, torch.nn.Parameter]:
+    """Train the parameters whose name contains `part` ("" = all of them) and freeze the rest. Returns the
+    trainable parameters by name."""
+    selected = {}
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(part in name)
+        if part in name:
+            selected[name] = parameter
+    return selected

@@ -24,7 +24,7 @@ from m3dt.config import Config, ConfigError, parse_config
 from m3dt.conflict import PLOT as CONFLICT_PLOT, GradientConflict, plot_conflict, spread_tasks
 from m3dt.data import DeviceSampler, Prompts, TaskDataset, episode_lengths, files_fingerprint
 from m3dt.grouping import gradient_features, gradient_grouping, groups_to_json, random_grouping, task_gradients
-from m3dt.model import ModelConfig, PromptDecisionTransformer
+from m3dt.model import PromptDecisionTransformer, build_model, set_up_stage
 from m3dt.run import (ArtifactError, RunDir, check_inputs, check_model_fields, file_hash, input_hashes,
                       load_tensors, manifest_path, read_json, read_manifest, save_tensors, write_json, write_manifest)
 from m3dt.tasks import check_timesteps, register_task_rows, resolve_tasks, use_task_table, user_task_rows
@@ -34,16 +34,6 @@ from m3dt.train import (METRICS, Distributed, Job, TrainingHooks, resolve_device
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def build_model(config: Config | dict[str, Any], dropout: float, prompt: bool = True) -> PromptDecisionTransformer:
-    """The model a config (or a manifest's config) describes; `prompt=False`: without prompt embeddings (MTDT)."""
-    fields = config.model_fields() if isinstance(config, Config) else config
-    return PromptDecisionTransformer(ModelConfig(
-        embed_dim=fields["embed_dim"], n_layer=fields["n_layer"], n_head=fields["n_head"], dropout=dropout,
-        max_timestep=fields["max_timestep"], residual=fields["residual"],
-        router_hidden=tuple(int(width) for width in fields["router_hidden"].split(",")), prompt=prompt,
-    ))
-
-
 def optimisation_identity(config: Config, tasks: list[str], world_size: int = 1) -> dict[str, Any]:
     """What a checkpoint must agree on to be resumed (the step count may grow: the schedule is constant).
     The torchrun world size is part of it: it sets the effective batch (world_size x batch_size)."""
@@ -220,27 +210,6 @@ def expert_tensors(model: PromptDecisionTransformer, slot: int) -> dict[str, tor
     return {f"blocks.{layer}.{name}": parameter[slot : slot + 1]
             for layer, block in enumerate(model.blocks)
             for name, parameter in block.expert_mixture.experts.named_parameters()}
-
-
-def set_up_stage(model: PromptDecisionTransformer, stage: int, num_experts: int = 0, top_k: int = 0,
-                 seeds: list[int] | None = None) -> dict[str, torch.nn.Parameter]:
-    """Install what `stage` trains (stage 2: experts assigned to row groups; stage 3: all experts and a router
-    per block) and freeze the rest. Returns the trainable parameters by name."""
-    if stage == 1:
-        return set_trainable(model, "")
-    model.install_experts(num_experts, routed=stage == 3, top_k=top_k, seeds=seeds)
-    return set_trainable(model, ".router." if stage == 3 else ".expert_mixture.")
-
-
-def set_trainable(model: PromptDecisionTransformer, part: str) -> dict[str, torch.nn.Parameter]:
-    """Train the parameters whose name contains `part` ("" = all of them) and freeze the rest. Returns the
-    trainable parameters by name."""
-    selected = {}
-    for name, parameter in model.named_parameters():
-        parameter.requires_grad_(part in name)
-        if part in name:
-            selected[name] = parameter
-    return selected
 
 
 # ----------------------------------------------------------------------------------------------- stages

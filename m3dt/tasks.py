@@ -29,6 +29,9 @@ GYMNASIUM = "gymnasium"  # the family of a user's task given by a gymnasium env 
 MAX_OBS_DIM = 39  # every observation is zero-padded to this width
 MAX_ACT_DIM = 8  # every action is zero-padded to this width
 MT1_GOALS = 50  # goals that one seeded metaworld.MT1 samples per task: Meta-World episodes per seed
+# evaluation episodes per task, the protocol's (README "Evaluation"); a gymnasium task of one's own (README
+# "Your own tasks") gets 10, as D4RL-style evaluations do
+EPISODES_PER_FAMILY = {"metaworld": 10, "dmc": 10, "ant_dir": 1, "cheetah_vel": 1, GYMNASIUM: 10}
 
 
 class TaskError(ValueError):

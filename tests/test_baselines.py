@@ -16,8 +16,9 @@ from m3dt.config import Config, load_yaml
 from m3dt.conflict import conflict_measures
 from m3dt.data import DeviceSampler, TaskDataset
 from m3dt.evaluate import main as evaluate_main
+from m3dt.model import build_model
 from m3dt.run import RunDir
-from m3dt.stages import build_model, train_backbone
+from m3dt.stages import train_backbone
 from m3dt.train import Precision, build_optimizer, train_step, warmup_factor
 from tests.conftest import SMALL_TASKS
 

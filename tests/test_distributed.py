@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from m3dt.config import Config
 from m3dt.conflict import GradientConflict, spread_tasks
 from m3dt.data import DeviceSampler, TaskDataset
-from m3dt.stages import build_model, data_stats, make_sampler, set_up_stage
+from m3dt.model import build_model, set_up_stage
+from m3dt.stages import data_stats, make_sampler
 from tests.conftest import REPO, SMALL_TASKS
 from tests.test_pipeline import TINY, run_stage
 

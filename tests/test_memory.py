@@ -9,7 +9,7 @@ from m3dt import memory
 from m3dt.config import Config
 from m3dt.data import DeviceSampler, TaskDataset
 from m3dt.model import ModelConfig, PromptDecisionTransformer, action_loss
-from m3dt.stages import set_up_stage
+from m3dt.model import set_up_stage
 from tests.conftest import SMALL_TASKS
 
 TINY = Config(embed_dim=32, n_layer=2, n_head=2, router_hidden="64,32").model_fields()

@@ -8,7 +8,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from m3dt.config import Config
 from m3dt.model import action_loss
-from m3dt.stages import build_model, set_up_stage
+from m3dt.model import build_model, set_up_stage
 from m3dt.train import Precision, build_optimizer, train_step, warmup_factor
 from tests.test_model import on, random_batch
 

@@ -32,9 +32,9 @@ from typing import Any
 import torch
 
 from m3dt.config import Config, ConfigError
-from m3dt.model import PromptDecisionTransformer
+from m3dt.model import PromptDecisionTransformer, build_model
 from m3dt.run import ArtifactError, RunDir, file_hash, load_tensors, read_manifest, save_tensors, write_manifest
-from m3dt.stages import (build_model, data_files, data_stats, finished, gather_shares, gather_statistics, make_sampler,
+from m3dt.stages import (data_files, data_stats, finished, gather_shares, gather_statistics, make_sampler,
                          rank_share, recorded_config, seed_rank, stage1_tasks, stage_identity)
 from m3dt.tasks import resolve_tasks, user_task_rows
 from m3dt.train import Job, TrainingHooks, start_distributed, train

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from m3dt.config import Config, load_yaml
-from m3dt.stages import build_model
+from m3dt.model import build_model
 
 DENSE_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "dense"
 

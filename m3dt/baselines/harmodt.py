@@ -42,7 +42,7 @@ from m3dt.data import Batch, DeviceSampler
 from m3dt.grouping import task_gradients
 from m3dt.model import PromptDecisionTransformer
 from m3dt.run import ArtifactError, RunDir
-from m3dt.stages import build_model, set_trainable
+from m3dt.model import build_model, set_trainable
 from m3dt.train import TrainingHooks
 
 NAME = "HarmoDT"

@@ -16,9 +16,9 @@ import torch
 
 from m3dt.baselines import moe_model, moe_policy
 from m3dt.config import Config
-from m3dt.model import PromptDecisionTransformer
+from m3dt.model import PromptDecisionTransformer, set_trainable
 from m3dt.run import RunDir
-from m3dt.stages import expert_seed, set_trainable
+from m3dt.stages import expert_seed
 
 NAME = "M3DT w/o three-stage"
 HYPERPARAMETERS = ("expert_num",)

@@ -18,9 +18,9 @@ import torch
 
 from m3dt.baselines import moe_policy
 from m3dt.config import Config
-from m3dt.model import PromptDecisionTransformer
+from m3dt.model import PromptDecisionTransformer, set_trainable
 from m3dt.run import RunDir
-from m3dt.stages import expert_seed, load_backbone, set_trainable
+from m3dt.stages import expert_seed, load_backbone
 
 NAME = "M3DT w/o grouping"
 USES_BACKBONE = True

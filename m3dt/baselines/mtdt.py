@@ -18,7 +18,7 @@ from m3dt.baselines import load_weights
 from m3dt.config import Config
 from m3dt.model import PromptDecisionTransformer
 from m3dt.run import RunDir
-from m3dt.stages import build_model, set_trainable
+from m3dt.model import build_model, set_trainable
 
 NAME = "MTDT"
 
