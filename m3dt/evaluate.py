@@ -55,6 +55,7 @@ from m3dt.run import (ArtifactError, RunDir, atomic_path, check_inputs, file_has
 from m3dt.scores import SCORE_AXIS, full_episode_return, task_score
 from m3dt.tasks import (EPISODES_PER_FAMILY, FAMILIES, GYMNASIUM, MAX_ACT_DIM, MAX_OBS_DIM, MT1_GOALS, Task,
                         check_timesteps, get_task, names_hash, register_task_rows, resolve_tasks)
+from m3dt.train import resolve_device
 from m3dt.video import VideoError, video_path
 
 MAX_EPISODES_PER_FAMILY = {"metaworld": MT1_GOALS}  # episode e uses the e-th goal of an MT1 of 50 goals
@@ -753,8 +754,6 @@ def load_evaluated_policy(run: RunDir, method: str, grouping: str, expert_num: i
     """Load `method`'s trained model onto `device` (nothing for "random"), check that its timestep table
     covers the `chosen` tasks' horizons and size its forwards. Raises ConfigError for an unusable device,
     ArtifactError for a missing or mismatched artifact."""
-    from m3dt.train import resolve_device
-
     if method == "random":
         return EvaluatedPolicy()
     torch_device = resolve_device(device)

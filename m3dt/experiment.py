@@ -56,10 +56,13 @@ from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import torch
+
 from m3dt.baselines import METHODS as BASELINES, method_module
 from m3dt.cli import INTERRUPTED_EXIT_CODE, USER_ERRORS, command, exit_with_message
 from m3dt.config import CHOICES, ArgumentParser, Config, ConfigError, load_yaml, parse_config, read_yaml_mapping
 from m3dt.evaluate import METHODS as EVALUATED_METHODS, method_name
+from m3dt.model import build_model, set_up_stage
 from m3dt.report import checkpoint_of, staleness
 from m3dt.run import RunDir, manifest_path, read_json
 from m3dt.tasks import EPISODES_PER_FAMILY, get_task, resolve_tasks, suite_names, use_task_table
@@ -683,10 +686,7 @@ def training_flops(config: Config, kind: str, experts: int) -> float:
 @lru_cache(maxsize=None)
 def counted_flops(shape: tuple, kind: str, experts: int) -> float:
     """training_flops for a model shape (the options that set the step's work), counted once per shape."""
-    import torch
-
     from m3dt.bench import model_matmuls
-    from m3dt.model import build_model, set_up_stage
 
     config = Config(**dict(shape))
     stage = {"dense": 1, "expert": 2, "router": 3, "joint": 3, "mixture": 3}[kind]
