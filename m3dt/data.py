@@ -36,6 +36,7 @@ STD_EPSILON = 1e-6
 PROMPT_EPISODES = 2  # the last two episodes of a task are its prompt trajectories
 MIN_EPISODES = PROMPT_EPISODES + 1
 LOW_RETURN_PROMPT_ROWS = (0, 2)  # batch rows that use the lower-return prompt trajectory
+ACTION_TOLERANCE = 1e-5  # rounding of actions mapped onto [-1, 1] in float32
 # Each task being read costs about twice its size in memory (a 1M-transition task: ~400 MB) on top of the
 # dataset; 4 tasks in flight keep MT160 (17.2 GiB) within a 24 GiB host.
 MAX_LOADING_WORKERS = 4
@@ -357,18 +358,12 @@ def read_lengths(source: EpisodeSource) -> list[int]:
 
 def read_task(task: Task, source: EpisodeSource, prompt_length: int) -> TaskPart:
     """Read one task's training episodes and prompts; the last PROMPT_EPISODES episodes are the prompts.
-    A task of one's own (README "Your own tasks") must hold zeros beyond its table's obs_dim and act_dim, else
-    DataError: a width in the table below the data's would train on values evaluation never gives the model."""
+    A task of one's own (README "Your own tasks") is checked further (check_own_task_data)."""
     episodes = source.part(0, -PROMPT_EPISODES).load()
     observations = np.concatenate([episode.observations for episode in episodes])
     actions = np.concatenate([episode.actions for episode in episodes])
     if task.name not in task_table():
-        for what, values, width in (("observations", observations, task.obs_dim), ("actions", actions, task.act_dim)):
-            beyond = np.flatnonzero(np.abs(values[:, width:]).max(axis=0, initial=0.0) > 0)
-            if len(beyond):
-                raise DataError(f"{source.where}: {what} hold non-zero values in dim {width + beyond[0]}, beyond the "
-                                f"task table's {'obs_dim' if what == 'observations' else 'act_dim'} {width} of "
-                                f"{task.name}: give its native width there, and zero-pad the data")
+        check_own_task_data(task, source.where, observations, actions)
     mean, std = mean_and_std(observations)
     return TaskPart(
         observations=observations,
@@ -378,6 +373,24 @@ def read_task(task: Task, source: EpisodeSource, prompt_length: int) -> TaskPart
         statistics=TaskStatistics(mean, std + STD_EPSILON,
                                   load_prompts(task, source.part(-PROMPT_EPISODES), prompt_length)),
     )
+
+
+def check_own_task_data(task: Task, where: str, observations: np.ndarray, actions: np.ndarray) -> None:
+    """DataError unless a user's task's data hold zeros beyond its table's obs_dim and act_dim (a width in the
+    table below the data's would train on values evaluation never gives the model) and actions within [-1, 1]
+    (the action head's tanh range, which the env's own bounds are mapped onto: raw actions of an env acting in
+    [-3, 3] would train the model on targets it cannot reach and act wrongly)."""
+    for what, values, width in (("observations", observations, task.obs_dim), ("actions", actions, task.act_dim)):
+        beyond = np.flatnonzero(np.abs(values[:, width:]).max(axis=0, initial=0.0) > 0)
+        if len(beyond):
+            raise DataError(f"{where}: {what} hold non-zero values in dim {width + beyond[0]}, beyond the task "
+                            f"table's {'obs_dim' if what == 'observations' else 'act_dim'} {width} of {task.name}: "
+                            "give its native width there, and zero-pad the data")
+    largest = float(np.abs(actions).max(initial=0.0))
+    if largest > 1.0 + ACTION_TOLERANCE:
+        raise DataError(f"{where}: actions reach {largest:.4g} in absolute value, outside [-1, 1], the range the "
+                        f"model acts in: map {task.name}'s actions from the env's bounds onto [-1, 1] "
+                        "(README \"Your own tasks\")")
 
 
 def stack_statistics(statistics: list[TaskStatistics]) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:

@@ -46,7 +46,7 @@ from m3dt.run import (ArtifactError, RunDir, file_hash, manifest_path, read_json
                       write_manifest)
 from m3dt.stages import (check_groups, data_stats, optimisation_identity, recorded_config, run_cli,
                          stage_identity)
-from m3dt.tasks import resolve_tasks
+from m3dt.tasks import resolve_tasks, user_task_rows
 
 Tensors = dict[str, torch.Tensor]
 
@@ -400,13 +400,6 @@ def import_reference(config: Config) -> RunDir:
     run = RunDir(config.resolved_run_dir())
     tasks = resolve_tasks(config.prefix_name, config.tasks, config.seed)
     reference = read_reference(config, tasks)
-    workers = os.cpu_count() if config.workers is None else config.workers
-    files = files_fingerprint(config.data_path, tasks, config.max_episodes)
-    state_mean, state_std, prompts = read_statistics(config.data_path, tasks, config.max_episodes,
-                                                     config.prompt_length, workers)
-    data = {"files": files, "statistics": statistics_fingerprints(tasks, state_mean, state_std, prompts)}
-    statistics = data_stats(torch.from_numpy(state_mean), torch.from_numpy(state_std),
-                            Prompts.from_arrays(prompts, torch.device("cpu")))
     targets = [(run.backbone, reference.backbone_file.path, reference.backbone_file.sha256)]
     if reference.groups is not None:
         groups_path = Path(config.groups)
@@ -416,8 +409,15 @@ def import_reference(config: Config) -> RunDir:
     if reference.moe_file:
         moe_file = reference.moe_file
         targets.append((run.moe(config.grouping, config.expert_num), moe_file.path, moe_file.sha256))
-    for artifact, path, sha256 in targets:
+    for artifact, path, sha256 in targets:  # before the statistics pass, which reads the whole dataset
         check_replaceable(artifact, path, sha256, config.restart)
+    workers = os.cpu_count() if config.workers is None else config.workers
+    files = files_fingerprint(config.data_path, tasks, config.max_episodes)
+    state_mean, state_std, prompts = read_statistics(config.data_path, tasks, config.max_episodes,
+                                                     config.prompt_length, workers)
+    data = {"files": files, "statistics": statistics_fingerprints(tasks, state_mean, state_std, prompts)}
+    statistics = data_stats(torch.from_numpy(state_mean), torch.from_numpy(state_std),
+                            Prompts.from_arrays(prompts, torch.device("cpu")))
 
     write_run(run, config, tasks, reference, statistics, data)
     stage = "3" if reference.moe_file else "1"
@@ -436,7 +436,7 @@ def write_run(run: RunDir, config: Config, tasks: list[str], reference: Referenc
     write_manifest(run.backbone, "stage1", recorded, tasks, [], run.root,
                    steps_done=steps_done(reference.backbone_file, config.backbone_steps),
                    identity={**optimisation_identity(config, tasks), "data": data["files"]}, data=data,
-                   data_stats_sha256=file_hash(run.data_stats),
+                   data_stats_sha256=file_hash(run.data_stats), user_tasks=user_task_rows(tasks),
                    source=source(reference.backbone_file, reference.unused))
     print(f"imported {config.backbone} -> {run.backbone} ({len(reference.unused)} unused keys, listed in its manifest)")
     if reference.groups is None:

@@ -23,11 +23,12 @@ from m3dt.cli import USER_ERRORS, exit_interrupted, exit_with_message
 from m3dt.config import Config, ConfigError, parse_config
 from m3dt.conflict import PLOT as CONFLICT_PLOT, GradientConflict, plot_conflict, spread_tasks
 from m3dt.data import DeviceSampler, Prompts, TaskDataset, episode_lengths, files_fingerprint
+from m3dt.envs import check_env
 from m3dt.grouping import gradient_features, gradient_grouping, groups_to_json, random_grouping, task_gradients
 from m3dt.model import PromptDecisionTransformer, build_model, set_up_stage
 from m3dt.run import (ArtifactError, RunDir, check_inputs, check_model_fields, file_hash, input_hashes,
                       load_tensors, manifest_path, read_json, read_manifest, save_tensors, write_json, write_manifest)
-from m3dt.tasks import check_timesteps, register_task_rows, resolve_tasks, use_task_table, user_task_rows
+from m3dt.tasks import TaskError, check_timesteps, register_task_rows, resolve_tasks, use_task_table, user_task_rows
 from m3dt.train import (METRICS, Distributed, Job, TrainingHooks, resolve_device, set_deterministic, start_distributed,
                         stop_distributed, train)
 
@@ -469,6 +470,23 @@ def load_experts(model: PromptDecisionTransformer, files: list[Path]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- CLI
+def use_task_table_checked(config: Config) -> None:
+    """--task_table: register the user's tasks, then build the env of each of them the run trains on before
+    anything trains (check_env): TaskError naming the file; one line says which could not be checked here."""
+    table_tasks = use_task_table(config.task_table)
+    run_tasks = resolve_tasks(config.prefix_name, config.tasks, config.seed)
+    unchecked = []
+    for task in table_tasks:
+        try:
+            if task.name in run_tasks and not check_env(task):
+                unchecked.append(task.name)
+        except TaskError as error:
+            raise TaskError(f"{config.task_table}: {error}") from None
+    if unchecked:
+        print(f"task table: the envs of {', '.join(unchecked)} are not checked here (their simulator is not "
+              "installed); the evaluation builds them")
+
+
 def run_cli(stage: Callable[[Config], Any], description: str, argv: list[str] | None = None) -> None:
     """Parse options, run `stage`, and turn bad input and Ctrl-C into one clear line (tracebacks with --debug)."""
     arguments = sys.argv[1:] if argv is None else argv
@@ -478,7 +496,7 @@ def run_cli(stage: Callable[[Config], Any], description: str, argv: list[str] | 
         debug = config.debug
         set_deterministic(config.deterministic, resolve_device(config.device))
         if config.task_table:
-            use_task_table(config.task_table)
+            use_task_table_checked(config)
         stage(config)
         stop_distributed()
     except USER_ERRORS as error:

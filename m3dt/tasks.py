@@ -89,7 +89,8 @@ def get_task(name: str) -> Task:
     if name in _user_tasks:
         return _user_tasks[name]
     tables = ", ".join([TASK_TABLE_FILE.name, *_user_table_files]) if _user_table_files else TASK_TABLE_FILE.name
-    hint = "" if _user_table_files else " (tasks of your own: --task_table FILE)"
+    hint = "" if _user_table_files else (" (tasks of your own: a task table, given to the training stages with "
+                                            "--task_table FILE; README \"Your own tasks\")")
     raise TaskError(f"unknown task '{name}': not in the task table {tables}{hint}")
 
 

@@ -3,17 +3,22 @@ from a Minari dataset named by the table, train a tiny stage 1 and are evaluated
 what the run recorded (the table file is not needed again); bad rows stop with one line."""
 
 import json
+from collections import OrderedDict
 
 import numpy as np
 import pytest
 import torch
 
+from m3dt import envs as envs_module
 from m3dt import tasks as task_module
 from m3dt.baselines.__main__ import main as baselines_main
 from m3dt.envs import make_env
 from m3dt.evaluate import evaluate
 from m3dt.evaluate import main as evaluate_main
+from m3dt.import_reference import export_backbone
+from m3dt.import_reference import main as import_main
 from m3dt.minari_io import write_task_dataset
+from m3dt.model import ModelConfig, PromptDecisionTransformer
 from m3dt.stages import run_cli, train_backbone
 from m3dt.tasks import TaskError, get_task, use_task_table
 from tests.test_cli_errors import run_in_process
@@ -146,6 +151,33 @@ def test_a_comparison_method_without_stage_1_evaluates_its_own_tasks(tmp_path, o
     assert outcome["score"] == pytest.approx(100 * (per_full_episode - low) / (high - low))
 
 
+def test_an_imported_backbone_of_own_tasks_evaluates_without_the_table(tmp_path, one_thread):
+    """m3dt.import_reference records the table's rows in the stage-1 manifest, as stage 1 does, so that
+    m3dt.evaluate (which has no --task_table) knows the task."""
+    table = write_table(tmp_path, ROWS[:1])
+    use_task_table(table)
+    data_root = tmp_path / "data"
+    (data_root / "own-hopper").mkdir(parents=True)
+    for index, episode in enumerate(random_episodes("own-hopper", EPISODES)):
+        np.savez(data_root / "own-hopper" / f"{index}.npz", observations=episode["observations"][:-1],
+                 actions=episode["actions"], rewards=episode["rewards"], terminals=episode["terminations"])
+    authors_file = tmp_path / "prompt_model_own_iter_400_seed0"
+    model = PromptDecisionTransformer(ModelConfig(embed_dim=32, n_layer=2, n_head=2))
+    torch.save(OrderedDict(export_backbone(model.state_dict())), authors_file)
+    run_dir = tmp_path / "imported"
+    import_main(["--backbone", str(authors_file), "--task_table", str(table), "--tasks", "own-hopper", *TINY,
+                 "--data_path", str(data_root), "--run_dir", str(run_dir)])
+    manifest = json.loads((run_dir / "stage1" / "backbone.manifest.json").read_text())
+    assert manifest["user_tasks"] == [{**ROWS[0], "env_kwargs": {}}]
+
+    task_module._user_tasks.clear()  # as a new process: the table is not given again
+    task_module._user_table_files.clear()
+    evaluate_main(["--run_dir", str(run_dir), "--stage", "1", "--episodes", "1", "--max_steps", "3", "--workers", "0",
+                   "--device", "cpu"])
+    results = json.loads((run_dir / "eval" / "stage1_episodes1_steps3" / "results.json").read_text())
+    assert list(results["tasks"]) == ["own-hopper"] and results["tasks"]["own-hopper"]["episodes"] == 1
+
+
 def test_actions_are_rescaled_to_the_env_bounds(tmp_path):
     use_task_table(write_table(tmp_path, ROWS))
     env = make_env("own-pendulum", episode=0, seed=0)  # InvertedPendulum acts in [-3, 3]
@@ -236,9 +268,42 @@ def test_a_family_row_builds_that_familys_env(tmp_path):
         make_env(wrong, episode=0).reset()
 
 
-def test_a_table_width_below_the_datas_is_refused_when_loading(tmp_path, capsys):
-    """obs_dim 5 for Hopper's 11-dim observations: stage 1 trained on it and only evaluation noticed. The data
-    holds non-zero values beyond the table's width: stage 1 stops with one line naming the folder."""
+BAD_ENV_ROWS = {  # a row whose env disagrees with it -> the message after "{file}: task '{task}': "
+    "no such gymnasium env": ({**ROWS[0], "env_id": "NoSuchEnv-v0"}, "gymnasium cannot make NoSuchEnv-v0"),
+    "gymnasium obs_dim": ({**ROWS[1], "obs_dim": 5}, "InvertedPendulum-v5 observes shape (4,), the task table says "
+                                                     "obs_dim 5"),
+    "gymnasium act_dim": ({**ROWS[1], "act_dim": 2}, "InvertedPendulum-v5 acts with 1 dims, the task table says "
+                                                     "act_dim 2"),
+    "no such DMC task": ({"task": "acrobot-swingup-wide", "family": "dmc", "obs_dim": 6, "act_dim": 1, "horizon": 500,
+                          "return_target": 1000.0, "rtg_scale": 200.0},
+                         "its env cannot be built: Level 'swingup_wide' does not exist in domain 'acrobot'."),
+    "DMC act_dim": ({"task": "swimmer-swimmer6", "family": "dmc", "obs_dim": 25, "act_dim": 2, "horizon": 500,
+                     "return_target": 1000.0, "rtg_scale": 200.0},
+                    "its env acts with 5 dims, the task table says act_dim 2"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_ENV_ROWS))
+def test_a_row_its_env_disagrees_with_stops_the_stage_before_training(case, tmp_path, capsys):
+    """A typo in env_id or a wrong width used to be found by the evaluation, after every stage had trained: each
+    stage builds the envs of the table's tasks it trains on first."""
+    row, message = BAD_ENV_ROWS[case]
+    table = write_table(tmp_path, [{key: value for key, value in row.items() if key != "dataset"}])
+    with pytest.raises(SystemExit) as exited:
+        run_cli(train_backbone, "stage 1", [*TINY, "--task_table", str(table), "--tasks", row["task"],
+                                            "--data_path", str(tmp_path / "data"), "--run_dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: {table}: task '{row['task']}': {message}"), err
+    assert not (tmp_path / "run").exists()
+    task_module._user_tasks.pop(row["task"])
+
+
+def test_a_table_width_below_the_datas_is_refused_when_loading(tmp_path, capsys, monkeypatch):
+    """obs_dim 5 for Hopper's 11-dim observations, on a machine without the simulator (where the stage cannot
+    build the env to check the row): the data holds non-zero values beyond the table's width, and stage 1 stops
+    with one line naming the folder."""
+    monkeypatch.setattr(envs_module, "make_env", missing_simulator)
     use_task_table(write_table(tmp_path, ROWS[:1]))  # the right widths, to make the data
     data_root = tmp_path / "data"
     (data_root / "own-hopper").mkdir(parents=True)
@@ -251,7 +316,34 @@ def test_a_table_width_below_the_datas_is_refused_when_loading(tmp_path, capsys)
     with pytest.raises(SystemExit) as exited:
         run_cli(train_backbone, "stage 1", [*TINY, "--task_table", str(table), "--tasks", "own-hopper",
                                             "--data_path", str(data_root), "--run_dir", str(tmp_path / "run")])
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert exited.value.code == 2 and err.count("\n") == 1, err
     assert (f"{data_root / 'own-hopper'}: observations hold non-zero values in dim 5, beyond the task table's "
             "obs_dim 5 of own-hopper") in err
+    assert ("task table: the envs of own-hopper are not checked here (their simulator is not installed); the "
+            "evaluation builds them") in out
+
+
+def test_actions_outside_the_models_range_are_refused_when_loading(tmp_path, capsys):
+    """Raw actions of an env acting in [-3, 3] used to train silently: the model acts in [-1, 1]."""
+    use_task_table(write_table(tmp_path, ROWS[:1]))
+    folder = tmp_path / "data" / "own-hopper"
+    folder.mkdir(parents=True)
+    for index, episode in enumerate(random_episodes("own-hopper", 4)):
+        np.savez(folder / f"{index}.npz", observations=episode["observations"][:-1],
+                 actions=episode["actions"] * (10.0 if index == 1 else 1.0), rewards=episode["rewards"],
+                 terminals=episode["terminations"])
+    with pytest.raises(SystemExit) as exited:
+        run_cli(train_backbone, "stage 1", [*TINY, "--task_table", str(tmp_path / "table.json"), "--tasks",
+                                            "own-hopper", "--data_path", str(tmp_path / "data"),
+                                            "--run_dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    largest = float(np.abs(np.load(folder / "1.npz")["actions"]).max())
+    assert largest > 1.0 and exited.value.code == 2
+    assert err == (f"error: {folder}: actions reach {largest:.4g} in absolute value, outside [-1, 1], the range the "
+                   "model acts in: map own-hopper's actions from the env's bounds onto [-1, 1] (README \"Your own "
+                   "tasks\")\n")
+
+
+def missing_simulator(*arguments, **options):
+    raise ModuleNotFoundError("No module named 'gymnasium'")

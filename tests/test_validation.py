@@ -458,7 +458,8 @@ def test_timesteps_beyond_the_embedding_table_are_refused_at_start(tmp_path, cap
 
 @pytest.mark.parametrize("argv, message", [
     (["--tasks", "reach-v2,reach-v3"],
-     "unknown task 'reach-v3': not in the task table mt160_tasks.json (tasks of your own: --task_table FILE)"),
+     "unknown task 'reach-v3': not in the task table mt160_tasks.json (tasks of your own: a task table, given to "
+     "the training stages with --task_table FILE; README \"Your own tasks\")"),
     (["--tasks", "reach-v2", "--save_every", "0"], "--save_every must be at least 1, got 0"),
     (["--tasks", "reach-v2", "--n_head", "3"], "--embed_dim 32 must be a multiple of --n_head 3"),
     (["--tasks", "reach-v2", "--all", "--shard", "2/2"], "--shard must be i/n with 0 <= i < n, got '2/2'"),

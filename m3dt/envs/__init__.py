@@ -16,8 +16,10 @@ import os
 
 os.environ.setdefault("MUJOCO_GL", "disable")  # nothing renders; avoids GLFW display errors
 
+import numpy as np  # noqa: E402
+
 from m3dt.envs.base import TaskEnv  # noqa: E402
-from m3dt.tasks import Task, get_task  # noqa: E402
+from m3dt.tasks import Task, TaskError, get_task  # noqa: E402
 
 
 def make_env(task: str | Task, episode: int = 0, seed: int = 0) -> TaskEnv:
@@ -41,4 +43,30 @@ def make_env(task: str | Task, episode: int = 0, seed: int = 0) -> TaskEnv:
     return LocomotionEnv(task, episode, seed)
 
 
-__all__ = ["TaskEnv", "make_env"]
+def check_env(task: Task) -> bool:
+    """Build a user's task's env, reset it, take one zero-action step and close it, so that a wrong env id,
+    task name or width in a task table stops a stage before it trains, not the evaluation after it.
+    Returns False, checking nothing, when the family's simulator package is not installed (a training
+    machine may lack it; the evaluation builds the env again). Raises TaskError in one line naming the task."""
+    try:
+        env = make_env(task)
+    except ImportError:
+        return False
+    except TaskError:
+        raise
+    except Exception as error:  # noqa: BLE001 (gymnasium and dm_control raise many types for a bad name)
+        raise TaskError(f"task '{task.name}': its env cannot be built: {' '.join(str(error).split())}") from None
+    try:
+        env.reset()
+        env.step(np.zeros(task.act_dim))
+    except TaskError:
+        raise
+    except Exception as error:  # noqa: BLE001 (a simulator refusing an action of act_dim dims)
+        raise TaskError(f"task '{task.name}': its env does not run with the task table's act_dim {task.act_dim}: "
+                        f"{' '.join(str(error).split())}") from None
+    finally:
+        env.close()
+    return True
+
+
+__all__ = ["TaskEnv", "check_env", "make_env"]

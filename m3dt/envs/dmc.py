@@ -20,7 +20,7 @@ from dm_control.rl import control
 
 from m3dt.envs.base import Camera, Physics, TaskEnv
 from m3dt.envs.dmc_extra_tasks import EXTRA_TASKS, load_extra_task
-from m3dt.tasks import Task
+from m3dt.tasks import Task, TaskError
 
 ACTION_REPEAT = 2
 SUITE_DOMAIN_NAMES = {"cup": "ball_in_cup"}  # task-name prefix -> dm_control domain, where they differ
@@ -47,6 +47,10 @@ class DMCEnv(TaskEnv):
     def __init__(self, task: Task, episode: int, seed: int):
         super().__init__(task, episode, seed)
         self.environment = load_environment(task.name, random=episode)
+        action_dims = self.environment.action_spec().shape[0]
+        if action_dims != task.act_dim:  # a task of one's own whose table row is wrong
+            raise TaskError(f"task '{task.name}': its env acts with {action_dims} dims, the task table says act_dim "
+                            f"{task.act_dim}")
 
     def _reset(self) -> np.ndarray:
         # Re-seed so that every reset of this episode starts from the same state: the episode is the seed.
