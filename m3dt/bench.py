@@ -45,7 +45,7 @@ from m3dt.evaluate import EnvPool, Rollout  # env packages load inside the env w
 from m3dt.grouping import random_grouping
 from m3dt.model import PromptCache, PromptDecisionTransformer, build_model, set_up_stage
 from m3dt.naive import NaiveSampler, naive_model, naive_optimizer, naive_train_step
-from m3dt.run import atomic_path
+from m3dt.run import ArtifactError, atomic_path, make_folder
 from m3dt.synthetic import make_dataset
 from m3dt.tasks import EPISODES_PER_FAMILY, get_task, resolve_tasks
 from m3dt.memory import peak_bytes
@@ -856,6 +856,10 @@ def combine(argv: list[str]) -> Path:
     out = Path(args.out)
     if any(Path(folder).resolve() == out.resolve() for folder in args.folders):
         raise SystemExit(f"error: --out {out} is one of the runs' folders: its {{device}}.json would be overwritten")
+    try:
+        make_folder(out, "folder of the page (--out)")
+    except ArtifactError as error:
+        raise SystemExit(f"error: {error}") from None
     reports = [json.loads(path.read_text()) for folder in args.folders for path in sorted(Path(folder).glob("*.json"))]
     if not reports:
         raise SystemExit(f"error: no bench report (*.json) in {', '.join(args.folders)}")
@@ -870,7 +874,8 @@ def parse_settings(argv: list[str] | None) -> Settings:
     """The bench's settings from `argv` (unset options from DEFAULTS of --quick or full mode); sets torch's CPU
     threads (--threads). SystemExit for a count below its minimum (OPTION_MINIMUMS), bad --experts or --stages,
     --tasks beyond MT160 or more --groups than tasks; ConfigError for a --device torch does not know or that is
-    not there, or a model size the stages would refuse."""
+    not there, a model size the stages would refuse, or an --out that is a file or cannot be made (it is made
+    here)."""
     parser = ArgumentParser(description="Time every stage: the project's step against the reference's way.")
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--precision", choices=CHOICES["precision"], default="fp32",
@@ -928,6 +933,7 @@ def parse_settings(argv: list[str] | None) -> Settings:
                       precision=args.precision),
     )
     check_values(settings.config)  # the model size overrides (ConfigError)
+    make_folder(settings.out, "bench folder (--out)", ConfigError)  # before the timings, not when they are written
     return settings
 
 

@@ -70,7 +70,7 @@ from m3dt.config import ArgumentParser  # noqa: E402
 from m3dt.data import MIN_EPISODES, DataError, load_episode  # noqa: E402
 from m3dt.envs import TaskEnv, make_env  # noqa: E402
 from m3dt.envs.metaworld import scripted_policy  # noqa: E402
-from m3dt.run import ArtifactError, atomic_path, read_json, write_json  # noqa: E402
+from m3dt.run import ArtifactError, atomic_path, make_folder, read_json, write_json  # noqa: E402
 from m3dt.scores import episode_score, full_episode_return  # noqa: E402
 from m3dt.tasks import (FAMILIES, MAX_ACT_DIM, MT1_GOALS, Task, TaskError, get_task, resolve_tasks,  # noqa: E402
                         suite_names, task_table)
@@ -646,6 +646,7 @@ def run_command(argv: list[str]) -> None:
         names = collection_tasks("dmc") if args.expert == "dmc" else [args.expert]
         for name in names:
             expert_task(name)  # validates the name before anything is built
+        make_folder(Path(args.out), "data root (--out)")  # before hours of training, not at the first checkpoint
         torch.set_num_threads(args.threads)  # SAC's 256x256 networks: see --threads for what more threads gain
         for name in names:  # each resumes from its own checkpoint, so a rerun skips the finished ones
             train_expert(name, args.steps, Path(args.out), args.seed, args.save_every, args.learning_starts,
@@ -657,6 +658,7 @@ def run_command(argv: list[str]) -> None:
     positive("workers", args.workers, 0)
     positive("max_steps", args.max_steps, 1)
     task_names = collection_tasks(args.tasks)
+    make_folder(Path(args.out), "data root (--out)")
     summary = collect(task_names, args.episodes, Path(args.out), args.seed, args.noise, args.workers, args.max_steps)
     print_table(summary, task_names)
     if args.format == "minari":

@@ -51,7 +51,7 @@ from m3dt.data import Batch
 from m3dt.memory import evaluation_rows, free_memory
 from m3dt.model import PromptDecisionTransformer, build_model
 from m3dt.run import (ArtifactError, RunDir, atomic_path, check_inputs, file_hash, input_hashes, load_tensors,
-                      manifest_path, read_json, read_manifest, write_json)
+                      make_folder, manifest_path, read_json, read_manifest, write_json)
 from m3dt.scores import SCORE_AXIS, full_episode_return, task_score
 from m3dt.tasks import (EPISODES_PER_FAMILY, FAMILIES, GYMNASIUM, MAX_ACT_DIM, MAX_OBS_DIM, MT1_GOALS, Task,
                         check_timesteps, get_task, names_hash, register_task_rows, resolve_tasks)
@@ -796,6 +796,7 @@ def evaluate(run_dir: str, method: str, grouping: str = "gradient", expert_num: 
     protocol = describe_protocol([get_task(name) for name in chosen], episodes, max_steps)
     out_dir = run.root / "eval" / output_label(method, grouping, expert_num, protocol, context_actions, seed,
                                                training_seed, subset_name(chosen, trained, prefix_name, tasks))
+    make_folder(out_dir, "evaluation folder")  # before the rollouts, whose results it is to hold
     rollouts = [Rollout(get_task(name), trained.index(name), episode,
                         video_path(out_dir / "videos", name, episode) if episode < video else None)
                 for name in chosen

@@ -8,7 +8,8 @@ Reads every `eval/*/results.json` under the given folders (written by m3dt.evalu
                dense size sweep, each row with its seeds and evaluation settings, beside the paper's numbers;
   report.csv   the same rows with every statistic; results.csv: one row per results.json;
   *.png        total score against task count and against expert count, per-family scores, and
-               performance profiles.
+               performance profiles; plots.json lists them, and a rerun deletes the PNGs of that list it no
+               longer writes (rows that are gone), no other file.
 
 Rows group results by task count, method, grouping, expert count, model size and evaluation settings; the
 seeds of a row are its results. Beside mean +- sample std over seeds, every row gives the interquartile mean
@@ -16,7 +17,9 @@ seeds of a row are its results. Beside mean +- sample std over seeds, every row 
 performance profiles (fraction of seed x task scores above each threshold), both computed with `rliable`
 (Agarwal et al., 2021, "Deep RL at the edge of the statistical precipice"). A result whose checkpoint
 changed after it was evaluated (the file's sha256 is not the one results.json recorded) is left out of the
-tables and listed. Evaluations that are not the full protocol are marked wherever their numbers appear.
+tables and listed, and so is a results.json that cannot be read (not valid JSON, or not one of
+m3dt.evaluate), with the reason: the report is written from the rest. Evaluations that are not the full
+protocol are marked wherever their numbers appear.
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ from m3dt.cli import command, exit_with_message
 from m3dt.config import ArgumentParser, Config, ConfigError, load_yaml
 from m3dt.baselines.dense_sizes import parameter_count
 from m3dt.evaluate import reference_text
-from m3dt.run import ArtifactError, atomic_path, file_hash, manifest_path, read_json
+from m3dt.run import (ArtifactError, atomic_path, check_folder, file_hash, make_folder, manifest_path, read_json,
+                      write_json)
 from m3dt.scores import SCORE_AXIS
 from m3dt.tasks import FAMILIES, GYMNASIUM, names_hash, suites
 
@@ -55,6 +59,7 @@ DEFAULT_MODEL = "d256 L6"  # the paper's width and depth
 MAIN_METHODS = ("random policy", "MTDT", "Prompt-DT", "HarmoDT", "M3DT")  # the method comparison, in this order
 ABLATIONS = ("M3DT w/o three-stage", "M3DT w/o grouping")
 REPORTED_FAMILIES = (*FAMILIES, GYMNASIUM)  # what results.json's "families" can hold (GYMNASIUM: one's own tasks)
+PLOT_LIST = "plots.json"  # in --out: the PNGs the last report wrote there, the only ones a rerun deletes
 RUN_NAME = re.compile(r"(.+)_seed\d+(?:_(.+))?")  # a run directory of m3dt.experiment or the stages' default
 
 
@@ -114,9 +119,12 @@ class Result:
 
 def find_results(folders: list[Path]) -> list[Path]:
     """Every eval/*/results.json below `folders`, once each however it was reached; ArtifactError for a folder
-    that does not exist or holds none."""
+    that does not exist, is a file or holds none."""
     paths: list[Path] = []
     for folder in folders:
+        if folder.exists() and not folder.is_dir():
+            raise ArtifactError(f"{folder}: is a file, not a folder (give run roots or run directories, the folders "
+                                "that hold eval/*/results.json)")
         found = sorted(folder.glob("**/eval/*/results.json")) if folder.is_dir() else []
         if not found:
             why = "run python -m m3dt.evaluate first" if folder.is_dir() else "no such folder"
@@ -193,26 +201,76 @@ def model_size(run_dir: Path, data: dict[str, Any]) -> tuple[str, int | None]:
     return f"d{config.embed_dim} L{config.n_layer}", parameter_count(config, int(data.get("num_experts") or 0))
 
 
-def load_results(paths: list[Path]) -> list[Result]:
-    """Each results.json as a Result, with its run directory, staleness flag, evaluation settings and model size;
-    ArtifactError for a file that is not valid JSON or not a results.json of m3dt.evaluate."""
-    results = []
-    for path in paths:
+@dataclass
+class Unusable:
+    """A results.json the report cannot read, and why in plain words (`flag`, as a stale Result's): listed under
+    "Left out" and in results.csv, never in the tables."""
+
+    path: Path
+    flag: str
+
+
+JSON_TYPES = {list: "list", str: "string", int: "number", float: "number", bool: "true or false", type(None): "null"}
+
+
+def is_number(value: Any) -> bool:
+    """Whether a JSON value is a number (true and false are not, though Python's bool is an int)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def results_problem(data: Any) -> str:
+    """What keeps `data` from being a results.json of m3dt.evaluate that the tables can read, in words ("" when
+    nothing does): the score and task count in "total", a score per task in "tasks", per family in "families"."""
+    if not isinstance(data, dict):
+        return f"holds a JSON {JSON_TYPES.get(type(data), type(data).__name__)}, not an object"
+    total, tasks, families = data.get("total"), data.get("tasks"), data.get("families", {})
+    if total is None or tasks is None:
+        return f"no '{'total' if total is None else 'tasks'}'"
+    if not (isinstance(total, dict) and is_number(total.get("score")) and is_number(total.get("tasks"))):
+        return "'total' has no score and task count"
+    if not (isinstance(tasks, dict) and tasks and all(isinstance(row, dict) and is_number(row.get("score"))
+                                                      for row in tasks.values())):
+        return "'tasks' is not a score per task"
+    if not (isinstance(families, dict) and all(isinstance(entry, dict) and is_number(entry.get("score"))
+                                               for entry in families.values())):
+        return "'families' is not a score per family"
+    return ""
+
+
+def load_result(path: Path) -> Result | Unusable:
+    """A results.json as a Result, with its run directory, staleness flag, evaluation settings and model size;
+    Unusable, saying why, when it is not valid JSON, not a results.json of m3dt.evaluate, or its checkpoint's
+    manifest cannot be read: one broken file costs its own row, not the report."""
+    try:
         data = read_json(path, "results.json")
-        run_dir = path.parent.parent.parent  # {run_dir}/eval/{label}/results.json
-        try:
-            flag = staleness(run_dir, data)
-            evaluation, full = evaluation_settings(data) if "protocol" in data else ("?", False)
-            model, parameters = model_size(run_dir, data)
-            result = Result(path, run_dir, data, data.get("method", "?"), data.get("grouping") or "",
-                            int(data.get("num_experts") or 0), model, parameters, evaluation, full,
-                            int(data.get("seed", 0)), flag)
-            result.tasks, result.suite, result.task_scores(), data["total"]["score"]  # what the tables read
-        except (KeyError, TypeError, ValueError, AttributeError) as error:
-            raise ArtifactError(f"{path}: not a results.json of m3dt.evaluate ({type(error).__name__}: "
-                                f"{error})") from None
-        results.append(result)
-    return results
+    except ArtifactError as error:  # its message is "{path}: results.json is not valid JSON ..."
+        return Unusable(path, str(error).removeprefix(f"{path}: results.json is "))
+    problem = results_problem(data)
+    if problem:
+        return Unusable(path, f"not a results file of m3dt.evaluate: {problem}")
+    run_dir = path.parent.parent.parent  # {run_dir}/eval/{label}/results.json
+    try:
+        flag = staleness(run_dir, data)
+        evaluation, full = evaluation_settings(data) if "protocol" in data else ("?", False)
+        model, parameters = model_size(run_dir, data)
+        result = Result(path, run_dir, data, data.get("method", "?"), data.get("grouping") or "",
+                        int(data.get("num_experts") or 0), model, parameters, evaluation, full,
+                        int(data.get("seed", 0)), flag)
+        result.suite  # reads the training seed and task names, as the tables will
+    except ArtifactError as error:  # the checkpoint's manifest: the message names it
+        return Unusable(path, str(error))
+    except KeyError as error:  # a field the checks above do not cover (the protocol's, the checkpoint's)
+        return Unusable(path, f"not a results file of m3dt.evaluate: no {error}")
+    except (TypeError, ValueError, AttributeError):
+        return Unusable(path, "not a results file of m3dt.evaluate: a field holds a value of the wrong kind")
+    return result
+
+
+def load_results(paths: list[Path]) -> tuple[list[Result], list[Unusable]]:
+    """The results.json files at `paths` as Results, and those that cannot be read as Unusable (load_result)."""
+    loaded = [load_result(path) for path in paths]
+    return ([entry for entry in loaded if isinstance(entry, Result)],
+            [entry for entry in loaded if isinstance(entry, Unusable)])
 
 
 # ------------------------------------------------------------------------------------------ statistics
@@ -472,9 +530,11 @@ def ablation_rows(rows: list[Row]) -> list[Row]:
     return [row for row in rows if row in ablations or (row.first.method == "M3DT" and place(row) in where)]
 
 
-def report_markdown(rows: list[Row], stale: list[Result], folders: list[Path], reps: int, seed: int) -> str:
+def report_markdown(rows: list[Row], stale: list[Result], unusable: list[Unusable], folders: list[Path], reps: int,
+                    seed: int) -> str:
     """report.md: the method comparison beside the paper's numbers, the single-task DT references, M3DT by
-    expert count, the ablations, dense Prompt-DT by size, and the results left out as out of date (`stale`)."""
+    expert count, the ablations, dense Prompt-DT by size, and the results left out: out of date (`stale`) or
+    unreadable (`unusable`)."""
     expert_rows = [row for row in rows if row.first.method == "M3DT"]
     ablations = ablation_rows(rows)
     dense_rows = [row for row in rows if row.first.method == "Prompt-DT"]
@@ -503,9 +563,12 @@ def report_markdown(rows: list[Row], stale: list[Result], folders: list[Path], r
                  "lost from 10 to 160 tasks (it gives no per-size numbers in a table)."]
     else:
         text.append("(no Prompt-DT results)")
-    if stale:
-        text += ["", "## Left out", "", "Out of date: evaluate these again.", "",
-                 *[f"- {result.path}: {result.flag}" for result in stale]]
+    if stale or unusable:
+        text += ["", "## Left out"]
+    for entries, advice in ((stale, "Out of date: evaluate these again."),
+                            (unusable, "Unreadable, or not results of m3dt.evaluate: repair or remove these.")):
+        if entries:
+            text += ["", advice, "", *[f"- {entry.path}: {entry.flag}" for entry in entries]]
     return "\n".join(text) + "\n"
 
 
@@ -522,9 +585,10 @@ def size_table(rows: list[Row]) -> list[str]:
     return lines
 
 
-def write_csvs(out: Path, rows: list[Row], results: list[Result]) -> None:
+def write_csvs(out: Path, rows: list[Row], results: list[Result], unusable: list[Unusable]) -> None:
     """Write `out`/report.csv (a line per row with every statistic; a single seed's std left empty) and
-    results.csv (a line per results.json, those left out with the reason), atomically."""
+    results.csv (a line per results.json, those left out with the reason; an unusable one's other cells empty),
+    atomically."""
     with atomic_path(out / "report.csv") as temporary, open(temporary, "w", newline="") as file:
         writer = csv.writer(file)
         writer.writerow(["tasks", "suite", "method", "grouping", "experts", "model", "parameters", "evaluation",
@@ -543,8 +607,9 @@ def write_csvs(out: Path, rows: list[Row], results: list[Result]) -> None:
                              "" if single else f"{row.total[1]:.4f}", f"{row.iqm:.4f}", low, high, row.bootstrap])
     with atomic_path(out / "results.csv") as temporary, open(temporary, "w", newline="") as file:
         writer = csv.writer(file)
-        writer.writerow(["results", "tasks", "suite", "method", "grouping", "experts", "model", "seed",
-                         "training_seed", "evaluation", "full_protocol", *REPORTED_FAMILIES, "total", "left_out_because"])
+        header = ["results", "tasks", "suite", "method", "grouping", "experts", "model", "seed", "training_seed",
+                  "evaluation", "full_protocol", *REPORTED_FAMILIES, "total", "left_out_because"]
+        writer.writerow(header)
         for result in results:
             families = result.data.get("families", {})
             writer.writerow([result.path, result.tasks, result.suite, result.method, result.grouping, result.experts,
@@ -552,6 +617,8 @@ def write_csvs(out: Path, rows: list[Row], results: list[Result]) -> None:
                              result.evaluation, result.full,
                              *(f"{families[family]['score']:.4f}" if family in families else ""
                                for family in REPORTED_FAMILIES), f"{result.data['total']['score']:.4f}", result.flag])
+        for entry in unusable:
+            writer.writerow([entry.path, *[""] * (len(header) - 2), entry.flag])
 
 
 # ------------------------------------------------------------------------------------------ plots
@@ -776,21 +843,43 @@ def write_plots(out: Path, rows: list[Row], title: str, reps: int, seed: int) ->
 
 # ------------------------------------------------------------------------------------------ CLI
 def build_report(folders: list[Path], out: Path, reps: int = 2000, seed: int = 0) -> str:
-    """Read the results under `folders`, write report.md, the CSVs and the plots to `out`; return the text."""
-    results = load_results(find_results(folders))
+    """Read the results under `folders`, write report.md, the CSVs and the plots to `out`; return the text.
+    ArtifactError, before any work, when `out` is a file or cannot be made; and when no result can be reported."""
+    check_folder(out, "report folder (--out)")  # made only once there is a report to put in it
+    results, unusable = load_results(find_results(folders))
     kept = [result for result in results if not result.flag]
     stale = [result for result in results if result.flag]
     if not kept:
-        raise ArtifactError(f"every results.json under {', '.join(map(str, folders))} is out of date "
-                            f"(e.g. {stale[0].path}: {stale[0].flag})")
+        example = (stale + unusable)[0]
+        raise ArtifactError(f"no results.json under {', '.join(map(str, folders))} can be reported: each is out of "
+                            f"date or unreadable (e.g. {example.path}: {example.flag})")
     rows = build_rows(kept, reps, seed)
-    text = report_markdown(rows, stale, folders, reps, seed) + "\n".join(["", *video_links(folders, out)])
-    out.mkdir(parents=True, exist_ok=True)
+    text = report_markdown(rows, stale, unusable, folders, reps, seed) + "\n".join(["", *video_links(folders, out)])
+    make_folder(out, "report folder (--out)")
     with atomic_path(out / "report.md") as temporary:
         temporary.write_text(text)
-    write_csvs(out, rows, results)
-    write_plots(out, rows, "runs: " + ", ".join(folder.name for folder in folders), reps, seed)
+    write_csvs(out, rows, results, unusable)
+    written = write_plots(out, rows, "runs: " + ", ".join(folder.name for folder in folders), reps, seed)
+    remove_earlier_plots(out, written)
     return text
+
+
+def remove_earlier_plots(out: Path, written: list[Path]) -> None:
+    """Delete the plots an earlier report into `out` wrote that this one did not (rows that are gone would
+    otherwise stay beside the new plots), then record this report's in `out`/PLOT_LIST. Only names that list
+    holds are deleted, never other files of the folder; an unreadable list deletes nothing."""
+    listed = out / PLOT_LIST
+    try:
+        earlier = read_json(listed, "list of the report's plots") if listed.is_file() else {}
+    except ArtifactError:
+        earlier = {}
+    names = {path.name for path in written}
+    earlier_names = earlier.get("plots", []) if isinstance(earlier, dict) else []
+    for name in earlier_names:
+        # a plain PNG name of this folder: an edited list cannot reach files elsewhere
+        if isinstance(name, str) and name not in names and name == Path(name).name and name.endswith(".png"):
+            (out / name).unlink(missing_ok=True)
+    write_json(listed, {"plots": sorted(names)})
 
 
 def parse_arguments(argv: list[str]) -> argparse.Namespace:

@@ -32,13 +32,48 @@ class ArtifactError(ValueError):
     """A missing, damaged or mismatched artifact; the message names the file."""
 
 
+def folder_problem(path: Path) -> str:
+    """What keeps `path` from being a folder one can write in, in words ("" when nothing does): it is a file,
+    or a file stands where one of the folders above it would be made."""
+    if path.is_dir():
+        return ""
+    if path.exists():
+        return "is a file, not a folder"
+    existing = next((parent for parent in path.parents if parent.exists()), None)
+    if existing is not None and not existing.is_dir():
+        return f"cannot be made: {existing} is a file, not a folder"
+    return ""
+
+
+def check_folder(path: Path, what: str, error_type: type[Exception] = ArtifactError) -> None:
+    """Stop at once, in one line naming `path` and `what` it should be, when `path` is a file or cannot be made
+    a folder (a file above it): found late, the same mkdir fails after the work whose output it is to hold."""
+    problem = folder_problem(path)
+    if problem:
+        raise error_type(f"{path}: {what} {problem}")
+
+
+def make_folder(path: Path, what: str, error_type: type[Exception] = ArtifactError) -> Path:
+    """Make the folder `path` (and those above it) unless it exists, and return it; `error_type` (ArtifactError
+    unless a caller's own) in one line naming `path` and `what` it should be when it is a file, cannot be made
+    or is not writable. Output folders of the commands are made with it before their work starts."""
+    check_folder(path, what, error_type)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # permission denied, read-only file system, a file made meanwhile, ...
+        raise error_type(f"{path}: {what} cannot be made ({error.strerror or type(error).__name__})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise error_type(f"{path}: {what} is not writable")
+    return path
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside `path` for the caller to create; on success fsync it, give it the
     permissions the user's umask gives new files, and rename it over `path`. Writers differ in the mode
     they create files with (safetensors 0.8 writes 0600, owner only), so the mode is set here, for every
     artifact alike."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent, "folder")  # the callers check theirs at start; this names a file made since
     temporary_path = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         yield temporary_path
@@ -130,7 +165,7 @@ def file_hash(path: Path) -> str:
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     """Metrics logs are append-only; a torn last line is tolerated by readers."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent, "folder")
     with open(path, "a") as file:
         file.write(json.dumps(record) + "\n")
 
@@ -156,7 +191,15 @@ class RunDir:
     """Paths of one experiment's artifacts; the only place that knows file names."""
 
     def __init__(self, root: str | Path):
+        """`root` may not exist yet (a stage makes it); a file there, or above it, is refused at once
+        (ArtifactError), before any stage works for hours towards a folder that cannot be made."""
         self.root = Path(root)
+        check_folder(self.root, "run directory")
+
+    def make(self, folder: Path) -> Path:
+        """Make `folder`, one of this run's (e.g. `self.stage1`), before a stage starts the work it will hold;
+        ArtifactError naming it when it is a file or cannot be made."""
+        return make_folder(folder, "folder of the run directory")
 
     # stage 1
     @property

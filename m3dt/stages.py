@@ -303,6 +303,7 @@ def group_tasks(config: Config, method: str) -> Path:
     (stage2/groups_{method}_{G}.json). Raises ConfigError when there are more groups than tasks."""
     run = RunDir(config.resolved_run_dir())
     tasks = stage1_tasks(run, config)
+    run.make(run.stage2)  # before the gradients are computed, not when their groups are written
     if config.group_num > len(tasks):
         raise ConfigError(f"--group_num {config.group_num} is more groups than the {len(tasks)} stage-1 tasks")
     path = run.groups(method, config.group_num)

@@ -37,8 +37,8 @@ from tqdm import tqdm
 from m3dt.config import Config, ConfigError
 from m3dt.data import Batch, DeviceSampler
 from m3dt.model import PromptDecisionTransformer, action_loss
-from m3dt.run import (ArtifactError, append_jsonl, load_checkpoint, remove_stale_temporaries, save_checkpoint,
-                      truncate_jsonl)
+from m3dt.run import (ArtifactError, append_jsonl, load_checkpoint, make_folder, remove_stale_temporaries,
+                      save_checkpoint, truncate_jsonl)
 
 TRAIN_STATE = "train_state.pt"
 METRICS = "metrics.jsonl"
@@ -297,7 +297,9 @@ def train_step(model: Callable[[Batch], torch.Tensor], batch: Batch, groups: int
 
 def train(job: Job, sampler: DeviceSampler, config: Config, distributed: Distributed = Distributed()) -> int:
     """Run (or resume) `job` to `job.steps` steps; return the steps done. Trainable weights are updated in
-    place in `job.model`; the caller writes the artifacts (on rank 0)."""
+    place in `job.model`; the caller writes the artifacts (on rank 0). ArtifactError, before the first step,
+    when the job's folder is a file or cannot be made."""
+    make_folder(job.job_dir, f"folder of {job.name}")  # found at the first save, the steps before it would be lost
     device = sampler.device
     parameters = list(job.trainable.values())
     optimizer = build_optimizer(parameters, config)

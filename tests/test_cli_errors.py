@@ -26,6 +26,7 @@ def bad_inputs(entry: str, tmp: Path) -> dict[str, tuple[list[str], str]]:
     missing_yaml, broken_yaml = tmp / "missing.yaml", tmp / "broken.yaml"  # the test writes broken.yaml
     binary_yaml = tmp / "binary.yaml"  # and binary.yaml, not UTF-8 text, and tasks.json, not a list
     nowhere = tmp / "nowhere"
+    a_file = broken_yaml  # any file: where a folder is asked for, the message says it is a file
     config_file = {"missing config file": (["--config", str(missing_yaml)], f"config file {missing_yaml} does not exist"),
                    "bad config file": (["--config", str(broken_yaml)], f"config file {broken_yaml} is not valid YAML"),
                    "binary config file": (["--config", str(binary_yaml)],
@@ -41,7 +42,12 @@ def bad_inputs(entry: str, tmp: Path) -> dict[str, tuple[list[str], str]]:
     if entry == "m3dt.import_reference":
         return {**stage, "missing checkpoint file": ([*tasks, "--backbone", f"{nowhere}.pt", "--run_dir", str(tmp)],
                                                      f"{nowhere}.pt: the authors' stage-1 Prompt-DT state_dict does not exist")}
-    if entry in STAGE_SCRIPTS or entry == SHELL_SCRIPT:
+    run_dir_a_file = {"run dir is a file": ([*tasks, "--run_dir", str(a_file)],
+                                            f"{a_file}: run directory is a file, not a folder")}
+    if entry in STAGE_SCRIPTS:
+        return {**stage, **run_dir_a_file,
+                "missing run dir": ([*tasks, "--run_dir", str(nowhere)], f"{nowhere}/stage1/backbone")}
+    if entry == SHELL_SCRIPT:
         return {**stage, "missing run dir": ([*tasks, "--run_dir", str(nowhere)], f"{nowhere}/stage1/backbone")}
     if entry == "m3dt.evaluate":
         run = ["--stage", "1", "--run_dir", str(nowhere)]
@@ -49,6 +55,8 @@ def bad_inputs(entry: str, tmp: Path) -> dict[str, tuple[list[str], str]]:
                 "unknown option": (["--stage", "1", "--no_such_option"], "unrecognized arguments: --no_such_option"),
                 "bad option value": ([*run, "--context_actions", "some"], "argument --context_actions: invalid choice"),
                 "missing run dir": (run, f"{nowhere}: run directory does not exist"),
+                "run dir is a file": (["--stage", "1", "--run_dir", str(a_file)],
+                                      f"{a_file}: run directory is a file, not a folder"),
                 # Meta-World's MT1 has 50 goals per task and seed
                 "out-of-range number": ([*run, "--tasks", "basketball-v2", "--episodes", "51"],
                                         "--episodes 51: Meta-World evaluation has 50 goals per task"),
@@ -58,7 +66,10 @@ def bad_inputs(entry: str, tmp: Path) -> dict[str, tuple[list[str], str]]:
                 "negative seed": ([*run, "--seed", "-1"], "--seed must be at least 0, got -1"),
                 "unknown task": ([*run, "--tasks", "reach-v9"], "unknown task 'reach-v9'")}
     if entry == "m3dt.report":
-        return {**config_file, **unknown_option, "missing run dir": ([str(nowhere)], f"{nowhere}: no eval/*/results.json")}
+        return {**config_file, **unknown_option, "missing run dir": ([str(nowhere)], f"{nowhere}: no eval/*/results.json"),
+                "run dir is a file": ([str(a_file)], f"{a_file}: is a file, not a folder (give run roots"),
+                "out is a file": ([str(tmp), "--out", str(a_file)],
+                                  f"{a_file}: report folder (--out) is a file, not a folder")}
     if entry == "m3dt.experiment":
         return {"missing grid file": ([str(missing_yaml)], f"grid file {missing_yaml} does not exist"),
                 "bad grid file": ([str(broken_yaml)], f"grid file {broken_yaml} is not valid YAML"),
@@ -74,7 +85,11 @@ def bad_inputs(entry: str, tmp: Path) -> dict[str, tuple[list[str], str]]:
                                                              f"{nowhere}.json: task list file does not exist"),
                 "bad option value": ([*out, "--tasks", "reach-v2", "--episodes", "many"],
                                      "argument --episodes: invalid int value: 'many'"),
-                "out-of-range number": ([*out, "--tasks", "reach-v2", "--episodes", "2"], "--episodes must be at least 3")}
+                "out-of-range number": ([*out, "--tasks", "reach-v2", "--episodes", "2"], "--episodes must be at least 3"),
+                "out is a file": (["--out", str(a_file), "--tasks", "reach-v2", "--episodes", "3"],
+                                  f"{a_file}: data root (--out) is a file, not a folder"),
+                "expert's out is a file": (["train-expert", "--expert", "ant_dir", "--out", str(a_file)],
+                                           f"{a_file}: data root (--out) is a file, not a folder")}
     if entry == "m3dt.demo":
         return {**config_file, **unknown_option,
                 "bad option value": (["--grouping", "kmeans"], "argument --grouping: invalid choice: 'kmeans'"),
@@ -95,7 +110,8 @@ def bad_inputs(entry: str, tmp: Path) -> dict[str, tuple[list[str], str]]:
                 "no such stage": (["--stages", "4"], "--stages must be comma-separated stages of 1, 2, 3"),
                 "more tasks than MT160": (["--tasks", "200"], "--tasks must be at most 160 (the MT160 list), got 200"),
                 "more groups than tasks": (["--tasks", "4", "--groups", "8"], "--groups 8 is more experts than the 4 tasks"),
-                "bad model size": (["--embed_dim", "30", "--n_head", "8"], "--embed_dim 30 must be a multiple of --n_head 8")}
+                "bad model size": (["--embed_dim", "30", "--n_head", "8"], "--embed_dim 30 must be a multiple of --n_head 8"),
+                "out is a file": (["--out", str(a_file)], f"{a_file}: bench folder (--out) is a file, not a folder")}
     if entry == "m3dt.memory":
         return {"unknown option": (["table", "--no_such_option"], "unrecognized arguments: --no_such_option"),
                 "bad option value": (["check", "--precision", "fp16"], "argument --precision: invalid choice: 'fp16'"),

@@ -159,6 +159,13 @@ def test_report_command_line_errors_are_one_line(tmp_path, capsys):
     assert stop.value.code == 2
     error = capsys.readouterr().err
     assert "no eval/*/results.json" in error and error.count("\n") == 1 and "Traceback" not in error
+    results = write_result(tmp_path / "loco_seed0", "stage1", "Prompt-DT", "prompt-dt", 0, SCORES[0])
+    for argv, message in (([str(results)], f"{results}: is a file, not a folder"),
+                          ([str(tmp_path), "--out", str(results)], f"{results}: report folder (--out) is a file")):
+        with pytest.raises(SystemExit):
+            main(argv)
+        error = capsys.readouterr().err
+        assert message in error and error.count("\n") == 1 and "Traceback" not in error
     with pytest.raises(SystemExit):
         main(["--config", str(tmp_path / "missing.yaml")])
     assert "missing.yaml does not exist" in capsys.readouterr().err
@@ -217,34 +224,73 @@ def test_variants_are_rows_of_their_own_and_a_seed_twice_is_refused(tmp_path, ca
     assert error.count("\n") == 1 and "Traceback" not in error
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda data: data.pop("total"), "KeyError: 'total'"),
-    (lambda data: data.update(tasks=[1, 2]), "not a results.json of m3dt.evaluate"),
-])
-def test_a_broken_results_file_is_one_line(tmp_path, capsys, change, message):
+BROKEN = {  # what a results.json can hold instead of an evaluation's results -> the reason it is left out
+    "truncated JSON": (b'{"method": ', "not valid JSON (Expecting value"),
+    "not UTF-8": (b"\x89PNG\r\n\x1a\n\x00\xff", "not valid JSON: not UTF-8 text (byte 0)"),
+    "a JSON list": (b"[1, 2]", "not a results file of m3dt.evaluate: holds a JSON list, not an object"),
+    "no total": (lambda data: data.pop("total"), "not a results file of m3dt.evaluate: no 'total'"),
+    "tasks a list": (lambda data: data.update(tasks=[1, 2]),
+                     "not a results file of m3dt.evaluate: 'tasks' is not a score per task"),
+    "no protocol field": (lambda data: data["protocol"].pop("full"), "not a results file of m3dt.evaluate: no 'full'"),
+}
+
+
+def break_results(path, defect: str) -> str:
+    """Give the results.json at `path` the BROKEN `defect`; return the reason the report should give."""
+    change, reason = BROKEN[defect]
+    if isinstance(change, bytes):
+        path.write_bytes(change)
+    else:
+        data = json.loads(path.read_text())
+        change(data)
+        path.write_text(json.dumps(data))
+    return reason
+
+
+@pytest.mark.parametrize("defect", BROKEN)
+def test_a_broken_results_file_is_left_out_and_listed(tmp_path, capsys, defect):
+    for seed in range(2):
+        write_result(tmp_path / "runs" / f"loco_seed{seed}", "stage1", "Prompt-DT", "prompt-dt", seed, SCORES[seed])
+    broken = write_result(tmp_path / "runs" / "loco_seed2", "stage1", "Prompt-DT", "prompt-dt", 2, SCORES[2])
+    reason = break_results(broken, defect)
+    main([str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--bootstrap_reps", "20"])
+    assert capsys.readouterr().err == ""
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "| 2 (0, 1) |" in text  # the other two seeds are reported
+    left_out = text.split("## Left out")[1]
+    assert "repair or remove these" in left_out and f"- {broken}: {reason}" in left_out
+    with open(tmp_path / "out" / "results.csv") as file:
+        listed = {row["results"]: row["left_out_because"] for row in csv.DictReader(file)}
+    assert len(listed) == 3 and listed[str(broken)].startswith(reason)
+
+
+@pytest.mark.parametrize("defect", ["truncated JSON", "a JSON list", "no total"])
+def test_no_usable_results_file_is_one_line(tmp_path, capsys, defect):
     path = write_result(tmp_path / "loco_seed0", "stage1", "Prompt-DT", "prompt-dt", 0, SCORES[0])
-    data = json.loads(path.read_text())
-    change(data)
-    path.write_text(json.dumps(data))
+    reason = break_results(path, defect)
     with pytest.raises(SystemExit) as stop:
         main([str(tmp_path), "--out", str(tmp_path / "out")])
     error = capsys.readouterr().err
-    assert stop.value.code == 2 and str(path) in error and message in error
-    assert error.count("\n") == 1 and "Traceback" not in error
+    assert stop.value.code == 2 and f"can be reported: each is out of date or unreadable (e.g. {path}: {reason}" in error
+    assert error.count("\n") == 1 and "Traceback" not in error and not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"\x89PNG\r\n\x1a\n\x00\xff", "results.json is not valid JSON: not UTF-8 text (byte 0)"),
-    (b'{"tasks": ', "results.json is not valid JSON (Expecting value"),
-])
-def test_an_unreadable_results_file_is_one_line(tmp_path, capsys, content, message):
-    path = write_result(tmp_path / "loco_seed0", "stage1", "Prompt-DT", "prompt-dt", 0, SCORES[0])
-    path.write_bytes(content)
-    with pytest.raises(SystemExit) as stop:
-        main([str(tmp_path), "--out", str(tmp_path / "out")])
-    error = capsys.readouterr().err
-    assert stop.value.code == 2 and f"{path}: {message}" in error
-    assert error.count("\n") == 1 and "Traceback" not in error
+def test_a_rerun_removes_its_own_earlier_plots_only(tmp_path):
+    """A rerun into the same --out leaves no plot of a row that is gone; a file of the user's stays."""
+    run = tmp_path / "runs" / "loco_seed0"
+    write_result(run, "stage1", "Prompt-DT", "prompt-dt", 0, SCORES[0])
+    own = write_result(tmp_path / "runs" / "own_seed0", "stage1", "Prompt-DT", "prompt-dt", 0, SCORES[1],
+                       tasks=TASKS[:3])
+    out = tmp_path / "out"
+    build_report([tmp_path / "runs"], out, reps=20)
+    first = {path.name for path in out.glob("*.png")}
+    (out / "families_mine.png").write_bytes(b"the user's own plot")
+    own.unlink()  # its row is gone
+    build_report([tmp_path / "runs"], out, reps=20)
+    second = {path.name for path in out.glob("*.png")}
+    gone = {name for name in first if "_own_" in name}
+    assert len(gone) == 2 and second == first - gone | {"families_mine.png"}
+    assert json.loads((out / "plots.json").read_text())["plots"] == sorted(second - {"families_mine.png"})
 
 
 def test_each_profile_band_resamples_what_its_own_interval_does(tmp_path):
@@ -257,7 +303,7 @@ def test_each_profile_band_resamples_what_its_own_interval_does(tmp_path):
         write_result(run, "stage1", "Prompt-DT", "prompt-dt", seed, scores[::2])  # 2 of 5 above 50
         write_result(run, "stage3_gradient_4", "M3DT", "m3dt", seed, scores, experts=4, grouping="gradient",
                      tasks=resolve_tasks("mt10", None, seed))
-    rows = build_rows(load_results(find_results([tmp_path / "runs"])), reps=50, seed=0)
+    rows = build_rows(load_results(find_results([tmp_path / "runs"]))[0], reps=50, seed=0)
     assert sorted(row.bootstrap for row in rows) == ["seeds within tasks",
                                                      "task positions and seeds (task lists differ by seed)"]
     profiles, bands = profile_curves(rows, np.array([50.0]), reps=200, seed=0)

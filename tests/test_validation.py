@@ -29,8 +29,8 @@ from m3dt.config import (NON_NEGATIVE, NON_NEGATIVE_FLOATS, POSITIVE, POSITIVE_F
 from m3dt.data import DataError, TaskDataset, load_episode
 from m3dt.model import action_loss
 from m3dt.naive import NaiveSampler
-from m3dt.run import (ArtifactError, RunDir, load_checkpoint, load_tensors, save_checkpoint, save_tensors,
-                      write_json, write_manifest)
+from m3dt.run import (ArtifactError, RunDir, load_checkpoint, load_tensors, make_folder, save_checkpoint,
+                      save_tensors, write_json, write_manifest)
 from m3dt.stages import check_experts, group_tasks, read_groups, recorded_config, run_cli, train_backbone
 from m3dt.tasks import TaskError, check_timesteps, resolve_tasks
 from m3dt.train import TrainingError
@@ -565,6 +565,32 @@ def test_non_finite_loss_from_the_data_stops_before_any_artifact(tmp_path, capsy
                                     "written for this window; no checkpoint was written yet")
     assert not (tmp_path / "run" / "stage1" / "backbone.safetensors").exists()
     assert not (tmp_path / "run" / "stage1" / "train_state.pt").exists()
+
+
+@pytest.mark.parametrize("blocked, message", [
+    ("run", "run directory is a file, not a folder"),
+    ("run/stage1", "folder of stage1 is a file, not a folder"),
+], ids=["run directory", "stage folder"])
+def test_a_file_where_a_stage_writes_is_refused_before_training(small_data, tmp_path, capsys, blocked, message):
+    """A user trial's --run_dir naming a file trained every step, then lost them to NotADirectoryError."""
+    (tmp_path / blocked).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / blocked).write_text("a file of the user's\n")
+    err = run_stage1(tiny_run(small_data, tmp_path / "run", ["reach-v2"], "--max_iters", "5"), capsys)
+    assert err.splitlines()[-1] == f"error: {tmp_path / blocked}: {message}"
+    assert (tmp_path / blocked).read_text() == "a file of the user's\n"  # untouched
+
+
+def test_an_output_folder_that_cannot_be_made_is_one_line(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ArtifactError) as raised:
+        make_folder(tmp_path / "file" / "out", "report folder (--out)")
+    assert str(raised.value) == (f"{tmp_path / 'file' / 'out'}: report folder (--out) cannot be made: "
+                                 f"{tmp_path / 'file'} is a file, not a folder")
+    with pytest.raises(ArtifactError, match=f"^{tmp_path / 'file'}: run directory is a file, not a folder$"):
+        RunDir(tmp_path / "file")
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # as a read-only folder for a user other than root
+    with pytest.raises(ArtifactError, match=f"^{tmp_path / 'out'}: report folder \\(--out\\) is not writable$"):
+        make_folder(tmp_path / "out", "report folder (--out)")
 
 
 def loss_with_nan_gradient_from(first_bad_call: int):
