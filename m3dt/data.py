@@ -220,7 +220,8 @@ def check_prompt_length(episode: Episode, length: int, where: Path | str) -> Non
     one step before its end (length + 1 steps)."""
     steps = episode.rewards.shape[0]
     if steps < length + 1:
-        raise DataError(f"{where}: {steps} steps, shorter than the prompt window of {length + 1}")
+        raise DataError(f"{where}: {steps} steps; a prompt trajectory needs {length + 1} (the {length}-step prompt "
+                        "window ends one step before its end)")
 
 
 def prompt_window(episode: Episode, task: Task, length: int, where: Path | str) -> dict[str, np.ndarray]:

@@ -792,7 +792,9 @@ def evaluate(run_dir: str, method: str, grouping: str = "gradient", expert_num: 
     check_episodes(chosen, episodes)
     untrained = [name for name in chosen if name not in trained]
     if untrained:
-        raise ArtifactError(f"{trained_manifest['artifact']}: the model was not trained on {', '.join(untrained[:3])}")
+        shown = ", ".join(untrained[:3]) + (f" and {len(untrained) - 3} more" if len(untrained) > 3 else "")
+        raise ArtifactError(f"{trained_manifest['artifact']}: the model was not trained on {len(untrained)} of the "
+                            f"{len(chosen)} tasks asked for: {shown}")
     protocol = describe_protocol([get_task(name) for name in chosen], episodes, max_steps)
     out_dir = run.root / "eval" / output_label(method, grouping, expert_num, protocol, context_actions, seed,
                                                training_seed, subset_name(chosen, trained, prefix_name, tasks))

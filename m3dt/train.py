@@ -322,8 +322,9 @@ def train(job: Job, sampler: DeviceSampler, config: Config, distributed: Distrib
     if distributed.is_main:
         print(f"[{job.name}] training on {device} ({config.precision}), steps {start}..{job.steps}")
         if job.steps < config.warmup_steps:
+            reached = 100 * job.steps / config.warmup_steps
             print(f"[{job.name}] note: {job.steps} steps end inside the {config.warmup_steps}-step warmup: the "
-                  f"learning rate reaches only {job.steps / config.warmup_steps:.1%} of {config.learning_rate:g}")
+                  f"learning rate reaches only {reached:.2g}% of {config.learning_rate:g}")
 
     precision = Precision(device, config.precision)
     run = start_wandb(config, job) if config.wandb and distributed.is_main else None
@@ -437,6 +438,17 @@ def save_train_state(path: Path, job: Job, optimizer: torch.optim.Optimizer,
     })
 
 
+def identity_change(name: str, saved: Any, now: Any) -> str:
+    """One part of a job's identity that differs from its checkpoint's, in words; for the model, the options
+    that differ, with both values."""
+    label = IDENTITY_NAMES.get(name, name)
+    if name != "model" or not (isinstance(saved, dict) and isinstance(now, dict)):
+        return label
+    options = [f"--{key} {saved.get(key)} -> {now.get(key)}" for key in sorted(set(saved) | set(now))
+               if saved.get(key) != now.get(key)]
+    return f"{label} ({', '.join(options)})"
+
+
 def resume(path: Path, job: Job, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
            sampler: DeviceSampler, distributed: Distributed) -> int:
     """Restore the model, optimiser, schedule and this rank's batch streams from the checkpoint at `path`
@@ -447,7 +459,7 @@ def resume(path: Path, job: Job, optimizer: torch.optim.Optimizer, scheduler: to
     changed = [name for name, value in job.identity.items() if saved.get(name) != value]
     if "data" in changed and "data_statistics" in changed:  # other files have other statistics: say it once
         changed.remove("data_statistics")
-    changed = [IDENTITY_NAMES.get(name, name) for name in changed]
+    changed = [identity_change(name, saved.get(name), job.identity[name]) for name in changed]
     if changed:
         raise ArtifactError(f"{path}: checkpoint was made with another {', '.join(changed)}; "
                             f"rerun with --restart to start over")

@@ -72,7 +72,7 @@ def test_stage1_on_other_data_is_not_finished_and_does_not_resume(datasets, stag
                                          "--warmup_steps", "10", "--device", "auto")))
     out = capsys.readouterr().out
     assert "[stage1] training on cpu (fp32), steps 0..5" in out
-    assert "[stage1] note: 5 steps end inside the 10-step warmup: the learning rate reaches only 50.0% of 0.001" in out
+    assert "[stage1] note: 5 steps end inside the 10-step warmup: the learning rate reaches only 50% of 0.001" in out
     manifest = json.loads((run_dir / "stage1" / "backbone.manifest.json").read_text())
     assert manifest["steps_done"] == 5 and manifest["config"]["data_path"] == str(datasets["more"])
     assert manifest["config"]["device"] == "cpu"  # resolved, not "auto"

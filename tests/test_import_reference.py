@@ -163,6 +163,13 @@ def test_evaluation_and_later_stages_accept_the_import(imported, small_data, cap
     assert "stage 2 experts [0, 1, 2, 3] already finished" in out and "stage 3 already finished" in out
 
 
+def test_evaluating_tasks_the_model_was_not_trained_on_says_how_many(imported):
+    asked = "cheetah-vel-8,push-v2,pick-place-v2,door-open-v2,drawer-close-v2"
+    with pytest.raises(ArtifactError, match=r"moe.safetensors: the model was not trained on 4 of the 5 tasks asked for: "
+                                            r"push-v2, pick-place-v2, door-open-v2 and 1 more$"):
+        evaluate(str(imported), "3", "gradient", EXPERTS, tasks=asked, episodes=1, max_steps=3, workers=0, device="cpu")
+
+
 def test_moe_alone_gives_the_experts_too(reference_files, small_data, tmp_path, source_model):
     files = {name: reference_files[name] for name in ("backbone", "groups", "moe")}
     main(import_argv(files, small_data, tmp_path))

@@ -176,7 +176,7 @@ def test_prompt_shorter_than_the_window(tmp_path, sampler):
     """The project's data path and the bench's reference-style sampler (m3dt/naive.py) refuse it alike."""
     folder = write_task(tmp_path)
     np.savez(folder / "3.npz", **valid_arrays(length=5))  # a prompt trajectory; the window needs P + 1 steps
-    with pytest.raises(DataError, match=r"3\.npz: 5 steps, shorter than the prompt window of 6"):
+    with pytest.raises(DataError, match=r"3\.npz: 5 steps; a prompt trajectory needs 6 \(the 5-step prompt window ends one step before its end\)"):
         if sampler == "device":
             TaskDataset(tmp_path, ["reach-v2"], prompt_length=5)
         else:
@@ -627,6 +627,8 @@ def test_checkpoint_of_another_config_or_truncated_is_not_resumed(small_data, tm
     longer = [*argv, "--max_iters", "10"]
     with pytest.raises(ArtifactError, match="train_state.pt: checkpoint was made with another learning_rate; rerun"):
         train_backbone(parse_config("", [*longer, "--learning_rate", "2e-3"]))
+    with pytest.raises(ArtifactError, match=r"checkpoint was made with another model \(--embed_dim 32 -> 64, --router_hidden "):
+        train_backbone(parse_config("", [*longer, "--embed_dim", "64"]))
     checkpoint = tmp_path / "stage1" / "train_state.pt"
     checkpoint.write_bytes(checkpoint.read_bytes()[:1000])
     with pytest.raises(ArtifactError, match="train_state.pt: training checkpoint is truncated or not ours"):
