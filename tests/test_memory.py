@@ -8,9 +8,8 @@ import torch
 from m3dt import memory
 from m3dt.config import Config
 from m3dt.data import DeviceSampler, TaskDataset
-from m3dt.model import ModelConfig, PromptDecisionTransformer, action_loss
-from m3dt.model import set_up_stage
-from tests.conftest import SMALL_TASKS
+from m3dt.model import ModelConfig, PromptDecisionTransformer, action_loss, set_up_stage
+from tests.conftest import REPO, SMALL_TASKS
 
 TINY = Config(embed_dim=32, n_layer=2, n_head=2, router_hidden="64,32").model_fields()
 
@@ -112,3 +111,10 @@ def test_the_grouping_stage_plans_no_optimizer_state(small_data, tmp_path, monke
     group_tasks(config, "gradient")
     stage1, grouping = plans
     assert stage1.optimizer == 2 * stage1.weights and grouping.optimizer == 0 and grouping.weights == stage1.weights
+
+
+def test_the_readme_table_of_what_fits_where_is_the_planners():
+    """The README's table is `python -m m3dt.memory table`'s output: a change to what the planner counts must
+    come with the table it gives."""
+    readme = (REPO / "README.md").read_text()
+    assert memory.fits_table(Config().model_fields()) in readme
