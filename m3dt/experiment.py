@@ -60,12 +60,15 @@ import torch
 
 from m3dt.baselines import METHODS as BASELINES, method_module
 from m3dt.cli import INTERRUPTED_EXIT_CODE, USER_ERRORS, command, exit_with_message
-from m3dt.config import CHOICES, ArgumentParser, Config, ConfigError, load_yaml, parse_config, read_yaml_mapping
-from m3dt.evaluate import METHODS as EVALUATED_METHODS, method_name
+from m3dt.config import (ArgumentParser, Config, ConfigError, check_values, load_yaml, option_value,
+                         read_yaml_mapping)
+from m3dt.evaluate import METHODS as EVALUATED_METHODS, check_episodes, method_name
+from m3dt.evaluate import check_options as check_evaluation_options
 from m3dt.model import build_model, set_up_stage
 from m3dt.report import checkpoint_of, staleness
 from m3dt.run import RunDir, manifest_path, read_json
 from m3dt.tasks import EPISODES_PER_FAMILY, get_task, resolve_tasks, suite_names, use_task_table
+from m3dt.train import named_device, resolve_device
 
 
 @dataclass(frozen=True)
@@ -137,7 +140,9 @@ def grid_error(path: Path, where: str, message: str) -> ConfigError:
 
 
 def check_options(path: Path, where: str, options: Any) -> dict[str, Any]:
-    """Options of m3dt/config.py, minus those the grid sets itself."""
+    """Options of m3dt/config.py, minus those the grid sets itself, each converted to its type as a stage's
+    --config file's are (option_value), so that a wrong one is one line naming the grid file, the place and the
+    option."""
     if options is None:
         return {}
     if not isinstance(options, dict):
@@ -148,7 +153,31 @@ def check_options(path: Path, where: str, options: Any) -> dict[str, Any]:
             raise grid_error(path, where, f"unknown option '{name}' (see --help of the stage scripts)")
         if name in GRID_CONTROLLED:
             raise grid_error(path, where, f"'{name}' is set by the grid (suites, seeds, experts, groupings)")
-    return dict(options)
+    try:
+        return {name: option_value(name, value) for name, value in options.items()}
+    except ConfigError as error:
+        raise grid_error(path, where, str(error)) from None
+
+
+def check_evaluation(path: Path, evaluation: Any) -> dict[str, Any]:
+    """The grid's m3dt.evaluate options, typed and in range as m3dt.evaluate checks its own flags
+    (check_evaluation_options, named_device), so that a bad one stops the grid when it is read rather than
+    after its training; CUDA itself is looked for only when the jobs run here (main)."""
+    if not isinstance(evaluation, dict):
+        raise grid_error(path, "evaluation", "must be a mapping of m3dt.evaluate options")
+    for name, value in evaluation.items():
+        if name not in EVALUATION_OPTIONS:
+            raise grid_error(path, "evaluation", f"unknown option '{name}' (known: {', '.join(EVALUATION_OPTIONS)})")
+        kind = EVALUATION_OPTIONS[name]
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            raise grid_error(path, "evaluation", f"{name} must be {kind.__name__}, got {value!r}")
+    try:
+        check_evaluation_options(evaluation.get("episodes"), evaluation.get("max_steps"), evaluation.get("workers"),
+                                 evaluation.get("max_rollouts"), None, evaluation.get("context_actions") or "full")
+        named_device(evaluation.get("device") or "auto")
+    except ConfigError as error:
+        raise grid_error(path, "evaluation", str(error)) from None
+    return evaluation
 
 
 def as_list(path: Path, where: str, value: Any, kind: type) -> list:
@@ -175,16 +204,7 @@ def load_grid(path: Path) -> Grid:
             raise grid_error(path, "suites", f"'{suite}' is neither an official suite ({', '.join(suite_names())}) "
                                              "nor defined under task_sets")
     seeds = as_list(path, "seeds", raw.get("seeds", [0]), int)
-    evaluation = raw.get("evaluation") or {}
-    if not isinstance(evaluation, dict):
-        raise grid_error(path, "evaluation", "must be a mapping of m3dt.evaluate options")
-    for name, value in evaluation.items():
-        if name not in EVALUATION_OPTIONS:
-            raise grid_error(path, "evaluation", f"unknown option '{name}' (known: {', '.join(EVALUATION_OPTIONS)})")
-        if value is not None and not isinstance(value, EVALUATION_OPTIONS[name]):
-            raise grid_error(path, "evaluation", f"{name} must be {EVALUATION_OPTIONS[name].__name__}, got {value!r}")
-        if value is not None and value not in CHOICES.get(name, (value,)):
-            raise grid_error(path, "evaluation", f"{name} must be one of {', '.join(CHOICES[name])}, got {value!r}")
+    evaluation = check_evaluation(path, raw.get("evaluation") or {})
     slurm = raw.get("slurm") or {}
     if not isinstance(slurm, dict):
         raise grid_error(path, "slurm", "must be a mapping of submitit parameters")
@@ -323,14 +343,14 @@ def run_options(grid: Grid, entry: Entry, suite: str, seed: int, run_dir: Path,
 
 
 def build_config(grid: Grid, values: dict[str, Any], where: str) -> Config:
-    """The Config of one grid run from its option values, as the command line would parse them; a bad value
-    is reported as an error in the grid file at `where`."""
+    """The Config of one grid run from its option values (of their types since the grid was read), checked as
+    the stage scripts check theirs; a bad value is reported as an error in the grid file at `where`."""
+    config = Config(**values)
     try:
-        return parse_config("grid run", config_flags(values))
+        check_values(config)
     except ConfigError as error:
         raise grid_error(grid.path, where, str(error)) from None
-    except SystemExit:  # argparse rejected a value (its message is already printed)
-        raise grid_error(grid.path, where, "an option has a value of the wrong type") from None
+    return config
 
 
 def plan_jobs(grid: Grid, run_root: Path, overrides: dict[str, Any]) -> list[Job]:
@@ -360,7 +380,11 @@ def plan_jobs(grid: Grid, run_root: Path, overrides: dict[str, Any]) -> list[Job
                 config = build_config(grid, values, where)
                 if config.task_table:  # tasks of one's own: known to this process as to the stages
                     use_task_table(config.task_table)
-                resolve_tasks(config.prefix_name, config.tasks, config.seed)  # a bad task list fails here
+                tasks = resolve_tasks(config.prefix_name, config.tasks, config.seed)  # a bad task list fails here
+                try:  # more episodes than Meta-World has goals would fail only after the training
+                    check_episodes(tasks, grid.evaluation.get("episodes"))
+                except ConfigError as error:
+                    raise grid_error(grid.path, "evaluation", str(error)) from None
                 stage1 = Job("stage1", run_dir, config)
                 common = {"run_dir": run_dir}
                 for experts in entry.experts[suite]:
@@ -864,6 +888,16 @@ class JobFailed(RuntimeError):
     """A job of the grid stopped with an error (its message was printed)."""
 
 
+def check_evaluation_device(grid: Grid, jobs: list[Job]) -> None:
+    """The evaluations left to do run here, after the training: refuse now a device this machine lacks (the
+    name itself was checked when the grid was read; a plan may go to other machines)."""
+    if any(job.kind == "evaluate" and not evaluation_status(job).done for job in jobs):
+        try:
+            resolve_device(grid.evaluation.get("device") or "auto")
+        except ConfigError as error:
+            raise grid_error(grid.path, "evaluation", str(error)) from None
+
+
 def check_conflicts(jobs: list[Job]) -> None:
     """Refuse a grid that would reuse or overwrite files trained with other options (another grid's, say)."""
     conflicts = [status.conflict for job in jobs if job.kind != "evaluate"
@@ -1057,6 +1091,8 @@ def main(argv: list[str] | None = None) -> None:
                       f"from; submitit parameters: {grid.slurm or 'submitit defaults (the grid has no slurm: mapping)'}")
             return
         check_conflicts(jobs)
+        if arguments.launcher == "local":
+            check_evaluation_device(grid, jobs)
         if arguments.launcher == "slurm":  # every training job: a finished stage returns at once
             pending = [job for job in jobs if job.kind != "evaluate" or not evaluation_status(job).done]
             failures = run_submitit(pending, run_root, grid.slurm, arguments.cluster)

@@ -201,6 +201,22 @@ def test_dry_run_of_the_paper_grid_and_its_cost():
     ("runs: [{method: m3dt, experts: [4]}, {method: m3dt, experts: [4], options: {router_steps: 5}}]\n"
      "suites: [mt10]", "runs[1] (m3dt, mt10_seed0): would train"),
     ("runs: [{method: m3dt-end2end, experts: [4, 8]}]\nsuites: [mt10]", "expert_num 8, not 4"),
+    # the evaluation's settings, checked as m3dt.evaluate checks its flags, when the grid is read (not after training)
+    ("runs: [{method: mtdt}]\nsuites: [mt10]\nevaluation: {episodes: -1}", "evaluation: --episodes must be at least 1"),
+    ("runs: [{method: mtdt}]\nsuites: [mt10]\nevaluation: {max_steps: 0}", "--max_steps must be at least 1"),
+    ("runs: [{method: mtdt}]\nsuites: [mt10]\nevaluation: {workers: -1}", "evaluation: --workers must be at least 0"),
+    ("runs: [{method: mtdt}]\nsuites: [mt10]\nevaluation: {max_rollouts: 0}", "--max_rollouts must be at least 1"),
+    ("runs: [{method: mtdt}]\nsuites: [mt10]\nevaluation: {episodes: true}", "episodes must be int, got True"),
+    ("runs: [{method: mtdt}]\nsuites: [mt10]\nevaluation: {context_actions: half}", "--context_actions must be one of"),
+    ("runs: [{method: mtdt}]\nsuites: [mt10]\nevaluation: {device: gpu}", "--device 'gpu' is not a device name"),
+    ("runs: [{method: mtdt}]\nsuites: [mt10]\nevaluation: {episodes: 60}", "evaluation: --episodes 60: Meta-World"),
+    # options of the wrong type: one line naming the option, as a stage's --config file gets (not argparse's two)
+    ("runs: [{method: mtdt, options: {embed_dim: abc}}]\nsuites: [mt10]", "runs[0].options: embed_dim must be int, "
+                                                                          "got 'abc'"),
+    ("runs: [{method: mtdt, options: {embed_dim: true}}]\nsuites: [mt10]", "embed_dim must be int, got True"),
+    ("runs: [{method: mtdt, options: {wandb: 1}}]\nsuites: [mt10]", "runs[0].options: wandb must be bool, got 1"),
+    ("runs: [{method: mtdt, options: {residual: foo}}]\nsuites: [mt10]", "--residual must be one of ln2, standard"),
+    ("options: {learning_rate: fast}\nruns: [{method: mtdt}]\nsuites: [mt10]", "options: learning_rate must be float"),
 ])
 def test_grid_file_errors_are_one_line(tmp_path, capsys, content, message):
     path = tmp_path / "bad.yaml"
@@ -305,3 +321,16 @@ def test_a_grid_of_ones_own_tasks_is_planned(tmp_path):
     jobs = plan_jobs(load_grid(grid), tmp_path / "runs", {})
     assert [job.kind for job in jobs] == ["stage1", "evaluate"]
     assert "| to do |" in dry_run(load_grid(grid), jobs, tmp_path / "runs", load_benches(), show_commands=False)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_an_evaluation_device_this_machine_lacks_stops_the_local_grid_before_training(grid_file, tmp_path, capsys):
+    grid = tmp_path / "cuda.yaml"
+    grid.write_text(grid_file.read_text().replace("device: cpu}", "device: cuda}"))
+    main([str(grid), "--run_root", str(tmp_path / "runs"), "--dry_run"])  # the plan may go to a GPU machine
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        main([str(grid), "--run_root", str(tmp_path / "runs")])
+    error = capsys.readouterr().err
+    assert stop.value.code == 2 and "evaluation: --device cuda: no CUDA device is visible" in error
+    assert error.count("\n") == 1 and not (tmp_path / "runs").exists()
