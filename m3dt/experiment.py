@@ -32,7 +32,8 @@ backbone; the baselines train into its `baselines/` folder. An entry whose `opti
 trains (model size, optimisation, schedule, data) gets a run directory of its own, `..._seed{seed}_{variant}`.
 Files trained with other options are never reused or overwritten: two entries that would train the same files
 two ways are refused when the grid is read, and files another grid trained otherwise stop the grid before it
-starts (`differences`); a lock per job keeps a second process off a job that is running.
+starts (`differences`), as does data its training jobs would not find (`check_data`); a lock per job keeps a
+second process off a job that is running.
 
 Reruns skip what is done and resume what was cut: the stages resume from their checkpoints and say "already
 finished", and an evaluation is skipped when the run holds a results.json of the same method, seed and
@@ -62,6 +63,7 @@ from m3dt.baselines import METHODS as BASELINES, method_module
 from m3dt.cli import INTERRUPTED_EXIT_CODE, USER_ERRORS, command, exit_with_message
 from m3dt.config import (ArgumentParser, Config, ConfigError, check_values, load_yaml, option_value,
                          read_yaml_mapping)
+from m3dt.data import DataError, task_source
 from m3dt.evaluate import METHODS as EVALUATED_METHODS, check_episodes, method_name
 from m3dt.evaluate import check_options as check_evaluation_options
 from m3dt.model import build_model, set_up_stage
@@ -866,6 +868,12 @@ def dry_run(grid: Grid, jobs: list[Job], run_root: Path, benches: list[Bench], s
     if conflicts:
         lines += ["", f"Conflicts: the grid refuses to run until these {len(conflicts)} are resolved:"]
         lines += [f"- {conflict}" for conflict in conflicts]
+    problems = missing_data(jobs)
+    if problems:
+        lines += ["", f"Data: the grid refuses to run until these {len(problems)} problem(s) with the data its "
+                      "training jobs read are fixed (finished stages read it too: they compare it with what they "
+                      "trained on):"]
+        lines += [f"- {problem} ({count} job(s))" for problem, count in problems.items()]
     for bench, by_kind, partial_total in zip(benches, totals, unknown):
         kind = "GPU-hours" if bench.is_gpu else "hours on this CPU bench (no GPU figure)"
         missing = " (some jobs have no figure in it: more)" if partial_total else ""
@@ -886,6 +894,54 @@ def dry_run(grid: Grid, jobs: list[Job], run_root: Path, benches: list[Bench], s
 # ------------------------------------------------------------------------------------------ launchers
 class JobFailed(RuntimeError):
     """A job of the grid stopped with an error (its message was printed)."""
+
+
+def check_run_dirs(jobs: list[Job]) -> None:
+    """Refuse run directories that cannot be made: a path on the way to one (the run root itself, say) is a
+    file, which every job of that run would otherwise meet, with a traceback, when it takes its lock."""
+    for run_dir in dict.fromkeys(job.run_dir for job in jobs):
+        existing = next(path for path in (run_dir, *run_dir.parents) if path.exists())  # "." or "/" at last
+        if not existing.is_dir():
+            raise ConfigError(f"{existing}: not a folder, so the run directory {run_dir} cannot be made "
+                              "(--run_root, or the grid's run_root, names a folder for the run directories)")
+
+
+def reads_data(job: Job) -> bool:
+    """Whether the job reads --data_path when it runs: every training job does, a finished one too (a stage
+    compares the episode files with those it trained on before it says "already finished"), except the random
+    grouping; an evaluation reads the run's own statistics (stage 1's), not the data."""
+    return job.kind != "evaluate" and not (job.kind == "grouping" and job.method == "random")
+
+
+@lru_cache(maxsize=None)
+def data_problem(data_path: str, task: str, max_episodes: int) -> str:
+    """What the stages' own data check (task_source) finds wrong with a task's episodes; "" when nothing."""
+    try:
+        task_source(data_path, get_task(task), max_episodes)
+    except DataError as error:
+        return str(error)
+    return ""
+
+
+def missing_data(jobs: list[Job]) -> dict[str, int]:
+    """Each problem of the data the jobs will read (a data root or task folder that is not there, too few
+    episodes, ...) -> how many of the jobs it stops; empty when the data is all there."""
+    problems: dict[str, int] = defaultdict(int)
+    for job in filter(reads_data, jobs):
+        found = {data_problem(job.config.data_path, task, job.config.max_episodes) for task in planned_tasks(job)}
+        for problem in sorted(found - {""}):
+            problems[problem] += 1
+    return dict(problems)
+
+
+def check_data(jobs: list[Job]) -> None:
+    """Refuse a grid whose jobs would each stop on the same missing data, before the first one starts."""
+    problems = missing_data(jobs)
+    if problems:
+        (first, count), more = next(iter(problems.items())), len(problems) - 1
+        raise DataError(f"{first} (read by {count} of the grid's training jobs, finished ones too: a stage "
+                        "compares the data with what it trained on)"
+                        + (f"; {more} more problem(s) with the data: --dry_run lists them" if more else ""))
 
 
 def check_evaluation_device(grid: Grid, jobs: list[Job]) -> None:
@@ -912,8 +968,13 @@ def job_lock(job: Job) -> Iterator[None]:
     """One process per job at a time (two grids sharing a run root, a resubmitted array): a lock file in the
     run's logs/ folder, released when the process ends however it ends."""
     path = job.run_dir / "logs" / (log_name(job) + ".lock")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as file:
+    try:  # only the lock's own folder and file: the job's errors are its own
+        path.parent.mkdir(parents=True, exist_ok=True)
+        file = open(path, "a")
+    except OSError as error:
+        raise JobFailed(f"{job.describe()} in {job.run_dir}: cannot write its lock {path} "
+                        f"({error.strerror or error})") from None
+    with file:
         try:
             fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -951,7 +1012,7 @@ def run_local(jobs: list[Job], debug: bool) -> int:
     started = time.perf_counter()
     for number, job in enumerate(jobs, 1):
         header = f"== [{number}/{len(jobs)}] {job.run_dir.name}: {job.describe()}"
-        if any(need in failed for need in job.needs):
+        if blocked(job, failed):
             print(f"{header}: skipped, a job it needs failed", flush=True)
             failed.add(job.key)
             continue
@@ -974,6 +1035,11 @@ def run_local(jobs: list[Job], debug: bool) -> int:
     print(f"grid finished in {minutes:.1f} min: {len(jobs) - len(failed)} of {len(jobs)} jobs done"
           + (f", {len(failed)} failed or skipped" if failed else ""), flush=True)
     return len(failed)
+
+
+def blocked(job: Job, failed: set[str]) -> bool:
+    """Whether a job it needs failed (or was skipped): it would stop on the missing input, so it is skipped."""
+    return any(need in failed for need in job.needs)
 
 
 def run_logged(job: Job) -> None:
@@ -1030,20 +1096,27 @@ def run_submitit(jobs: list[Job], run_root: Path, parameters: dict[str, Any], cl
             print(f"submitted {submitted[job.key]} {job.run_dir.name} {job.describe()}"
                   + (f" (after {after.replace(':', ', ')})" if after else ""), flush=True)
         return 0
-    failures = 0
+    failed: set[str] = set()
     for level in levels(jobs):
+        for job in level:  # as run_local: a job whose input failed is not submitted to fail in its turn
+            if blocked(job, failed):
+                print(f"skipped {job.run_dir.name} {job.describe()}: a job it needs failed", flush=True)
+                failed.add(job.key)
+        ready = [job for job in level if job.key not in failed]
+        if not ready:
+            continue
         with executor.batch():
-            handles = [executor.submit(run_logged, job) for job in level]
-        print(f"submitted {len(level)} job(s): " + ", ".join(f"{handle.job_id} {job.run_dir.name} {job.describe()}"
-                                                            for handle, job in zip(handles, level)), flush=True)
-        for handle, job in zip(handles, level):
+            handles = [executor.submit(run_logged, job) for job in ready]
+        print(f"submitted {len(ready)} job(s): " + ", ".join(f"{handle.job_id} {job.run_dir.name} {job.describe()}"
+                                                            for handle, job in zip(handles, ready)), flush=True)
+        for handle, job in zip(handles, ready):
             try:
                 handle.result()
             except Exception:  # noqa: BLE001 - submitit wraps the job's error; its log has the details
-                failures += 1
+                failed.add(job.key)
                 print(f"error: {job.describe()} in {job.run_dir} failed; see {job.run_dir}/logs/",
                       file=sys.stderr, flush=True)
-    return failures
+    return len(failed)
 
 
 # ------------------------------------------------------------------------------------------ CLI
@@ -1082,6 +1155,7 @@ def main(argv: list[str] | None = None) -> None:
         run_root = arguments.run_root or grid.run_root or Path("runs") / arguments.grid.stem
         overrides = {"data_path": arguments.data_path} if arguments.data_path else {}
         jobs = shard_jobs(plan_jobs(grid, run_root, overrides), arguments.shard)
+        check_run_dirs(jobs)
         if arguments.dry_run:
             print(dry_run(grid, jobs, run_root, load_benches(arguments.bench_dir), arguments.show_commands))
             if arguments.launcher == "slurm":
@@ -1091,6 +1165,7 @@ def main(argv: list[str] | None = None) -> None:
                       f"from; submitit parameters: {grid.slurm or 'submitit defaults (the grid has no slurm: mapping)'}")
             return
         check_conflicts(jobs)
+        check_data(jobs)
         if arguments.launcher == "local":
             check_evaluation_device(grid, jobs)
         if arguments.launcher == "slurm":  # every training job: a finished stage returns at once
