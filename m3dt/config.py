@@ -232,16 +232,25 @@ def load_yaml(path: str) -> dict[str, Any]:
     ConfigError naming the file for unknown options and values of the wrong type."""
     file = Path(path)
     values = read_yaml_mapping(file, "config file")
-    field_types = {config_field.name: str(config_field.type) for config_field in dataclasses.fields(Config)}
-    unknown = sorted(set(values) - set(field_types))
+    unknown = sorted(set(values) - set(field_types()))
     if unknown:
         raise ConfigError(f"config file {file}: unknown option(s) {', '.join(unknown)}")
-    return {name: yaml_value(file, name, value, field_types[name]) for name, value in values.items()}
+    try:
+        return {name: option_value(name, value) for name, value in values.items()}
+    except ConfigError as error:
+        raise ConfigError(f"config file {file}: {error}") from None
 
 
-def yaml_value(file: Path, name: str, value: Any, field_type: str) -> Any:
-    """A YAML value converted to its option's type as the flag's text would be, so that `1e-4` (a string to
-    YAML 1.1) is a float; a value that does not convert is an error here rather than deep inside a stage."""
+def field_types() -> dict[str, str]:
+    """Each option's type as written in Config ("int", "str | None", ...)."""
+    return {config_field.name: str(config_field.type) for config_field in dataclasses.fields(Config)}
+
+
+def option_value(name: str, value: Any) -> Any:
+    """A YAML value of option `name` converted to its type as the flag's text would be, so that `1e-4` (a
+    string to YAML 1.1) is a float; a value that does not convert is a ConfigError "{name} must be {type},
+    got {value}" here (the caller names the file) rather than an error deep inside a stage."""
+    field_type = field_types()[name]
     if value is None and "None" in field_type:
         return None
     option_type = _option_type(field_type)
@@ -252,7 +261,7 @@ def yaml_value(file: Path, name: str, value: Any, field_type: str) -> Any:
             return option_type(str(value))
         except ValueError:
             pass
-    raise ConfigError(f"config file {file}: {name} must be {field_type}, got {value!r}")
+    raise ConfigError(f"{name} must be {field_type}, got {value!r}")
 
 
 def parse_config(description: str, argv: list[str] | None = None) -> Config:

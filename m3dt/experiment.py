@@ -32,7 +32,8 @@ backbone; the baselines train into its `baselines/` folder. An entry whose `opti
 trains (model size, optimisation, schedule, data) gets a run directory of its own, `..._seed{seed}_{variant}`.
 Files trained with other options are never reused or overwritten: two entries that would train the same files
 two ways are refused when the grid is read, and files another grid trained otherwise stop the grid before it
-starts (`differences`); a lock per job keeps a second process off a job that is running.
+starts (`differences`), as does data its training jobs would not find (`check_data`); a lock per job keeps a
+second process off a job that is running.
 
 Reruns skip what is done and resume what was cut: the stages resume from their checkpoints and say "already
 finished", and an evaluation is skipped when the run holds a results.json of the same method, seed and
@@ -60,12 +61,16 @@ import torch
 
 from m3dt.baselines import METHODS as BASELINES, method_module
 from m3dt.cli import INTERRUPTED_EXIT_CODE, USER_ERRORS, command, exit_with_message
-from m3dt.config import CHOICES, ArgumentParser, Config, ConfigError, load_yaml, parse_config, read_yaml_mapping
-from m3dt.evaluate import METHODS as EVALUATED_METHODS, method_name
+from m3dt.config import (ArgumentParser, Config, ConfigError, check_values, load_yaml, option_value,
+                         read_yaml_mapping)
+from m3dt.data import DataError, task_source
+from m3dt.evaluate import METHODS as EVALUATED_METHODS, check_episodes, method_name
+from m3dt.evaluate import check_options as check_evaluation_options
 from m3dt.model import build_model, set_up_stage
 from m3dt.report import checkpoint_of, staleness
 from m3dt.run import RunDir, manifest_path, read_json
 from m3dt.tasks import EPISODES_PER_FAMILY, get_task, resolve_tasks, suite_names, use_task_table
+from m3dt.train import named_device, resolve_device
 
 
 @dataclass(frozen=True)
@@ -137,7 +142,9 @@ def grid_error(path: Path, where: str, message: str) -> ConfigError:
 
 
 def check_options(path: Path, where: str, options: Any) -> dict[str, Any]:
-    """Options of m3dt/config.py, minus those the grid sets itself."""
+    """Options of m3dt/config.py, minus those the grid sets itself, each converted to its type as a stage's
+    --config file's are (option_value), so that a wrong one is one line naming the grid file, the place and the
+    option."""
     if options is None:
         return {}
     if not isinstance(options, dict):
@@ -148,7 +155,31 @@ def check_options(path: Path, where: str, options: Any) -> dict[str, Any]:
             raise grid_error(path, where, f"unknown option '{name}' (see --help of the stage scripts)")
         if name in GRID_CONTROLLED:
             raise grid_error(path, where, f"'{name}' is set by the grid (suites, seeds, experts, groupings)")
-    return dict(options)
+    try:
+        return {name: option_value(name, value) for name, value in options.items()}
+    except ConfigError as error:
+        raise grid_error(path, where, str(error)) from None
+
+
+def check_evaluation(path: Path, evaluation: Any) -> dict[str, Any]:
+    """The grid's m3dt.evaluate options, typed and in range as m3dt.evaluate checks its own flags
+    (check_evaluation_options, named_device), so that a bad one stops the grid when it is read rather than
+    after its training; CUDA itself is looked for only when the jobs run here (main)."""
+    if not isinstance(evaluation, dict):
+        raise grid_error(path, "evaluation", "must be a mapping of m3dt.evaluate options")
+    for name, value in evaluation.items():
+        if name not in EVALUATION_OPTIONS:
+            raise grid_error(path, "evaluation", f"unknown option '{name}' (known: {', '.join(EVALUATION_OPTIONS)})")
+        kind = EVALUATION_OPTIONS[name]
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            raise grid_error(path, "evaluation", f"{name} must be {kind.__name__}, got {value!r}")
+    try:
+        check_evaluation_options(evaluation.get("episodes"), evaluation.get("max_steps"), evaluation.get("workers"),
+                                 evaluation.get("max_rollouts"), None, evaluation.get("context_actions") or "full")
+        named_device(evaluation.get("device") or "auto")
+    except ConfigError as error:
+        raise grid_error(path, "evaluation", str(error)) from None
+    return evaluation
 
 
 def as_list(path: Path, where: str, value: Any, kind: type) -> list:
@@ -175,16 +206,7 @@ def load_grid(path: Path) -> Grid:
             raise grid_error(path, "suites", f"'{suite}' is neither an official suite ({', '.join(suite_names())}) "
                                              "nor defined under task_sets")
     seeds = as_list(path, "seeds", raw.get("seeds", [0]), int)
-    evaluation = raw.get("evaluation") or {}
-    if not isinstance(evaluation, dict):
-        raise grid_error(path, "evaluation", "must be a mapping of m3dt.evaluate options")
-    for name, value in evaluation.items():
-        if name not in EVALUATION_OPTIONS:
-            raise grid_error(path, "evaluation", f"unknown option '{name}' (known: {', '.join(EVALUATION_OPTIONS)})")
-        if value is not None and not isinstance(value, EVALUATION_OPTIONS[name]):
-            raise grid_error(path, "evaluation", f"{name} must be {EVALUATION_OPTIONS[name].__name__}, got {value!r}")
-        if value is not None and value not in CHOICES.get(name, (value,)):
-            raise grid_error(path, "evaluation", f"{name} must be one of {', '.join(CHOICES[name])}, got {value!r}")
+    evaluation = check_evaluation(path, raw.get("evaluation") or {})
     slurm = raw.get("slurm") or {}
     if not isinstance(slurm, dict):
         raise grid_error(path, "slurm", "must be a mapping of submitit parameters")
@@ -323,14 +345,14 @@ def run_options(grid: Grid, entry: Entry, suite: str, seed: int, run_dir: Path,
 
 
 def build_config(grid: Grid, values: dict[str, Any], where: str) -> Config:
-    """The Config of one grid run from its option values, as the command line would parse them; a bad value
-    is reported as an error in the grid file at `where`."""
+    """The Config of one grid run from its option values (of their types since the grid was read), checked as
+    the stage scripts check theirs; a bad value is reported as an error in the grid file at `where`."""
+    config = Config(**values)
     try:
-        return parse_config("grid run", config_flags(values))
+        check_values(config)
     except ConfigError as error:
         raise grid_error(grid.path, where, str(error)) from None
-    except SystemExit:  # argparse rejected a value (its message is already printed)
-        raise grid_error(grid.path, where, "an option has a value of the wrong type") from None
+    return config
 
 
 def plan_jobs(grid: Grid, run_root: Path, overrides: dict[str, Any]) -> list[Job]:
@@ -360,7 +382,11 @@ def plan_jobs(grid: Grid, run_root: Path, overrides: dict[str, Any]) -> list[Job
                 config = build_config(grid, values, where)
                 if config.task_table:  # tasks of one's own: known to this process as to the stages
                     use_task_table(config.task_table)
-                resolve_tasks(config.prefix_name, config.tasks, config.seed)  # a bad task list fails here
+                tasks = resolve_tasks(config.prefix_name, config.tasks, config.seed)  # a bad task list fails here
+                try:  # more episodes than Meta-World has goals would fail only after the training
+                    check_episodes(tasks, grid.evaluation.get("episodes"))
+                except ConfigError as error:
+                    raise grid_error(grid.path, "evaluation", str(error)) from None
                 stage1 = Job("stage1", run_dir, config)
                 common = {"run_dir": run_dir}
                 for experts in entry.experts[suite]:
@@ -842,6 +868,12 @@ def dry_run(grid: Grid, jobs: list[Job], run_root: Path, benches: list[Bench], s
     if conflicts:
         lines += ["", f"Conflicts: the grid refuses to run until these {len(conflicts)} are resolved:"]
         lines += [f"- {conflict}" for conflict in conflicts]
+    problems = missing_data(jobs)
+    if problems:
+        lines += ["", f"Data: the grid refuses to run until these {len(problems)} problem(s) with the data its "
+                      "training jobs read are fixed (finished stages read it too: they compare it with what they "
+                      "trained on):"]
+        lines += [f"- {problem} ({count} job(s))" for problem, count in problems.items()]
     for bench, by_kind, partial_total in zip(benches, totals, unknown):
         kind = "GPU-hours" if bench.is_gpu else "hours on this CPU bench (no GPU figure)"
         missing = " (some jobs have no figure in it: more)" if partial_total else ""
@@ -864,6 +896,64 @@ class JobFailed(RuntimeError):
     """A job of the grid stopped with an error (its message was printed)."""
 
 
+def check_run_dirs(jobs: list[Job]) -> None:
+    """Refuse run directories that cannot be made: a path on the way to one (the run root itself, say) is a
+    file, which every job of that run would otherwise meet, with a traceback, when it takes its lock."""
+    for run_dir in dict.fromkeys(job.run_dir for job in jobs):
+        existing = next(path for path in (run_dir, *run_dir.parents) if path.exists())  # "." or "/" at last
+        if not existing.is_dir():
+            raise ConfigError(f"{existing}: not a folder, so the run directory {run_dir} cannot be made "
+                              "(--run_root, or the grid's run_root, names a folder for the run directories)")
+
+
+def reads_data(job: Job) -> bool:
+    """Whether the job reads --data_path when it runs: every training job does, a finished one too (a stage
+    compares the episode files with those it trained on before it says "already finished"), except the random
+    grouping; an evaluation reads the run's own statistics (stage 1's), not the data."""
+    return job.kind != "evaluate" and not (job.kind == "grouping" and job.method == "random")
+
+
+@lru_cache(maxsize=None)
+def data_problem(data_path: str, task: str, max_episodes: int) -> str:
+    """What the stages' own data check (task_source) finds wrong with a task's episodes; "" when nothing."""
+    try:
+        task_source(data_path, get_task(task), max_episodes)
+    except DataError as error:
+        return str(error)
+    return ""
+
+
+def missing_data(jobs: list[Job]) -> dict[str, int]:
+    """Each problem of the data the jobs will read (a data root or task folder that is not there, too few
+    episodes, ...) -> how many of the jobs it stops; empty when the data is all there."""
+    problems: dict[str, int] = defaultdict(int)
+    for job in filter(reads_data, jobs):
+        found = {data_problem(job.config.data_path, task, job.config.max_episodes) for task in planned_tasks(job)}
+        for problem in sorted(found - {""}):
+            problems[problem] += 1
+    return dict(problems)
+
+
+def check_data(jobs: list[Job]) -> None:
+    """Refuse a grid whose jobs would each stop on the same missing data, before the first one starts."""
+    problems = missing_data(jobs)
+    if problems:
+        (first, count), more = next(iter(problems.items())), len(problems) - 1
+        raise DataError(f"{first} (read by {count} of the grid's training jobs, finished ones too: a stage "
+                        "compares the data with what it trained on)"
+                        + (f"; {more} more problem(s) with the data: --dry_run lists them" if more else ""))
+
+
+def check_evaluation_device(grid: Grid, jobs: list[Job]) -> None:
+    """The evaluations left to do run here, after the training: refuse now a device this machine lacks (the
+    name itself was checked when the grid was read; a plan may go to other machines)."""
+    if any(job.kind == "evaluate" and not evaluation_status(job).done for job in jobs):
+        try:
+            resolve_device(grid.evaluation.get("device") or "auto")
+        except ConfigError as error:
+            raise grid_error(grid.path, "evaluation", str(error)) from None
+
+
 def check_conflicts(jobs: list[Job]) -> None:
     """Refuse a grid that would reuse or overwrite files trained with other options (another grid's, say)."""
     conflicts = [status.conflict for job in jobs if job.kind != "evaluate"
@@ -878,8 +968,13 @@ def job_lock(job: Job) -> Iterator[None]:
     """One process per job at a time (two grids sharing a run root, a resubmitted array): a lock file in the
     run's logs/ folder, released when the process ends however it ends."""
     path = job.run_dir / "logs" / (log_name(job) + ".lock")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as file:
+    try:  # only the lock's own folder and file: the job's errors are its own
+        path.parent.mkdir(parents=True, exist_ok=True)
+        file = open(path, "a")
+    except OSError as error:
+        raise JobFailed(f"{job.describe()} in {job.run_dir}: cannot write its lock {path} "
+                        f"({error.strerror or error})") from None
+    with file:
         try:
             fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -917,7 +1012,7 @@ def run_local(jobs: list[Job], debug: bool) -> int:
     started = time.perf_counter()
     for number, job in enumerate(jobs, 1):
         header = f"== [{number}/{len(jobs)}] {job.run_dir.name}: {job.describe()}"
-        if any(need in failed for need in job.needs):
+        if blocked(job, failed):
             print(f"{header}: skipped, a job it needs failed", flush=True)
             failed.add(job.key)
             continue
@@ -940,6 +1035,11 @@ def run_local(jobs: list[Job], debug: bool) -> int:
     print(f"grid finished in {minutes:.1f} min: {len(jobs) - len(failed)} of {len(jobs)} jobs done"
           + (f", {len(failed)} failed or skipped" if failed else ""), flush=True)
     return len(failed)
+
+
+def blocked(job: Job, failed: set[str]) -> bool:
+    """Whether a job it needs failed (or was skipped): it would stop on the missing input, so it is skipped."""
+    return any(need in failed for need in job.needs)
 
 
 def run_logged(job: Job) -> None:
@@ -996,20 +1096,27 @@ def run_submitit(jobs: list[Job], run_root: Path, parameters: dict[str, Any], cl
             print(f"submitted {submitted[job.key]} {job.run_dir.name} {job.describe()}"
                   + (f" (after {after.replace(':', ', ')})" if after else ""), flush=True)
         return 0
-    failures = 0
+    failed: set[str] = set()
     for level in levels(jobs):
+        for job in level:  # as run_local: a job whose input failed is not submitted to fail in its turn
+            if blocked(job, failed):
+                print(f"skipped {job.run_dir.name} {job.describe()}: a job it needs failed", flush=True)
+                failed.add(job.key)
+        ready = [job for job in level if job.key not in failed]
+        if not ready:
+            continue
         with executor.batch():
-            handles = [executor.submit(run_logged, job) for job in level]
-        print(f"submitted {len(level)} job(s): " + ", ".join(f"{handle.job_id} {job.run_dir.name} {job.describe()}"
-                                                            for handle, job in zip(handles, level)), flush=True)
-        for handle, job in zip(handles, level):
+            handles = [executor.submit(run_logged, job) for job in ready]
+        print(f"submitted {len(ready)} job(s): " + ", ".join(f"{handle.job_id} {job.run_dir.name} {job.describe()}"
+                                                            for handle, job in zip(handles, ready)), flush=True)
+        for handle, job in zip(handles, ready):
             try:
                 handle.result()
             except Exception:  # noqa: BLE001 - submitit wraps the job's error; its log has the details
-                failures += 1
+                failed.add(job.key)
                 print(f"error: {job.describe()} in {job.run_dir} failed; see {job.run_dir}/logs/",
                       file=sys.stderr, flush=True)
-    return failures
+    return len(failed)
 
 
 # ------------------------------------------------------------------------------------------ CLI
@@ -1048,6 +1155,7 @@ def main(argv: list[str] | None = None) -> None:
         run_root = arguments.run_root or grid.run_root or Path("runs") / arguments.grid.stem
         overrides = {"data_path": arguments.data_path} if arguments.data_path else {}
         jobs = shard_jobs(plan_jobs(grid, run_root, overrides), arguments.shard)
+        check_run_dirs(jobs)
         if arguments.dry_run:
             print(dry_run(grid, jobs, run_root, load_benches(arguments.bench_dir), arguments.show_commands))
             if arguments.launcher == "slurm":
@@ -1057,6 +1165,9 @@ def main(argv: list[str] | None = None) -> None:
                       f"from; submitit parameters: {grid.slurm or 'submitit defaults (the grid has no slurm: mapping)'}")
             return
         check_conflicts(jobs)
+        check_data(jobs)
+        if arguments.launcher == "local":
+            check_evaluation_device(grid, jobs)
         if arguments.launcher == "slurm":  # every training job: a finished stage returns at once
             pending = [job for job in jobs if job.kind != "evaluate" or not evaluation_status(job).done]
             failures = run_submitit(pending, run_root, grid.slurm, arguments.cluster)

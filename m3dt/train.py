@@ -476,15 +476,21 @@ def resume(path: Path, job: Job, optimizer: torch.optim.Optimizer, scheduler: to
     return int(state["step"])
 
 
-def resolve_device(name: str) -> torch.device:
-    """The torch device of `--device` ("auto": CUDA when visible, else the CPU). Raises ConfigError for a
-    name torch does not know or a CUDA device that is not there."""
+def named_device(name: str) -> torch.device:
+    """The torch device `--device` names ("auto": CUDA when visible, else the CPU), whether or not this
+    machine has it (a plan made here may run elsewhere). Raises ConfigError for a name torch does not know."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(name)
+        return torch.device(name)
     except RuntimeError:
         raise ConfigError(f"--device {name!r} is not a device name (auto, cpu, cuda, cuda:1, ...)") from None
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device of `--device` (named_device), checked to be on this machine. Raises ConfigError for a
+    name torch does not know or a CUDA device that is not there."""
+    device = named_device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {name}: no CUDA device is visible (use --device cpu or auto)")
     return device

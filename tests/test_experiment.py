@@ -2,6 +2,7 @@
 skipped when rerun, resumed after SIGKILL to the same weights; the SLURM launcher through submitit's local
 executor; the plan and its cost; grid files with errors."""
 
+import contextlib
 import hashlib
 import json
 import os
@@ -15,8 +16,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from m3dt.experiment import (dry_run, estimate_hours, job_status, levels, load_benches, load_grid, main, plan_jobs,
-                             planned_steps, shard_jobs)
+from m3dt.experiment import (JobFailed, dry_run, estimate_hours, execute, job_status, levels, load_benches, load_grid,
+                             main, plan_jobs, planned_steps, run_submitit, shard_jobs)
 from m3dt.report import build_report
 from m3dt.synthetic import make_dataset
 from tests.conftest import REPO
@@ -201,6 +202,22 @@ def test_dry_run_of_the_paper_grid_and_its_cost():
     ("runs: [{method: m3dt, experts: [4]}, {method: m3dt, experts: [4], options: {router_steps: 5}}]\n"
      "suites: [mt10]", "runs[1] (m3dt, mt10_seed0): would train"),
     ("runs: [{method: m3dt-end2end, experts: [4, 8]}]\nsuites: [mt10]", "expert_num 8, not 4"),
+    # the evaluation's settings, checked as m3dt.evaluate checks its flags, when the grid is read (not after training)
+    ("runs: [{method: mtdt}]\nsuites: [mt10]\nevaluation: {episodes: -1}", "evaluation: --episodes must be at least 1"),
+    ("runs: [{method: mtdt}]\nsuites: [mt10]\nevaluation: {max_steps: 0}", "--max_steps must be at least 1"),
+    ("runs: [{method: mtdt}]\nsuites: [mt10]\nevaluation: {workers: -1}", "evaluation: --workers must be at least 0"),
+    ("runs: [{method: mtdt}]\nsuites: [mt10]\nevaluation: {max_rollouts: 0}", "--max_rollouts must be at least 1"),
+    ("runs: [{method: mtdt}]\nsuites: [mt10]\nevaluation: {episodes: true}", "episodes must be int, got True"),
+    ("runs: [{method: mtdt}]\nsuites: [mt10]\nevaluation: {context_actions: half}", "--context_actions must be one of"),
+    ("runs: [{method: mtdt}]\nsuites: [mt10]\nevaluation: {device: gpu}", "--device 'gpu' is not a device name"),
+    ("runs: [{method: mtdt}]\nsuites: [mt10]\nevaluation: {episodes: 60}", "evaluation: --episodes 60: Meta-World"),
+    # options of the wrong type: one line naming the option, as a stage's --config file gets (not argparse's two)
+    ("runs: [{method: mtdt, options: {embed_dim: abc}}]\nsuites: [mt10]", "runs[0].options: embed_dim must be int, "
+                                                                          "got 'abc'"),
+    ("runs: [{method: mtdt, options: {embed_dim: true}}]\nsuites: [mt10]", "embed_dim must be int, got True"),
+    ("runs: [{method: mtdt, options: {wandb: 1}}]\nsuites: [mt10]", "runs[0].options: wandb must be bool, got 1"),
+    ("runs: [{method: mtdt, options: {residual: foo}}]\nsuites: [mt10]", "--residual must be one of ln2, standard"),
+    ("options: {learning_rate: fast}\nruns: [{method: mtdt}]\nsuites: [mt10]", "options: learning_rate must be float"),
 ])
 def test_grid_file_errors_are_one_line(tmp_path, capsys, content, message):
     path = tmp_path / "bad.yaml"
@@ -305,3 +322,90 @@ def test_a_grid_of_ones_own_tasks_is_planned(tmp_path):
     jobs = plan_jobs(load_grid(grid), tmp_path / "runs", {})
     assert [job.kind for job in jobs] == ["stage1", "evaluate"]
     assert "| to do |" in dry_run(load_grid(grid), jobs, tmp_path / "runs", load_benches(), show_commands=False)
+
+
+@pytest.mark.parametrize("mode", [[], ["--dry_run"]])
+def test_a_run_root_that_is_a_file_is_one_line_before_anything_runs(grid_file, tmp_path, capsys, mode):
+    blocker = tmp_path / "F"
+    blocker.write_text("")
+    for run_root in (blocker, blocker / "sub"):
+        with pytest.raises(SystemExit) as stop:
+            main([str(grid_file), "--run_root", str(run_root), *mode])
+        captured = capsys.readouterr()
+        assert stop.value.code == 2 and f"{blocker}: not a folder" in captured.err and "==" not in captured.out
+        assert captured.err.count("\n") == 1 and "Traceback" not in captured.err
+
+
+def test_a_lock_that_cannot_be_written_fails_its_job_in_one_line(grid_file, tmp_path):
+    job = plan_jobs(load_grid(grid_file), tmp_path / "runs", {})[0]
+    job.run_dir.mkdir(parents=True)
+    (job.run_dir / "logs").write_text("")  # a file where the logs folder goes
+    with pytest.raises(JobFailed, match="cannot write its lock"):
+        execute(job)
+
+
+def test_missing_data_is_one_line_before_any_job_and_listed_by_the_dry_run(grid_file, tmp_path, capsys):
+    """Every training job reads --data_path (a finished stage too: it compares the data with what it trained
+    on), so a grid without its data stops before the first job rather than failing each one in turn."""
+    run_root, missing, empty = tmp_path / "runs", tmp_path / "no_data", tmp_path / "empty"
+    with pytest.raises(SystemExit) as stop:
+        main([str(grid_file), "--run_root", str(run_root), "--data_path", str(missing)])
+    error = capsys.readouterr().err
+    assert stop.value.code == 2 and f"{missing}: data root does not exist" in error
+    assert "read by 8 of the grid's training jobs" in error  # per seed: stage 1, grouping, experts, routers
+    assert error.count("\n") == 1 and not run_root.exists()
+    main([str(grid_file), "--run_root", str(run_root), "--data_path", str(missing), "--dry_run"])
+    assert f"- {missing}: data root does not exist (download MT160 or run python -m m3dt.collect) (8 job(s))" \
+        in capsys.readouterr().out
+    empty.mkdir()  # a data root without the grid's task folders: each named by the stages' own check
+    with pytest.raises(SystemExit):
+        main([str(grid_file), "--run_root", str(run_root), "--data_path", str(empty)])
+    error = capsys.readouterr().err
+    assert "task folder does not exist" in error and "2 more problem(s) with the data" in error
+    assert error.count("\n") == 1 and not run_root.exists()
+
+
+def test_a_failed_job_skips_the_jobs_that_need_it_on_submitits_executors(grid_file, monkeypatch, tmp_path, capsys):
+    """submitit's local executor runs a level at a time: the jobs that need a failed one are skipped with a
+    line each, not submitted to fail on its missing output."""
+    import submitit
+
+    submitted = []
+
+    class FailingStage1Executor:
+        def __init__(self, folder, cluster):
+            pass
+
+        def update_parameters(self, **parameters):
+            pass
+
+        def batch(self):
+            return contextlib.nullcontext()
+
+        def submit(self, function, job):
+            submitted.append(job.kind)
+
+            def result():
+                if job.kind == "stage1":
+                    raise RuntimeError("stage 1 failed")
+
+            return SimpleNamespace(job_id=str(len(submitted)), result=result)
+
+    monkeypatch.setattr(submitit, "AutoExecutor", FailingStage1Executor)
+    jobs = plan_jobs(load_grid(grid_file), tmp_path / "runs", {})
+    assert run_submitit(jobs, tmp_path / "runs", {}, "local") == len(jobs)
+    assert submitted == ["stage1", "stage1"]
+    assert capsys.readouterr().out.count("a job it needs failed") == len(jobs) - 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_an_evaluation_device_this_machine_lacks_stops_the_local_grid_before_training(grid_file, tmp_path, capsys):
+    grid = tmp_path / "cuda.yaml"
+    grid.write_text(grid_file.read_text().replace("device: cpu}", "device: cuda}"))
+    main([str(grid), "--run_root", str(tmp_path / "runs"), "--dry_run"])  # the plan may go to a GPU machine
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        main([str(grid), "--run_root", str(tmp_path / "runs")])
+    error = capsys.readouterr().err
+    assert stop.value.code == 2 and "evaluation: --device cuda: no CUDA device is visible" in error
+    assert error.count("\n") == 1 and not (tmp_path / "runs").exists()
