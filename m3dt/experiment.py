@@ -934,14 +934,19 @@ def missing_data(jobs: list[Job]) -> dict[str, int]:
     return dict(problems)
 
 
-def check_data(jobs: list[Job]) -> None:
-    """Refuse a grid whose jobs would each stop on the same missing data, before the first one starts."""
+def check_data(jobs: list[Job], here: bool) -> None:
+    """Refuse a grid whose jobs would each stop on the same missing data, before the first one starts; when the
+    jobs run elsewhere (`here` False: SLURM's nodes may mount other file systems), say it in one warning line."""
     problems = missing_data(jobs)
     if problems:
         (first, count), more = next(iter(problems.items())), len(problems) - 1
-        raise DataError(f"{first} (read by {count} of the grid's training jobs, finished ones too: a stage "
-                        "compares the data with what it trained on)"
-                        + (f"; {more} more problem(s) with the data: --dry_run lists them" if more else ""))
+        message = (f"{first} (read by {count} of the grid's training jobs, finished ones too: a stage compares the "
+                   "data with what it trained on)"
+                   + (f"; {more} more problem(s) with the data: --dry_run lists them" if more else ""))
+        if here:
+            raise DataError(message)
+        print(f"warning: on this machine, {message}; submitting anyway, as the cluster's nodes may see other files",
+              flush=True)
 
 
 def check_evaluation_device(grid: Grid, jobs: list[Job]) -> None:
@@ -1165,7 +1170,7 @@ def main(argv: list[str] | None = None) -> None:
                       f"from; submitit parameters: {grid.slurm or 'submitit defaults (the grid has no slurm: mapping)'}")
             return
         check_conflicts(jobs)
-        check_data(jobs)
+        check_data(jobs, here=arguments.launcher == "local" or arguments.cluster in ("local", "debug"))
         if arguments.launcher == "local":
             check_evaluation_device(grid, jobs)
         if arguments.launcher == "slurm":  # every training job: a finished stage returns at once

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from m3dt import experiment
 from m3dt.experiment import (JobFailed, dry_run, estimate_hours, execute, job_status, levels, load_benches, load_grid,
                              main, plan_jobs, planned_steps, run_submitit, shard_jobs)
 from m3dt.report import build_report
@@ -344,7 +345,8 @@ def test_a_lock_that_cannot_be_written_fails_its_job_in_one_line(grid_file, tmp_
         execute(job)
 
 
-def test_missing_data_is_one_line_before_any_job_and_listed_by_the_dry_run(grid_file, tmp_path, capsys):
+def test_missing_data_is_one_line_before_any_job_and_listed_by_the_dry_run(grid_file, tmp_path, capsys,
+                                                                           monkeypatch):
     """Every training job reads --data_path (a finished stage too: it compares the data with what it trained
     on), so a grid without its data stops before the first job rather than failing each one in turn."""
     run_root, missing, empty = tmp_path / "runs", tmp_path / "no_data", tmp_path / "empty"
@@ -363,6 +365,12 @@ def test_missing_data_is_one_line_before_any_job_and_listed_by_the_dry_run(grid_
     error = capsys.readouterr().err
     assert "task folder does not exist" in error and "2 more problem(s) with the data" in error
     assert error.count("\n") == 1 and not run_root.exists()
+    # SLURM's nodes may mount other file systems than the submitting machine: a warning, and the jobs go
+    monkeypatch.setattr(experiment, "run_submitit", lambda jobs, *rest: submitted.extend(jobs) or 0)
+    submitted = []
+    main([str(grid_file), "--run_root", str(run_root), "--data_path", str(missing), "--launcher", "slurm"])
+    out = capsys.readouterr().out
+    assert out.startswith(f"warning: on this machine, {missing}: data root does not exist") and submitted
 
 
 def test_a_failed_job_skips_the_jobs_that_need_it_on_submitits_executors(grid_file, monkeypatch, tmp_path, capsys):
