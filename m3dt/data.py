@@ -59,7 +59,12 @@ def episode_files(task_dir: Path, max_episodes: int) -> list[Path]:
     """The episode files 0..n-1 of a task folder, checked to be contiguous, capped at `max_episodes`."""
     if not task_dir.is_dir():
         raise DataError(f"{task_dir}: task folder does not exist")
-    indices = sorted(int(path.stem) for path in task_dir.glob("*.npz") if path.stem.isdigit())
+    numbered = [path for path in task_dir.glob("*.npz") if path.stem.isdigit()]
+    padded = [path.name for path in numbered if path.stem != str(int(path.stem))]
+    if padded:  # 00.npz would be read as episode 0 and then looked for as 0.npz
+        raise DataError(f"{task_dir}: episode files are named 0.npz, 1.npz, ... without leading zeros; found "
+                        f"{', '.join(sorted(padded)[:3])}")
+    indices = sorted(int(path.stem) for path in numbered)
     if indices != list(range(len(indices))):
         missing = sorted(set(range(max(indices, default=-1) + 1)) - set(indices))
         raise DataError(f"{task_dir}: episode files must be 0.npz..N.npz without gaps; missing {missing[:5]}")

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 import m3dt.train
 from m3dt.config import (NON_NEGATIVE, NON_NEGATIVE_FLOATS, POSITIVE, POSITIVE_FLOATS, UNIT_INTERVAL, Config,
                          ConfigError, build_parser, check_values, field_comments, parse_config)
-from m3dt.data import DataError, TaskDataset, load_episode
+from m3dt.data import DataError, TaskDataset, files_fingerprint, load_episode
 from m3dt.model import action_loss
 from m3dt.naive import NaiveSampler
 from m3dt.run import (ArtifactError, RunDir, load_checkpoint, load_tensors, make_folder, save_checkpoint,
@@ -193,6 +193,11 @@ def test_task_folders_and_names(tmp_path):
     np.savez(folder / "3.npz", **valid_arrays())
     with pytest.raises(DataError, match=r"reach-v2: episode files must be 0.npz..N.npz without gaps; missing \[2\]"):
         TaskDataset(tmp_path, ["reach-v2"])
+    (folder / "3.npz").rename(folder / "02.npz")  # read as episode 2, then looked for as 2.npz: a traceback
+    with pytest.raises(DataError, match="reach-v2: episode files are named 0.npz, 1.npz, ... without leading zeros; "
+                                        "found 02.npz"):
+        files_fingerprint(tmp_path, ["reach-v2"], 2000)
+    (folder / "02.npz").unlink()
     with pytest.raises(TaskError, match="unknown task 'reach-v3': not in the task table"):
         TaskDataset(tmp_path, ["reach-v3"])
     with pytest.raises(TaskError, match="unknown task 'reach-v3'"):
