@@ -265,14 +265,17 @@ def option_value(name: str, value: Any) -> Any:
 
 
 def parse_config(description: str, argv: list[str] | None = None) -> Config:
-    """Dataclass defaults, then the YAML file, then the flags."""
+    """Dataclass defaults, then the YAML file, then the flags. ConfigError for a value out of range names the
+    config file when the value came from it."""
     flags = vars(build_parser(description).parse_args(argv))
-    values: dict[str, Any] = {}
-    if flags.get("config"):
-        values.update(load_yaml(flags["config"]))
-    values.update(flags)
-    config = Config(**values)
-    check_values(config)
+    from_file = load_yaml(flags["config"]) if flags.get("config") else {}
+    config = Config(**{**from_file, **flags})
+    try:
+        check_values(config)
+    except ConfigError as error:
+        if any(str(error).startswith(f"--{name} ") for name in from_file if name not in flags):
+            raise ConfigError(f"config file {flags['config']}: {error}") from None
+        raise
     return config
 
 

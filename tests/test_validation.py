@@ -516,12 +516,20 @@ def test_every_float_outside_its_range_is_refused(name, bad, good, allowed):
     ("embed_dim: wide\n", "embed_dim must be int, got 'wide'"),
     ("learning_rat: 0.1\n", "unknown option(s) learning_rat"),
     ("- 1\n", "must be a mapping of option: value"),
-], ids=["syntax", "type", "unknown", "not a mapping"])
+    ("max_iters: -5\n", ": --max_iters must be at least 1, got -5"),
+], ids=["syntax", "type", "unknown", "not a mapping", "out of range"])
 def test_bad_yaml_config_is_one_line(tmp_path, capsys, text, message):
     config_file = tmp_path / "bad.yaml"
     config_file.write_text(text)
     err = run_stage1(["--config", str(config_file), "--tasks", "reach-v2"], capsys)
     assert err.startswith(f"error: config file {config_file}") and message in err and err.count("\n") == 1
+
+
+def test_a_flag_out_of_range_is_named_as_a_flag_beside_a_config_file(tmp_path, capsys):
+    config_file = tmp_path / "good.yaml"
+    config_file.write_text("max_iters: 5\n")
+    err = run_stage1(["--config", str(config_file), "--tasks", "reach-v2", "--save_every", "0"], capsys)
+    assert err == "error: --save_every must be at least 1, got 0\n"
 
 
 def test_yaml_values_convert_like_flags_and_debug_from_yaml_counts(tmp_path):
