@@ -45,7 +45,7 @@ from m3dt.evaluate import EnvPool, Rollout  # env packages load inside the env w
 from m3dt.grouping import random_grouping
 from m3dt.model import PromptCache, PromptDecisionTransformer, build_model, set_up_stage
 from m3dt.naive import NaiveSampler, naive_model, naive_optimizer, naive_train_step
-from m3dt.run import ArtifactError, atomic_path, make_folder
+from m3dt.run import ArtifactError, atomic_path, make_folder, read_json
 from m3dt.synthetic import make_dataset
 from m3dt.tasks import EPISODES_PER_FAMILY, get_task, resolve_tasks
 from m3dt.memory import peak_bytes
@@ -846,6 +846,14 @@ def combined_markdown(reports: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n\n" + "\n".join(pages)
 
 
+def read_bench_report(path: Path) -> dict:
+    """One run's {device}.json: ArtifactError naming the file when it is not JSON or not a bench report."""
+    report = read_json(path, "bench report")
+    if not isinstance(report, dict) or "device" not in report:
+        raise ArtifactError(f"{path}: not a bench report of python -m m3dt.bench (no 'device')")
+    return report
+
+
 def combine(argv: list[str]) -> Path:
     """`python -m m3dt.bench combine DIR... --out benchmarks`: the reports ({device}.json) in DIR... as one
     page, {out}/{device}.md, and their list, {out}/{device}.json."""
@@ -858,9 +866,9 @@ def combine(argv: list[str]) -> Path:
         raise SystemExit(f"error: --out {out} is one of the runs' folders: its {{device}}.json would be overwritten")
     try:
         make_folder(out, "folder of the page (--out)")
+        reports = [read_bench_report(path) for folder in args.folders for path in sorted(Path(folder).glob("*.json"))]
     except ArtifactError as error:
         raise SystemExit(f"error: {error}") from None
-    reports = [json.loads(path.read_text()) for folder in args.folders for path in sorted(Path(folder).glob("*.json"))]
     if not reports:
         raise SystemExit(f"error: no bench report (*.json) in {', '.join(args.folders)}")
     markdown = out / f"{reports[0]['device']}.md"

@@ -264,4 +264,11 @@ def test_the_gpu_check_page_of_several_runs_gives_the_plain_fp32_figures(tmp_pat
     (combined,) = load_benches(tmp_path / "page")
     (measured,) = load_benches(tmp_path / "measured")
     assert combined.training == measured.training  # the fp32 run's figures, not the bf16 run's doubled ones
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "cpu.json").write_text('{"device": ')
+    with pytest.raises(SystemExit, match=r"^error: .*broken/cpu.json: bench report is not valid JSON"):
+        bench.combine([str(tmp_path / "fp32"), str(tmp_path / "broken"), "--out", str(tmp_path / "page2")])
+    (tmp_path / "broken" / "cpu.json").write_text("[1, 2]")
+    with pytest.raises(SystemExit, match=r"broken/cpu.json: not a bench report of python -m m3dt.bench \(no 'device'\)"):
+        bench.combine([str(tmp_path / "fp32"), str(tmp_path / "broken"), "--out", str(tmp_path / "page2")])
 
