@@ -37,7 +37,7 @@ from m3dt.cli import command, exit_with_message
 from m3dt.config import ArgumentParser, Config, ConfigError
 from m3dt.data import Batch
 from m3dt.model import PromptCache, PromptDecisionTransformer, action_loss, build_model, set_up_stage
-from m3dt.run import atomic_path
+from m3dt.run import atomic_path, check_file_target
 from m3dt.tasks import EPISODES_PER_FAMILY, MAX_ACT_DIM, MAX_OBS_DIM, get_task, resolve_tasks
 from m3dt.train import Precision, build_optimizer, resolve_device, train_step, warmup_factor
 
@@ -411,7 +411,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         device = resolve_device(args.device)
-    except ConfigError as error:  # an unknown device, or CUDA asked where there is none
+        if args.out:
+            check_file_target(Path(args.out), "--out file", ConfigError)
+    except ConfigError as error:  # an unknown device, CUDA asked where there is none, an --out that is a folder
         exit_with_message(error, debug=False)
     rows = check(device, args.precision, args.tiny)
     if args.out:

@@ -67,13 +67,22 @@ def make_folder(path: Path, what: str, error_type: type[Exception] = ArtifactErr
     return path
 
 
+def check_file_target(path: Path, what: str, error_type: type[Exception] = ArtifactError) -> None:
+    """Stop at once, in one line naming `path`, when a file cannot be written there: it is a folder, or a file
+    stands where a folder above it would be made (found when it is written, the work before would be lost)."""
+    if path.is_dir():
+        raise error_type(f"{path}: {what} is a folder; give a file name")
+    check_folder(path.parent, f"folder of the {what}", error_type)
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside `path` for the caller to create; on success fsync it, give it the
     permissions the user's umask gives new files, and rename it over `path`. Writers differ in the mode
     they create files with (safetensors 0.8 writes 0600, owner only), so the mode is set here, for every
     artifact alike."""
-    make_folder(path.parent, "folder")  # the callers check theirs at start; this names a file made since
+    check_file_target(path, "file")  # the callers check theirs at start; this names a folder made since
+    make_folder(path.parent, "folder")
     temporary_path = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         yield temporary_path

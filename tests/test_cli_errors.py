@@ -115,7 +115,9 @@ def bad_inputs(entry: str, tmp: Path) -> dict[str, tuple[list[str], str]]:
     if entry == "m3dt.memory":
         return {"unknown option": (["table", "--no_such_option"], "unrecognized arguments: --no_such_option"),
                 "bad option value": (["check", "--precision", "fp16"], "argument --precision: invalid choice: 'fp16'"),
-                "bad device": (["check", "--device", "tpu:x"], "--device 'tpu:x' is not a device name")}
+                "bad device": (["check", "--device", "tpu:x"], "--device 'tpu:x' is not a device name"),
+                "out is a folder": (["check", "--device", "cpu", "--out", str(tmp)],
+                                    f"{tmp}: --out file is a folder; give a file name")}
     raise AssertionError(entry)
 
 
