@@ -62,6 +62,14 @@ def random_episodes(task_name: str, count: int) -> list[dict[str, np.ndarray]]:
     return episodes
 
 
+def write_npz_episodes(folder, episodes) -> None:
+    """Episodes in Minari's terms (final observation included) as the MT160 layout's files 0..n-1 in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, episode in enumerate(episodes):
+        np.savez(folder / f"{index}.npz", observations=episode["observations"][:-1], actions=episode["actions"],
+                 rewards=episode["rewards"], terminals=episode["terminations"])
+
+
 @pytest.fixture
 def one_thread():
     """A tiny model trains fastest on one thread; two contend badly on a busy 2-core machine."""
@@ -77,10 +85,7 @@ def test_own_gymnasium_tasks_train_and_evaluate(tmp_path, monkeypatch, one_threa
     table.write_text(json.dumps({"tasks": ROWS}))
     use_task_table(table)
     data_root = tmp_path / "data"
-    for index, episode in enumerate(random_episodes("own-hopper", EPISODES)):
-        (data_root / "own-hopper").mkdir(parents=True, exist_ok=True)
-        np.savez(data_root / "own-hopper" / f"{index}.npz", observations=episode["observations"][:-1],
-                 actions=episode["actions"], rewards=episode["rewards"], terminals=episode["terminations"])
+    write_npz_episodes(data_root / "own-hopper", random_episodes("own-hopper", EPISODES))
     pendulum = get_task("own-pendulum")
     folder = write_task_dataset(pendulum, random_episodes("own-pendulum", EPISODES), "own/own-pendulum-v0",
                                 {"note": "random actions"}, "a test dataset", "uniform random")
@@ -127,10 +132,7 @@ def test_a_comparison_method_without_stage_1_evaluates_its_own_tasks(tmp_path, o
     table = write_table(tmp_path, ROWS[:1])
     use_task_table(table)
     data_root = tmp_path / "data"
-    (data_root / "own-hopper").mkdir(parents=True)
-    for index, episode in enumerate(random_episodes("own-hopper", EPISODES)):
-        np.savez(data_root / "own-hopper" / f"{index}.npz", observations=episode["observations"][:-1],
-                 actions=episode["actions"], rewards=episode["rewards"], terminals=episode["terminations"])
+    write_npz_episodes(data_root / "own-hopper", random_episodes("own-hopper", EPISODES))
     run_dir = tmp_path / "run"
     baselines_main(["--method", "mtdt", *TINY, "--task_table", str(table), "--tasks", "own-hopper",
                     "--data_path", str(data_root), "--run_dir", str(run_dir), "--max_iters", "20"])
@@ -157,10 +159,7 @@ def test_an_imported_backbone_of_own_tasks_evaluates_without_the_table(tmp_path,
     table = write_table(tmp_path, ROWS[:1])
     use_task_table(table)
     data_root = tmp_path / "data"
-    (data_root / "own-hopper").mkdir(parents=True)
-    for index, episode in enumerate(random_episodes("own-hopper", EPISODES)):
-        np.savez(data_root / "own-hopper" / f"{index}.npz", observations=episode["observations"][:-1],
-                 actions=episode["actions"], rewards=episode["rewards"], terminals=episode["terminations"])
+    write_npz_episodes(data_root / "own-hopper", random_episodes("own-hopper", EPISODES))
     authors_file = tmp_path / "prompt_model_own_iter_400_seed0"
     model = PromptDecisionTransformer(ModelConfig(embed_dim=32, n_layer=2, n_head=2))
     torch.save(OrderedDict(export_backbone(model.state_dict())), authors_file)
@@ -306,10 +305,7 @@ def test_a_table_width_below_the_datas_is_refused_when_loading(tmp_path, capsys,
     monkeypatch.setattr(envs_module, "make_env", missing_simulator)
     use_task_table(write_table(tmp_path, ROWS[:1]))  # the right widths, to make the data
     data_root = tmp_path / "data"
-    (data_root / "own-hopper").mkdir(parents=True)
-    for index, episode in enumerate(random_episodes("own-hopper", 4)):
-        np.savez(data_root / "own-hopper" / f"{index}.npz", observations=episode["observations"][:-1],
-                 actions=episode["actions"], rewards=episode["rewards"], terminals=episode["terminations"])
+    write_npz_episodes(data_root / "own-hopper", random_episodes("own-hopper", 4))
     task_module._user_tasks.clear()  # as a new process, given the table with the wrong width
     task_module._user_table_files.clear()
     table = write_table(tmp_path, [{**ROWS[0], "obs_dim": 5}])
@@ -328,11 +324,9 @@ def test_actions_outside_the_models_range_are_refused_when_loading(tmp_path, cap
     """Raw actions of an env acting in [-3, 3] used to train silently: the model acts in [-1, 1]."""
     use_task_table(write_table(tmp_path, ROWS[:1]))
     folder = tmp_path / "data" / "own-hopper"
-    folder.mkdir(parents=True)
-    for index, episode in enumerate(random_episodes("own-hopper", 4)):
-        np.savez(folder / f"{index}.npz", observations=episode["observations"][:-1],
-                 actions=episode["actions"] * (10.0 if index == 1 else 1.0), rewards=episode["rewards"],
-                 terminals=episode["terminations"])
+    episodes = random_episodes("own-hopper", 4)
+    episodes[1]["actions"] = episodes[1]["actions"] * 10.0
+    write_npz_episodes(folder, episodes)
     with pytest.raises(SystemExit) as exited:
         run_cli(train_backbone, "stage 1", [*TINY, "--task_table", str(tmp_path / "table.json"), "--tasks",
                                             "own-hopper", "--data_path", str(tmp_path / "data"),
