@@ -896,16 +896,6 @@ class JobFailed(RuntimeError):
     """A job of the grid stopped with an error (its message was printed)."""
 
 
-def check_run_dirs(jobs: list[Job]) -> None:
-    """Refuse run directories that cannot be made: a path on the way to one (the run root itself, say) is a
-    file, which every job of that run would otherwise meet, with a traceback, when it takes its lock."""
-    for run_dir in dict.fromkeys(job.run_dir for job in jobs):
-        existing = next(path for path in (run_dir, *run_dir.parents) if path.exists())  # "." or "/" at last
-        if not existing.is_dir():
-            raise ConfigError(f"{existing}: not a folder, so the run directory {run_dir} cannot be made "
-                              "(--run_root, or the grid's run_root, names a folder for the run directories)")
-
-
 def reads_data(job: Job) -> bool:
     """Whether the job reads --data_path when it runs: every training job does, a finished one too (a stage
     compares the episode files with those it trained on before it says "already finished"), except the random
@@ -1160,7 +1150,6 @@ def main(argv: list[str] | None = None) -> None:
         run_root = arguments.run_root or grid.run_root or Path("runs") / arguments.grid.stem
         overrides = {"data_path": arguments.data_path} if arguments.data_path else {}
         jobs = shard_jobs(plan_jobs(grid, run_root, overrides), arguments.shard)
-        check_run_dirs(jobs)
         if arguments.dry_run:
             print(dry_run(grid, jobs, run_root, load_benches(arguments.bench_dir), arguments.show_commands))
             if arguments.launcher == "slurm":

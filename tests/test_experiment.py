@@ -327,13 +327,16 @@ def test_a_grid_of_ones_own_tasks_is_planned(tmp_path):
 
 @pytest.mark.parametrize("mode", [[], ["--dry_run"]])
 def test_a_run_root_that_is_a_file_is_one_line_before_anything_runs(grid_file, tmp_path, capsys, mode):
+    """The plan's run directories (m3dt.run.RunDir) refuse a path below a file when the plan is made."""
     blocker = tmp_path / "F"
     blocker.write_text("")
     for run_root in (blocker, blocker / "sub"):
         with pytest.raises(SystemExit) as stop:
             main([str(grid_file), "--run_root", str(run_root), *mode])
         captured = capsys.readouterr()
-        assert stop.value.code == 2 and f"{blocker}: not a folder" in captured.err and "==" not in captured.out
+        assert stop.value.code == 2 and captured.err.startswith(f"error: {run_root}/")
+        assert f": run directory cannot be made: {blocker} is a file, not a folder" in captured.err
+        assert "==" not in captured.out
         assert captured.err.count("\n") == 1 and "Traceback" not in captured.err
 
 
