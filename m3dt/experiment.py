@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import fcntl
 import json
 import re
 import sys
@@ -68,7 +67,7 @@ from m3dt.evaluate import METHODS as EVALUATED_METHODS, check_episodes, method_n
 from m3dt.evaluate import check_options as check_evaluation_options
 from m3dt.model import build_model, set_up_stage
 from m3dt.report import checkpoint_of, staleness
-from m3dt.run import RunDir, manifest_path, read_json
+from m3dt.run import LockError, RunDir, exclusive_locks, manifest_path, read_json
 from m3dt.tasks import EPISODES_PER_FAMILY, get_task, resolve_tasks, suite_names, use_task_table
 from m3dt.train import named_device, resolve_device
 
@@ -963,19 +962,11 @@ def job_lock(job: Job) -> Iterator[None]:
     """One process per job at a time (two grids sharing a run root, a resubmitted array): a lock file in the
     run's logs/ folder, released when the process ends however it ends."""
     path = job.run_dir / "logs" / (log_name(job) + ".lock")
-    try:  # only the lock's own folder and file: the job's errors are its own
-        path.parent.mkdir(parents=True, exist_ok=True)
-        file = open(path, "a")
-    except OSError as error:
-        raise JobFailed(f"{job.describe()} in {job.run_dir}: cannot write its lock {path} "
-                        f"({error.strerror or error})") from None
-    with file:
-        try:
-            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise JobFailed(f"{job.describe()} in {job.run_dir} is being run by another process "
-                            f"(lock {path}); wait for it or stop it") from None
-        yield
+    try:
+        with exclusive_locks([path], f"{job.describe()} in {job.run_dir}"):
+            yield
+    except LockError as error:  # this lock, or one the job's stage takes (someone training it by hand)
+        raise JobFailed(str(error)) from None
 
 
 def log_name(job: Job) -> str:

@@ -15,11 +15,12 @@ steps done and the sha256 of every input a stage consumed; a stage checks its in
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import uuid
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -30,6 +31,10 @@ from safetensors.torch import load_file, save_file
 
 class ArtifactError(ValueError):
     """A missing, damaged or mismatched artifact; the message names the file."""
+
+
+class LockError(ArtifactError):
+    """A lock file another process holds, or one that cannot be written (exclusive_locks)."""
 
 
 def folder_problem(path: Path) -> str:
@@ -73,6 +78,28 @@ def check_file_target(path: Path, what: str, error_type: type[Exception] = Artif
     if path.is_dir():
         raise error_type(f"{path}: {what} is a folder; give a file name")
     check_folder(path.parent, f"folder of the {what}", error_type)
+
+
+@contextmanager
+def exclusive_locks(paths: list[Path], holder: str) -> Iterator[None]:
+    """Hold an exclusive lock (flock) on each lock file of `paths` while the body runs, so that two processes
+    never work on the same files at once (one would truncate the other's log, both would write the same
+    artifacts). A lock another process holds is LockError at once, naming it and `holder`, what it guards;
+    the kernel releases the locks when the body ends or the process dies, however it dies. LockError also for a
+    lock file that cannot be written."""
+    with ExitStack() as stack:
+        for path in paths:
+            make_folder(path.parent, f"folder of the lock of {holder}", LockError)
+            try:
+                file = stack.enter_context(open(path, "a"))
+            except OSError as error:
+                raise LockError(f"{path}: cannot write the lock of {holder} ({error.strerror or error})") from None
+            try:
+                fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise LockError(f"{path}: {holder} is being run by another process, which holds this lock; "
+                                    "wait for it or stop it") from None
+        yield
 
 
 @contextmanager

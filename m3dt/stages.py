@@ -397,7 +397,8 @@ def train_experts(config: Config) -> list[Path]:
     job = Job(name=f"stage2 {job_name}", model=model, trainable=trainable, task_groups=task_groups,
               task_names=group_tasks_needed, steps=steps,
               job_dir=run.expert_job(config.grouping, config.expert_num, job_name), per_expert_clip=True,
-              identity={**identity, "experts": expert_ids})
+              identity={**identity, "experts": expert_ids},
+              locks=[output.with_suffix(".lock") for output in outputs])  # --expert_id, --all and shards alike
     done = train(job, sampler, config)
     for slot, (expert, output) in enumerate(zip(expert_ids, outputs)):
         save_tensors(output, expert_tensors(model, slot))

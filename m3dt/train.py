@@ -37,10 +37,11 @@ from tqdm import tqdm
 from m3dt.config import Config, ConfigError
 from m3dt.data import Batch, DeviceSampler
 from m3dt.model import PromptDecisionTransformer, action_loss
-from m3dt.run import (ArtifactError, append_jsonl, load_checkpoint, make_folder, remove_stale_temporaries,
-                      save_checkpoint, truncate_jsonl)
+from m3dt.run import (ArtifactError, append_jsonl, exclusive_locks, load_checkpoint, make_folder,
+                      remove_stale_temporaries, save_checkpoint, truncate_jsonl)
 
 TRAIN_STATE = "train_state.pt"
+LOCK_FILE = "train.lock"
 METRICS = "metrics.jsonl"
 # How a resume refusal names the parts of a job's identity that are not an option of their own.
 IDENTITY_NAMES = {"data": "data (--data_path, --max_episodes: other episode files)",
@@ -91,6 +92,7 @@ class Job:
     per_expert_clip: bool  # trainable parameters are stacked per expert (leading dim = row groups)
     identity: dict[str, Any]  # what must match for a checkpoint to be resumed
     hooks: TrainingHooks = field(default_factory=TrainingHooks)  # what the method adds to each step
+    locks: list[Path] = field(default_factory=list)  # beside job_dir's own: files other jobs also train (experts)
 
 
 @dataclass(frozen=True)
@@ -298,8 +300,16 @@ def train_step(model: Callable[[Batch], torch.Tensor], batch: Batch, groups: int
 def train(job: Job, sampler: DeviceSampler, config: Config, distributed: Distributed = Distributed()) -> int:
     """Run (or resume) `job` to `job.steps` steps; return the steps done. Trainable weights are updated in
     place in `job.model`; the caller writes the artifacts (on rank 0). ArtifactError, before the first step,
-    when the job's folder is a file or cannot be made."""
+    when the job's folder is a file or cannot be made, or when another process trains the same job or one of
+    its `locks` (rank 0 holds them: the job's folder's lock file and the job's own)."""
     make_folder(job.job_dir, f"folder of {job.name}")  # found at the first save, the steps before it would be lost
+    locks = [job.job_dir / LOCK_FILE, *job.locks] if distributed.is_main else []
+    with exclusive_locks(locks, job.name):
+        return train_job(job, sampler, config, distributed)
+
+
+def train_job(job: Job, sampler: DeviceSampler, config: Config, distributed: Distributed) -> int:
+    """train()'s loop, run while the job's locks are held."""
     device = sampler.device
     parameters = list(job.trainable.values())
     optimizer = build_optimizer(parameters, config)

@@ -344,7 +344,7 @@ def test_a_lock_that_cannot_be_written_fails_its_job_in_one_line(grid_file, tmp_
     job = plan_jobs(load_grid(grid_file), tmp_path / "runs", {})[0]
     job.run_dir.mkdir(parents=True)
     (job.run_dir / "logs").write_text("")  # a file where the logs folder goes
-    with pytest.raises(JobFailed, match="cannot write its lock"):
+    with pytest.raises(JobFailed, match="logs: folder of the lock of .* is a file, not a folder"):
         execute(job)
 
 

@@ -4,6 +4,7 @@ is saved."""
 
 import contextlib
 import dataclasses
+import fcntl
 import itertools
 import json
 import os
@@ -31,7 +32,8 @@ from m3dt.model import action_loss
 from m3dt.naive import NaiveSampler
 from m3dt.run import (ArtifactError, RunDir, load_checkpoint, load_tensors, make_folder, save_checkpoint,
                       save_tensors, write_json, write_manifest)
-from m3dt.stages import check_experts, group_tasks, read_groups, recorded_config, run_cli, train_backbone
+from m3dt.stages import (check_experts, group_tasks, read_groups, recorded_config, run_cli, train_backbone,
+                         train_experts)
 from m3dt.tasks import TaskError, check_timesteps, resolve_tasks
 from m3dt.train import TrainingError
 from m3dt.synthetic import make_task_data, write_episode
@@ -632,6 +634,30 @@ def test_nan_gradient_stops_with_step_task_and_last_good_checkpoint(small_data, 
     assert state["step"] == 5 and all(torch.isfinite(weight).all() for weight in state["trainable"].values())
     assert [json.loads(line)["step"] for line in (stage1 / "metrics.jsonl").read_text().splitlines()] == [5]
     assert not (stage1 / "backbone.safetensors").exists()
+
+
+def test_a_second_process_on_the_same_job_or_expert_is_refused_in_one_line(small_data, tmp_path):
+    """Two processes on one run directory used to train side by side: the second truncated the first's
+    metrics.jsonl and both wrote the same artifacts. A lock per training job and per expert stops the second
+    (flock is per open file, so a second open in this process stands in for the other process)."""
+    argv = tiny_run(small_data, tmp_path, ["reach-v2", "door-close-v2"])
+    train_backbone(parse_config("", [*argv, "--max_iters", "5"]))
+    metrics = (tmp_path / "stage1" / "metrics.jsonl").read_text()
+    with open(tmp_path / "stage1" / "train.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(ArtifactError, match=r"stage1/train.lock: stage1 is being run by another process, which "
+                                                r"holds this lock; wait for it or stop it"):
+            train_backbone(parse_config("", [*argv, "--max_iters", "10"]))
+    assert (tmp_path / "stage1" / "metrics.jsonl").read_text() == metrics  # not truncated
+    group_tasks(parse_config("", [*argv, "--group_num", "2"]), "random")
+    experts = ["--grouping", "random", "--expert_num", "2", "--max_iters", "5"]
+    lock = RunDir(tmp_path).expert("random", 2, 1).with_suffix(".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as held:  # expert 1 trained by --expert_id 1 elsewhere: --all must not train it too
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(ArtifactError, match=r"expert_1.lock: stage2 all is being run by another process"):
+            train_experts(parse_config("", [*argv, *experts, "--all"]))
+    train_experts(parse_config("", [*argv, *experts, "--all"]))  # free again
 
 
 def test_checkpoint_of_another_config_or_truncated_is_not_resumed(small_data, tmp_path):
