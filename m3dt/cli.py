@@ -37,7 +37,7 @@ def exit_interrupted(interrupt: KeyboardInterrupt, debug: bool) -> NoReturn:
     if debug:
         raise interrupt
     message = " ".join(str(interrupt).split()) or (
-        "stopped before the end; finished stages, checkpoints and other written files are kept: "
+        "stopped before the end; every file written so far is kept, whole (files are written atomically): "
         "rerun the same command to go on")
     print(f"interrupted (Ctrl-C): {message}", file=sys.stderr)
     sys.exit(INTERRUPTED_EXIT_CODE)

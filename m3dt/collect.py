@@ -45,9 +45,7 @@ evaluation tells whether its goals are training goals.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
-import signal
 import sys
 import warnings
 from collections.abc import Callable
@@ -74,6 +72,7 @@ from m3dt.run import ArtifactError, atomic_path, make_folder, read_json, write_j
 from m3dt.scores import episode_score, full_episode_return  # noqa: E402
 from m3dt.tasks import (FAMILIES, MAX_ACT_DIM, MT1_GOALS, Task, TaskError, get_task, resolve_tasks,  # noqa: E402
                         suite_names, task_table)
+from m3dt.workers import SPAWN, starting_workers  # noqa: E402
 
 # metaworld's scripted policies warn that their gains exceed the action range; the actions are clipped.
 warnings.filterwarnings("ignore", message="Constant\\(s\\) may be too high")
@@ -499,9 +498,8 @@ def task_entry(task: Task, settings: dict, summaries: list[EpisodeSummary]) -> d
 
 
 def start_worker() -> None:
-    """One torch thread per worker; Ctrl-C is the main process's to handle (one line; it ends the pool)."""
+    """One torch thread per worker."""
     torch.set_num_threads(1)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def run_jobs(jobs: list[EpisodeJob], workers: int) -> list[tuple[str, EpisodeSummary]]:
@@ -511,8 +509,9 @@ def run_jobs(jobs: list[EpisodeJob], workers: int) -> list[tuple[str, EpisodeSum
         return [collect_episode(job) for job in tqdm(jobs, **progress)]
     # spawn: MuJoCo and torch state must not be forked. One torch thread per worker: the expert is a small
     # MLP evaluated once per step, and more threads would only compete with the other workers.
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(min(workers, len(jobs)), initializer=start_worker) as pool:
+    with starting_workers():
+        pool = SPAWN.Pool(min(workers, len(jobs)), initializer=start_worker)
+    with pool:
         return list(tqdm(pool.imap_unordered(collect_episode, jobs), **progress))
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import multiprocessing
-import signal
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -30,6 +29,7 @@ from numpy.lib.npyio import NpzFile
 from tqdm import tqdm
 
 from m3dt.tasks import MAX_ACT_DIM, MAX_OBS_DIM, Task, get_task, task_table
+from m3dt.workers import SPAWN, starting_workers
 
 PAD_ACTION = -10.0  # training pads actions with -10 (states 0 before normalising, rtg 0, timestep 0)
 STD_EPSILON = 1e-6
@@ -455,8 +455,9 @@ def worker_pool(workers: int) -> Iterator:
     if workers <= 1:
         yield SimpleNamespace(map=lambda function, items: list(map(function, items)))
         return
-    # Workers ignore Ctrl-C: the main process handles it (one line) and ends the pool.
-    with multiprocessing.get_context("spawn").Pool(workers, signal.signal, (signal.SIGINT, signal.SIG_IGN)) as pool:
+    with starting_workers():
+        pool = SPAWN.Pool(workers)
+    with pool:
         yield pool
 
 

@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import argparse
 import csv
-import multiprocessing
 import os
-import signal
 import sys
 import time
 import traceback
@@ -57,6 +55,7 @@ from m3dt.tasks import (EPISODES_PER_FAMILY, FAMILIES, GYMNASIUM, MAX_ACT_DIM, M
                         check_timesteps, get_task, names_hash, register_task_rows, resolve_tasks)
 from m3dt.train import resolve_device
 from m3dt.video import VideoError, video_path
+from m3dt.workers import SPAWN, starting_workers
 
 MAX_EPISODES_PER_FAMILY = {"metaworld": MT1_GOALS}  # episode e uses the e-th goal of an MT1 of 50 goals
 FAMILY_NAMES = {"metaworld": "Meta-World", "dmc": "DMC", "ant_dir": "ant-dir", "cheetah_vel": "cheetah-vel",
@@ -120,7 +119,6 @@ def _worker(connection, rollouts: list[tuple[Task, int, Path | None]], seed: int
     """Owns the envs of some rollouts; answers 'reset' and 'step' messages with ("ok", answer) until 'close',
     or with ("error", one line, traceback) once, when an env fails, and stops. Ctrl-C is the main process's to
     handle (one line); it then sends 'close'."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     envs, finished = [], False
     try:
         envs = [_build_env(task, episode, seed, video) for task, episode, video in rollouts]
@@ -160,15 +158,15 @@ class EnvPool:
         if self.local:
             self.envs = [_build_env(task, episode, seed, video) for task, episode, video in specs]
             return
-        context = multiprocessing.get_context("spawn")  # MuJoCo state must not be forked
         self.connections, self.processes = [], []
         self.owner = np.arange(self.count) * self.workers // self.count  # rollout -> worker
         self.position = np.arange(self.count) - np.searchsorted(self.owner, self.owner)  # index within its worker
         for worker in range(self.workers):
-            parent, child = context.Pipe()
+            parent, child = SPAWN.Pipe()
             block = [spec for spec, owner in zip(specs, self.owner) if owner == worker]
-            process = context.Process(target=_worker, args=(child, block, seed), daemon=True)
-            process.start()
+            process = SPAWN.Process(target=_worker, args=(child, block, seed), daemon=True)
+            with starting_workers():
+                process.start()
             self.connections.append(parent)
             self.processes.append(process)
 

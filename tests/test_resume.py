@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 import m3dt.run
 from m3dt.run import (atomic_path, load_checkpoint, remove_stale_temporaries, save_checkpoint, save_tensors,
                       truncate_jsonl)
+from m3dt.workers import SPAWN, starting_workers
 from tests.conftest import REPO, SMALL_TASKS
 from tests.test_pipeline import TINY, run_stage
 
@@ -273,3 +274,15 @@ def test_resume_drops_log_records_after_the_checkpoint(tmp_path):
     assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [5, 10]
     truncate_jsonl(metrics, 0)  # a fresh start
     assert metrics.read_text() == ""
+
+
+def test_workers_ignore_ctrl_c_from_their_first_instruction():
+    """A Ctrl-C while the spawned data-loading, env or collection workers were still importing torch printed
+    their tracebacks beside the main process's one line: they now start with SIGINT ignored, and the main
+    process keeps its own handler."""
+    handler = signal.getsignal(signal.SIGINT)
+    with starting_workers():
+        pool = SPAWN.Pool(1)
+    with pool:
+        assert pool.apply(signal.getsignal, (signal.SIGINT,)) == signal.SIG_IGN
+    assert signal.getsignal(signal.SIGINT) is handler
