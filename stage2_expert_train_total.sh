@@ -91,7 +91,7 @@ stop() {
 trap stop INT TERM
 for ((gpu = 0; gpu < shards; gpu++)); do
     CUDA_VISIBLE_DEVICES=${devices[gpu]:-$gpu} PYTHONUNBUFFERED=1 "${train[@]}" --shard "$gpu/$shards" "$@" \
-        > "$experts_dir/train_gpu${gpu}.log" 2>&1 &
+        >> "$experts_dir/train_gpu${gpu}.log" 2>&1 &  # appended: a rerun keeps the log of the run it resumes
     pids+=($!)
 done
 status=0

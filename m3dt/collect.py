@@ -69,7 +69,7 @@ from m3dt.data import MIN_EPISODES, DataError, load_episode  # noqa: E402
 from m3dt.envs import TaskEnv, make_env  # noqa: E402
 from m3dt.envs.metaworld import scripted_policy  # noqa: E402
 from m3dt.run import ArtifactError, atomic_path, make_folder, read_json, write_json  # noqa: E402
-from m3dt.scores import episode_score, full_episode_return  # noqa: E402
+from m3dt.scores import SCORE_AXIS, episode_score, full_episode_return  # noqa: E402
 from m3dt.tasks import (FAMILIES, MAX_ACT_DIM, MT1_GOALS, Task, TaskError, get_task, resolve_tasks,  # noqa: E402
                         suite_names, task_table)
 from m3dt.workers import SPAWN, starting_workers  # noqa: E402
@@ -554,6 +554,14 @@ def print_table(summary: dict, task_names: list[str]) -> None:
         success = "-" if entry["success_rate"] is None else f"{100 * entry['success_rate']:.0f}"
         score = "-" if entry["score"] is None else f"{entry['score']:.1f}"
         print(f"{name:32s} {entry['episodes']:8d} {entry['mean_return']:12.2f} {success:>9s} {score:>7s}")
+    families = dict.fromkeys(get_task(name).family for name in task_names)
+    cut = sorted({summary[name]["settings"]["max_steps"] for name in task_names} - {None})
+    print("mean return: per episode, as collected"
+          + (f" (episodes cut at --max_steps {', '.join(map(str, cut))})" if cut else "")
+          + "; score: the expert's per-task score as evaluation computes it ("
+          + "; ".join(f"{family}: {SCORE_AXIS[family]}" for family in families) + ")"
+          + (", each cut episode's return scaled to the full horizon first (return x horizon / steps)"
+             if cut and set(families) - {"metaworld"} else ""))
 
 
 # ---------------------------------------------------------------------------------------------------------

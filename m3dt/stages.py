@@ -115,8 +115,8 @@ def make_sampler(config: Config, tasks: list[str], device: torch.device, streams
           f"from {config.data_path}")
     statistics = dataset.statistics_fingerprints()
     if run is not None:
-        compare_with_stage1(run, "statistics", statistics, f"the files under --data_path {config.data_path} hold "
-                            "other episodes (other state statistics or prompts)")
+        compare_with_stage1(run, config, "statistics", statistics, f"the files under --data_path {config.data_path} "
+                            "hold other episodes (other state statistics or prompts)")
     return DeviceSampler(dataset, config.context_length, config.batch_size, device, streams, data_device), statistics
 
 
@@ -125,22 +125,29 @@ def data_files(config: Config, tasks: list[str], run: RunDir | None = None) -> d
     names and sizes); with `run` (stages after stage 1), it must equal what stage 1 recorded."""
     found = files_fingerprint(config.data_path, tasks, config.max_episodes)
     if run is not None:
-        compare_with_stage1(run, "files", found, f"--data_path {config.data_path} with --max_episodes "
+        compare_with_stage1(run, config, "files", found, f"--data_path {config.data_path} with --max_episodes "
                             f"{config.max_episodes} selects other episode files")
     return found
 
 
-def compare_with_stage1(run: RunDir, kind: str, found: dict[str, str], what: str) -> None:
-    """Stages 2 and 3 train on the data stage 1 trained on (its statistics drive evaluation too)."""
-    recorded = read_json(manifest_path(run.backbone), "manifest of the stage-1 backbone").get("data")
+def compare_with_stage1(run: RunDir, config: Config, kind: str, found: dict[str, str], what: str) -> None:
+    """Stages 2 and 3 train on the data stage 1 trained on (its statistics drive evaluation too): ArtifactError
+    saying what differs, and whether the options or the data behind the same options changed."""
+    manifest = read_json(manifest_path(run.backbone), "manifest of the stage-1 backbone")
+    recorded = manifest.get("data")
     if recorded is None:
         print(f"note: {manifest_path(run.backbone)} records no data fingerprint (written by an older version); "
               "the data is not compared with stage 1's")
         return
+    stage1 = manifest.get("config", {})
+    if (stage1.get("data_path"), stage1.get("max_episodes")) == (config.data_path, config.max_episodes):
+        advice = ("stage 1 was given the same --data_path and --max_episodes, so the data there changed since: "
+                  "restore it, or train again from stage 1 (--restart)")
+    else:
+        advice = "give the --data_path and --max_episodes stage 1 used"
     for task, digest in found.items():
         if recorded[kind].get(task) != digest:
-            raise ArtifactError(f"{run.backbone}: stage 1 trained on other data for {task}: {what}; give the "
-                                "--data_path and --max_episodes stage 1 used")
+            raise ArtifactError(f"{run.backbone}: stage 1 trained on other data for {task}: {what}; {advice}")
 
 
 def recorded_config(config: Config, device: torch.device | None) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Videos of evaluation rollouts: MuJoCo's offscreen renderer, one frame per env step, written as MP4.
+"""Videos of evaluation rollouts: MuJoCo's offscreen renderer, the reset frame and one per env step, as MP4.
 
 `python -m m3dt.evaluate ... --video K` records the first K episodes of every task into
 `{run_dir}/eval/{label}/videos/{task}_episode{e}.mp4` (H.264 by the ffmpeg that ships in imageio-ffmpeg).

@@ -25,6 +25,7 @@ from m3dt.collect import (
     is_termination,
     main,
     mt1_goal_blocks,
+    print_table,
     refill_replay_buffer,
     train_expert,
 )
@@ -264,3 +265,16 @@ def test_tasks_by_family_suite_or_list():
     assert all(name.startswith("cheetah-vel-") for name in collection_tasks("cheetah_vel"))
     assert collection_tasks("mt10") == resolve_tasks("mt10", None, seed=0)
     assert collection_tasks("reach-v2,walker-walk") == ["reach-v2", "walker-walk"]
+
+
+def test_the_table_says_what_its_return_and_score_are(capsys):
+    """With --max_steps the score is on the full-episode scale and the mean return is not: the table says so."""
+    entry = {"episodes": 4, "mean_return": 20.14, "success_rate": None, "score": 33.57,
+             "settings": {"max_steps": 30}}
+    print_table({"walker-stand": entry, "ant-dir-0": {**entry, "mean_return": 129.0, "score": 100.0}},
+                        ["walker-stand", "ant-dir-0"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split() == ["walker-stand", "4", "20.14", "-", "33.6"]
+    assert lines[-1] == ("mean return: per episode, as collected (episodes cut at --max_steps 30); score: the expert's "
+                         "per-task score as evaluation computes it (dmc: return / 10; ant_dir: clip(return / 5, 0, "
+                         "100)), each cut episode's return scaled to the full horizon first (return x horizon / steps)")

@@ -94,6 +94,21 @@ def test_later_stages_refuse_data_other_than_stage1s(datasets, stage1_run, stage
         run(parse_config("", argv(datasets["edited"], stage1_run, *extra)))
 
 
+def test_data_changed_under_stage1s_own_path_is_told_apart_from_another_path(datasets, stage1_run, tmp_path):
+    """Same --data_path as stage 1, other files there: the advice is not to give stage 1's path (it is given)."""
+    run_dir, data = tmp_path / "run", tmp_path / "data"
+    shutil.copytree(stage1_run / "stage1", run_dir / "stage1")
+    shutil.copytree(datasets["more"], data)
+    manifest_file = run_dir / "stage1" / "backbone.manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    manifest["config"]["data_path"] = str(data)  # as if stage 1 had read this folder before the files changed
+    manifest_file.write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="selects other episode files; stage 1 was given the same --data_path and "
+                                            "--max_episodes, so the data there changed since: restore it, or train "
+                                            r"again from stage 1 \(--restart\)"):
+        group_tasks(parse_config("", argv(data, run_dir)), "gradient")
+
+
 def test_evaluation_refuses_statistics_that_are_not_stage1s(stage1_run, tmp_path):
     run = RunDir(tmp_path / "run")
     shutil.copytree(stage1_run / "stage1", run.stage1)
