@@ -32,6 +32,7 @@ import argparse
 import csv
 import os
 import sys
+import textwrap
 import time
 import traceback
 from dataclasses import dataclass
@@ -507,14 +508,16 @@ def describe_method(results: dict) -> str:
     return f"{results['method']} ({results['grouping']} grouping, {results['num_experts']} experts)"
 
 
-def describe_settings(results: dict) -> str:
-    """What was evaluated, and how: the first lines of table.md and the plots' titles."""
+def describe_settings(results: dict, family: str | None = None) -> str:
+    """What was evaluated, and how: the first lines of table.md and the plots' titles (with `family`: of that
+    family's tasks only, as its plot shows them)."""
     protocol = results["protocol"]
-    counts = sorted({row["episodes"] for row in results["tasks"].values()})
+    rows = [row for row in results["tasks"].values() if family in (None, row["family"])]
+    counts = sorted({row["episodes"] for row in rows})
     episodes = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
     episodes += " episode(s)/task" + (" (the protocol's)" if protocol["episodes"] is None else "")
     steps = "full horizons" if protocol["max_steps"] is None else f"at most {protocol['max_steps']} steps"
-    return (f"run {Path(results['run_dir']).name}, {results['total']['tasks']} task(s), {episodes}, {steps}, "
+    return (f"run {Path(results['run_dir']).name}, {len(rows)} task(s), {episodes}, {steps}, "
             f"seed {results['seed']}, context actions {results['context_actions']}")
 
 
@@ -601,12 +604,14 @@ def plot_families(out_dir: Path, results: dict) -> None:
         axes.set_xticks(positions, [name for name, _ in rows], rotation=75, ha="right", fontsize=7)
         axes.set_xlim(-0.6, len(rows) - 0.4)
         top = max(100.0, *scores)
-        axes.set_ylim(0, top * 1.12)  # the band above 100 holds the legend, clear of the markers at 100
+        axes.set_ylim(0, top * 1.25)  # the band above 100 holds the legend, clear of the markers at 100
         axes.set_yticks(np.arange(0, top + 1, 20))
-        axes.set_ylabel(SCORE_AXIS[family])
+        cut = results["protocol"]["max_steps"] is not None and family != "metaworld"
+        axes.set_ylabel(SCORE_AXIS[family] + ("\n(a cut episode: return x horizon / steps)" if cut else ""))
         axes.grid(axis="y", alpha=0.3)
-        axes.set_title(f"{describe_method(results)} on {FAMILY_NAMES[family]}: mean {results['families'][family]['score']:.1f}"
-                       f"\n{describe_settings(results)}", fontsize=9)
+        settings = textwrap.fill(describe_settings(results, family), width=int(figure.get_figwidth() * 14))
+        axes.set_title(f"{describe_method(results)} on {FAMILY_NAMES[family]}: mean "
+                       f"{results['families'][family]['score']:.1f}\n{settings}", fontsize=9)
         if not full:
             figure.text(0.5, 0.005, "NOT the full evaluation protocol: not comparable with the paper's numbers",
                         ha="center", va="bottom", color="tab:red", fontsize=9)

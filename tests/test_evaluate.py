@@ -75,8 +75,10 @@ def test_evaluate_cli_takes_a_config_file_and_labels_a_short_evaluation_everywhe
     assert demo_table.endswith(results["protocol"]["note"])
     # a full-protocol evaluation gives its episode counts (the protocol's differ by family)
     full = {**results, "protocol": {"full": True, "episodes": None, "max_steps": None, "note": None}}
-    assert "4 task(s), 1-2 episode(s)/task (the protocol's), full horizons" in describe_settings(
-        {**full, "tasks": {**results["tasks"], "ant-dir-2": {**results["tasks"]["ant-dir-2"], "episodes": 1}}})
+    mixed = {**full, "tasks": {**results["tasks"], "ant-dir-2": {**results["tasks"]["ant-dir-2"], "episodes": 1}}}
+    assert "4 task(s), 1-2 episode(s)/task (the protocol's), full horizons" in describe_settings(mixed)
+    # a family's plot says what it shows: its own tasks and episodes
+    assert "1 task(s), 1 episode(s)/task (the protocol's), full horizons" in describe_settings(mixed, "ant_dir")
     assert side_by_side({"random policy": full}).endswith("Full evaluation protocol.")
 
 
