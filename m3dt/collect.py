@@ -275,8 +275,8 @@ def train_expert(name: str, steps: int, out: Path, seed: int, save_every: int, l
         return
     # A resumed run draws new goals and reset states rather than replaying those of its first episodes.
     env = ExpertTrainingEnv(name, derived_seed(seed, start))
-    if resume:
-        model = SAC.load(files.model, env=env, device=device)
+    if resume:  # --buffer_size sizes the buffer of a checkpoint saved without one (a saved one returns as it was)
+        model = SAC.load(files.model, env=env, device=device, buffer_size=buffer_size)
     else:
         # SB3's SAC defaults (256x256 MLPs, lr 3e-4, batch 256); random actions for the first
         # `learning_starts` steps, as RL Zoo does for MuJoCo.
@@ -287,7 +287,10 @@ def train_expert(name: str, steps: int, out: Path, seed: int, save_every: int, l
     model.set_logger(configure_logger(str(files.run_log(start)), ["csv"]))
     if resume and files.replay_buffer.is_file():
         model.load_replay_buffer(files.replay_buffer)
-        print(f"resuming {name} from step {model.num_timesteps}")
+        kept = model.replay_buffer.buffer_size
+        print(f"resuming {name} from step {model.num_timesteps}" + (
+            "" if kept == buffer_size else f" with its saved replay buffer of capacity {kept} (--buffer_size "
+                                           f"{buffer_size} sizes a new buffer only)"))
     elif resume:
         refill_replay_buffer(model, name, min(learning_starts, steps - start))
     if model.num_timesteps < steps:
@@ -614,8 +617,9 @@ def train_parser() -> argparse.ArgumentParser:
                              "buffer, that many steps of its own policy refill the buffer instead (0: none, and "
                              "the first updates sample the few transitions collected so far)")
     parser.add_argument("--buffer_size", type=int, default=1_000_000,
-                        help="replay buffer capacity, fixed by the first run (each checkpoint writes all of it: "
-                             "~200-300 MB at 1M)")
+                        help="replay buffer capacity of a new buffer: a first run's, or a resumed checkpoint's saved "
+                             "without one, as experts/ ships them (a saved buffer keeps its own); each checkpoint "
+                             "writes all of it: ~200-300 MB at 1M")
     parser.add_argument("--device", default="auto", help="auto: cuda when available, else cpu")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads for SAC's updates: 1 leaves the other cores to other work (a second "

@@ -118,8 +118,9 @@ def test_expert_training_resumes_from_its_checkpoint(data_root, capsys):
                  buffer_size=100, device="cpu")
     (data_root / "more" / EXPERTS_DIR / "cheetah_vel_log" / "from_step_70").mkdir()  # as left by a run killed
     train_expert("cheetah_vel", steps=90, out=data_root / "more", seed=0, save_every=40, learning_starts=50,
-                 buffer_size=100, device="cpu")  # before its first save
-    assert "resuming cheetah_vel from step 70" in capsys.readouterr().out
+                 buffer_size=50, device="cpu")  # before its first save
+    assert ("resuming cheetah_vel from step 70 with its saved replay buffer of capacity 100 (--buffer_size 50 sizes "
+            "a new buffer only)") in capsys.readouterr().out
     assert json.loads((data_root / "more" / EXPERTS_DIR / "cheetah_vel.json").read_text())["steps_done"] == 90
     train_expert("cheetah_vel", steps=90, out=data_root / "more", seed=0, save_every=40, learning_starts=50,
                  buffer_size=100, device="cpu")
@@ -144,12 +145,12 @@ def test_a_checkpoint_without_its_replay_buffer_refills_it_with_its_policy_befor
     assert model.gradient_steps == 1  # and later steps update again
     # through train_expert: the refill (at most --learning_starts steps), then training to the target
     train_expert("cheetah_vel", steps=100, out=tmp_path, seed=0, save_every=1000, learning_starts=30,
-                 buffer_size=100, device="cpu")
+                 buffer_size=70, device="cpu")  # its buffer is new: --buffer_size sizes it (it was 100)
     assert "from step 60 without its replay buffer: 30 steps of its policy" in capsys.readouterr().out
     assert json.loads((shipped / "cheetah_vel.json").read_text())["steps_done"] == 100
     trained = SAC.load(shipped / "cheetah_vel.zip", device="cpu")
     trained.load_replay_buffer(shipped / "cheetah_vel.replay_buffer.pkl")
-    assert trained.replay_buffer.size() == 40
+    assert trained.replay_buffer.size() == 40 and trained.replay_buffer.buffer_size == 70
     assert not all(torch.equal(before, after) for before, after in zip(weights, trained.policy.parameters()))
 
 
