@@ -23,6 +23,7 @@ from __future__ import annotations
 import gc
 import os
 import time
+import uuid
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,11 +38,12 @@ from tqdm import tqdm
 from m3dt.config import Config, ConfigError
 from m3dt.data import Batch, DeviceSampler
 from m3dt.model import PromptDecisionTransformer, action_loss
-from m3dt.run import (ArtifactError, append_jsonl, exclusive_locks, load_checkpoint, make_folder,
+from m3dt.run import (ArtifactError, append_jsonl, atomic_path, exclusive_locks, load_checkpoint, make_folder,
                       remove_stale_temporaries, save_checkpoint, truncate_jsonl)
 
 TRAIN_STATE = "train_state.pt"
 LOCK_FILE = "train.lock"
+WANDB_ID = "wandb_run_id"  # the W&B run a resumed job continues
 METRICS = "metrics.jsonl"
 # How a resume refusal names the parts of a job's identity that are not an option of their own.
 IDENTITY_NAMES = {"data": "data (--data_path, --max_episodes: other episode files)",
@@ -210,12 +212,19 @@ def restore_rng_state(state: dict[str, Any], sampler: DeviceSampler) -> None:
         torch.cuda.set_rng_state(state["cuda"], sampler.device)
 
 
-def start_wandb(config: Config, job: Job) -> Any:
-    """A wandb run logging into the job's folder, offline unless WANDB_MODE says otherwise."""
+def start_wandb(config: Config, job: Job, start: int) -> Any:
+    """A wandb run logging into the job's folder, offline unless WANDB_MODE says otherwise. A job resumed from
+    step `start` > 0 continues the W&B run it began (its id is kept in the job's folder; offline, each part
+    gets a folder of its own and `wandb sync` joins them); a job started over begins a new run."""
     import wandb
 
     os.environ.setdefault("WANDB_MODE", "offline")  # no network needed; `wandb sync` uploads later
-    return wandb.init(project=config.wandb_project, name=job.name, dir=str(job.job_dir), config=vars(config))
+    id_file = job.job_dir / WANDB_ID
+    run_id = id_file.read_text().strip() if start > 0 and id_file.is_file() else uuid.uuid4().hex[:8]
+    with atomic_path(id_file) as temporary:
+        temporary.write_text(run_id)
+    return wandb.init(project=config.wandb_project, name=job.name, dir=str(job.job_dir), config=vars(config),
+                      id=run_id, resume="allow")
 
 
 class TF32:
@@ -337,7 +346,7 @@ def train_job(job: Job, sampler: DeviceSampler, config: Config, distributed: Dis
                   f"learning rate reaches only {reached:.2g}% of {config.learning_rate:g}")
 
     precision = Precision(device, config.precision)
-    run = start_wandb(config, job) if config.wandb and distributed.is_main else None
+    run = start_wandb(config, job, start) if config.wandb and distributed.is_main else None
     job.model.train()  # dropout on in every module, frozen ones included (as the reference)
     model = DistributedDataParallel(job.model) if distributed.world_size > 1 else job.model
     if config.compile != "none":  # the weights stay job.model's: checkpoints and artifacts are unchanged

@@ -214,6 +214,15 @@ def test_wandb_logs_offline(small_data, tmp_path):
               *environment_flags)
     runs = list((run_dir / "stage1" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+    # a resumed stage continues that W&B run (offline: a second folder of the same run id); --restart begins anew
+    run_id = (run_dir / "stage1" / "wandb_run_id").read_text()
+    run_stage("stage1_backbone_train.py", "--tasks", "reach-v2,walker-walk", "--max_iters", "30", "--wandb",
+              *environment_flags)
+    run_stage("stage1_backbone_train.py", "--tasks", "reach-v2,walker-walk", "--max_iters", "20", "--wandb",
+              "--restart", *environment_flags)
+    ids = sorted(path.name.rsplit("-", 1)[1] for path in (run_dir / "stage1" / "wandb").glob("offline-run-*"))
+    restarted = (run_dir / "stage1" / "wandb_run_id").read_text()
+    assert restarted != run_id and ids == sorted([run_id, run_id, restarted])
 
 
 @pytest.mark.device
