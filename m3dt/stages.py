@@ -384,6 +384,10 @@ def train_experts(config: Config) -> list[Path]:
     if all(finished(output, steps, config, identity) for output in outputs):
         print(f"stage 2 experts {expert_ids} already finished ({steps} steps); --restart to train again")
         return outputs
+    again = [expert for expert, output in zip(expert_ids, outputs) if finished(output, steps, config, identity)]
+    if again:  # one job trains its experts together: those finished alone are trained again
+        print(f"note: experts {again} are already finished; this job trains them again with the others and replaces "
+              "them (train the others alone with --expert_id to keep them)")
 
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)

@@ -11,16 +11,16 @@ from m3dt.stages import group_tasks, train_backbone, train_experts
 from tests.conftest import SMALL_TASKS
 
 
-def test_all_experts_in_one_process_equal_separate_runs(small_data, tmp_path):
+def test_all_experts_in_one_process_equal_separate_runs(small_data, tmp_path, capsys):
     together = tmp_path / "together"
     config = Config(tasks=",".join(SMALL_TASKS), data_path=str(small_data), run_dir=str(together), embed_dim=32,
                     n_layer=2, n_head=2, warmup_steps=3, learning_rate=1e-3, max_iters=5, log_every=5,
                     save_every=5, device="cpu", workers=0, group_num=3, expert_num=3, grouping="random")
     train_backbone(config)
     group_tasks(config, "random")
-    separate, sharded = tmp_path / "separate", tmp_path / "sharded"
-    shutil.copytree(together, separate)
-    shutil.copytree(together, sharded)
+    separate, sharded, partial = tmp_path / "separate", tmp_path / "sharded", tmp_path / "partial"
+    for copy in (separate, sharded, partial):
+        shutil.copytree(together, copy)
 
     # dropout off: its masks are drawn from one stream per process, the only randomness not kept per expert
     experts = dataclasses.replace(config, dropout=0.0, max_iters=12, grad_clip=0.05)  # tight clip: it acts
@@ -40,3 +40,9 @@ def test_all_experts_in_one_process_equal_separate_runs(small_data, tmp_path):
             alone = load_file(other / name)
             for key in alone:
                 torch.testing.assert_close(in_one[key], alone[key], rtol=1e-5, atol=1e-6)
+    # one expert finished alone, then --all: it is trained again with the others, and the stage says so
+    train_experts(dataclasses.replace(experts, run_dir=str(partial), expert_id=1))
+    capsys.readouterr()
+    train_experts(dataclasses.replace(experts, run_dir=str(partial), all=True))
+    assert ("note: experts [1] are already finished; this job trains them again with the others and replaces them "
+            "(train the others alone with --expert_id to keep them)") in capsys.readouterr().out
