@@ -381,10 +381,11 @@ def train_experts(config: Config) -> list[Path]:
     outputs = [run.expert(config.grouping, config.expert_num, expert) for expert in expert_ids]
     group_tasks_needed = [task for expert in expert_ids for task in groups[expert]]
     data_files(config, group_tasks_needed, run)
-    if all(finished(output, steps, config, identity) for output in outputs):
+    done = [finished(output, steps, config, identity) for output in outputs]
+    if all(done):
         print(f"stage 2 experts {expert_ids} already finished ({steps} steps); --restart to train again")
         return outputs
-    again = [expert for expert, output in zip(expert_ids, outputs) if finished(output, steps, config, identity)]
+    again = [expert for expert, expert_done in zip(expert_ids, done) if expert_done]
     if again:  # one job trains its experts together: those finished alone are trained again
         print(f"note: experts {again} are already finished; this job trains them again with the others and replaces "
               "them (train the others alone with --expert_id to keep them)")
