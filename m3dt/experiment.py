@@ -322,13 +322,16 @@ class Job:
 
 
 def config_flags(values: dict[str, Any]) -> list[str]:
-    """Options as the stage scripts' flags (booleans as --name / --no-name; None stays the default)."""
+    """Options as the stage scripts' flags (booleans as --name / --no-name; None stays the default). A value
+    starting with "-" is joined to its flag by "=", so that the parser does not read it as a flag of its own."""
     flags = []
     for name, value in values.items():
         if value is None:
             continue
         if isinstance(value, bool):
             flags.append(f"--{name}" if value else f"--no-{name}")
+        elif str(value).startswith("-"):
+            flags.append(f"--{name}={value}")
         else:
             flags += [f"--{name}", str(value)]
     return flags

@@ -334,11 +334,14 @@ def read_manifest(artifact: Path, what: str) -> dict[str, Any]:
 
 
 def check_model_fields(manifest: dict[str, Any], expected: dict[str, Any], artifact: Path) -> None:
-    """Stop with a clear message when an input was made with another model configuration."""
+    """Stop with a clear message when an input was made with another model configuration, naming the flag that
+    would make this run agree with it (each stage takes the model options from its command line)."""
     made_with = manifest.get("config", {})
     for name, value in expected.items():
         if made_with.get(name) != value:
-            raise ArtifactError(f"{artifact}: made with {name}={made_with.get(name)!r}, this run uses {name}={value!r}")
+            hint = f"; pass --{name} {made_with[name]} to use it" if made_with.get(name) is not None else ""
+            raise ArtifactError(f"{artifact}: made with {name}={made_with.get(name)!r}, this run uses "
+                                f"{name}={value!r}{hint}")
 
 
 def check_inputs(manifest: dict[str, Any], expected: dict[str, str], artifact: Path) -> None:

@@ -26,6 +26,26 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "device: runs on the device given by --device (scripts/gpu_check.sh: cuda)")
+    # Under pytest-xdist (scripts/test.sh: a worker per core) each worker, and each process its tests start,
+    # takes its share of the cores: the tests' tiny models on more threads than cores only wait for each other.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers:
+        threads = max(1, len(os.sched_getaffinity(0)) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
+# The modules that take longest (stage scripts in subprocesses, torchrun, fixtures that train; each over a minute
+# in one process), longest first, run before the others: pytest-xdist hands the modules to its workers in this
+# order (scripts/test.sh: --no-loadscope-reorder), so no worker starts a long module while the other one is
+# nearly done.
+LONGEST_MODULES = ("test_pipeline.py", "test_resume.py", "test_distributed.py", "test_envs_metaworld.py",
+                   "test_experiment.py", "test_evaluate.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: index for index, name in enumerate(LONGEST_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
 
 
 @pytest.fixture(scope="session")

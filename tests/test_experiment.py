@@ -19,6 +19,7 @@ import torch
 from m3dt import experiment
 from m3dt.experiment import (JobFailed, dry_run, estimate_hours, execute, job_status, levels, load_benches, load_grid,
                              main, plan_jobs, planned_steps, run_submitit, shard_jobs)
+from m3dt.config import parse_config
 from m3dt.report import build_report
 from m3dt.synthetic import make_dataset
 from tests.conftest import REPO
@@ -323,6 +324,16 @@ def test_a_grid_of_ones_own_tasks_is_planned(tmp_path):
     jobs = plan_jobs(load_grid(grid), tmp_path / "runs", {})
     assert [job.kind for job in jobs] == ["stage1", "evaluate"]
     assert "| to do |" in dry_run(load_grid(grid), jobs, tmp_path / "runs", load_benches(), show_commands=False)
+
+
+def test_a_value_starting_with_a_dash_reaches_the_stage_as_that_value():
+    """A grid's option value that starts with "-" (a folder named "-data") is passed as --name=value, which the
+    stage's parser reads as that option's value rather than as a flag of its own; others stay --name value."""
+    flags = experiment.config_flags({"data_path": "-data", "embed_dim": 16, "wandb": True, "restart": False,
+                                     "run_dir": None})
+    assert flags == ["--data_path=-data", "--embed_dim", "16", "--wandb", "--no-restart"]
+    config = parse_config("stage 1", flags)
+    assert (config.data_path, config.embed_dim, config.wandb, config.restart) == ("-data", 16, True, False)
 
 
 @pytest.mark.parametrize("mode", [[], ["--dry_run"]])

@@ -126,7 +126,7 @@ def test_mismatched_inputs_are_named(pipeline_run):
     wrong_width = [*common, "--embed_dim", "64"]
     result = run_stage("stage2_task_grouping_random.py", "--group_num", "2", *wrong_width, check=False)
     assert result.returncode == 2
-    assert "backbone.safetensors: made with embed_dim=32, this run uses embed_dim=64" in result.stderr
+    assert "backbone.safetensors: made with embed_dim=32, this run uses embed_dim=64; pass --embed_dim 32" in result.stderr
     result = run_stage("stage3_router_train.py", "--expert_num", "5", *common, check=False)
     assert result.returncode == 2 and "groups_gradient_5.json: group file does not exist" in result.stderr
     result = run_stage("stage2_task_grouping_random.py", "--group_num", "2", "--tasks", "reach-v2", *common, check=False)
