@@ -28,7 +28,7 @@ import torch
 from numpy.lib.npyio import NpzFile
 from tqdm import tqdm
 
-from m3dt.tasks import MAX_ACT_DIM, MAX_OBS_DIM, Task, get_task, task_table
+from m3dt.tasks import MAX_ACT_DIM, MAX_OBS_DIM, MINARI_PREFIX, Task, get_task, task_table
 from m3dt.workers import SPAWN, starting_workers
 
 PAD_ACTION = -10.0  # training pads actions with -10 (states 0 before normalising, rtg 0, timestep 0)
@@ -70,7 +70,11 @@ def episode_files(task_dir: Path, max_episodes: int) -> list[Path]:
         raise DataError(f"{task_dir}: episode files must be 0.npz..N.npz without gaps; missing {missing[:5]}")
     count = min(len(indices), max_episodes)
     if count < MIN_EPISODES:
-        raise DataError(f"{task_dir}: {count} episode(s); a task needs at least {MIN_EPISODES} (2 are prompts)")
+        others = sorted(path.name for path in task_dir.iterdir() if path not in numbered)
+        named = (f" (episode files are named 0.npz, 1.npz, ...; found {', '.join(others[:3])}"
+                 f"{', ...' if len(others) > 3 else ''})" if others else "")
+        raise DataError(f"{task_dir}: {count} episode(s); a task needs at least {MIN_EPISODES} (2 are prompts)"
+                        + named)
     return [task_dir / f"{index}.npz" for index in range(count)]
 
 
@@ -336,21 +340,35 @@ class EpisodeSource(Protocol):
         """The files behind it (the data fingerprint)."""
 
 
-def task_source(data_path: str, task: Task, max_episodes: int) -> EpisodeSource:
-    """Where a task's first `max_episodes` episodes are: the task table's `dataset` column if it has one,
-    else `minari:NAMESPACE/{task}` for a data path `minari:NAMESPACE`, else the folder `{data_path}/{task}`
-    of npz episode files or of a Minari dataset."""
+def folder_episodes(folder: Path, task: Task, max_episodes: int) -> EpisodeSource:
+    """The episodes of a task folder: a Minari dataset's, else the npz episode files 0.npz, 1.npz, ..."""
     from m3dt import minari_io
 
-    if task.dataset is not None or data_path.startswith(minari_io.PREFIX):
+    if minari_io.is_minari_folder(folder):
+        return minari_io.minari_episodes(str(folder), task, max_episodes)
+    return NpzEpisodes(tuple(episode_files(folder, max_episodes)))
+
+
+def task_source(data_path: str, task: Task, max_episodes: int) -> EpisodeSource:
+    """Where a task's first `max_episodes` episodes are: the task table's `dataset` column if it has one (a
+    folder of npz episodes or of a Minari dataset, or `minari:ID`), else `minari:NAMESPACE/{task}` for a data
+    path `minari:NAMESPACE`, else the folder `{data_path}/{task}` of npz episode files or of a Minari dataset."""
+    from m3dt import minari_io
+
+    if task.dataset is not None and not task.dataset.startswith(MINARI_PREFIX):
+        folder = Path(task.dataset)
+        if not folder.is_dir():
+            raise DataError(f"{folder}: not a folder (the dataset column of task '{task.name}' in its task table)")
+        source = folder_episodes(folder, task, max_episodes)
+    elif task.dataset is not None or data_path.startswith(MINARI_PREFIX):
         source = minari_io.minari_episodes(task.dataset or f"{data_path}/{task.name}", task, max_episodes)
     else:
         root = Path(data_path)
+        if root.exists() and not root.is_dir():
+            raise DataError(f"{root}: data root is a file; give the folder that holds a folder per task")
         if not root.is_dir():
             raise DataError(f"{root}: data root does not exist (download MT160 or run python -m m3dt.collect)")
-        folder = root / task.name
-        source = (minari_io.minari_episodes(str(folder), task, max_episodes) if minari_io.is_minari_folder(folder)
-                  else NpzEpisodes(tuple(episode_files(folder, max_episodes))))
+        source = folder_episodes(root / task.name, task, max_episodes)
     if len(source) < MIN_EPISODES:
         raise DataError(f"{source.where}: {len(source)} episode(s); a task needs at least {MIN_EPISODES} "
                         "(2 are prompts)")
@@ -369,7 +387,8 @@ def read_task(task: Task, source: EpisodeSource, prompt_length: int) -> TaskPart
     observations = np.concatenate([episode.observations for episode in episodes])
     actions = np.concatenate([episode.actions for episode in episodes])
     if task.name not in task_table():
-        check_own_task_data(task, source.where, observations, actions)
+        check_own_task_data(task, source.where, observations, actions,
+                            max(episode.rewards.shape[0] for episode in episodes))
     mean, std = mean_and_std(observations)
     return TaskPart(
         observations=observations,
@@ -381,11 +400,17 @@ def read_task(task: Task, source: EpisodeSource, prompt_length: int) -> TaskPart
     )
 
 
-def check_own_task_data(task: Task, where: str, observations: np.ndarray, actions: np.ndarray) -> None:
+def check_own_task_data(task: Task, where: str, observations: np.ndarray, actions: np.ndarray,
+                        longest_episode: int) -> None:
     """DataError unless a user's task's data hold zeros beyond its table's obs_dim and act_dim (a width in the
-    table below the data's would train on values evaluation never gives the model) and actions within [-1, 1]
+    table below the data's would train on values evaluation never gives the model), actions within [-1, 1]
     (the action head's tanh range, which the env's own bounds are mapped onto: raw actions of an env acting in
-    [-3, 3] would train the model on targets it cannot reach and act wrongly)."""
+    [-3, 3] would train the model on targets it cannot reach and act wrongly) and episodes no longer than the
+    table's horizon (a horizon below the data's would give every later step the same timestep, and cut the
+    evaluation's episodes short)."""
+    if longest_episode > task.horizon:
+        raise DataError(f"{where}: an episode of {longest_episode} steps, longer than the task table's horizon "
+                        f"{task.horizon} of {task.name}: give the horizon its episodes have")
     for what, values, width in (("observations", observations, task.obs_dim), ("actions", actions, task.act_dim)):
         beyond = np.flatnonzero(np.abs(values[:, width:]).max(axis=0, initial=0.0) > 0)
         if len(beyond):

@@ -27,14 +27,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from m3dt.data import DataError, Episode, finite_float32
-from m3dt.tasks import MAX_ACT_DIM, MAX_OBS_DIM, Task
+from m3dt.data import ACTION_TOLERANCE, DataError, Episode, finite_float32
+from m3dt.tasks import MAX_ACT_DIM, MAX_OBS_DIM, MINARI_PREFIX, Task
 
 if TYPE_CHECKING:  # optional packages, imported where they are used
     import gymnasium
     import minari
 
-PREFIX = "minari:"
 # Minari's ref_min_score / ref_max_score where the protocol's score is 100 (return - min) / (max - min), before
 # clipping (ant-dir and cheetah-vel clip to [0, 100]); Meta-World's score counts successes, not returns.
 REFERENCE_RETURNS = {"dmc": (0.0, 1000.0), "ant_dir": (0.0, 500.0), "cheetah_vel": (-100.0, -30.0)}
@@ -126,6 +125,7 @@ class MinariEpisodes:
                 raise DataError(f"{where}: {observations.shape} observations for {steps} steps; Minari stores "
                                 f"steps + 1 = {steps + 1} (the final observation included)")
             actions = np.asarray(data["actions"], dtype=np.float64)
+            check_action_bounds(where, actions, low, high)
             if not unit_range:  # onto [-1, 1], as the gymnasium env maps them back (from_unit_range)
                 from m3dt.envs.gymnasium_env import to_unit_range
 
@@ -136,6 +136,17 @@ class MinariEpisodes:
                 rewards=finite_float32(where, "rewards", rewards.reshape(steps)),
             ))
         return episodes
+
+
+def check_action_bounds(where: str, actions: np.ndarray, low: np.ndarray, high: np.ndarray) -> None:
+    """DataError when recorded actions (T, A) leave the dataset's action space [low, high] (A,): mapped onto
+    [-1, 1] they would leave the range the model acts in (its tanh), and the env clips them anyway."""
+    outside = (actions < low - ACTION_TOLERANCE) | (actions > high + ACTION_TOLERANCE)
+    if outside.any():
+        step, dim = np.argwhere(outside)[0]
+        raise DataError(f"{where}: action dim {dim} is {actions[step, dim]:.4g} at step {step}, outside the "
+                        f"dataset's action space [{low[dim]:.4g}, {high[dim]:.4g}]: record the actions the env "
+                        "was given (clipped to its bounds)")
 
 
 def padded(array: np.ndarray, width: int) -> np.ndarray:
@@ -170,7 +181,7 @@ def open_dataset(data_path: Path) -> minari.MinariDataset:
 
 def minari_episodes(spec: str, task: Task, max_episodes: int) -> MinariEpisodes:
     """The first `max_episodes` episodes of the Minari dataset `spec` ("minari:ID" or a dataset folder)."""
-    folder = local_dataset_folder(spec.removeprefix(PREFIX)) if spec.startswith(PREFIX) else Path(spec)
+    folder = local_dataset_folder(spec.removeprefix(MINARI_PREFIX)) if spec.startswith(MINARI_PREFIX) else Path(spec)
     if not is_minari_folder(folder):
         raise DataError(f"{folder}: not a Minari dataset folder (no data/metadata.json)")
     data_path = data_folder(folder)

@@ -144,6 +144,8 @@ def write_json(path: Path, value: Any) -> None:
 def read_json(path: Path, what: str, error_type: type[Exception] = ArtifactError) -> Any:
     """The JSON value in `path`; `error_type` (ArtifactError for a stage's artifact, TaskError for a user's task
     file, ...) naming the file and `what` it should be when it is missing, not UTF-8 text or not JSON."""
+    if path.is_dir():
+        raise error_type(f"{path}: is a folder; the {what} is a JSON file")
     if not path.is_file():
         raise error_type(f"{path}: {what} does not exist")
     try:

@@ -486,9 +486,12 @@ def load_experts(model: PromptDecisionTransformer, files: list[Path]) -> None:
 # ----------------------------------------------------------------------------------------------- CLI
 def use_task_table_checked(config: Config) -> None:
     """--task_table: register the user's tasks, then build the env of each of them the run trains on before
-    anything trains (check_env): TaskError naming the file; one line says which could not be checked here."""
+    anything trains (check_env): TaskError naming the file; one line says which could not be checked here.
+    A later stage without --prefix_name/--tasks takes its tasks from stage 1's manifest: all the table's
+    tasks are checked then."""
     table_tasks = use_task_table(config.task_table)
-    run_tasks = resolve_tasks(config.prefix_name, config.tasks, config.seed)
+    run_tasks = ({task.name for task in table_tasks} if config.prefix_name is None and config.tasks is None
+                 else resolve_tasks(config.prefix_name, config.tasks, config.seed))
     unchecked = []
     for task in table_tasks:
         try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -28,6 +29,7 @@ FAMILIES = ("metaworld", "dmc", "ant_dir", "cheetah_vel")
 GYMNASIUM = "gymnasium"  # the family of a user's task given by a gymnasium env id
 MAX_OBS_DIM = 39  # every observation is zero-padded to this width
 MAX_ACT_DIM = 8  # every action is zero-padded to this width
+MINARI_PREFIX = "minari:"  # a data path or task-table dataset naming a local Minari dataset: minari:ID
 MT1_GOALS = 50  # goals that one seeded metaworld.MT1 samples per task: Meta-World episodes per seed
 # evaluation episodes per task, the protocol's (README "Evaluation"); a gymnasium task of one's own (README
 # "Your own tasks") gets 10, as D4RL-style evaluations do
@@ -124,7 +126,7 @@ def task_from_row(row: dict, where: str, index: int) -> Task:
     score_returns = gymnasium_scores(row, label) if env_id is not None else None
     dataset = row.get("dataset")
     if dataset is not None and not isinstance(dataset, str):
-        raise TaskError(f"{label}: dataset must be 'minari:DATASET_ID' or a folder, got {dataset!r}")
+        raise TaskError(f"{label}: dataset must be '{MINARI_PREFIX}DATASET_ID' or a folder, got {dataset!r}")
     return Task(
         name=row["task"], index=index, family=family or GYMNASIUM, act_dim=row["act_dim"], obs_dim=row["obs_dim"],
         horizon=row["horizon"], return_target=float(row["return_target"]), rtg_scale=float(row["rtg_scale"]),
@@ -187,7 +189,7 @@ def check_numbers(row: dict, label: str) -> None:
     for column in NUMBER_COLUMNS:
         value = row.get(column)
         if not is_number(value) and (value is not None or column in REQUIRED_COLUMNS):
-            raise TaskError(f"{label}: {column} must be a number, got {value!r}")
+            raise TaskError(f"{label}: {column} must be a finite number, got {value!r}")
     if row["rtg_scale"] <= 0:
         raise TaskError(f"{label}: rtg_scale must be positive, got {row['rtg_scale']}")
 
@@ -200,14 +202,15 @@ def gymnasium_scores(row: dict, label: str) -> tuple[float, float]:
         raise TaskError(f"{label}: env_kwargs must be an object of keyword arguments")
     low, high = row.get("score_min_return"), row.get("score_max_return")
     if not (is_number(low) and is_number(high) and high > low):
-        raise TaskError(f"{label}: a gymnasium task needs score_min_return < score_max_return (numbers), "
+        raise TaskError(f"{label}: a gymnasium task needs score_min_return < score_max_return (finite numbers), "
                         f"got {low!r} and {high!r}")
     return float(low), float(high)
 
 
 def is_number(value: object) -> bool:
-    """An int or float of JSON (true and false are not numbers here)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite int or float of JSON (true and false are not numbers here; Python's JSON reads NaN and Infinity,
+    which a return target or score bound cannot be)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def names_hash(names: list[str]) -> str:
@@ -232,8 +235,9 @@ def register_task_rows(rows: list[dict], where: str) -> list[Task]:
     tasks = [task_from_row(row, where, len(task_table()) + len(_user_tasks) + position)
              for position, row in enumerate(rows)]
     names = [task.name for task in tasks]
-    if len(set(names)) != len(names):
-        raise TaskError(f"{where}: a task name appears twice")
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise TaskError(f"{where}: task name(s) {', '.join(twice)} appear more than once")
     for task in tasks:
         known = _user_tasks.get(task.name)
         if known is not None and task_row(known) != task_row(task):
@@ -245,10 +249,20 @@ def register_task_rows(rows: list[dict], where: str) -> list[Task]:
 
 def use_task_table(path: str | Path) -> list[Task]:
     """--task_table FILE: register every task of the file; returns them."""
-    tasks = register_task_rows(read_task_table(path), str(path))
+    rows = [dataset_beside_table(row, Path(path).parent) for row in read_task_table(path)]
+    tasks = register_task_rows(rows, str(path))
     if str(path) not in _user_table_files:
         _user_table_files.append(str(path))
     return tasks
+
+
+def dataset_beside_table(row: object, folder: Path) -> object:
+    """A row whose `dataset` is a relative folder, with that folder made absolute from the task table's `folder`
+    (so a table and its data move together, and a stage-1 manifest records where the data was)."""
+    dataset = row.get("dataset") if isinstance(row, dict) else None
+    if not isinstance(dataset, str) or dataset.startswith(MINARI_PREFIX) or Path(dataset).is_absolute():
+        return row
+    return {**row, "dataset": str((folder / dataset).resolve())}
 
 
 def task_row(task: Task) -> dict:

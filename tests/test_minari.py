@@ -117,6 +117,15 @@ def test_minari_errors_name_the_dataset(minari_root, tmp_path):
         minari_episodes(f"minari:tests/{name}-v0", get_task("minari-test-swimmer"), 10).load()
     with pytest.raises(DataError, match="not a Minari dataset folder"):
         minari_episodes(str(tmp_path), get_task(name), 10)
+    # actions recorded beyond the dataset's own action space: named as such, before they are mapped
+    outside = made_up_episodes(get_task(name), 3.0, count=4, seed=1)
+    outside[1]["actions"][2, 0] = 4.5
+    name = "minari-test-swimmer"
+    write_with_minari(name, [{**episode, "observations": np.zeros((len(episode["rewards"]) + 1, 8), np.float32),
+                              "actions": np.repeat(episode["actions"], 2, axis=1)} for episode in outside], 3.0)
+    with pytest.raises(DataError, match=r"episode 1: action dim 0 is 4\.5 at step 2, outside the dataset's action "
+                                        r"space \[-3, 3\]: record the actions the env was given"):
+        minari_episodes(f"minari:tests/{name}-v0", get_task(name), 10).load()
 
 
 def test_collect_format_minari_round_trip(minari_root, tmp_path, capsys):

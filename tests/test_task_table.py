@@ -4,6 +4,7 @@ what the run recorded (the table file is not needed again); bad rows stop with o
 
 import json
 from collections import OrderedDict
+from functools import partial
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import torch
 from m3dt import envs as envs_module
 from m3dt import tasks as task_module
 from m3dt.baselines.__main__ import main as baselines_main
+from m3dt.data import DataError, task_source
 from m3dt.envs import make_env
 from m3dt.evaluate import evaluate
 from m3dt.evaluate import main as evaluate_main
@@ -19,7 +21,7 @@ from m3dt.import_reference import export_backbone
 from m3dt.import_reference import main as import_main
 from m3dt.minari_io import write_task_dataset
 from m3dt.model import ModelConfig, PromptDecisionTransformer
-from m3dt.stages import run_cli, train_backbone
+from m3dt.stages import group_tasks, run_cli, train_backbone
 from m3dt.tasks import TaskError, get_task, use_task_table
 from tests.test_cli_errors import run_in_process
 from tests.test_pipeline import TINY, read_losses
@@ -96,6 +98,12 @@ def test_own_gymnasium_tasks_train_and_evaluate(tmp_path, monkeypatch, one_threa
                                         "--data_path", str(data_root), "--run_dir", str(run_dir), "--max_iters", "60"])
     losses = read_losses(run_dir / "stage1" / "metrics.jsonl")
     assert len(losses) == 3 and losses[-1] < losses[0]
+    # a later stage given the same table again takes its tasks from stage 1 (it used to say "no tasks")
+    run_cli(partial(group_tasks, method="random"), "stage 2",
+            [*TINY, "--task_table", str(table), "--data_path", str(data_root), "--run_dir", str(run_dir),
+             "--group_num", "2"])
+    groups = json.loads((run_dir / "stage2" / "groups_random_2.json").read_text())
+    assert sorted(sum(groups.values(), [])) == ["own-hopper", "own-pendulum"]
 
     # The evaluator knows the tasks from the stage-1 manifest alone, and its env workers from the Task objects.
     for name in ("own-hopper", "own-pendulum"):
@@ -211,7 +219,14 @@ ANT = {"task": "bad-row", "family": "ant_dir", "obs_dim": 27, "act_dim": 8, "hor
        "rtg_scale": 500.0, "goal_angle_rad": 1.0}
 BAD_TABLES = {  # what the table file holds -> the message after "{file}: "
     "score not a number": ([{**ROWS[0], "task": "bad-row", "single_task_score": "high"}],
-                           "task 'bad-row': single_task_score must be a number, got 'high'"),
+                           "task 'bad-row': single_task_score must be a finite number, got 'high'"),
+    "return target NaN": ([{**ROWS[0], "task": "bad-row", "return_target": float("nan")}],
+                          "task 'bad-row': return_target must be a finite number, got nan"),
+    "score bound infinite": ([{**ROWS[0], "task": "bad-row", "score_max_return": float("inf")}],
+                             "task 'bad-row': a gymnasium task needs score_min_return < score_max_return (finite "
+                             "numbers), got -20.3 and inf"),
+    "a name twice": ([{**ROWS[0], "task": "bad-row"}, {**ROWS[0], "task": "bad-row"}],
+                     "task name(s) bad-row appear more than once"),
     "trajectories not a number": ([{**ROWS[0], "task": "bad-row", "train_trajectories": "1998"}],
                                   "task 'bad-row': train_trajectories must be an integer at least 1, got '1998'"),
     "trajectories true": ([{**ROWS[0], "task": "bad-row", "train_trajectories": True}],
@@ -221,7 +236,7 @@ BAD_TABLES = {  # what the table file holds -> the message after "{file}: "
     "cheetah_vel with ant's goal": ([{**ANT, "family": "cheetah_vel", "obs_dim": 20, "act_dim": 6}],
                                     "task 'bad-row': cheetah_vel rows need the goal column goal_velocity (a number)"),
     "goal not a number": ([{**ANT, "goal_angle_rad": "north"}],
-                          "task 'bad-row': goal_angle_rad must be a number, got 'north'"),
+                          "task 'bad-row': goal_angle_rad must be a finite number, got 'north'"),
     "goal on a gymnasium row": ([{**ROWS[0], "task": "bad-row", "goal_velocity": 1.5}],
                                 "task 'bad-row': goal_velocity is the goal column of cheetah_vel rows only"),
     "metaworld family": ([{"task": "reach-v9", "family": "metaworld", "obs_dim": 39, "act_dim": 4, "horizon": 500,
@@ -230,6 +245,7 @@ BAD_TABLES = {  # what the table file holds -> the message after "{file}: "
                          "task is already an MT160 task"),
     "binary file": (b"\x89PNG\r\n\x1a\n\x00\xff\xfe", "task table is not valid JSON: not UTF-8 text (byte 0)"),
     "no rows": ({"tasks": []}, "task table must hold a non-empty list of tasks"),
+    "a folder": (None, "is a folder; the task table is a JSON file"),
 }
 
 
@@ -237,7 +253,10 @@ BAD_TABLES = {  # what the table file holds -> the message after "{file}: "
 def test_bad_tables_stop_when_read_in_one_line(case, tmp_path, monkeypatch, capsys):
     content, message = BAD_TABLES[case]
     table = tmp_path / "table.json"
-    table.write_bytes(content if isinstance(content, bytes) else json.dumps(content).encode())
+    if content is None:
+        table.mkdir()
+    else:
+        table.write_bytes(content if isinstance(content, bytes) else json.dumps(content).encode())
     expected = f"{table}: {message}"
     with pytest.raises(TaskError) as error:
         use_task_table(table)
@@ -337,6 +356,41 @@ def test_actions_outside_the_models_range_are_refused_when_loading(tmp_path, cap
     assert err == (f"error: {folder}: actions reach {largest:.4g} in absolute value, outside [-1, 1], the range the "
                    "model acts in: map own-hopper's actions from the env's bounds onto [-1, 1] (README \"Your own "
                    "tasks\")\n")
+
+
+def test_episodes_longer_than_the_horizon_are_refused_when_loading(tmp_path, capsys):
+    """A horizon below the data's used to train silently, every later step on the last timestep."""
+    use_task_table(write_table(tmp_path, ROWS[:1]))
+    folder = tmp_path / "data" / "own-hopper"
+    write_npz_episodes(folder, random_episodes("own-hopper", 4))
+    longest = max(len(np.load(folder / f"{index}.npz")["rewards"]) for index in range(2))
+    task_module._user_tasks.clear()  # as a new process, given the table with a shorter horizon
+    table = write_table(tmp_path, [{**ROWS[0], "horizon": longest - 1}])
+    with pytest.raises(SystemExit) as exited:
+        run_cli(train_backbone, "stage 1", [*TINY, "--task_table", str(table), "--tasks", "own-hopper",
+                                            "--data_path", str(tmp_path / "data"), "--run_dir", str(tmp_path / "run")])
+    assert exited.value.code == 2 and capsys.readouterr().err == (
+        f"error: {folder}: an episode of {longest} steps, longer than the task table's horizon {longest - 1} of "
+        "own-hopper: give the horizon its episodes have\n")
+
+
+def test_a_dataset_folder_is_read_from_the_tables_folder(tmp_path, monkeypatch):
+    """The dataset column may name a folder of npz episodes, relative to the table; a missing one is named."""
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    use_task_table(write_table(tmp_path, ROWS[:1]))
+    write_npz_episodes(tables / "data" / "hopper", random_episodes("own-hopper", 4))
+    task_module._user_tasks.clear()
+    monkeypatch.chdir(tmp_path)  # not the table's folder
+    (task,) = use_task_table(write_table(tables, [{**ROWS[0], "dataset": "data/hopper"}]))
+    assert task.dataset == str(tables / "data" / "hopper")
+    source = task_source("./nowhere", task, 10)
+    assert [path.name for path in source.stored_files()] == ["0.npz", "1.npz", "2.npz", "3.npz"]
+    task_module._user_tasks.clear()
+    (task,) = use_task_table(write_table(tables, [{**ROWS[0], "dataset": "data/hoper"}]))
+    with pytest.raises(DataError, match=f"^{tables / 'data' / 'hoper'}: not a folder \\(the dataset column of "
+                                        "task 'own-hopper' in its task table\\)$"):
+        task_source("./nowhere", task, 10)
 
 
 def missing_simulator(*arguments, **options):

@@ -189,9 +189,21 @@ def test_prompt_shorter_than_the_window(tmp_path, sampler):
 def test_task_folders_and_names(tmp_path):
     with pytest.raises(DataError, match="nowhere: data root does not exist"):
         TaskDataset(tmp_path / "nowhere", ["reach-v2"])
+    (tmp_path / "episodes.npz").write_bytes(b"")
+    with pytest.raises(DataError, match="episodes.npz: data root is a file; give the folder that holds a folder per "
+                                        "task"):
+        TaskDataset(tmp_path / "episodes.npz", ["reach-v2"])
     folder = write_task(tmp_path, episodes=2)
-    with pytest.raises(DataError, match="reach-v2: 2 episode.s.; a task needs at least 3"):
+    with pytest.raises(DataError, match=r"reach-v2: 2 episode.s.; a task needs at least 3 \(2 are prompts\)$"):
         TaskDataset(tmp_path, ["reach-v2"])
+    for index in range(4):  # files of another naming: the message says the one it reads
+        np.savez(folder / f"episode_{index}.npz", **valid_arrays())
+    with pytest.raises(DataError, match=r"reach-v2: 2 episode.s.; a task needs at least 3 \(2 are prompts\) \(episode "
+                                        r"files are named 0.npz, 1.npz, ...; found episode_0.npz, episode_1.npz, "
+                                        r"episode_2.npz, ...\)"):
+        TaskDataset(tmp_path, ["reach-v2"])
+    for index in range(4):
+        (folder / f"episode_{index}.npz").unlink()
     np.savez(folder / "3.npz", **valid_arrays())
     with pytest.raises(DataError, match=r"reach-v2: episode files must be 0.npz..N.npz without gaps; missing \[2\]"):
         TaskDataset(tmp_path, ["reach-v2"])
