@@ -51,7 +51,7 @@ from m3dt.memory import evaluation_rows, free_memory
 from m3dt.model import PromptDecisionTransformer, build_model
 from m3dt.run import (ArtifactError, RunDir, atomic_path, check_inputs, file_hash, input_hashes, load_tensors,
                       make_folder, manifest_path, read_json, read_manifest, write_json)
-from m3dt.scores import SCORE_AXIS, full_episode_return, task_score
+from m3dt.scores import SCORE_AXIS, full_episode_return, score_axis_limits, task_score
 from m3dt.tasks import (EPISODES_PER_FAMILY, FAMILIES, GYMNASIUM, MAX_ACT_DIM, MAX_OBS_DIM, MT1_GOALS, Task,
                         check_timesteps, get_task, names_hash, register_task_rows, resolve_tasks)
 from m3dt.train import resolve_device
@@ -603,9 +603,11 @@ def plot_families(out_dir: Path, results: dict) -> None:
                          label="single-task DT (paper, full protocol)", zorder=3)
         axes.set_xticks(positions, [name for name, _ in rows], rotation=75, ha="right", fontsize=7)
         axes.set_xlim(-0.6, len(rows) - 0.4)
-        top = max(100.0, *scores)
-        axes.set_ylim(0, top * 1.25)  # the band above 100 holds the legend, clear of the markers at 100
-        axes.set_yticks(np.arange(0, top + 1, 20))
+        bottom, top = score_axis_limits(scores + [score for _, score in referenced])
+        axes.set_ylim(bottom, top * 1.25)  # the band above 100 holds the legend, clear of the markers at 100
+        axes.set_yticks(np.arange(20 * np.floor(bottom / 20), top + 1, 20))
+        if bottom < 0:
+            axes.axhline(0, color="black", linewidth=0.8)
         cut = results["protocol"]["max_steps"] is not None and family != "metaworld"
         axes.set_ylabel(SCORE_AXIS[family] + ("\n(a cut episode: return x horizon / steps)" if cut else ""))
         axes.grid(axis="y", alpha=0.3)

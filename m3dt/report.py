@@ -47,7 +47,7 @@ from m3dt.baselines.dense_sizes import parameter_count
 from m3dt.evaluate import reference_text
 from m3dt.run import (ArtifactError, atomic_path, check_folder, file_hash, make_folder, manifest_path, read_json,
                       write_json)
-from m3dt.scores import SCORE_AXIS
+from m3dt.scores import SCORE_AXIS, score_axis_limits
 from m3dt.tasks import FAMILIES, GYMNASIUM, names_hash, suites
 
 # The paper's published numbers (Kong et al., ICML 2025): normalised score, mean over tasks, by task count.
@@ -713,11 +713,16 @@ def plot_tasks(path: Path, rows: list[Row], title: str, palette: dict[str, Any])
     axes.set_xscale("log")
     axes.set_xticks(task_counts, [str(count) for count in task_counts])
     axes.minorticks_off()
-    axes.set_ylim(0, 100)
+    axes.set_ylim(*score_axis_limits(error_bar_ends([row.total for row in rows])))
     axes.set_xlabel("number of tasks")
     axes.set_ylabel("normalised score, mean over tasks (0-100)")
     axes.set_title(plot_title("Total score against task count", rows, title), fontsize=9)
     finish(figure, [axes], path)
+
+
+def error_bar_ends(means_and_stds: list[tuple[float, ...]]) -> list[float]:
+    """The low and high ends of error bars (mean, std, ...) and their means, for the axis to hold them."""
+    return [mean + sign * std for mean, std, *_ in means_and_stds for sign in (-1, 0, 1)]
 
 
 def plot_experts(path: Path, rows: list[Row], title: str) -> None:
@@ -743,7 +748,7 @@ def plot_experts(path: Path, rows: list[Row], title: str) -> None:
                          label=f"paper: M3DT, {tasks} tasks: {score:.2f}\n(its best count: "
                                f"{PAPER_BEST_EXPERTS[tasks]} experts)")
     axes.set_xticks(sorted({row.first.experts for row in rows}))
-    axes.set_ylim(0, 100)
+    axes.set_ylim(*score_axis_limits(error_bar_ends([row.total for row in rows])))
     axes.set_xlabel("number of experts")
     axes.set_ylabel("normalised score, mean over tasks (0-100)")
     axes.set_title(plot_title("Total score against expert count", rows, title), fontsize=9)
@@ -766,7 +771,9 @@ def plot_families(path: Path, rows: list[Row], title: str, palette: dict[str, An
         if members[0].reference[family] is not None:
             axes.axhline(members[0].reference[family], color="black", linestyle="--", label="single-task DT (paper)")
         axes.set_xticks(range(len(members)), [str(number) for number in numbers], fontsize=7)
-        axes.set_ylim(0, 100)
+        axes.set_ylim(*score_axis_limits(error_bar_ends([row.families[family] for row in members])))
+        if axes.get_ylim()[0] < 0:
+            axes.axhline(0, color="black", linewidth=0.8)
         axes.set_ylabel(SCORE_AXIS[family])
         axes.set_title(family, fontsize=9)
     figure.suptitle(plot_title(f"Score per family, {rows[0].task_cell.replace('(', 'tasks (')}", rows, title),

@@ -31,6 +31,16 @@ def full_episode_return(episode_return: float, steps: int, horizon: int, ended: 
     return episode_return * horizon / steps
 
 
+def score_axis_limits(values: list[float]) -> tuple[float, float]:
+    """The y range of a score plot: [0, 100], where MT160's scores lie, widened with a 5% margin to hold
+    `values` (bar tops, error-bar ends): a gymnasium task's score is not clipped, and may be below 0 or above
+    100."""
+    finite = [float(value) for value in values if np.isfinite(value)]
+    low, high = min([0.0, *finite]), max([100.0, *finite])
+    margin = 0.05 * (high - low)
+    return (low - margin if low < 0 else 0.0), (high + margin if high > 100 else 100.0)
+
+
 def episode_score(family: str, returns: list[float], successes: list[bool]) -> float:
     """One task's score from its evaluation episodes (returns on the full-episode scale: full_episode_return).
 

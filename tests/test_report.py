@@ -8,8 +8,10 @@ import json
 import numpy as np
 import pytest
 
+from m3dt import report
 from m3dt.report import (build_report, build_rows, find_results, iqm_interval, load_results, main,
                          performance_profiles, profile_curves)
+from m3dt.scores import score_axis_limits
 from m3dt.tasks import get_task, resolve_tasks
 
 # Per-task scores of 3 seeds x 5 tasks (a fixed table: the statistics below are computed from it by hand).
@@ -312,3 +314,22 @@ def test_each_profile_band_resamples_what_its_own_interval_does(tmp_path):
     assert profiles[prompt_dt][0] == 0.4 and profiles[m3dt][0] == 0.5
     assert bands[prompt_dt][0, 0] == bands[prompt_dt][1, 0] == 0.4
     assert bands[m3dt][1, 0] - bands[m3dt][0, 0] >= 0.3
+
+
+def test_score_axes_hold_scores_below_0_and_above_100(tmp_path, monkeypatch):
+    """A gymnasium task's score is not clipped: the plots' axes used to end at 0, hiding a negative score."""
+    assert score_axis_limits([20.0, 80.0]) == (0.0, 100.0)
+    assert score_axis_limits([-50.0, 130.0, float("nan")]) == pytest.approx((-59.0, 139.0))  # 5% of 180
+    for seed, score in enumerate((-40.0, -60.0)):
+        path = write_result(tmp_path / f"own_seed{seed}", "stage1", "Prompt-DT", "prompt-dt", seed, SCORES[0])
+        data = json.loads(path.read_text())
+        data["tasks"] = {"own-hopper": {"family": "gymnasium", "score": score, "episodes": 10, "reference_score": None}}
+        data["families"] = {"gymnasium": {"score": score, "reference_score": None, "tasks": 1}}
+        data["total"] = {"score": score, "tasks": 1, "reference_score": None}
+        path.write_text(json.dumps(data))
+    limits = {}
+    monkeypatch.setattr(report, "finish", lambda figure, all_axes, path: limits.update(
+        {path.name.split("_")[0]: [axes.get_ylim() for axes in all_axes]}))
+    build_report([tmp_path], tmp_path / "out", reps=20)
+    lowest = -50.0 - np.std([-40.0, -60.0], ddof=1)  # the error bar's lower end
+    assert limits["families"][0][0] < lowest and limits["score"][0][0] < lowest  # per family; by task count
