@@ -389,6 +389,12 @@ def plan_jobs(grid: Grid, run_root: Path, overrides: dict[str, Any]) -> list[Job
                     check_episodes(tasks, grid.evaluation.get("episodes"))
                 except ConfigError as error:
                     raise grid_error(grid.path, "evaluation", str(error)) from None
+                beyond = [count for count in entry.experts[suite] if count > len(tasks)]
+                if spec.trains == "stages" and beyond:  # stage 2 groups the tasks, a group per expert
+                    raise grid_error(grid.path, f"runs[{entry_index}].experts",
+                                     f"{beyond[0]} experts for the {len(tasks)} tasks of {suite}: the task grouping "
+                                     f"makes one group per expert, of one task at least (give the counts per suite, "
+                                     f"e.g. {{{suite}: [{min(8, len(tasks))}]}})")
                 stage1 = Job("stage1", run_dir, config)
                 common = {"run_dir": run_dir}
                 for experts in entry.experts[suite]:
@@ -876,6 +882,7 @@ def dry_run(grid: Grid, jobs: list[Job], run_root: Path, benches: list[Bench], s
                       "training jobs read are fixed (finished stages read it too: they compare it with what they "
                       "trained on):"]
         lines += [f"- {problem} ({count} job(s))" for problem, count in problems.items()]
+    lines += ["", "Estimated cost of the jobs left:"]
     for bench, by_kind, partial_total in zip(benches, totals, unknown):
         kind = "GPU-hours" if bench.is_gpu else "hours on this CPU bench (no GPU figure)"
         missing = " (some jobs have no figure in it: more)" if partial_total else ""

@@ -198,7 +198,9 @@ def model_size(run_dir: Path, data: dict[str, Any]) -> tuple[str, int | None]:
         return "-", None
     names = {option.name for option in dataclasses.fields(Config)}
     config = Config(**{name: value for name, value in recorded.items() if name in names})
-    return f"d{config.embed_dim} L{config.n_layer}", parameter_count(config, int(data.get("num_experts") or 0))
+    prompt = data.get("method_id") != "mtdt"  # MTDT is Prompt-DT without its prompt embeddings
+    return (f"d{config.embed_dim} L{config.n_layer}",
+            parameter_count(config, int(data.get("num_experts") or 0), prompt=prompt))
 
 
 @dataclass

@@ -16,6 +16,7 @@ from m3dt.config import Config, load_yaml
 from m3dt.conflict import conflict_measures
 from m3dt.data import DeviceSampler, TaskDataset
 from m3dt.evaluate import main as evaluate_main
+from m3dt.report import model_size
 from m3dt.model import build_model
 from m3dt.run import RunDir
 from m3dt.stages import train_backbone
@@ -64,6 +65,10 @@ def test_method_loss_falls_and_it_evaluates(trained, method):
     assert results["checkpoint"]["path"] == f"baselines/{method}/model.safetensors" and not results["protocol"]["full"]
     assert results["num_experts"] == (2 if method.startswith("m3dt") else 0) and results["grouping"] is None
     assert all(np.isfinite(row["score"]) and row["steps_mean"] == 3 for row in results["tasks"].values())
+    if method in ("mtdt", "harmodt"):  # dense: the report's parameter count is the values its artifact holds
+        saved = load_file(run.baseline(method) / "model.safetensors")  # (HarmoDT's masks are not parameters)
+        parameters = sum(tensor.numel() for name, tensor in saved.items() if name != harmodt.MASKS_KEY)
+        assert model_size(run.root, results)[1] == parameters
 
 
 def test_rerun_is_finished_and_missing_method_is_one_line(trained, capsys, tmp_path):

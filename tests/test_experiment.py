@@ -220,6 +220,9 @@ def test_dry_run_of_the_paper_grid_and_its_cost():
     ("runs: [{method: mtdt, options: {wandb: 1}}]\nsuites: [mt10]", "runs[0].options: wandb must be bool, got 1"),
     ("runs: [{method: mtdt, options: {residual: foo}}]\nsuites: [mt10]", "--residual must be one of ln2, standard"),
     ("options: {learning_rate: fast}\nruns: [{method: mtdt}]\nsuites: [mt10]", "options: learning_rate must be float"),
+    # a group per expert: 16 experts at 10 tasks used to be planned, then stop the grid after its stage 1
+    ("runs: [{method: m3dt, experts: [8, 16]}]\nsuites: [mt10]", "runs[0].experts: 16 experts for the 10 tasks of "
+                                                               "mt10: the task grouping makes one group per expert"),
 ])
 def test_grid_file_errors_are_one_line(tmp_path, capsys, content, message):
     path = tmp_path / "bad.yaml"

@@ -21,11 +21,11 @@ from m3dt.model import build_model
 DENSE_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "dense"
 
 
-def parameter_count(config: Config, num_experts: int = 0) -> int:
+def parameter_count(config: Config, num_experts: int = 0, prompt: bool = True) -> int:
     """Parameters of the Prompt-DT `config` describes, with a routed mixture of `num_experts` experts
-    (the M3DT model of stage 3) when num_experts > 0."""
+    (the M3DT model of stage 3) when num_experts > 0, without the prompt embeddings when not `prompt` (MTDT)."""
     with torch.device("meta"):
-        model = build_model(config, config.dropout)
+        model = build_model(config, config.dropout, prompt=prompt)
         if num_experts:
             model.install_experts(num_experts, routed=True)
     return sum(parameter.numel() for parameter in model.parameters())
