@@ -531,6 +531,15 @@ def reference_text(reference: float | None) -> str:
     return "-" if reference is None else f"{reference:.2f}"
 
 
+def reference_label(families: list[str]) -> str:
+    """What the reference score beside ours is: the paper's single-task DT for MT160's families, the
+    single_task_score column of the task table for tasks of one's own (family gymnasium)."""
+    if families == [GYMNASIUM]:
+        return "single-task score (your task table's)"
+    return "single-task DT (paper, full protocol" + ("; own tasks: your task table's)" if GYMNASIUM in families
+                                                     else ")")
+
+
 def markdown_table(results: dict) -> str:
     """table.md of an evaluation: what was evaluated and how, whether it was the full protocol, and the
     mean score per family beside the paper's single-task DT."""
@@ -539,7 +548,7 @@ def markdown_table(results: dict) -> str:
         f"**{protocol['note']}** These scores are not comparable with the paper's.")
     method = results["method"] + ("" if protocol["full"] else " (not full protocol)")
     lines = [f"{describe_method(results)}: {describe_settings(results)}.", "", status, "",
-             f"| family | tasks | {method}: score | single-task DT (paper, full protocol) |", "|---|---|---|---|"]
+             f"| family | tasks | {method}: score | {reference_label(list(results['families']))} |", "|---|---|---|---|"]
     for family, row in results["families"].items():
         lines.append(f"| {family} | {row['tasks']} | {row['score']:.2f} | {reference_text(row['reference_score'])} |")
     total = results["total"]
@@ -600,7 +609,7 @@ def plot_families(out_dir: Path, results: dict) -> None:
                       if row["reference_score"] is not None]
         if referenced:
             axes.scatter(*zip(*referenced), color="black", marker="_", s=200,
-                         label="single-task DT (paper, full protocol)", zorder=3)
+                         label=reference_label([family]), zorder=3)
         axes.set_xticks(positions, [name for name, _ in rows], rotation=75, ha="right", fontsize=7)
         axes.set_xlim(-0.6, len(rows) - 0.4)
         bottom, top = score_axis_limits(scores + [score for _, score in referenced])

@@ -186,13 +186,16 @@ def as_list(path: Path, where: str, value: Any, kind: type) -> list:
     it is empty or holds anything else."""
     values = value if isinstance(value, list) else [value]
     if not values or not all(isinstance(item, kind) and not isinstance(item, bool) for item in values):
-        raise grid_error(path, where, f"expected a {kind.__name__} or a non-empty list of them, got {value!r}")
+        what = {int: "an integer", str: "a string"}.get(kind, f"a {kind.__name__}")
+        raise grid_error(path, where, f"expected {what} or a non-empty list of them, got {value!r}")
     return values
 
 
 def load_grid(path: Path) -> Grid:
     """Read and check a grid file; every problem is one ConfigError naming the file and the entry."""
     raw = read_yaml_mapping(path, "grid file")
+    if not raw:
+        raise grid_error(path, "", "the grid file is empty: it needs suites and runs (configs/experiments/*.yaml)")
     unknown = sorted(set(raw) - GRID_KEYS)
     if unknown:
         raise grid_error(path, "", f"unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(GRID_KEYS))})")

@@ -1,6 +1,6 @@
 """The paper's tables from evaluated runs, beside the paper's published numbers, with honest statistics.
 
-    python -m m3dt.report runs/paper_table1 [more run roots or run directories] [--out report]
+    python -m m3dt.report runs/paper [more run roots or run directories] [--out report]   # --out: default report
     python -m m3dt.report --config configs/demo.yaml      # the run directory of a stage config file
 
 Reads every `eval/*/results.json` under the given folders (written by m3dt.evaluate) and writes to --out:
@@ -42,7 +42,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from m3dt.cli import command, exit_with_message
-from m3dt.config import ArgumentParser, Config, ConfigError, load_yaml
+from m3dt.config import ArgumentParser, Config, ConfigError, load_yaml, read_yaml_mapping
 from m3dt.baselines.dense_sizes import parameter_count
 from m3dt.evaluate import reference_text
 from m3dt.run import (ArtifactError, atomic_path, check_folder, file_hash, make_folder, manifest_path, read_json,
@@ -128,6 +128,8 @@ def find_results(folders: list[Path]) -> list[Path]:
         found = sorted(folder.glob("**/eval/*/results.json")) if folder.is_dir() else []
         if not found:
             why = "run python -m m3dt.evaluate first" if folder.is_dir() else "no such folder"
+            if folder.is_dir() and (any(folder.glob("*/results.json")) or (folder / "results.json").is_file()):
+                why = "give the run directory, the folder above eval/"
             raise ArtifactError(f"{folder}: no eval/*/results.json below it ({why})")
         paths += found
     # one entry per file however it was reached; paths stay as given (relative ones stay relative in the outputs)
@@ -144,7 +146,8 @@ def evaluation_settings(data: dict[str, Any]) -> tuple[str, bool]:
     protocol = data["protocol"]
     settings = "full protocol"
     if not protocol["full"]:
-        parts = [f"{protocol['episodes']} episodes/task" if protocol.get("episodes") else "",
+        episodes = protocol.get("episodes")
+        parts = [f"{episodes} episode{'s' if episodes != 1 else ''}/task" if episodes else "",
                  f"<= {protocol['max_steps']} steps" if protocol.get("max_steps") else ""]
         settings = "NOT full protocol (" + ", ".join(part for part in parts if part) + ")"
     context = data.get("context_actions", "full")
@@ -699,11 +702,11 @@ def plot_tasks(path: Path, rows: list[Row], title: str, palette: dict[str, Any])
         seeds = "/".join(str(len(row.results)) for row in members)
         axes.errorbar([row.first.tasks for row in members], [row.total[0] for row in members],
                       yerr=[row.total[1] for row in members], marker="o", capsize=3,
-                      color=None if several else palette.get(name), label=f"{name} (seeds: {seeds})")
+                      color=None if several else palette.get(name), label=f"{name} (seeds per point: {seeds})")
         for row in members:
             if row.first.experts:
                 axes.annotate(f"E={row.first.experts}", (row.first.tasks, row.total[0]), textcoords="offset points",
-                              xytext=(5, -11), fontsize=7)
+                              xytext=(5, 4), fontsize=7)
     official = {row.first.tasks for row in rows if row.official}
     for name, numbers in PAPER_TOTALS.items():
         xs = sorted(numbers) if official else []
@@ -718,7 +721,8 @@ def plot_tasks(path: Path, rows: list[Row], title: str, palette: dict[str, Any])
     axes.set_ylim(*score_axis_limits(error_bar_ends([row.total for row in rows])))
     axes.set_xlabel("number of tasks")
     axes.set_ylabel("normalised score, mean over tasks (0-100)")
-    axes.set_title(plot_title("Total score against task count", rows, title), fontsize=9)
+    axes.set_title(plot_title("Total score against task count (log axis; error bars: std over seeds)", rows, title),
+                   fontsize=9)
     finish(figure, [axes], path)
 
 
@@ -741,7 +745,7 @@ def plot_experts(path: Path, rows: list[Row], title: str) -> None:
         seeds = "/".join(str(len(row.results)) for row in members)
         axes.errorbar([row.first.experts for row in members], [row.total[0] for row in members],
                       yerr=[row.total[1] for row in members], marker="o", capsize=3,
-                      color=palette[f"{name}, {tasks} tasks"], label=f"{name}, {tasks} tasks (seeds: {seeds})")
+                      color=palette[f"{name}, {tasks} tasks"], label=f"{name}, {tasks} tasks (seeds per point: {seeds})")
     official = {row.first.tasks for row in rows if row.official}
     for tasks, score in PAPER_TOTALS["M3DT"].items():
         colour = palette.get(f"M3DT, {tasks} tasks")
@@ -753,7 +757,8 @@ def plot_experts(path: Path, rows: list[Row], title: str) -> None:
     axes.set_ylim(*score_axis_limits(error_bar_ends([row.total for row in rows])))
     axes.set_xlabel("number of experts")
     axes.set_ylabel("normalised score, mean over tasks (0-100)")
-    axes.set_title(plot_title("Total score against expert count", rows, title), fontsize=9)
+    axes.set_title(plot_title("Total score against expert count (error bars: std over seeds)", rows, title),
+                   fontsize=9)
     finish(figure, [axes], path)
 
 
@@ -771,14 +776,15 @@ def plot_families(path: Path, rows: list[Row], title: str, palette: dict[str, An
                      color=palette.get(series_name(row, with_experts=False)),
                      label=f"{number}: {series_name(row)} (seeds: {len(row.results)})")
         if members[0].reference[family] is not None:
-            axes.axhline(members[0].reference[family], color="black", linestyle="--", label="single-task DT (paper)")
+            axes.axhline(members[0].reference[family], color="black", linestyle="--", label="single-task score (your task table's)" if family == GYMNASIUM else "single-task DT (paper)")
         axes.set_xticks(range(len(members)), [str(number) for number in numbers], fontsize=7)
         axes.set_ylim(*score_axis_limits(error_bar_ends([row.families[family] for row in members])))
         if axes.get_ylim()[0] < 0:
             axes.axhline(0, color="black", linewidth=0.8)
         axes.set_ylabel(SCORE_AXIS[family])
         axes.set_title(family, fontsize=9)
-    figure.suptitle(plot_title(f"Score per family, {rows[0].task_cell.replace('(', 'tasks (')}", rows, title),
+    figure.suptitle(plot_title(f"Score per family, {rows[0].task_cell.replace('(', 'tasks (')} (error bars: std "
+                               "over seeds)", rows, title),
                     fontsize=9)
     figure.subplots_adjust(top=0.74, wspace=0.45)  # room for the title's lines above the panels
     finish(figure, list(all_axes[0]), path)
@@ -905,6 +911,9 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--debug", action="store_true", help="tracebacks instead of one-line errors")
     arguments = parser.parse_args(argv)
     if not arguments.folders and arguments.config:
+        if "runs" in read_yaml_mapping(Path(arguments.config), "config file"):
+            raise ConfigError(f"{arguments.config}: is a grid file (m3dt.experiment): give its run root instead, "
+                              "e.g. python -m m3dt.report runs/paper")
         arguments.folders = [Config(**load_yaml(arguments.config)).resolved_run_dir()]
     if not arguments.folders:
         raise ConfigError("give run roots or run directories, or --config")

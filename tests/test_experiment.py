@@ -220,6 +220,9 @@ def test_dry_run_of_the_paper_grid_and_its_cost():
     ("runs: [{method: mtdt, options: {wandb: 1}}]\nsuites: [mt10]", "runs[0].options: wandb must be bool, got 1"),
     ("runs: [{method: mtdt, options: {residual: foo}}]\nsuites: [mt10]", "--residual must be one of ln2, standard"),
     ("options: {learning_rate: fast}\nruns: [{method: mtdt}]\nsuites: [mt10]", "options: learning_rate must be float"),
+    ("", "the grid file is empty: it needs suites and runs"),
+    ("runs: [{method: mtdt}]\nsuites: [mt10]\nseeds: [zero]", "seeds: expected an integer or a non-empty list of "
+                                                              "them, got ['zero']"),
     # a group per expert: 16 experts at 10 tasks used to be planned, then stop the grid after its stage 1
     ("runs: [{method: m3dt, experts: [8, 16]}]\nsuites: [mt10]", "runs[0].experts: 16 experts for the 10 tasks of "
                                                                "mt10: the task grouping makes one group per expert"),

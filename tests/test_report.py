@@ -13,6 +13,7 @@ from m3dt.report import (build_report, build_rows, find_results, iqm_interval, l
                          performance_profiles, profile_curves)
 from m3dt.scores import score_axis_limits
 from m3dt.tasks import get_task, resolve_tasks
+from tests.conftest import REPO
 
 # Per-task scores of 3 seeds x 5 tasks (a fixed table: the statistics below are computed from it by hand).
 TASKS = ["cheetah-vel-1", "cheetah-vel-2", "cheetah-vel-3", "ant-dir-1", "ant-dir-2"]
@@ -162,7 +163,12 @@ def test_report_command_line_errors_are_one_line(tmp_path, capsys):
     error = capsys.readouterr().err
     assert "no eval/*/results.json" in error and error.count("\n") == 1 and "Traceback" not in error
     results = write_result(tmp_path / "loco_seed0", "stage1", "Prompt-DT", "prompt-dt", 0, SCORES[0])
+    eval_folder = results.parent.parent  # a run's eval/ folder, or one evaluation's: the run directory is wanted
     for argv, message in (([str(results)], f"{results}: is a file, not a folder"),
+                          ([str(eval_folder)], f"{eval_folder}: no eval/*/results.json below it (give the run "
+                                               "directory, the folder above eval/)"),
+                          ([str(results.parent)], f"{results.parent}: no eval/*/results.json below it (give the "
+                                                  "run directory, the folder above eval/)"),
                           ([str(tmp_path), "--out", str(results)], f"{results}: report folder (--out) is a file")):
         with pytest.raises(SystemExit):
             main(argv)
@@ -171,6 +177,15 @@ def test_report_command_line_errors_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--config", str(tmp_path / "missing.yaml")])
     assert "missing.yaml does not exist" in capsys.readouterr().err
+
+
+def test_a_grid_file_as_config_says_to_give_its_run_root(capsys):
+    grid = REPO / "configs" / "experiments" / "paper_table1.yaml"
+    with pytest.raises(SystemExit) as stop:
+        main(["--config", str(grid)])
+    assert stop.value.code == 2 and capsys.readouterr().err == (
+        f"error: {grid}: is a grid file (m3dt.experiment): give its run root instead, e.g. python -m m3dt.report "
+        "runs/paper\n")
 
 
 def test_report_takes_the_run_dir_of_a_config_file(tmp_path, capsys):

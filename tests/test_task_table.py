@@ -122,6 +122,7 @@ def test_own_gymnasium_tasks_train_and_evaluate(tmp_path, monkeypatch, one_threa
         assert all(ended or steps == 6 for ended, steps in zip(outcome["episode_ended"], outcome["episode_steps"]))
     (folder,) = (run_dir / "eval").iterdir()  # stage1, labelled with the shortened protocol
     assert (folder / "table.md").read_text().count("| gymnasium | 2 |")
+    assert "| single-task score (your task table's) |" in (folder / "table.md").read_text()  # not the paper's
     assert results["videos"]["own-hopper"] == ["videos/own-hopper_episode0.mp4"]
     assert (folder / "videos" / "own-hopper_episode0.mp4").stat().st_size > 1000
 
