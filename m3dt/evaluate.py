@@ -29,6 +29,7 @@ fails in a worker reaches the user as one line naming the task and episode.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import os
 import sys
@@ -53,7 +54,8 @@ from m3dt.run import (ArtifactError, RunDir, atomic_path, check_inputs, file_has
                       make_folder, manifest_path, read_json, read_manifest, write_json)
 from m3dt.scores import SCORE_AXIS, full_episode_return, score_axis_limits, task_score
 from m3dt.tasks import (EPISODES_PER_FAMILY, FAMILIES, GYMNASIUM, MAX_ACT_DIM, MAX_OBS_DIM, MT1_GOALS, Task,
-                        check_timesteps, get_task, names_hash, register_task_rows, resolve_tasks)
+                        TaskError, UnknownTask, check_timesteps, get_task, names_hash, register_task_rows,
+                        resolve_tasks, user_task_rows)
 from m3dt.train import resolve_device
 from m3dt.video import VideoError, video_path
 from m3dt.workers import SPAWN, starting_workers
@@ -763,6 +765,19 @@ class EvaluatedPolicy:
         return ModelPolicy(self.model, statistics, wave, self.context_length, self.device, eval_rows=self.eval_rows)
 
 
+def check_video_envs(tasks: list[Task]) -> None:
+    """--video renders the MuJoCo scene of each env: a gymnasium task whose env is not a MuJoCo one stops the
+    evaluation here (TaskError), before its folder is made and anything runs. MT160's envs are all MuJoCo."""
+    from m3dt.envs import make_env
+
+    for task in (task for task in tasks if task.env_id is not None):
+        env = make_env(task)
+        try:
+            env.physics()
+        finally:
+            env.close()
+
+
 def load_evaluated_policy(run: RunDir, method: str, grouping: str, expert_num: int, device: str, chosen: list[str],
                           statistics: Statistics, eval_rows: int | None) -> EvaluatedPolicy:
     """Load `method`'s trained model onto `device` (nothing for "random"), check that its timestep table
@@ -798,7 +813,16 @@ def evaluate(run_dir: str, method: str, grouping: str = "gradient", expert_num: 
     method = STAGE_METHODS.get(method, method)
     training_seed = register_run_tasks(run_dir, method, grouping, expert_num)
     seed = training_seed if seed is None else seed  # the protocol evaluates a run with its own seed
-    asked = resolve_tasks(prefix_name, tasks, seed) if (prefix_name or tasks) else None
+    try:
+        asked = resolve_tasks(prefix_name, tasks, seed) if (prefix_name or tasks) else None
+    except UnknownTask as error:  # a typo in --tasks: say which tasks the model knows, when the run is there
+        with contextlib.suppress(ArtifactError):
+            manifest = open_run(run_dir, method, grouping, expert_num)[1]
+            trained = manifest["tasks"]
+            shown = ", ".join(trained[:8]) + (f" and {len(trained) - 8} more" if len(trained) > 8 else "")
+            raise TaskError(f"unknown task '{error.name}': {Path(run_dir) / manifest['artifact']} was trained on "
+                            f"{len(trained)} tasks: {shown}") from None
+        raise
     check_episodes(asked or [], episodes)
     run, trained_manifest, statistics_file = open_run(run_dir, method, grouping, expert_num)
     trained = trained_manifest["tasks"]
@@ -810,6 +834,8 @@ def evaluate(run_dir: str, method: str, grouping: str = "gradient", expert_num: 
         raise ArtifactError(f"{trained_manifest['artifact']}: the model was not trained on {len(untrained)} of the "
                             f"{len(chosen)} tasks asked for: {shown}")
     protocol = describe_protocol([get_task(name) for name in chosen], episodes, max_steps)
+    if video:
+        check_video_envs([get_task(name) for name in chosen])
     out_dir = run.root / "eval" / output_label(method, grouping, expert_num, protocol, context_actions, seed,
                                                training_seed, subset_name(chosen, trained, prefix_name, tasks))
     make_folder(out_dir, "evaluation folder")  # before the rollouts, whose results it is to hold
@@ -850,6 +876,7 @@ def evaluate(run_dir: str, method: str, grouping: str = "gradient", expert_num: 
         "checkpoint": policy.checkpoint,
         "seed": seed, "training_seed": training_seed, "protocol": protocol, "context_actions": context_actions, "shared_goals": shared,
         "max_steps": max_steps, "seconds": time.perf_counter() - started, **summarise(rollouts, outcome, max_steps),
+        "user_tasks": user_task_rows(chosen),  # the definitions of tasks of one's own: the report tells them apart
     }
     if video:  # paths relative to the results' folder, as the tables link them
         results["videos"] = {name: [str(rollout.video.relative_to(out_dir)) for rollout in rollouts

@@ -107,12 +107,14 @@ class Result:
     @property
     def suite(self) -> str:
         """"mt{N}" when its tasks are the paper's official suite of that size for its seed (the lists differ by
-        seed), else "list {hash}" of its task names: the paper's numbers are of the official suites only."""
+        seed), else "list {hash}" of its task names and the definitions of its tasks of one's own (two task
+        tables may define one name two ways): the paper's numbers are of the official suites only."""
         seed = self.data.get("training_seed", self.seed)  # the lists are drawn per training seed
         official = suites()[f"seed{seed}" if f"seed{seed}" in suites() else "seed0"].get(f"mt{self.tasks}")
         if official is not None and sorted(official) == sorted(self.data["tasks"]):
             return f"mt{self.tasks}"
-        listed = "list " + names_hash(sorted(self.data["tasks"]))
+        definitions = [json.dumps(row, sort_keys=True) for row in self.data.get("user_tasks", [])]
+        listed = "list " + names_hash(sorted(self.data["tasks"]) + definitions)
         match = RUN_NAME.fullmatch(self.run_dir.name)  # a grid names its suites: {suite}_seed{seed}[_{variant}]
         return f"{match.group(1)}, {listed}" if match else listed
 

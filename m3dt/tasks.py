@@ -40,6 +40,14 @@ class TaskError(ValueError):
     """A task name or task list that the task table does not know."""
 
 
+class UnknownTask(TaskError):
+    """A task name that neither MT160's table nor a registered table of the user's holds (`name`)."""
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(message)
+        self.name = name
+
+
 @dataclass(frozen=True)
 class Task:
     """One row of the task table: what the data layer, the model and the evaluator need to know of a task."""
@@ -93,7 +101,7 @@ def get_task(name: str) -> Task:
     tables = ", ".join([TASK_TABLE_FILE.name, *_user_table_files]) if _user_table_files else TASK_TABLE_FILE.name
     hint = "" if _user_table_files else (" (tasks of your own: a task table, given to the training stages with "
                                             "--task_table FILE; README \"Your own tasks\")")
-    raise TaskError(f"unknown task '{name}': not in the task table {tables}{hint}")
+    raise UnknownTask(name, f"unknown task '{name}': not in the task table {tables}{hint}")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -204,6 +204,15 @@ def test_random_policy_baseline_and_folders_that_never_overwrite_another_evaluat
     assert json.loads((tiny_run / "eval" / f"{subset}_seed1" / "results.json").read_text())["seed"] == 1
 
 
+def test_a_task_the_run_does_not_know_is_named_with_the_runs_tasks(tiny_run, capsys):
+    """A typo in --tasks used to point at MT160's table and the training stages' --task_table."""
+    with pytest.raises(SystemExit) as stop:
+        main(["--run_dir", str(tiny_run), "--stage", "1", "--tasks", "reach-v9", "--device", "cpu"])
+    assert stop.value.code == 2 and capsys.readouterr().err == (
+        f"error: unknown task 'reach-v9': {tiny_run / 'stage1' / 'backbone.safetensors'} was trained on 6 tasks: "
+        f"{', '.join(SMALL_TASKS)}\n")
+
+
 def test_unknown_stage_artifact_is_a_clear_error(tiny_run, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--run_dir", str(tiny_run), "--stage", "3", "--expert_num", "7"])

@@ -348,3 +348,22 @@ def test_score_axes_hold_scores_below_0_and_above_100(tmp_path, monkeypatch):
     build_report([tmp_path], tmp_path / "out", reps=20)
     lowest = -50.0 - np.std([-40.0, -60.0], ddof=1)  # the error bar's lower end
     assert limits["families"][0][0] < lowest and limits["score"][0][0] < lowest  # per family; by task count
+
+
+def test_one_task_name_defined_two_ways_is_two_rows(tmp_path):
+    """Two task tables may give one name two definitions (another score range, say): their scores are not seeds
+    of one row. The task list's hash covers the definitions the evaluations recorded."""
+    for seed, high in enumerate((-150.0, -2500.0)):
+        path = write_result(tmp_path / f"own_seed{seed}", "stage1", "Prompt-DT", "prompt-dt", seed, SCORES[0])
+        data = json.loads(path.read_text())
+        data["tasks"] = {"my-pendulum": {"family": "gymnasium", "score": 50.0, "episodes": 10, "reference_score": None}}
+        data["families"] = {"gymnasium": {"score": 50.0, "reference_score": None, "tasks": 1}}
+        data["total"] = {"score": 50.0, "tasks": 1, "reference_score": None}
+        data["user_tasks"] = [{"task": "my-pendulum", "env_id": "Pendulum-v1", "obs_dim": 3, "act_dim": 1,
+                               "horizon": 200, "return_target": -150.0, "rtg_scale": 100.0,
+                               "score_min_return": -5000.0 if seed else -1200.0, "score_max_return": high}]
+        path.write_text(json.dumps(data))
+    text = build_report([tmp_path], tmp_path / "out", reps=20)
+    rows = [line for line in text.split("## Score by number of tasks and method")[1].split("##")[0].splitlines()
+            if "| Prompt-DT |" in line]
+    assert len(rows) == 2 and all("| 1 (0) |" in row or "| 1 (1) |" in row for row in rows), rows

@@ -15,7 +15,7 @@ from m3dt import tasks as task_module
 from m3dt.baselines.__main__ import main as baselines_main
 from m3dt.data import DataError, task_source
 from m3dt.envs import make_env
-from m3dt.evaluate import evaluate
+from m3dt.evaluate import check_video_envs, evaluate
 from m3dt.evaluate import main as evaluate_main
 from m3dt.import_reference import export_backbone
 from m3dt.import_reference import main as import_main
@@ -111,6 +111,7 @@ def test_own_gymnasium_tasks_train_and_evaluate(tmp_path, monkeypatch, one_threa
     monkeypatch.setenv("MUJOCO_GL", "disable")  # the evaluator picks a GL backend for the video itself
     results = evaluate(str(run_dir), "1", episodes=2, max_steps=6, workers=1, device="cpu", video=1)
     assert set(results["families"]) == {"gymnasium"} and results["families"]["gymnasium"]["reference_score"] is None
+    assert results["user_tasks"] == [task_module.task_row(get_task(row["task"])) for row in ROWS]  # for the report
     for row in ROWS:
         outcome = results["tasks"][row["task"]]
         low, high = row["score_min_return"], row["score_max_return"]
@@ -392,6 +393,16 @@ def test_a_dataset_folder_is_read_from_the_tables_folder(tmp_path, monkeypatch):
     with pytest.raises(DataError, match=f"^{tables / 'data' / 'hoper'}: not a folder \\(the dataset column of "
                                         "task 'own-hopper' in its task table\\)$"):
         task_source("./nowhere", task, 10)
+
+
+def test_a_video_of_an_env_mujoco_does_not_render_is_refused_before_the_evaluation(tmp_path):
+    """Pendulum-v1 is gymnasium's classic-control pendulum: --video used to fail once the rollouts started."""
+    (pendulum,) = use_task_table(write_table(tmp_path, [
+        {"task": "classic-pendulum", "env_id": "Pendulum-v1", "obs_dim": 3, "act_dim": 1, "horizon": 200,
+         "return_target": -150.0, "rtg_scale": 100.0, "score_min_return": -1200.0, "score_max_return": -150.0}]))
+    with pytest.raises(TaskError, match="task 'classic-pendulum': Pendulum-v1 is not a MuJoCo env; videos need one"):
+        check_video_envs([pendulum])
+    check_video_envs([get_task("reach-v2")])  # MT160's envs are built by their own modules: nothing to check
 
 
 def missing_simulator(*arguments, **options):
