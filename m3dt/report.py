@@ -394,7 +394,7 @@ def build_rows(results: list[Result], reps: int, seed: int) -> list[Row]:
         for first, second in zip(members, members[1:]):
             if first.seed == second.seed:
                 raise ArtifactError(f"{first.path} and {second.path}: two results of the same method, settings and "
-                                    f"seed {first.seed} (from two run roots?): report one of them")
+                                    f"seed {first.seed}: report one of them")
         row = Row(members)
         for family in REPORTED_FAMILIES:
             values = [result.data["families"][family]["score"] for result in members
