@@ -722,7 +722,7 @@ def plot_tasks(path: Path, rows: list[Row], title: str, palette: dict[str, Any])
     axes.minorticks_off()
     axes.set_ylim(*score_axis_limits(error_bar_ends([row.total for row in rows])))
     axes.set_xlabel("number of tasks")
-    axes.set_ylabel("normalised score, mean over tasks (0-100)")
+    axes.set_ylabel("normalised score, mean over tasks (MT160: 0-100)")
     axes.set_title(plot_title("Total score against task count (log axis; error bars: std over seeds)", rows, title),
                    fontsize=9)
     finish(figure, [axes], path)
@@ -758,7 +758,7 @@ def plot_experts(path: Path, rows: list[Row], title: str) -> None:
     axes.set_xticks(sorted({row.first.experts for row in rows}))
     axes.set_ylim(*score_axis_limits(error_bar_ends([row.total for row in rows])))
     axes.set_xlabel("number of experts")
-    axes.set_ylabel("normalised score, mean over tasks (0-100)")
+    axes.set_ylabel("normalised score, mean over tasks (MT160: 0-100)")
     axes.set_title(plot_title("Total score against expert count (error bars: std over seeds)", rows, title),
                    fontsize=9)
     finish(figure, [axes], path)
