@@ -62,7 +62,7 @@ from m3dt.baselines import METHODS as BASELINES, method_module
 from m3dt.cli import INTERRUPTED_EXIT_CODE, USER_ERRORS, command, exit_with_message
 from m3dt.config import (ArgumentParser, Config, ConfigError, check_values, load_yaml, option_value,
                          read_yaml_mapping)
-from m3dt.data import DataError, task_source
+from m3dt.data import DataError, files_fingerprint, task_source
 from m3dt.evaluate import METHODS as EVALUATED_METHODS, check_episodes, method_name
 from m3dt.evaluate import check_options as check_evaluation_options
 from m3dt.model import build_model, set_up_stage
@@ -605,6 +605,13 @@ def training_status(job: Job) -> Status:
             conflict = (f"{outputs[0]} was trained with {'; '.join(different)} (this grid's): give the entry its "
                         "own variant: or use another --run_root")
             return Status(False, "conflict: trained with other options", conflict=conflict)
+    if job.kind == "stage1" and manifests:
+        changed = changed_data(str(manifest_path(outputs[0])), job.config.data_path, job.config.max_episodes)
+        if changed:
+            conflict = (f"{outputs[0]}: the data under {job.config.data_path} changed since it trained ({changed}), "
+                        f"and every stage of {job.run_dir} would stop on it: restore the data, or train the run "
+                        "again in another --run_root (or after deleting its folder)")
+            return Status(False, "data changed since it trained", conflict=conflict)
     if job.kind == "grouping":
         done = len(manifests) == 1 and manifests[0].get("group_num") == job.experts
         return Status(done, "done" if done else "to do")
@@ -618,6 +625,19 @@ def training_status(job: Job) -> Status:
     if 0 < logged < steps:
         return Status(False, f"cut at step {logged:,} of {steps:,}", steps - logged)
     return Status(False, "to do", steps)
+
+
+@lru_cache(maxsize=None)
+def changed_data(stage1_manifest: str, data_path: str, max_episodes: int) -> str:
+    """The tasks whose episode files (names and sizes, as the stages compare them) under `data_path` differ from
+    those stage 1 recorded, in words; "" when none do, or when the data cannot be read (check_data says why)."""
+    recorded = (read_json(Path(stage1_manifest), "manifest").get("data") or {}).get("files") or {}
+    try:
+        found = files_fingerprint(data_path, list(recorded), max_episodes)
+    except DataError:
+        return ""
+    changed = [task for task, digest in recorded.items() if found.get(task) != digest]
+    return f"{len(changed)} task(s): {', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''}" if changed else ""
 
 
 def planned_tasks(job: Job) -> list[str]:

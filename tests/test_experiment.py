@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -99,6 +100,24 @@ def test_rerun_skips_everything(finished_grid, grid_file, capsys):
     assert after == before
     grid = load_grid(grid_file)
     assert all(job_status(job).done for job in plan_jobs(grid, finished_grid, {}))
+
+
+def test_data_changed_since_stage_1_is_a_conflict_the_dry_run_lists(finished_grid, grid_file, tmp_path, capsys):
+    """The dry run used to say every job was done, and the real run then failed each training job one by one."""
+    data = tmp_path / "data"
+    shutil.copytree(grid_file.parent / "data", data)
+    episode = data / "ant-dir-2" / "0.npz"
+    episode.write_bytes(episode.read_bytes() + b"\0")  # another size: the stages' cheap check sees it
+    main([str(grid_file), "--run_root", str(finished_grid), "--data_path", str(data), "--dry_run"])
+    out = capsys.readouterr().out
+    assert out.count("| stage 1 backbone | data changed since it trained |") == 2  # both seeds' runs
+    message = (f"{finished_grid / 'loco_seed0' / 'stage1' / 'backbone.safetensors'}: the data under {data} changed "
+               "since it trained (1 task(s): ant-dir-2)")
+    assert f"- {message}" in out
+    with pytest.raises(SystemExit) as stop:  # the real run refuses before any job
+        main([str(grid_file), "--run_root", str(finished_grid), "--data_path", str(data)])
+    error = capsys.readouterr().err
+    assert stop.value.code == 2 and error.startswith(f"error: {message}") and error.count("\n") == 1
 
 
 def test_a_killed_grid_resumes_to_the_same_weights_and_scores(finished_grid, grid_file, one_thread):
