@@ -44,7 +44,7 @@ import numpy as np
 from m3dt.cli import command, exit_with_message
 from m3dt.config import ArgumentParser, Config, ConfigError, load_yaml, read_yaml_mapping
 from m3dt.baselines.dense_sizes import parameter_count
-from m3dt.evaluate import reference_text
+from m3dt.evaluate import reference_label, reference_text
 from m3dt.run import (ArtifactError, atomic_path, check_folder, file_hash, make_folder, manifest_path, read_json,
                       write_json)
 from m3dt.scores import SCORE_AXIS, score_axis_limits
@@ -778,7 +778,7 @@ def plot_families(path: Path, rows: list[Row], title: str, palette: dict[str, An
                      color=palette.get(series_name(row, with_experts=False)),
                      label=f"{number}: {series_name(row)} (seeds: {len(row.results)})")
         if members[0].reference[family] is not None:
-            axes.axhline(members[0].reference[family], color="black", linestyle="--", label="single-task score (your task table's)" if family == GYMNASIUM else "single-task DT (paper)")
+            axes.axhline(members[0].reference[family], color="black", linestyle="--", label=reference_label([family]))
         axes.set_xticks(range(len(members)), [str(number) for number in numbers], fontsize=7)
         axes.set_ylim(*score_axis_limits(error_bar_ends([row.families[family] for row in members])))
         if axes.get_ylim()[0] < 0:
