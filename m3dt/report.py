@@ -699,15 +699,16 @@ def plot_tasks(path: Path, rows: list[Row], title: str, palette: dict[str, Any])
     for row in rows:
         name = series_name(row, with_experts=False)
         series[f"{name}, {row.first.suite}" if several else name].append(row)
-    for name, members in series.items():
+    for index, (name, members) in enumerate(series.items()):
         members.sort(key=lambda row: row.first.tasks)
         seeds = "/".join(str(len(row.results)) for row in members)
-        axes.errorbar([row.first.tasks for row in members], [row.total[0] for row in members],
+        xs = [row.first.tasks * 10 ** dodge(index, len(series), LOG_DODGE) for row in members]
+        axes.errorbar(xs, [row.total[0] for row in members],
                       yerr=[row.total[1] for row in members], marker="o", capsize=3,
                       color=None if several else palette.get(name), label=f"{name} (seeds per point: {seeds})")
-        for row in members:
+        for x, row in zip(xs, members):
             if row.first.experts:
-                axes.annotate(f"E={row.first.experts}", (row.first.tasks, row.total[0]), textcoords="offset points",
+                axes.annotate(f"E={row.first.experts}", (x, row.total[0]), textcoords="offset points",
                               xytext=(5, 4), fontsize=7)
     official = {row.first.tasks for row in rows if row.official}
     for name, numbers in PAPER_TOTALS.items():
@@ -720,12 +721,24 @@ def plot_tasks(path: Path, rows: list[Row], title: str, palette: dict[str, Any])
     axes.set_xscale("log")
     axes.set_xticks(task_counts, [str(count) for count in task_counts])
     axes.minorticks_off()
+    axes.set_xlim(task_counts[0] / 10 ** (2 * LOG_DODGE), task_counts[-1] * 10 ** (2 * LOG_DODGE))
     axes.set_ylim(*score_axis_limits(error_bar_ends([row.total for row in rows])))
     axes.set_xlabel("number of tasks")
     axes.set_ylabel("normalised score, mean over tasks (MT160: 0-100)")
-    axes.set_title(plot_title("Total score against task count (log axis; error bars: std over seeds)", rows, title),
+    axes.set_title(plot_title("Total score against task count (log axis; series side by side at each count; error bars: std over seeds)", rows, title),
                    fontsize=9)
     finish(figure, [axes], path)
+
+
+# Series that share an x (every method at one task count, say) are drawn side by side, their error bars apart:
+# spread over this share of a decade (log axis) or of the spacing between ticks (linear axis), centred on the tick.
+LOG_DODGE = 0.08
+LINEAR_DODGE = 0.2
+
+
+def dodge(index: int, count: int, spread: float) -> float:
+    """The offset of series `index` of `count` within `spread`, centred on 0 (0 for a single series)."""
+    return 0.0 if count < 2 else spread * (index / (count - 1) - 0.5)
 
 
 def error_bar_ends(means_and_stds: list[tuple[float, ...]]) -> list[float]:
@@ -742,10 +755,13 @@ def plot_experts(path: Path, rows: list[Row], title: str) -> None:
     for row in rows:
         series[(row.first.tasks, series_name(row, with_experts=False))].append(row)
     palette = colours([f"{name}, {tasks} tasks" for tasks, name in sorted(series)])
-    for (tasks, name), members in sorted(series.items()):
+    counts = sorted({row.first.experts for row in rows})
+    spacing = min(np.diff(counts), default=1)
+    for index, ((tasks, name), members) in enumerate(sorted(series.items())):
         members.sort(key=lambda row: row.first.experts)
         seeds = "/".join(str(len(row.results)) for row in members)
-        axes.errorbar([row.first.experts for row in members], [row.total[0] for row in members],
+        axes.errorbar([row.first.experts + spacing * dodge(index, len(series), LINEAR_DODGE) for row in members],
+                      [row.total[0] for row in members],
                       yerr=[row.total[1] for row in members], marker="o", capsize=3,
                       color=palette[f"{name}, {tasks} tasks"], label=f"{name}, {tasks} tasks (seeds per point: {seeds})")
     official = {row.first.tasks for row in rows if row.official}
@@ -755,11 +771,11 @@ def plot_experts(path: Path, rows: list[Row], title: str) -> None:
             axes.axhline(score, linestyle="--", color=colour,
                          label=f"paper: M3DT, {tasks} tasks: {score:.2f}\n(its best count: "
                                f"{PAPER_BEST_EXPERTS[tasks]} experts)")
-    axes.set_xticks(sorted({row.first.experts for row in rows}))
+    axes.set_xticks(counts)
     axes.set_ylim(*score_axis_limits(error_bar_ends([row.total for row in rows])))
     axes.set_xlabel("number of experts")
     axes.set_ylabel("normalised score, mean over tasks (MT160: 0-100)")
-    axes.set_title(plot_title("Total score against expert count (error bars: std over seeds)", rows, title),
+    axes.set_title(plot_title("Total score against expert count (series side by side at each count; error bars: std over seeds)", rows, title),
                    fontsize=9)
     finish(figure, [axes], path)
 

@@ -367,3 +367,27 @@ def test_one_task_name_defined_two_ways_is_two_rows(tmp_path):
     rows = [line for line in text.split("## Score by number of tasks and method")[1].split("##")[0].splitlines()
             if "| Prompt-DT |" in line]
     assert len(rows) == 2 and all("| 1 (0) |" in row or "| 1 (1) |" in row for row in rows), rows
+
+
+def test_series_at_one_task_count_are_drawn_side_by_side(tmp_path, monkeypatch):
+    """Every method at one task count was drawn on one x, its error bars over the others'."""
+    for seed in range(2):
+        run = tmp_path / f"loco_seed{seed}"
+        write_result(run, "stage1", "Prompt-DT", "prompt-dt", seed, SCORES[seed])
+        write_result(run, "baseline_mtdt", "MTDT", "mtdt", seed, SCORES[seed] - 2)
+        for experts in (2, 4):
+            write_result(run, f"stage3_gradient_{experts}", "M3DT", "m3dt", seed, SCORES[seed] + experts, experts=experts,
+                         grouping="gradient")
+    drawn = {}
+    monkeypatch.setattr(report, "finish", lambda figure, all_axes, path: drawn.update(
+        {path.name: ([line.get_xdata() for line in all_axes[0].lines if line.get_marker() == "o"],
+                     list(all_axes[0].get_xticks()))}))
+    build_report([tmp_path], tmp_path / "out", reps=20)
+    by_tasks, ticks = drawn["score_by_tasks.png"]
+    xs = sorted(float(x) for line in by_tasks for x in line)
+    assert len(by_tasks) == 3 and len(set(xs)) == 3  # Prompt-DT, MTDT, M3DT (one count): three x positions
+    assert ticks == [5] and 5 / 10 ** 0.04 <= xs[0] < xs[-1] <= 5 * 10 ** 0.04  # within the spread, around 5
+    assert xs[-1] / xs[0] == pytest.approx(10 ** report.LOG_DODGE)
+    by_experts, ticks = drawn["score_by_experts.png"]
+    assert ticks == [2, 4] and len(by_experts) == 1  # one series: not moved
+    assert [float(x) for x in by_experts[0]] == [2.0, 4.0]
