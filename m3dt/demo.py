@@ -31,10 +31,12 @@ DEFAULT_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "demo.
 
 def side_by_side(results: dict[str, dict]) -> str:
     """One row per family and the total, one column per evaluated policy, then what the scores are and how they
-    were measured (the settings and score scales of the first result: all three ran with the same settings)."""
+    were measured (the settings and score scales of the first learned policy's result: all three ran with the same
+    settings, and the random policy's leave out the context, which it does not read)."""
     names = list(results)
     first = next(iter(results.values()))
-    lines = [f"Evaluated with {describe_settings(first)}.", "",
+    learned = next((result for result in results.values() if result.get("method_id") != "random"), first)
+    lines = [f"Evaluated with {describe_settings(learned)}.", "",
              "| family | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     families = [family for family in FAMILIES if family in first["families"]]
     for family in families:

@@ -519,8 +519,9 @@ def describe_settings(results: dict, family: str | None = None) -> str:
     episodes = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
     episodes += " episode(s)/task" + (" (the protocol's)" if protocol["episodes"] is None else "")
     steps = "full horizons" if protocol["max_steps"] is None else f"at most {protocol['max_steps']} steps"
+    context = "" if results.get("method_id") == "random" else f", context actions {results['context_actions']}"
     return (f"run {Path(results['run_dir']).name}, {len(rows)} task(s), {episodes}, {steps}, "
-            f"seed {results['seed']}, context actions {results['context_actions']}")
+            f"seed {results['seed']}{context}")  # the random policy reads no context
 
 
 def mean_reference(references: list[float | None]) -> float | None:

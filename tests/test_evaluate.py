@@ -80,6 +80,11 @@ def test_evaluate_cli_takes_a_config_file_and_labels_a_short_evaluation_everywhe
     # a family's plot says what it shows: its own tasks and episodes
     assert "1 task(s), 1 episode(s)/task (the protocol's), full horizons" in describe_settings(mixed, "ant_dir")
     assert side_by_side({"random policy": full}).endswith("Full evaluation protocol.")
+    # the random policy reads no context: its settings do not name the context's actions; the demo's table
+    # takes them from the learned policy beside it
+    random = {**results, "method_id": "random", "method": "random policy"}
+    assert describe_settings(random).endswith("seed 0") and "context actions" not in describe_settings(random)
+    assert "seed 0, context actions full." in side_by_side({"random policy": random, "Prompt-DT (stage 1)": results})
 
 
 def test_random_policy_cut_short_on_cheetah_vel_is_scored_on_the_full_episode_scale(tiny_run):
