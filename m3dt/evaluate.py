@@ -534,13 +534,20 @@ def reference_text(reference: float | None) -> str:
     return "-" if reference is None else f"{reference:.2f}"
 
 
-def reference_label(families: list[str]) -> str:
-    """What the reference score beside ours is: the paper's single-task DT for MT160's families, the
-    single_task_score column of the task table for tasks of one's own (family gymnasium)."""
-    if families == [GYMNASIUM]:
+def reference_label(task_names: list[str], own_tasks: set[str]) -> str:
+    """What the reference score beside ours over `task_names` is: the paper's single-task DT for MT160 tasks,
+    the single_task_score column of the task table for tasks of one's own (`own_tasks`, of any family)."""
+    own = [name in own_tasks for name in task_names]
+    if all(own):
         return "single-task score (your task table's)"
-    return "single-task DT (paper, full protocol" + ("; own tasks: your task table's)" if GYMNASIUM in families
-                                                     else ")")
+    return "single-task DT (paper, full protocol" + ("; own tasks: your task table's)" if any(own) else ")")
+
+
+def own_task_names(results: dict) -> set[str]:
+    """The tasks of one's own (`--task_table`) among an evaluation's: those its `user_tasks` defines, and its
+    gymnasium tasks (results written before evaluations recorded `user_tasks` have only those)."""
+    return ({row["task"] for row in results.get("user_tasks", [])}
+            | {name for name, row in results["tasks"].items() if row["family"] == GYMNASIUM})
 
 
 def markdown_table(results: dict) -> str:
@@ -551,7 +558,7 @@ def markdown_table(results: dict) -> str:
         f"**{protocol['note']}** These scores are not comparable with the paper's.")
     method = results["method"] + ("" if protocol["full"] else " (not full protocol)")
     lines = [f"{describe_method(results)}: {describe_settings(results)}.", "", status, "",
-             f"| family | tasks | {method}: score | {reference_label(list(results['families']))} |", "|---|---|---|---|"]
+             f"| family | tasks | {method}: score | {reference_label(list(results['tasks']), own_task_names(results))} |", "|---|---|---|---|"]
     for family, row in results["families"].items():
         lines.append(f"| {family} | {row['tasks']} | {row['score']:.2f} | {reference_text(row['reference_score'])} |")
     total = results["total"]
@@ -612,7 +619,7 @@ def plot_families(out_dir: Path, results: dict) -> None:
                       if row["reference_score"] is not None]
         if referenced:
             axes.scatter(*zip(*referenced), color="black", marker="_", s=200,
-                         label=reference_label([family]), zorder=3)
+                         label=reference_label([name for name, _ in rows], own_task_names(results)), zorder=3)
         axes.set_xticks(positions, [name for name, _ in rows], rotation=75, ha="right", fontsize=7)
         axes.set_xlim(-0.6, len(rows) - 0.4)
         bottom, top = score_axis_limits(scores + [score for _, score in referenced])

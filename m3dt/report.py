@@ -44,7 +44,7 @@ import numpy as np
 from m3dt.cli import command, exit_with_message
 from m3dt.config import ArgumentParser, Config, ConfigError, load_yaml, read_yaml_mapping
 from m3dt.baselines.dense_sizes import parameter_count
-from m3dt.evaluate import reference_label, reference_text
+from m3dt.evaluate import own_task_names, reference_label, reference_text
 from m3dt.run import (ArtifactError, atomic_path, check_folder, file_hash, make_folder, manifest_path, read_json,
                       write_json)
 from m3dt.scores import SCORE_AXIS, score_axis_limits
@@ -471,6 +471,10 @@ def caption(rows: list[Row]) -> list[str]:
     if any(GYMNASIUM in row.families for row in rows):
         notes.append("The gymnasium column: tasks of one's own (--task_table), each scored 100 x (return - min) / "
                      "(max - min) with the returns its table gives; the paper has no reference for them.")
+    if any(own_in_mt160_families(row) for row in rows):
+        notes.append("Tasks of one's own in MT160's families (--task_table rows of family dmc, ant_dir or "
+                     "cheetah_vel) are scored by their family's rule; the single-task reference over them is the "
+                     "task table's single_task_score, not the paper's (\"-\" where the table gives none).")
     if not all(row.official for row in rows):
         notes.append("The paper's numbers are of its official suites (mt10, mt80, mt160 of seeds 0-2): rows on "
                      "other task lists have none beside them, even with the same task count.")
@@ -481,6 +485,12 @@ def caption(rows: list[Row]) -> list[str]:
         notes.append("**Rows marked NOT full protocol were evaluated with fewer episodes or shorter episodes than "
                      "the paper's protocol: they are not comparable with the paper's numbers.**")
     return notes
+
+
+def own_in_mt160_families(row: Row) -> bool:
+    """Whether a row's tasks include tasks of one's own in an MT160 family (not gymnasium)."""
+    data = row.first.data
+    return any(data["tasks"][name]["family"] != GYMNASIUM for name in own_task_names(data))
 
 
 def reference_table(rows: list[Row]) -> list[str]:
@@ -554,7 +564,9 @@ def report_markdown(rows: list[Row], stale: list[Result], unusable: list[Unusabl
             "M3DT, where there is one, is shown at one expert count per task count (the one with most seeds, then "
             "the paper's best count); every count is in the next table. The paper's 'best baseline' is the best of its baselines "
             "(MTDT, Prompt-DT, HarmoDT) at each task count.", "",
-            "Single-task Decision Transformers (the paper's per-task scores, mean over the same tasks):", "",
+            "Single-task Decision Transformers (the paper's per-task scores, mean over the same tasks"
+            + ("; over tasks of one's own, their task table's single_task_score" if any(own_task_names(row.first.data)
+                                                                                       for row in rows) else "") + "):", "",
             *reference_table(rows), "", "## M3DT by number of experts", ""]
     if expert_rows:
         text += [*table(expert_rows, {"M3DT": PAPER_TOTALS["M3DT"]}, families=False), "",
@@ -794,7 +806,10 @@ def plot_families(path: Path, rows: list[Row], title: str, palette: dict[str, An
                      color=palette.get(series_name(row, with_experts=False)),
                      label=f"{number}: {series_name(row)} (seeds: {len(row.results)})")
         if members[0].reference[family] is not None:
-            axes.axhline(members[0].reference[family], color="black", linestyle="--", label=reference_label([family]))
+            first = members[0].first.data
+            family_tasks = [name for name, task in first["tasks"].items() if task["family"] == family]
+            axes.axhline(members[0].reference[family], color="black", linestyle="--",
+                         label=reference_label(family_tasks, own_task_names(first)))
         axes.set_xticks(range(len(members)), [str(number) for number in numbers], fontsize=7)
         axes.set_ylim(*score_axis_limits(error_bar_ends([row.families[family] for row in members])))
         if axes.get_ylim()[0] < 0:

@@ -391,3 +391,28 @@ def test_series_at_one_task_count_are_drawn_side_by_side(tmp_path, monkeypatch):
     by_experts, ticks = drawn["score_by_experts.png"]
     assert ticks == [2, 4] and len(by_experts) == 1  # one series: not moved
     assert [float(x) for x in by_experts[0]] == [2.0, 4.0]
+
+
+def test_own_tasks_in_an_mt160_family_have_their_tables_reference(tmp_path, monkeypatch):
+    """A task table's dmc task with a single_task_score was labelled as the paper's single-task DT."""
+    assert report.reference_label(["walker-walk"], set()) == "single-task DT (paper, full protocol)"
+    assert report.reference_label(["walker-walk", "acrobot-swingup-sparse"], {"acrobot-swingup-sparse"}) == (
+        "single-task DT (paper, full protocol; own tasks: your task table's)")
+    assert report.reference_label(["acrobot-swingup-sparse"], {"acrobot-swingup-sparse"}) == (
+        "single-task score (your task table's)")
+    for seed in range(2):
+        path = write_result(tmp_path / f"own_seed{seed}", "stage1", "Prompt-DT", "prompt-dt", seed, SCORES[seed])
+        data = json.loads(path.read_text())
+        data["tasks"] = {"acrobot-swingup-sparse": {"family": "dmc", "score": 40.0 + seed, "episodes": 10,
+                                                    "reference_score": 55.0}}
+        data["user_tasks"] = [{"task": "acrobot-swingup-sparse", "family": "dmc", "single_task_score": 55.0}]
+        data["families"] = {"dmc": {"score": 40.0 + seed, "reference_score": 55.0, "tasks": 1}}
+        data["total"] = {"score": 40.0 + seed, "tasks": 1, "reference_score": 55.0}
+        path.write_text(json.dumps(data))
+    labels = {}
+    monkeypatch.setattr(report, "finish", lambda figure, all_axes, path: labels.update(
+        {path.name.split("_")[0]: [axes.get_legend_handles_labels()[1] for axes in all_axes]}))
+    text = build_report([tmp_path], tmp_path / "out", reps=20)
+    assert "single-task score (your task table's)" in labels["families"][0]
+    assert "not the paper's" in text and "their task table's single_task_score):" in text
+    assert "| 55.00 |" in text  # the table's reference, in the reference table
