@@ -204,6 +204,7 @@ def test_dry_run_of_the_paper_grid_and_its_cost():
     text = dry_run(grid, jobs, Path("no_such_root"), [bench], show_commands=True)
     assert text.count("| to do |") == len(jobs) == 99 and "Left: 99 of 99 jobs." in text
     assert "Estimates, not measurements" in text and "python stage1_backbone_train.py --prefix_name mt160" in text
+    assert "(their compute only, not the start of each of the 99 jobs:" in text  # a grid of tiny jobs is mostly starts
     runs = list(dict.fromkeys(job.run_dir.name for job in jobs))
     shard = shard_jobs(jobs, "1/4")  # run directories 1 and 5 of 9, every job of each
     assert list(dict.fromkeys(job.run_dir.name for job in shard)) == [runs[1], runs[5]]
