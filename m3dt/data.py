@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import multiprocessing
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -59,18 +60,20 @@ def episode_files(task_dir: Path, max_episodes: int) -> list[Path]:
     """The episode files 0..n-1 of a task folder, checked to be contiguous, capped at `max_episodes`."""
     if not task_dir.is_dir():
         raise DataError(f"{task_dir}: task folder does not exist")
-    numbered = [path for path in task_dir.glob("*.npz") if path.stem.isdigit()]
-    padded = [path.name for path in numbered if path.stem != str(int(path.stem))]
+    # names, not Path objects: MT160 has up to 2,000 files a task, and this runs before every stage
+    numbered = [name[:-4] for name in os.listdir(task_dir)
+                if name.endswith(".npz") and name[:-4].isascii() and name[:-4].isdigit()]
+    padded = [f"{stem}.npz" for stem in numbered if stem != str(int(stem))]
     if padded:  # 00.npz would be read as episode 0 and then looked for as 0.npz
         raise DataError(f"{task_dir}: episode files are named 0.npz, 1.npz, ... without leading zeros; found "
                         f"{', '.join(sorted(padded)[:3])}")
-    indices = sorted(int(path.stem) for path in numbered)
+    indices = sorted(map(int, numbered))
     if indices != list(range(len(indices))):
         missing = sorted(set(range(max(indices, default=-1) + 1)) - set(indices))
         raise DataError(f"{task_dir}: episode files must be 0.npz..N.npz without gaps; missing {missing[:5]}")
     count = min(len(indices), max_episodes)
     if count < MIN_EPISODES:
-        others = sorted(path.name for path in task_dir.iterdir() if path not in numbered)
+        others = sorted(set(os.listdir(task_dir)) - {f"{stem}.npz" for stem in numbered})
         named = (f" (episode files are named 0.npz, 1.npz, ...; found {', '.join(others[:3])}"
                  f"{', ...' if len(others) > 3 else ''})" if others else "")
         raise DataError(f"{task_dir}: {count} episode(s); a task needs at least {MIN_EPISODES} (2 are prompts)"

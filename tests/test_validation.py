@@ -212,6 +212,10 @@ def test_task_folders_and_names(tmp_path):
                                         "found 02.npz"):
         files_fingerprint(tmp_path, ["reach-v2"], 2000)
     (folder / "02.npz").unlink()
+    np.savez(folder / "\u00b2.npz", **valid_arrays())  # a digit to str.isdigit, not to int(): was a ValueError
+    with pytest.raises(DataError, match=r"reach-v2: 2 episode.s.; .* found \u00b2.npz\)"):
+        files_fingerprint(tmp_path, ["reach-v2"], 2000)
+    (folder / "\u00b2.npz").unlink()
     with pytest.raises(TaskError, match="unknown task 'reach-v3': not in the task table"):
         TaskDataset(tmp_path, ["reach-v3"])
     with pytest.raises(TaskError, match="unknown task 'reach-v3'"):
