@@ -670,6 +670,13 @@ def run_command(argv: list[str]) -> None:
     positive("max_steps", args.max_steps, 1)
     task_names = collection_tasks(args.tasks)
     make_folder(Path(args.out), "data root (--out)")
+    if args.format == "minari":  # a dataset of another collection is refused now, not after collecting
+        from m3dt.minari_io import check_export
+
+        for name in task_names:
+            task = get_task(name)
+            check_export(task, args.minari_namespace,
+                         task_settings(task, Path(args.out), args.seed, args.noise, args.max_steps), args.episodes)
     summary = collect(task_names, args.episodes, Path(args.out), args.seed, args.noise, args.workers, args.max_steps)
     print_table(summary, task_names)
     if args.format == "minari":

@@ -246,26 +246,57 @@ def collected_episode(path: Path) -> dict[str, np.ndarray]:
                 "truncations": truncations}
 
 
-def export_collected_task(task: Task, folder: Path, episodes: int, entry: dict, namespace: str) -> Path:
-    """Write the collected episodes 0..episodes-1 of `folder` (a task of m3dt.collect, whose collect.json
-    entry is `entry`) as the Minari dataset {namespace}/{task}-v0; an existing one made from the same
-    collection is kept, one from another collection is refused."""
+def recorded_metadata(task: Task, namespace: str) -> tuple[str, Path, dict | None]:
+    """(dataset id, its folder, the metadata m3dt recorded in it: task row and collect.json entry) of the Minari
+    dataset {namespace}/{task}-v0; the metadata is None when there is no such dataset. DataError when a dataset of that name
+    has no m3dt metadata (not written by m3dt, or its writing was cut short)."""
     import json
 
     from minari.storage.datasets_root_dir import get_dataset_path
 
     identifier = dataset_id(namespace, task.name)
-    metadata = json.loads(json.dumps({"task": task.name, "family": task.family, "goal": task.goal,
-                                      "collection": entry}))
     existing = get_dataset_path(identifier)
-    if is_minari_folder(existing):
-        recorded = json.loads((data_folder(existing) / "metadata.json").read_text()).get("m3dt")
-        if recorded is None:  # written by another tool, or cut between its episodes and m3dt's metadata
-            raise DataError(f"Minari dataset {identifier} ({existing}) has no m3dt metadata (not written by m3dt, "
-                            f"or its writing was cut short): delete it (minari delete {identifier}) and export again")
+    if not is_minari_folder(existing):
+        return identifier, existing, None
+    recorded = json.loads((data_folder(existing) / "metadata.json").read_text()).get("m3dt")
+    if recorded is None:
+        raise DataError(f"Minari dataset {identifier} ({existing}) has no m3dt metadata (not written by m3dt, "
+                        f"or its writing was cut short): delete it (minari delete {identifier}) and export again")
+    return identifier, existing, recorded
+
+
+def check_export(task: Task, namespace: str, settings: dict, episodes: int) -> None:
+    """Before a collection with --format minari: DataError when the dataset it would write already holds another
+    collection of the task (other settings or episode count), which the export after collecting would refuse."""
+    identifier, existing, recorded = recorded_metadata(task, namespace)
+    planned = {"settings": settings, "episodes": episodes}
+    entry = (recorded or {}).get("collection") or {}
+    if recorded is not None and {key: entry.get(key) for key in planned} != json_copy(planned):
+        raise DataError(another_collection(identifier, existing, task))
+
+
+def another_collection(identifier: str, existing: Path, task: Task) -> str:
+    """The message for a Minari dataset that holds another collection of `task`."""
+    return (f"Minari dataset {identifier} ({existing}) holds another collection of {task.name} (other settings or "
+            f"episodes): delete it (minari delete {identifier}) to write this one")
+
+
+def json_copy(value: object) -> object:
+    """`value` as JSON gives it back (tuples as lists), for comparing with what a metadata file holds."""
+    import json
+
+    return json.loads(json.dumps(value))
+
+
+def export_collected_task(task: Task, folder: Path, episodes: int, entry: dict, namespace: str) -> Path:
+    """Write the collected episodes 0..episodes-1 of `folder` (a task of m3dt.collect, whose collect.json
+    entry is `entry`) as the Minari dataset {namespace}/{task}-v0; an existing one made from the same
+    collection is kept, one from another collection is refused."""
+    metadata = json_copy({"task": task.name, "family": task.family, "goal": task.goal, "collection": entry})
+    identifier, existing, recorded = recorded_metadata(task, namespace)
+    if recorded is not None:
         if recorded != metadata:
-            raise DataError(f"Minari dataset {identifier} ({existing}) holds another collection of {task.name}: "
-                            f"delete it (minari delete {identifier}) to write this one")
+            raise DataError(another_collection(identifier, existing, task))
         return existing
     description = (f"m3dt's collection of the MT160 task {task.name} ({task.family}): {episodes} episodes by "
                    f"{entry['settings']['policy']}; the last two are the task's prompt trajectories. Build its env "

@@ -153,14 +153,18 @@ def test_collect_format_minari_round_trip(minari_root, tmp_path, capsys):
     from_minari, from_npz = TaskDataset("minari:ours", ["reach-v2"]), TaskDataset(out, ["reach-v2"])
     for key in ("observations", "actions", "returns_to_go", "episode_starts", "state_mean"):
         np.testing.assert_array_equal(getattr(from_minari, key), getattr(from_npz, key))
-    # a rerun keeps the dataset; another collection under the same id is refused in one line
+    # a rerun keeps the dataset; another collection under the same id (more episodes; another seed into another
+    # folder) is refused in one line before anything is collected, not after
     collect_main(arguments)
-    with pytest.raises(SystemExit):
-        collect_main([*arguments[:3], "4", *arguments[4:]])
-    assert "holds another collection of reach-v2" in capsys.readouterr().err
+    for other in ([*arguments[:3], "4", *arguments[4:]], [*arguments[:9], str(tmp_path / "other"), *arguments[10:],
+                                                           "--seed", "1"]):
+        with pytest.raises(SystemExit):
+            collect_main(other)
+        assert "holds another collection of reach-v2" in capsys.readouterr().err
+    assert not (out / "reach-v2" / "3.npz").exists() and not (tmp_path / "other" / "reach-v2").exists()
     # an export cut between Minari's episodes and m3dt's metadata: named as such, not as another collection
     metadata.pop("m3dt")
     (folder / "data" / "metadata.json").write_text(json.dumps(metadata))
     with pytest.raises(SystemExit):
-        collect_main([*arguments[:3], "4", *arguments[4:]])  # the 4 episodes the refused call collected
+        collect_main([*arguments[:3], "4", *arguments[4:]])
     assert "has no m3dt metadata (not written by m3dt, or its writing was cut short)" in capsys.readouterr().err
