@@ -914,8 +914,8 @@ def dry_run(grid: Grid, jobs: list[Job], run_root: Path, benches: list[Bench], s
                       "training jobs read are fixed (finished stages read it too: they compare it with what they "
                       "trained on):"]
         lines += [f"- {problem} ({count} job(s))" for problem, count in problems.items()]
-    lines += ["", f"Estimated cost of the jobs left (their compute only, not the start of each of the {left} jobs: "
-                  "imports, reading the data, building the envs, seconds each, which outweigh a grid of tiny jobs):"]
+    lines += ["", f"Estimated cost of the jobs left (compute only; not counted: the start of each of the {left} "
+                  "jobs, seconds of imports, data reading and env building, which is most of a grid of tiny jobs):"]
     for bench, by_kind, partial_total in zip(benches, totals, unknown):
         kind = "GPU-hours" if bench.is_gpu else "hours on this CPU bench (no GPU figure)"
         missing = " (some jobs have no figure in it: more)" if partial_total else ""
