@@ -9,6 +9,7 @@ import signal
 import sys
 from typing import Callable, NoReturn, TypeVar
 
+from m3dt import command_started
 from m3dt.config import ConfigError
 from m3dt.data import DataError
 from m3dt.run import ArtifactError
@@ -48,6 +49,7 @@ def command(main: Main) -> Main:
 
     @functools.wraps(main)
     def guarded(argv: list[str] | None = None, *args, **kwargs):
+        command_started()
         try:
             return main(argv, *args, **kwargs)
         except KeyboardInterrupt as interrupt:

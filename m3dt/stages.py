@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from m3dt import memory
+from m3dt import command_started, memory
 from m3dt.cli import USER_ERRORS, exit_interrupted, exit_with_message
 from m3dt.config import Config, ConfigError, parse_config
 from m3dt.conflict import PLOT as CONFLICT_PLOT, GradientConflict, plot_conflict, spread_tasks
@@ -506,6 +506,7 @@ def use_task_table_checked(config: Config) -> None:
 
 def run_cli(stage: Callable[[Config], Any], description: str, argv: list[str] | None = None) -> None:
     """Parse options, run `stage`, and turn bad input and Ctrl-C into one clear line (tracebacks with --debug)."""
+    command_started()
     arguments = sys.argv[1:] if argv is None else argv
     debug = "--debug" in arguments  # until the options are parsed; then --debug from the YAML file counts too
     try:

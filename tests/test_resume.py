@@ -286,3 +286,20 @@ def test_workers_ignore_ctrl_c_from_their_first_instruction():
     with pool:
         assert pool.apply(signal.getsignal, (signal.SIGINT,)) == signal.SIG_IGN
     assert signal.getsignal(signal.SIGINT) is handler
+
+
+@pytest.mark.parametrize("command", [["-m", "m3dt.report", "nowhere"], ["stage1_backbone_train.py", "--help"]],
+                         ids=["python -m", "stage script"])
+def test_ctrl_c_while_a_command_imports_is_one_line(command):
+    """Ctrl-C in a command's first seconds, while torch and the simulators import, ended in an import traceback."""
+    environment = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-X", "importtime", *command], stderr=subprocess.PIPE, text=True,
+                               cwd=REPO, env=environment, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    for line in process.stderr:  # -X importtime: a line as each module finishes importing
+        if line.split("|")[-1].strip() == "m3dt":  # the package: the command's own imports (torch) come next
+            break
+    process.send_signal(signal.SIGINT)
+    rest = process.stderr.read()
+    process.wait()
+    printed = [line for line in rest.splitlines() if not line.startswith("import time:")]
+    assert process.returncode == 130 and printed == ["interrupted (Ctrl-C) while starting: nothing was written"]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from m3dt.cli import command
 from m3dt.config import Config, load_yaml
 from m3dt.model import build_model
 
@@ -73,6 +74,7 @@ def table(n_layer: int | None = None) -> str:
     return "\n".join(lines)
 
 
+@command
 def main(argv: list[str] | None = None) -> None:
     """Print the parameter table (`table`) for the command line `argv` (default sys.argv[1:])."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
