@@ -45,6 +45,7 @@ evaluation tells whether its goals are training goals.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import warnings
@@ -639,9 +640,18 @@ def collection_tasks(text: str) -> list[str]:
 
 
 def positive(name: str, value: int | float | None, minimum: int | float) -> None:
-    """Raise CollectError when option --`name` is below `minimum` (None passes)."""
+    """Raise CollectError when option --`name` is not a finite number, or is below `minimum` (None passes)."""
+    if value is not None and not math.isfinite(value):
+        raise CollectError(f"--{name} must be a finite number, got {value}")
     if value is not None and value < minimum:
         raise CollectError(f"--{name} must be at least {minimum}, got {value}")
+
+
+def data_root(text: str) -> Path:
+    """--out as a folder; CollectError for an empty one (it would write into the current directory unasked)."""
+    if not text.strip():
+        raise CollectError("--out is empty: give the data root folder")
+    return Path(text)
 
 
 def run_command(argv: list[str]) -> None:
@@ -654,13 +664,15 @@ def run_command(argv: list[str]) -> None:
         positive("learning_starts", args.learning_starts, 0)
         positive("buffer_size", args.buffer_size, 1)
         positive("threads", args.threads, 1)
+        positive("seed", args.seed, 0)
+        out = data_root(args.out)
         names = collection_tasks("dmc") if args.expert == "dmc" else [args.expert]
         for name in names:
             expert_task(name)  # validates the name before anything is built
-        make_folder(Path(args.out), "data root (--out)")  # before hours of training, not at the first checkpoint
+        make_folder(out, "data root (--out)")  # before hours of training, not at the first checkpoint
         torch.set_num_threads(args.threads)  # SAC's 256x256 networks: see --threads for what more threads gain
         for name in names:  # each resumes from its own checkpoint, so a rerun skips the finished ones
-            train_expert(name, args.steps, Path(args.out), args.seed, args.save_every, args.learning_starts,
+            train_expert(name, args.steps, out, args.seed, args.save_every, args.learning_starts,
                          args.buffer_size, args.device)
         return
     args = collect_parser().parse_args(argv)
@@ -668,22 +680,25 @@ def run_command(argv: list[str]) -> None:
     positive("noise", args.noise, 0.0)
     positive("workers", args.workers, 0)
     positive("max_steps", args.max_steps, 1)
+    positive("seed", args.seed, 0)
+    out = data_root(args.out)
     task_names = collection_tasks(args.tasks)
-    make_folder(Path(args.out), "data root (--out)")
+    make_folder(out, "data root (--out)")
     if args.format == "minari":  # a dataset of another collection is refused now, not after collecting
-        from m3dt.minari_io import check_export
+        from m3dt.minari_io import check_export, check_namespace
 
+        check_namespace(args.minari_namespace)
         for name in task_names:
             task = get_task(name)
             check_export(task, args.minari_namespace,
-                         task_settings(task, Path(args.out), args.seed, args.noise, args.max_steps), args.episodes)
-    summary = collect(task_names, args.episodes, Path(args.out), args.seed, args.noise, args.workers, args.max_steps)
+                         task_settings(task, out, args.seed, args.noise, args.max_steps), args.episodes)
+    summary = collect(task_names, args.episodes, out, args.seed, args.noise, args.workers, args.max_steps)
     print_table(summary, task_names)
     if args.format == "minari":
         from m3dt.minari_io import export_collected_task
 
         for name in tqdm(task_names, desc="Minari datasets", dynamic_ncols=True):
-            folder = export_collected_task(get_task(name), Path(args.out) / name, args.episodes, summary[name],
+            folder = export_collected_task(get_task(name), out / name, args.episodes, summary[name],
                                            args.minari_namespace)
         print(f"wrote {len(task_names)} Minari dataset(s) {args.minari_namespace}/{{task}}-v0 under {folder.parent}")
 

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import re
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
@@ -100,7 +101,8 @@ class MinariEpisodes:
 
     def lengths(self) -> list[int]:
         """From the episodes' metadata (both Minari storages record total_steps), without reading them."""
-        metadata = open_dataset(self.data_path).storage.get_episode_metadata(self.indices)
+        with readable(self.where):
+            metadata = list(open_dataset(self.data_path).storage.get_episode_metadata(self.indices))
         return [int(episode["total_steps"]) for episode in metadata]
 
     def load(self) -> list[Episode]:
@@ -115,8 +117,10 @@ class MinariEpisodes:
                             f"task '{self.task.name}' has {self.task.obs_dim} and {self.task.act_dim}")
         low, high = dataset.action_space.low.astype(np.float64), dataset.action_space.high.astype(np.float64)
         unit_range = bool(np.all(low == -1.0) and np.all(high == 1.0))
+        with readable(self.where):
+            stored = list(dataset.storage.get_episodes(self.indices))
         episodes = []
-        for position, data in enumerate(dataset.storage.get_episodes(self.indices)):
+        for position, data in enumerate(stored):
             where = self.location(position)
             rewards = np.asarray(data["rewards"])
             steps = rewards.shape[0]
@@ -165,6 +169,18 @@ def space_width(space: gymnasium.spaces.Space, what: str, where: str) -> int:
     if what == "action" and not (np.isfinite(space.low).all() and np.isfinite(space.high).all()):
         raise DataError(f"{where}: the action space needs finite bounds, got {space}")
     return int(space.shape[0])
+
+
+@contextmanager
+def readable(where: str, advice: str = "write or download the dataset again") -> Iterator[None]:
+    """Minari's storage reads its files only when episodes are asked for; a damaged one (h5py's OSError for a
+    truncated HDF5 file, and others) becomes one DataError naming the dataset and saying what to do."""
+    try:
+        yield
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        detail = " ".join(str(error).split())
+        raise DataError(f"{where}: a file of this Minari dataset cannot be read ({type(error).__name__}: {detail}); "
+                        f"{advice}") from None
 
 
 def open_dataset(data_path: Path) -> minari.MinariDataset:
@@ -265,6 +281,17 @@ def recorded_metadata(task: Task, namespace: str) -> tuple[str, Path, dict | Non
     return identifier, existing, recorded
 
 
+def check_namespace(namespace: str) -> None:
+    """DataError for a --minari_namespace that Minari's dataset ids cannot hold."""
+    from minari.dataset.minari_dataset import parse_dataset_id
+
+    try:
+        parse_dataset_id(dataset_id(namespace, "task"))
+    except ValueError:
+        raise DataError(f"--minari_namespace {namespace!r}: not a Minari namespace (letters, digits, '-', '_', "
+                        "and '/' between parts)") from None
+
+
 def check_export(task: Task, namespace: str, settings: dict, episodes: int) -> None:
     """Before a collection with --format minari: DataError when the dataset it would write already holds another
     collection of the task (other settings or episode count), which the export after collecting would refuse."""
@@ -273,6 +300,11 @@ def check_export(task: Task, namespace: str, settings: dict, episodes: int) -> N
     entry = (recorded or {}).get("collection") or {}
     if recorded is not None and {key: entry.get(key) for key in planned} != json_copy(planned):
         raise DataError(another_collection(identifier, existing, task))
+    if recorded is not None:  # the same collection: kept, so it must read
+        dataset = open_dataset(data_folder(existing))
+        with readable(f"Minari dataset {identifier} ({existing})", f"delete it (minari delete {identifier}) and "
+                                                                    "collect again: the export rewrites it"):
+            list(dataset.storage.get_episodes(range(dataset.total_episodes)))
 
 
 def another_collection(identifier: str, existing: Path, task: Task) -> str:

@@ -216,6 +216,16 @@ def test_scores_per_family():
     (["--tasks", "reach-v3", "--episodes", "3"], "unknown task 'reach-v3'"),
     (["--tasks", "reach-v2", "--episodes", "3", "--noise", "-1"], "--noise must be at least"),
     (["train-expert", "--expert", "ant_dir", "--threads", "0"], "--threads must be at least 1, got 0"),
+    # a negative seed was a numpy traceback after collect.json recorded it (the folder then refused every rerun);
+    # NaN noise wrote NaN actions and an exit code 0
+    (["--tasks", "reach-v2", "--episodes", "3", "--seed", "-1"], "--seed must be at least 0, got -1"),
+    (["train-expert", "--expert", "cartpole-balance", "--seed", "-1"], "--seed must be at least 0, got -1"),
+    (["--tasks", "reach-v2", "--episodes", "3", "--noise", "nan"], "--noise must be a finite number, got nan"),
+    (["--tasks", "reach-v2", "--episodes", "3", "--noise", "inf"], "--noise must be a finite number, got inf"),
+    (["--tasks", "reach-v2", "--episodes", "3", "--format", "minari", "--minari_namespace", ""],
+     "--minari_namespace '': not a Minari namespace"),
+    (["--tasks", "reach-v2", "--episodes", "3", "--format", "minari", "--minari_namespace", "a b"],
+     "--minari_namespace 'a b': not a Minari namespace"),
 ])
 def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, capsys, arguments, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -223,6 +233,16 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, capsys, arguments, m
     error = capsys.readouterr().err
     assert exit_info.value.code == 2
     assert error.startswith("error: ") and message in error and error.count("\n") == 1
+    assert not (tmp_path / "collect.json").exists()  # refused before anything was recorded
+
+
+def test_an_empty_out_is_refused_not_the_current_directory(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for command in (["--tasks", "reach-v2", "--episodes", "3"], ["train-expert", "--expert", "cartpole-balance"]):
+        with pytest.raises(SystemExit):
+            main([*command, "--out", ""])
+        assert capsys.readouterr().err == "error: --out is empty: give the data root folder\n"
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_missing_expert_points_to_the_one_shipped_in_the_repository(data_root, tmp_path, monkeypatch, capsys):

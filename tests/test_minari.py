@@ -162,6 +162,18 @@ def test_collect_format_minari_round_trip(minari_root, tmp_path, capsys):
             collect_main(other)
         assert "holds another collection of reach-v2" in capsys.readouterr().err
     assert not (out / "reach-v2" / "3.npz").exists() and not (tmp_path / "other" / "reach-v2").exists()
+    # a damaged file (a truncated HDF5) was a traceback where a stage read it, and a rerun kept it: one line each
+    hdf5 = folder / "data" / "main_data.hdf5"
+    whole = hdf5.read_bytes()
+    hdf5.write_bytes(whole[:3000])
+    with pytest.raises(DataError, match=r"reach-v2-v0: a file of this Minari dataset cannot be read \(OSError: .*"
+                                        r"truncated file.*; write or download the dataset again$"):
+        TaskDataset("minari:ours", ["reach-v2"])
+    with pytest.raises(SystemExit):
+        collect_main(arguments)
+    error = capsys.readouterr().err
+    assert "cannot be read (OSError: " in error and "delete it (minari delete ours/reach-v2-v0) and collect again" in error
+    hdf5.write_bytes(whole)
     # an export cut between Minari's episodes and m3dt's metadata: named as such, not as another collection
     metadata.pop("m3dt")
     (folder / "data" / "metadata.json").write_text(json.dumps(metadata))
