@@ -145,6 +145,8 @@ class ReferenceFile:
 
     def __init__(self, path: Path, layout: str):
         self.path, self.layout = path, layout
+        if path.is_dir():
+            raise ArtifactError(f"{path}: a folder; give the file of {layout}")
         if not path.is_file():
             raise ArtifactError(f"{path}: {layout} does not exist")
         try:  # weights_only: loading never executes code from the file
@@ -337,9 +339,18 @@ def source(file: ReferenceFile, unused: dict[str, str] | None = None, part: str 
 
 
 def steps_done(file: ReferenceFile, schedule: int) -> int:
-    """The training steps the file holds, from its `_iter_N` name; without one, the stage's schedule."""
+    """The training steps the file holds, from its `_iter_N` name; without one, the stage's schedule (so that the
+    later stages take it as finished: `steps_text` says which)."""
     found = iterations(file.path)
     return schedule if found is None else found
+
+
+def steps_text(file: ReferenceFile, schedule: int, option: str) -> str:
+    """Where an import's recorded step count comes from, for its line."""
+    found = iterations(file.path)
+    if found is not None:
+        return f"{found:,} steps, from _iter_{found} in its name"
+    return f"no _iter_N in its name: recorded as the full schedule, --{option} {schedule:,} steps"
 
 
 def check_replaceable(artifact: Path, source_path: Path, sha256: str, restart: bool) -> None:
@@ -438,7 +449,9 @@ def write_run(run: RunDir, config: Config, tasks: list[str], reference: Referenc
                    identity={**optimisation_identity(config, tasks), "data": data["files"]}, data=data,
                    data_stats_sha256=file_hash(run.data_stats), user_tasks=user_task_rows(tasks),
                    source=source(reference.backbone_file, reference.unused))
-    print(f"imported {config.backbone} -> {run.backbone} ({len(reference.unused)} unused keys, listed in its manifest)")
+    steps = steps_text(reference.backbone_file, config.backbone_steps, "backbone_steps")
+    print(f"imported {config.backbone} -> {run.backbone} ({steps}; {len(reference.unused)} unused keys, listed in its "
+          "manifest)")
     if reference.groups is None:
         return
 
@@ -459,7 +472,8 @@ def write_run(run: RunDir, config: Config, tasks: list[str], reference: Referenc
                        run.root, expert_id=index, steps_done=steps_done(file, config.expert_steps), identity=identity,
                        source=source(file, part=part))
     if expert_outputs:
-        print(f"imported {len(expert_outputs)} experts -> {expert_outputs[0].parent}")
+        print(f"imported {len(expert_outputs)} experts -> {expert_outputs[0].parent} "
+              f"({steps_text(reference.expert_files[0], config.expert_steps, 'expert_steps')})")
     if reference.moe_file is None:
         return
 
@@ -470,7 +484,7 @@ def write_run(run: RunDir, config: Config, tasks: list[str], reference: Referenc
                    steps_done=steps_done(reference.moe_file, config.router_steps),
                    identity=stage_identity(config, tasks, run, inputs), num_experts=config.expert_num, top_k=0,
                    source=source(reference.moe_file))
-    print(f"imported {config.moe} -> {output}")
+    print(f"imported {config.moe} -> {output} ({steps_text(reference.moe_file, config.router_steps, 'router_steps')})")
 
 
 def moe_state(backbone: Tensors, routers: Tensors, experts: list[Tensors], n_layer: int) -> Tensors:

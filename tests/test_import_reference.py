@@ -183,7 +183,21 @@ def test_backbone_alone(reference_files, small_data, tmp_path, capsys):
     main(import_argv({"backbone": reference_files["backbone"]}, small_data, tmp_path, "--expert_num", "48"))
     assert sorted(path.name for path in tmp_path.iterdir()) == ["stage1"]
     load_policy(RunDir(tmp_path), 1, "gradient", 0)
-    assert f"python -m m3dt.evaluate --run_dir {tmp_path} --stage 1\n" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"python -m m3dt.evaluate --run_dir {tmp_path} --stage 1\n" in out
+    assert "(400 steps, from _iter_400 in its name; " in out
+
+
+def test_a_file_name_without_its_step_count_says_what_is_recorded(reference_files, small_data, tmp_path, capsys):
+    """A renamed file has no _iter_N: the manifest records the full schedule (the later stages take it as
+    finished), which the import now says instead of recording 400,000 steps silently."""
+    renamed = tmp_path / "prompt_model_renamed"
+    renamed.write_bytes(reference_files["backbone"].read_bytes())
+    main(import_argv({"backbone": renamed}, small_data, tmp_path / "run"))
+    assert "(no _iter_N in its name: recorded as the full schedule, --backbone_steps 400,000 steps; " in (
+        capsys.readouterr().out)
+    manifest = json.loads((tmp_path / "run" / "stage1" / "backbone.manifest.json").read_text())
+    assert manifest["steps_done"] == 400_000 and manifest["source"]["iterations"] is None
 
 
 def test_expert_files_by_folder_pattern_or_list(tmp_path):
@@ -264,6 +278,7 @@ BAD_FILES = {  # name: (file changed, change, extra options, message)
                                                                   torch.zeros(16, 128)}},
                      [], "'block_0.router.fc3.weight' has shape (16, 128), expected (64, 128)"),
     "another file kind": (None, None, [], None),
+    "a folder": (None, None, [], None),
     "other residual": (None, None, ["--residual", "standard"], "uses --residual ln2 and --top_k 0"),
 }
 
@@ -275,6 +290,9 @@ def test_bad_files_stop_with_one_line(case, reference_files, small_data, tmp_pat
     if case == "another file kind":  # an expert file given as the backbone
         files = {**files, "backbone": files["experts"] / "expert_0_iter_200"}
         message = "expert_0_iter_200: not the authors' stage-1 Prompt-DT state_dict: no tensor 'embed_ln.weight'"
+    elif case == "a folder":  # said "does not exist"
+        files = {**files, "backbone": files["experts"]}
+        message = f"{files['experts']}: a folder; give the file of the authors' stage-1 Prompt-DT state_dict"
     elif name:
         files = changed(files, tmp_path, name, change)
     with pytest.raises(SystemExit) as exited:
