@@ -238,12 +238,24 @@ def method_files(run: RunDir, method: str, grouping: str, expert_num: int) -> tu
     if method in BASELINES:
         return run.baseline_model(method), run.baseline_data_stats(method), f"{method_name(method)} model"
     if method == "m3dt":
+        check_stage3_model(run, grouping, expert_num)
         return run.moe(grouping, expert_num), run.data_stats, "stage-3 model"
     if method == "random" and not run.backbone.exists():
         for baseline in BASELINES:
             if run.baseline_model(baseline).exists():
                 return run.baseline_model(baseline), run.baseline_data_stats(baseline), f"{method_name(baseline)} model"
     return run.backbone, run.data_stats, "stage-1 backbone"
+
+
+def check_stage3_model(run: RunDir, grouping: str, expert_num: int) -> None:
+    """ArtifactError when the run has no stage-3 model of this grouping and expert count, naming those it has
+    (--expert_num defaults to the paper's 48, which a smaller run may not have)."""
+    if run.moe(grouping, expert_num).exists():
+        return
+    found = [path.parent.name.rsplit("_", 1) for path in sorted(run.root.glob("stage3/*/moe.safetensors"))]
+    present = ("; this run has " + ", ".join(f"--grouping {name} --expert_num {count}" for name, count in found)
+               if found else "; this run has none yet (stage3_router_train.py writes it)")
+    raise ArtifactError(f"{run.moe(grouping, expert_num)}: stage-3 model does not exist{present}")
 
 
 def load_policy(run: RunDir, method: str | int, grouping: str, expert_num: int) -> tuple[torch.nn.Module, dict]:

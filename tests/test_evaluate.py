@@ -4,6 +4,7 @@ say; the context it keeps; failures as one line; goals shared with the training 
 import csv
 import hashlib
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -218,11 +219,20 @@ def test_a_task_the_run_does_not_know_is_named_with_the_runs_tasks(tiny_run, cap
         f"{', '.join(SMALL_TASKS)}\n")
 
 
-def test_unknown_stage_artifact_is_a_clear_error(tiny_run, capsys):
+def test_unknown_stage_artifact_is_a_clear_error(tiny_run, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--run_dir", str(tiny_run), "--stage", "3", "--expert_num", "7"])
     assert exit_info.value.code == 2
-    assert "moe.safetensors: stage-3 model does not exist" in capsys.readouterr().err
+    assert "moe.safetensors: stage-3 model does not exist; this run has none yet" in capsys.readouterr().err
+    # --expert_num defaults to the paper's 48: the message names the stage-3 models the run does have
+    shutil.copytree(tiny_run / "stage1", tmp_path / "stage1")
+    for name in ("gradient_2", "random_4"):
+        (tmp_path / "stage3" / name).mkdir(parents=True)
+        (tmp_path / "stage3" / name / "moe.safetensors").write_bytes(b"")
+    with pytest.raises(SystemExit):
+        main(["--run_dir", str(tmp_path), "--stage", "3"])
+    assert capsys.readouterr().err.endswith("gradient_48/moe.safetensors: stage-3 model does not exist; this run has "
+                                            "--grouping gradient --expert_num 2, --grouping random --expert_num 4\n")
 
 
 def test_a_run_is_evaluated_with_its_own_training_seed_by_default(small_data, tmp_path):
