@@ -149,6 +149,12 @@ class Config:
         names = ("embed_dim", "n_layer", "n_head", "context_length", "prompt_length", "max_timestep", "residual")
         return {**{name: getattr(self, name) for name in names}, "router_hidden": self.router_widths()}
 
+    def backbone_fields(self) -> dict[str, Any]:
+        """model_fields without the router widths: what a stage-1 backbone and a stage-2 expert must agree on with
+        a later stage. Neither has routers (stage 3 builds them, as the reference does), so stage 3 may try
+        other router widths over them."""
+        return {name: value for name, value in self.model_fields().items() if name != "router_hidden"}
+
     def router_widths(self) -> str:
         """--router_hidden without spaces, or the widths tied to --embed_dim."""
         widths = (self.router_hidden.split(",") if self.router_hidden else tied_router_hidden(self.embed_dim))

@@ -59,7 +59,7 @@ def seed_rank(config: Config, distributed: Distributed) -> int:
 def stage1_tasks(run: RunDir, config: Config) -> list[str]:
     """The stage-1 task list; an explicit --prefix_name/--tasks must agree with it."""
     manifest = read_manifest(run.backbone, "stage-1 backbone")
-    check_model_fields(manifest, config.model_fields(), run.backbone)
+    check_model_fields(manifest, config.backbone_fields(), run.backbone)
     register_task_rows(manifest.get("user_tasks", []), str(run.backbone))  # the run's own tasks, if any
     tasks = manifest["tasks"]
     if config.prefix_name or config.tasks:
@@ -466,7 +466,7 @@ def check_experts(run: RunDir, files: list[Path], groups_file: Path, config: Con
     expected_inputs = input_hashes([run.backbone, groups_file], run.root)
     for slot, path in enumerate(files):
         manifest = read_manifest(path, f"expert {slot}")
-        check_model_fields(manifest, config.model_fields(), path)
+        check_model_fields(manifest, config.backbone_fields(), path)
         check_inputs(manifest, expected_inputs, path)
 
 

@@ -32,8 +32,8 @@ from m3dt.model import action_loss
 from m3dt.naive import NaiveSampler
 from m3dt.run import (ArtifactError, RunDir, load_checkpoint, load_tensors, make_folder, save_checkpoint,
                       save_tensors, write_json, write_manifest)
-from m3dt.stages import (check_experts, group_tasks, read_groups, recorded_config, run_cli, train_backbone,
-                         train_experts)
+from m3dt.stages import (check_experts, group_tasks, read_groups, recorded_config, run_cli, stage1_tasks,
+                         train_backbone, train_experts)
 from m3dt.tasks import TaskError, check_timesteps, resolve_tasks
 from m3dt.train import TrainingError
 from m3dt.synthetic import make_task_data, write_episode
@@ -430,6 +430,13 @@ def test_experts_made_with_another_config_or_backbone(tmp_path):
     write_manifest(experts[1], "stage2_expert", recorded_config(config, None), [tasks[1]], [run.backbone, groups_file],
                    run.root)
     check_experts(run, experts, groups_file, config)  # consistent now
+    # stage 3 with other router widths: the backbone and experts have no routers, so they still fit (they were
+    # refused as "made with router_hidden=...", which only retraining stage 1 could answer)
+    other_routers = parse_config("", [*TINY, "--tasks", ",".join(tasks), "--run_dir", str(run.root),
+                                      "--router_hidden", "16,16,8"])
+    assert other_routers.model_fields()["router_hidden"] != config.model_fields()["router_hidden"]
+    assert stage1_tasks(run, other_routers) == tasks
+    check_experts(run, experts, groups_file, other_routers)
     save_tensors(run.backbone, {"weight": torch.ones(1)})  # stage 1 was trained again since
     with pytest.raises(ArtifactError, match="expert_0.safetensors: made from another stage1/backbone.safetensors"):
         check_experts(run, experts, groups_file, config)
