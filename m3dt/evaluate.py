@@ -569,6 +569,9 @@ def markdown_table(results: dict) -> str:
     status = "Full evaluation protocol." if protocol["full"] else (
         f"**{protocol['note']}** These scores are not comparable with the paper's.")
     method = results["method"] + ("" if protocol["full"] else " (not full protocol)")
+    memorised = memorised_goals(results.get("shared_goals"))
+    if memorised:
+        status += f" **{memorised}: these scores measure memorisation.**"
     lines = [f"{describe_method(results)}: {describe_settings(results)}.", "", status, "",
              f"| family | tasks | {method}: score | {reference_label(list(results['tasks']), own_task_names(results))} |", "|---|---|---|---|"]
     for family, row in results["families"].items():
@@ -733,6 +736,14 @@ def shared_training_goals(trained_manifest: dict, rollouts: list[Rollout], seed:
             "shared": sum(shared.values()), "tasks": {name: count for name, count in shared.items() if count}}
 
 
+def memorised_goals(shared: dict | None) -> str:
+    """What shared_training_goals found, in words ("" when no evaluation goal was a goal of the training data):
+    the console's warning, table.md and the report say it."""
+    if not shared or not shared.get("shared"):
+        return ""
+    return f"{shared['shared']} of {shared['evaluation_goals']} Meta-World evaluation goals are goals of the training data"
+
+
 def checkpoint_identity(run: RunDir, artifact: Path) -> dict[str, str]:
     """The evaluated checkpoint's path in the run directory and its sha256 (results.json's record of it)."""
     return {"path": str(artifact.relative_to(run.root)), "sha256": file_hash(artifact)}
@@ -871,10 +882,10 @@ def evaluate(run_dir: str, method: str, grouping: str = "gradient", expert_num: 
         print(f"evaluation forwards of at most {min(policy.eval_rows or len(rollouts), len(rollouts))} of the "
               f"{len(rollouts)} rollouts (--eval_rows)")
     shared = shared_training_goals(trained_manifest, rollouts, seed)
-    if shared and shared["shared"]:
-        print(f"warning: {shared['shared']} of {shared['evaluation_goals']} Meta-World evaluation goals are goals of "
-              f"the training data ({len(shared['tasks'])} task(s), {shared['collect_json']}): the scores measure "
-              "memorisation; evaluate with another --seed or collect the data with another seed", file=sys.stderr)
+    if memorised_goals(shared):
+        print(f"warning: {memorised_goals(shared)} ({len(shared['tasks'])} task(s), {shared['collect_json']}): the "
+              "scores measure memorisation; evaluate with another --seed or collect the data with another seed",
+              file=sys.stderr)
 
     if video:
         from m3dt.video import choose_gl_backend

@@ -143,8 +143,9 @@ def find_results(folders: list[Path]) -> list[Path]:
 
 def evaluation_settings(data: dict[str, Any]) -> tuple[str, bool]:
     """("full protocol", True) or ("NOT full protocol (...)", False), from the protocol the evaluator recorded;
-    a context with masked predicted actions (--context_actions masked, a deviation) and an evaluation seed
-    other than the run's training seed are named too."""
+    a context with masked predicted actions (--context_actions masked, a deviation), an evaluation seed
+    other than the run's training seed and Meta-World goals the training data was collected on (not the
+    protocol) are named too."""
     protocol = data["protocol"]
     settings = "full protocol"
     if not protocol["full"]:
@@ -158,7 +159,10 @@ def evaluation_settings(data: dict[str, Any]) -> tuple[str, bool]:
     training_seed = data.get("training_seed", data.get("seed"))
     if data.get("seed") != training_seed:
         settings += f", evaluation seed {data.get('seed')} of a seed-{training_seed} run"
-    return settings, bool(protocol["full"])
+    shared = data.get("shared_goals") or {}
+    if shared.get("shared"):  # not the protocol, whatever its episodes: the paper evaluates on goals it did not train on
+        settings += f", MEMORISED goals ({shared['shared']} of {shared['evaluation_goals']} Meta-World goals trained on)"
+    return settings, bool(protocol["full"]) and not shared.get("shared")
 
 
 def checkpoint_of(run_dir: Path, data: dict[str, Any]) -> Path | None:
@@ -481,6 +485,10 @@ def caption(rows: list[Row]) -> list[str]:
     if any(row.interval and row.task_bootstrap for row in rows):
         notes.append("Where a row's seeds have different task lists (the official mt10..mt120 lists differ by "
                      "seed) its CI resamples task positions and seeds (rliable's task bootstrap).")
+    if any("MEMORISED" in row.first.evaluation for row in rows):
+        notes.append("**Rows marked MEMORISED goals were evaluated on Meta-World goals that their training data was "
+                     "collected on (the collection's seed is the evaluation's): they measure memorisation, not the "
+                     "paper's protocol.**")
     if any(not row.first.full for row in rows):
         notes.append("**Rows marked NOT full protocol were evaluated with fewer episodes or shorter episodes than "
                      "the paper's protocol: they are not comparable with the paper's numbers.**")
@@ -656,8 +664,9 @@ def plot_title(what: str, rows: list[Row], title: str) -> str:
     series' label says how it was evaluated)."""
     settings = "evaluation: full protocol"
     if any(not row.first.full for row in rows):
-        settings = ("series marked 'not full protocol' were evaluated with fewer episodes or steps (their labels "
-                    "say how): not comparable with the paper's numbers")
+        settings = ("series marked 'not full protocol' or 'MEMORISED' were evaluated with fewer episodes or steps, "
+                    "or on goals of their training data (their labels say how): not comparable with the paper's "
+                    "numbers")
     return "\n".join([what, *textwrap.wrap(title, 90), *textwrap.wrap(settings, 90)])
 
 

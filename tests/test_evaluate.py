@@ -12,6 +12,7 @@ import torch
 
 from m3dt.collect import collect, mt1_goal_blocks
 from m3dt.config import Config, parse_config
+from m3dt.report import build_report
 from m3dt.envs import TaskEnv
 from m3dt.demo import side_by_side
 from m3dt.evaluate import (EnvFailure, ModelPolicy, RandomPolicy, Rollout, describe_settings, evaluate, load_policy,
@@ -151,8 +152,17 @@ def test_evaluation_warns_when_its_goals_are_training_goals(tmp_path, capsys):
     assert warnings == [f"warning: 5 of 5 Meta-World evaluation goals are goals of the training data (1 task(s), "
                         f"{data / 'collect.json'}): the scores measure memorisation; evaluate with another --seed or "
                         "collect the data with another seed"]
+    # its table and the report say it too (only the console and results.json did)
+    memorised = run_dir / "eval" / "random_episodes5_steps2"
+    assert "**5 of 5 Meta-World evaluation goals are goals of the training data: these scores measure memorisation.**" \
+        in (memorised / "table.md").read_text()
     apart = evaluate(str(run_dir), "random", episodes=5, max_steps=2, workers=0, seed=1)["shared_goals"]
     assert apart["shared"] == 0 and "warning:" not in capsys.readouterr().err
+    text = build_report([run_dir], tmp_path / "report", reps=20)
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "random policy" in line]
+    assert len(rows) == 2  # the memorised evaluation is a row of its own, flagged; the seed-1 one is not
+    assert sum("MEMORISED goals (5 of 5 Meta-World goals trained on)" in line for line in rows) == 1
+    assert "**Rows marked MEMORISED goals were evaluated on Meta-World goals" in text
     # the demo now collects on the goals of demo_collect_seed, evaluates on those of its seed
     demo = parse_config("", ["--config", str(REPO / "configs" / "demo.yaml")])
     assert all(block["seed"] != demo.seed for block in mt1_goal_blocks(demo.demo_collect_seed, demo.demo_episodes))
