@@ -468,10 +468,11 @@ def describe_protocol(tasks: list[Task], episodes: int | None, max_steps: int | 
         horizons = "/".join(str(horizon) for horizon in sorted({task.horizon for task in cut}))
         scoring = []
         if any(task.family != "metaworld" for task in cut):
-            scoring.append(f"returns of cut episodes scaled by horizon / {max_steps} before normalisation")
+            scoring.append(f"returns of cut episodes scaled by horizon / {max_steps} before normalisation, an "
+                           "extrapolation that is high where reward comes early, as in a task that starts balanced")
         if any(task.family == "metaworld" for task in cut):
             scoring.append(f"Meta-World success within {max_steps} steps")
-        differences.append(f"episodes cut at {max_steps} of {horizons} steps ({', '.join(scoring)})")
+        differences.append(f"episodes cut at {max_steps} of {horizons} steps ({'; '.join(scoring)})")
     note = f"Not the full evaluation protocol: {'; '.join(differences)}." if differences else None
     return {"full": not differences, "episodes": episodes, "max_steps": max_steps, "note": note}
 

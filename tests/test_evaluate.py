@@ -58,7 +58,8 @@ def test_evaluate_cli_takes_a_config_file_and_labels_a_short_evaluation_everywhe
         "full": False, "episodes": 2, "max_steps": 8,
         "note": "Not the full evaluation protocol: 2 episode(s) per task instead of the protocol's (Meta-World 10, "
                 "DMC 10, ant-dir 1, cheetah-vel 1); episodes cut at 8 of 200/500 steps (returns of cut episodes scaled by horizon / 8 "
-                "before normalisation, Meta-World success within 8 steps)."}
+                "before normalisation, an extrapolation that is high where reward comes early, as in a task that starts "
+                "balanced; Meta-World success within 8 steps)."}
     rows = list(csv.DictReader((out_dir / "results.csv").open()))
     assert len(rows) == 4 and {row["full_protocol"] for row in rows} == {"False"} and rows[0]["max_steps"] == "8"
     assert {row["seed"] for row in rows} == {"0"}
