@@ -81,8 +81,15 @@ def episode_files(task_dir: Path, max_episodes: int) -> list[Path]:
     return [task_dir / f"{index}.npz" for index in range(count)]
 
 
+NPY_MAGIC = b"\x93NUMPY"  # a single .npy array (np.save), which np.load also opens
+
+
 def open_npz(path: Path) -> NpzFile:
     """Open an episode archive; allow_pickle=False, so loading never executes code from the file."""
+    with open(path, "rb") as file:
+        start = file.read(6)
+    if not start.startswith((b"PK", NPY_MAGIC)):  # numpy calls anything else pickled data and advises allow_pickle
+        raise DataError(f"{path}: not an npz archive (a zip file of .npy arrays); it starts with {start!r}")
     try:
         archive = np.load(path, allow_pickle=False)
     except Exception as error:  # numpy and zipfile raise many unrelated types for damaged files

@@ -134,8 +134,12 @@ def write_members_without_suffix(path: Path) -> None:
 
 FILE_DEFECTS = {
     "truncated": (write_truncated, "not a readable npz file"),
-    "random bytes": (lambda path: path.write_bytes(np.random.default_rng(0).bytes(3000)), "not a readable npz file"),
-    "empty": (lambda path: path.write_bytes(b""), "not a readable npz file"),
+    "random bytes": (lambda path: path.write_bytes(np.random.default_rng(0).bytes(3000)),
+                     "not an npz archive (a zip file of .npy arrays); it starts with"),
+    "empty": (lambda path: path.write_bytes(b""), "not an npz archive (a zip file of .npy arrays); it starts with b''"),
+    # numpy calls any file that is not a zip or .npy "pickled data" and advises allow_pickle, which we never use
+    "text": (lambda path: path.write_text("step,reward\n"), "not an npz archive (a zip file of .npy arrays); it "
+                                                           "starts with b'step,r'"),
     "single .npy array": (write_single_array, "holds a single array; expected an npz archive"),
     "members without .npy": (write_members_without_suffix, "'observations' is not a .npy array"),
 }
@@ -149,6 +153,7 @@ def test_damaged_files_name_the_file_and_the_problem(tmp_path, defect):
     with pytest.raises(DataError) as raised:
         load_episode(path)
     assert str(raised.value).startswith(f"{path}: ") and message in str(raised.value)
+    assert "allow_pickle" not in str(raised.value)
 
 
 class CodeInFile:
@@ -166,7 +171,7 @@ def test_loading_never_runs_code_from_a_file(tmp_path):
     episode, checkpoint = tmp_path / "0.npz", tmp_path / "train_state.pt"
     episode.write_bytes(pickle.dumps({"observations": CodeInFile(marker)}))
     torch.save({"step": 1, "rng": CodeInFile(marker)}, checkpoint)
-    with pytest.raises(DataError, match="not a readable npz file"):
+    with pytest.raises(DataError, match="not an npz archive"):
         load_episode(episode)
     with pytest.raises(ArtifactError, match="train_state.pt: training checkpoint is truncated or not ours"):
         load_checkpoint(checkpoint)
