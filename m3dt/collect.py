@@ -578,8 +578,8 @@ def collect_parser() -> argparse.ArgumentParser:
         prog="python -m m3dt.collect", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Expert training: python -m m3dt.collect train-expert --help")
     parser.add_argument("--tasks", required=True,
-                        help=f"task names a,b,c, @file.json (a JSON list), a family ({', '.join(FAMILIES)}) or an "
-                             f"official suite ({', '.join(suite_names())})")
+                        help=f"task names a,b,c, @file.json (a JSON list); in a list, a family ({', '.join(FAMILIES)}) "
+                             f"or an official suite ({', '.join(suite_names())}) stands for its tasks")
     parser.add_argument("--episodes", type=int, required=True,
                         help="episode files per task in all, prompts included (the loader uses the last two as "
                              f"prompts); at least {MIN_EPISODES}")
@@ -631,12 +631,20 @@ def train_parser() -> argparse.ArgumentParser:
 
 
 def collection_tasks(text: str) -> list[str]:
-    """--tasks: every task of a family or an official suite by name, or a list as the stages take it."""
-    if text in FAMILIES:
-        return [name for name, task in task_table().items() if task.family == text]
-    if text in suite_names():
-        return resolve_tasks(text, None, seed=0)
-    return resolve_tasks(None, text, seed=0)
+    """--tasks: a list as the stages take it, in which a family or an official suite stands for its tasks
+    ("metaworld,ant_dir"); each task once, in the order given."""
+    items = text.split(",")
+    if not any(item in FAMILIES or item in suite_names() for item in items):
+        return resolve_tasks(None, text, seed=0)  # names, or @file.json
+    names: list[str] = []
+    for item in items:
+        if item in FAMILIES:
+            names += [name for name, task in task_table().items() if task.family == item]
+        elif item in suite_names():
+            names += resolve_tasks(item, None, seed=0)
+        else:
+            names += resolve_tasks(None, item, seed=0)
+    return list(dict.fromkeys(names))
 
 
 def positive(name: str, value: int | float | None, minimum: int | float) -> None:

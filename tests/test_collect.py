@@ -286,6 +286,9 @@ def test_tasks_by_family_suite_or_list():
     assert all(name.startswith("cheetah-vel-") for name in collection_tasks("cheetah_vel"))
     assert collection_tasks("mt10") == resolve_tasks("mt10", None, seed=0)
     assert collection_tasks("reach-v2,walker-walk") == ["reach-v2", "walker-walk"]
+    # families and suites in a list ("unknown task 'metaworld'" before); each task once
+    mixed = collection_tasks("metaworld,ant_dir,reach-v2")
+    assert len(mixed) == 90 and mixed[:50] == collection_tasks("metaworld") and mixed[50:] == collection_tasks("ant_dir")
 
 
 def test_the_table_says_what_its_return_and_score_are(capsys):
