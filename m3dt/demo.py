@@ -85,7 +85,8 @@ def run_demo(config: Config) -> dict[str, dict]:
                           context_actions=config.context_actions)
         results[result["method"]] = result
     minutes = (time.perf_counter() - started) / 60
-    print(f"\nScores on the demo suite ({len(task_names)} tasks, {minutes:.1f} min in all):\n")
+    print(f"\nScores on the demo suite ({len(task_names)} tasks; this command: {minutes:.1f} min, not counting steps "
+          "an earlier run finished):\n")
     print(side_by_side(results))
     return results
 
