@@ -597,8 +597,8 @@ def score_note(results: dict) -> str:
 def write_results(out_dir: Path, results: dict) -> None:
     """Write an evaluation's results.json, results.csv (one row per task: score, mean return, success rate
     as a fraction, episodes, steps per episode, whether it was the full protocol, the paper's single-task DT
-    score, the evaluation seed), table.md and the per-family plots."""
-    write_json(out_dir / "results.json", results)
+    score, the evaluation seed), table.md and the per-family plots. results.json comes last: where it stands, the
+    other outputs are whole (a grid takes it as the evaluation done)."""
     columns = ["task", "family", "score", "return_mean", "success_rate", "episodes", "max_steps", "full_protocol",
                "reference_score", "seed"]
     with atomic_path(out_dir / "results.csv") as temporary:
@@ -613,6 +613,7 @@ def write_results(out_dir: Path, results: dict) -> None:
     with atomic_path(out_dir / "table.md") as temporary:
         temporary.write_text(markdown_table(results) + "\n")
     plot_families(out_dir, results)
+    write_json(out_dir / "results.json", results)
 
 
 def plot_families(out_dir: Path, results: dict) -> None:

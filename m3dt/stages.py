@@ -29,8 +29,8 @@ from m3dt.model import PromptDecisionTransformer, build_model, set_up_stage
 from m3dt.run import (ArtifactError, RunDir, check_inputs, check_model_fields, file_hash, input_hashes,
                       load_tensors, manifest_path, read_json, read_manifest, save_tensors, write_json, write_manifest)
 from m3dt.tasks import TaskError, check_timesteps, register_task_rows, resolve_tasks, use_task_table, user_task_rows
-from m3dt.train import (METRICS, Distributed, Job, TrainingHooks, resolve_device, set_deterministic, start_distributed,
-                        stop_distributed, train)
+from m3dt.train import (METRICS, Distributed, Job, TrainingHooks, identity_differences, resolve_device,
+                        set_deterministic, start_distributed, stop_distributed, train)
 
 
 
@@ -60,6 +60,10 @@ def stage1_tasks(run: RunDir, config: Config) -> list[str]:
     """The stage-1 task list; an explicit --prefix_name/--tasks must agree with it."""
     manifest = read_manifest(run.backbone, "stage-1 backbone")
     check_model_fields(manifest, config.backbone_fields(), run.backbone)
+    trained_seed = manifest.get("config", {}).get("seed", config.seed)
+    if trained_seed != config.seed:  # a run directory holds one seed's stages: mixed, none would be reproducible
+        raise ArtifactError(f"{run.backbone}: trained with --seed {trained_seed}, this stage has --seed {config.seed}; "
+                            f"pass --seed {trained_seed}, or another --run_dir for seed {config.seed}")
     register_task_rows(manifest.get("user_tasks", []), str(run.backbone))  # the run's own tasks, if any
     tasks = manifest["tasks"]
     if config.prefix_name or config.tasks:
@@ -157,11 +161,17 @@ def recorded_config(config: Config, device: torch.device | None) -> dict[str, An
 
 
 def finished(artifact: Path, steps: int, config: Config, identity: dict[str, Any]) -> bool:
-    """True when `artifact` was already trained for `steps` steps with this configuration."""
+    """True when `artifact` was already trained for `steps` steps with this configuration (False: fewer steps,
+    the same schedule continues). ArtifactError, without --restart, when it was trained with other settings: a
+    finished artifact is never replaced unasked (what was trained on it would no longer fit)."""
     if config.restart or not artifact.exists() or not manifest_path(artifact).exists():
         return False
     manifest = read_json(manifest_path(artifact), "manifest")
-    return manifest.get("identity") == identity and manifest.get("steps_done", 0) >= steps
+    changed = identity_differences(manifest.get("identity") or {}, identity)
+    if changed:
+        raise ArtifactError(f"{artifact}: made with other settings: {', '.join(changed)}; --restart replaces it "
+                            "(what was trained on it would then be refused), or use another --run_dir")
+    return manifest.get("steps_done", 0) >= steps
 
 
 def read_groups(run: RunDir, config: Config, tasks: list[str]) -> tuple[Path, list[list[str]]]:
@@ -315,8 +325,7 @@ def group_tasks(config: Config, method: str) -> Path:
         raise ConfigError(f"--group_num {config.group_num} is more groups than the {len(tasks)} stage-1 tasks")
     path = run.groups(method, config.group_num)
     identity = grouping_identity(config, method, tasks, run)
-    if not config.restart and path.exists() and manifest_path(path).exists() \
-            and read_json(manifest_path(path), "manifest").get("identity") == identity:
+    if finished(path, 0, config, identity):
         print(f"stage 2 grouping ({method}) already finished: {path}; --restart to group again")
         return path
     extra, device = {}, None

@@ -47,7 +47,9 @@ WANDB_ID = "wandb_run_id"  # the W&B run a resumed job continues
 METRICS = "metrics.jsonl"
 # How a resume refusal names the parts of a job's identity that are not an option of their own.
 IDENTITY_NAMES = {"data": "data (--data_path, --max_episodes: other episode files)",
-                  "data_statistics": "data (the same files with other contents: other per-task statistics)"}
+                  "data_statistics": "data (the same files with other contents: other per-task statistics)",
+                  "inputs": "inputs (the files it was trained on)", "tasks": "tasks", "model": "model",
+                  "world_size": "torchrun world size", "method": "method"}  # the other parts are options (--name)
 
 
 class TrainingError(RuntimeError):
@@ -458,14 +460,25 @@ def save_train_state(path: Path, job: Job, optimizer: torch.optim.Optimizer,
 
 
 def identity_change(name: str, saved: Any, now: Any) -> str:
-    """One part of a job's identity that differs from its checkpoint's, in words; for the model, the options
-    that differ, with both values."""
-    label = IDENTITY_NAMES.get(name, name)
-    if name != "model" or not (isinstance(saved, dict) and isinstance(now, dict)):
-        return label
-    options = [f"--{key} {saved.get(key)} -> {now.get(key)}" for key in sorted(set(saved) | set(now))
-               if saved.get(key) != now.get(key)]
-    return f"{label} ({', '.join(options)})"
+    """One part of a job's identity that differs from its checkpoint's, in words: an option with both values;
+    for the model, the options that differ, with both values; the tasks, inputs and data by name."""
+    label = IDENTITY_NAMES.get(name, f"--{name}")
+    if name == "model" and isinstance(saved, dict) and isinstance(now, dict):
+        options = [f"--{key} {saved.get(key)} -> {now.get(key)}" for key in sorted(set(saved) | set(now))
+                   if saved.get(key) != now.get(key)]
+        return f"{label} ({', '.join(options)})"
+    if all(value is None or isinstance(value, (bool, int, float, str)) for value in (saved, now)):
+        return f"{label} {saved} -> {now}"
+    return label
+
+
+def identity_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """The parts of a job's identity (`now`) that differ from what a checkpoint or an artifact's manifest
+    recorded (`saved`), in words (identity_change)."""
+    changed = [name for name, value in now.items() if saved.get(name) != value]
+    if "data" in changed and "data_statistics" in changed:  # other files have other statistics: say it once
+        changed.remove("data_statistics")
+    return [identity_change(name, saved.get(name), now[name]) for name in changed]
 
 
 def resume(path: Path, job: Job, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
@@ -474,13 +487,9 @@ def resume(path: Path, job: Job, optimizer: torch.optim.Optimizer, scheduler: to
     and return the steps it had done. Raises ArtifactError naming what differs when the checkpoint was made
     with other settings or data (the job's identity)."""
     state = load_checkpoint(path)
-    saved = state.get("identity", {})
-    changed = [name for name, value in job.identity.items() if saved.get(name) != value]
-    if "data" in changed and "data_statistics" in changed:  # other files have other statistics: say it once
-        changed.remove("data_statistics")
-    changed = [identity_change(name, saved.get(name), job.identity[name]) for name in changed]
+    changed = identity_differences(state.get("identity", {}), job.identity)
     if changed:
-        raise ArtifactError(f"{path}: checkpoint was made with another {', '.join(changed)}; "
+        raise ArtifactError(f"{path}: checkpoint was made with other settings: {', '.join(changed)}; "
                             f"rerun with --restart to start over")
     check_rng_device(state["rng"][distributed.rank], sampler, path)
     with torch.no_grad():

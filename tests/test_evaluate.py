@@ -258,3 +258,19 @@ def test_a_run_is_evaluated_with_its_own_training_seed_by_default(small_data, tm
           "--seed", "0"])
     other = json.loads((tmp_path / "eval" / "random_episodes1_steps3_seed0" / "results.json").read_text())
     assert other["seed"] == 0 and other["training_seed"] == 1
+
+
+def test_an_evaluation_cut_while_writing_its_outputs_is_not_done(tiny_run, monkeypatch):
+    """results.json was written first: an evaluation stopped before its plots counted as done, and a grid never
+    drew them. It comes last now."""
+    import m3dt.evaluate
+
+    def interrupted(out_dir, results):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(m3dt.evaluate, "plot_families", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(str(tiny_run), "random", tasks="reach-v2", episodes=1, max_steps=2, workers=0, seed=5)
+    names = hashlib.sha256(b"reach-v2").hexdigest()[:6]
+    out_dir = tiny_run / "eval" / f"random_tasks1-{names}_episodes1_steps2_seed5"
+    assert (out_dir / "table.md").is_file() and not (out_dir / "results.json").exists()

@@ -60,11 +60,14 @@ def test_stage1_on_other_data_is_not_finished_and_does_not_resume(datasets, stag
     assert "stage 1 already finished (10 steps)" in capsys.readouterr().out
     # other files: not finished, and the checkpoint is not resumed; the same files with other contents are
     # told apart once loaded (the cheap fingerprint is names and sizes), so the resume of a longer run refuses
+    # (the finished backbone refuses what its manifest tells apart; the checkpoint what loading tells apart)
+    files = r"data \(--data_path, --max_episodes: other episode files\); --restart"
     for data, steps, extra, what in [
-            ("more", "10", [], r"data \(--data_path, --max_episodes: other episode files\)"),
-            ("a", "10", ["--max_episodes", "3"], r"data \(--data_path, --max_episodes: other episode files\)"),
-            ("edited", "15", [], r"data \(the same files with other contents: other per-task statistics\)")]:
-        with pytest.raises(ArtifactError, match=f"train_state.pt: checkpoint was made with another {what}; rerun"):
+            ("more", "10", [], f"backbone.safetensors: made with other settings: {files}"),
+            ("a", "10", ["--max_episodes", "3"], f"backbone.safetensors: made with other settings: {files}"),
+            ("edited", "15", [], r"train_state.pt: checkpoint was made with other settings: data \(the same files with "
+                                 r"other contents: other per-task statistics\); rerun with --restart")]:
+        with pytest.raises(ArtifactError, match=what):
             train_backbone(parse_config("", argv(datasets[data], run_dir, "--max_iters", steps, *extra)))
         assert "already finished" not in capsys.readouterr().out
     # --restart trains on the new data; a run shorter than the warmup says so, and every stage names its device
@@ -162,3 +165,29 @@ def test_router_widths_are_tied_to_the_model_width_unless_given(embed_dim, route
                             router_hidden=tuple(expected) if router_hidden else None)
     linears = [module for module in mixture.router.network if isinstance(module, torch.nn.Linear)]
     assert [linear.out_features for linear in linears] == [*expected, 4] and linears[0].in_features == embed_dim
+
+
+def test_a_finished_grouping_is_not_replaced_unasked_and_a_run_keeps_its_seed(datasets, stage1_run, tmp_path, capsys):
+    """A grouping with another --seed overwrote the group file that experts were trained on; stages 2 and 3 with
+    another --seed than stage 1's ran on the run, mixing seeds."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(stage1_run, run_dir)
+    groups = run_dir / "stage2" / "groups_random_2.json"
+    before = groups.read_bytes()
+    with pytest.raises(ArtifactError, match=r"backbone.safetensors: trained with --seed 0, this stage has --seed 3; "
+                                            r"pass --seed 0, or another --run_dir for seed 3$"):
+        group_tasks(parse_config("", argv(datasets["a"], run_dir, "--seed", "3")), "random")
+    for stage in (train_experts, train_router):
+        with pytest.raises(ArtifactError, match="trained with --seed 0, this stage has --seed 3"):
+            stage(parse_config("", argv(datasets["a"], run_dir, "--seed", "3", "--all")))
+    # the same seed, another option of the grouping: refused without --restart (the file is kept), replaced with it
+    manifest = run_dir / "stage2" / "groups_random_2.manifest.json"
+    recorded = json.loads(manifest.read_text())
+    recorded["identity"]["seed"] = 7  # as if grouped with --seed 7 on this seed-0 run before the seed check
+    manifest.write_text(json.dumps(recorded))
+    with pytest.raises(ArtifactError, match=r"groups_random_2.json: made with other settings: --seed 7 -> 0; --restart "
+                                            r"replaces it"):
+        group_tasks(parse_config("", argv(datasets["a"], run_dir)), "random")
+    assert groups.read_bytes() == before
+    group_tasks(parse_config("", argv(datasets["a"], run_dir, "--restart")), "random")
+    assert "wrote" in capsys.readouterr().out

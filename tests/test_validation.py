@@ -692,9 +692,18 @@ def test_checkpoint_of_another_config_or_truncated_is_not_resumed(small_data, tm
     argv = tiny_run(small_data, tmp_path, ["reach-v2"])
     train_backbone(parse_config("", [*argv, "--max_iters", "5"]))
     longer = [*argv, "--max_iters", "10"]
-    with pytest.raises(ArtifactError, match="train_state.pt: checkpoint was made with another learning_rate; rerun"):
+    # the finished backbone is not replaced unasked (it was: the checkpoint's check alone stopped a longer run)
+    with pytest.raises(ArtifactError, match=r"backbone.safetensors: made with other settings: --learning_rate 0.001 -> "
+                                            r"0.002; --restart replaces it \(what was trained on it would then be "
+                                            r"refused\), or use another --run_dir$"):
         train_backbone(parse_config("", [*longer, "--learning_rate", "2e-3"]))
-    with pytest.raises(ArtifactError, match=r"checkpoint was made with another model \(--embed_dim 32 -> 64, --router_hidden "):
+    backbone = tmp_path / "stage1" / "backbone.safetensors"
+    backbone.unlink()  # without it, the checkpoint's own check
+    with pytest.raises(ArtifactError, match=r"train_state.pt: checkpoint was made with other settings: --learning_rate "
+                                            r"0.001 -> 0.002; rerun"):
+        train_backbone(parse_config("", [*longer, "--learning_rate", "2e-3"]))
+    with pytest.raises(ArtifactError, match=r"checkpoint was made with other settings: model \(--embed_dim 32 -> 64, "
+                                            r"--router_hidden "):
         train_backbone(parse_config("", [*longer, "--embed_dim", "64"]))
     checkpoint = tmp_path / "stage1" / "train_state.pt"
     checkpoint.write_bytes(checkpoint.read_bytes()[:1000])
