@@ -175,6 +175,27 @@ def load_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
         raise ArtifactError(f"{path}: {what} is damaged or not a safetensors file ({error})") from None
 
 
+def safetensors_damage(path: Path) -> str:
+    """What is wrong with a safetensors file's structure, read from its header without loading it ("" when its
+    size is what the header says): a file cut short by a copy or a full disk, or not a safetensors file."""
+    size = path.stat().st_size
+    with open(path, "rb") as file:
+        start = file.read(8)
+        if len(start) < 8:
+            return f"{size} bytes, shorter than a safetensors header"
+        header_size = int.from_bytes(start, "little")
+        if header_size > size - 8:
+            return f"{size} bytes, fewer than its header's {header_size}"
+        try:
+            header = json.loads(file.read(header_size))
+            data = max([entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"],
+                       default=0)
+        except (ValueError, TypeError, KeyError, IndexError):
+            return "its header is not a safetensors header"
+    expected = 8 + header_size + data
+    return "" if size == expected else f"{size} bytes where its header says {expected}"
+
+
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Write a training checkpoint (torch.save) atomically: a killed write leaves the previous one."""
     with atomic_path(path) as temporary:
@@ -332,6 +353,10 @@ def read_manifest(artifact: Path, what: str) -> dict[str, Any]:
     """The manifest of an artifact a stage is about to consume, after checking the artifact exists."""
     if not artifact.exists():
         raise ArtifactError(f"{artifact}: {what} does not exist (run the stage that writes it first)")
+    damage = safetensors_damage(artifact) if artifact.suffix == ".safetensors" else ""
+    if damage:
+        raise ArtifactError(f"{artifact}: {what} is damaged ({damage}); run the stage that writes it again (its "
+                            "checkpoint rewrites it)")
     return read_json(manifest_path(artifact), f"manifest of the {what}")
 
 

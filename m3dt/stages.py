@@ -27,7 +27,8 @@ from m3dt.envs import check_env
 from m3dt.grouping import gradient_features, gradient_grouping, groups_to_json, random_grouping, task_gradients
 from m3dt.model import PromptDecisionTransformer, build_model, set_up_stage
 from m3dt.run import (ArtifactError, RunDir, check_inputs, check_model_fields, file_hash, input_hashes,
-                      load_tensors, manifest_path, read_json, read_manifest, save_tensors, write_json, write_manifest)
+                      load_tensors, manifest_path, read_json, read_manifest, safetensors_damage, save_tensors,
+                      write_json, write_manifest)
 from m3dt.tasks import TaskError, check_timesteps, register_task_rows, resolve_tasks, use_task_table, user_task_rows
 from m3dt.train import (METRICS, Distributed, Job, TrainingHooks, identity_differences, resolve_device,
                         set_deterministic, start_distributed, stop_distributed, train)
@@ -165,6 +166,10 @@ def finished(artifact: Path, steps: int, config: Config, identity: dict[str, Any
     the same schedule continues). ArtifactError, without --restart, when it was trained with other settings: a
     finished artifact is never replaced unasked (what was trained on it would no longer fit)."""
     if config.restart or not artifact.exists() or not manifest_path(artifact).exists():
+        return False
+    damage = safetensors_damage(artifact) if artifact.suffix == ".safetensors" else ""
+    if damage:  # not finished: the training resumes from its checkpoint, at its last step, and writes it again
+        print(f"{artifact}: damaged ({damage}); writing it again")
         return False
     manifest = read_json(manifest_path(artifact), "manifest")
     changed = identity_differences(manifest.get("identity") or {}, identity)

@@ -14,7 +14,7 @@ import torch
 from m3dt.config import Config, parse_config
 from m3dt.evaluate import load_statistics
 from m3dt.moe import ExpertMixture
-from m3dt.run import ArtifactError, RunDir, load_checkpoint, save_checkpoint, save_tensors
+from m3dt.run import ArtifactError, RunDir, load_checkpoint, safetensors_damage, save_checkpoint, save_tensors
 from m3dt.stages import group_tasks, train_backbone, train_experts, train_router
 from m3dt.synthetic import make_dataset, write_episode
 from tests.test_pipeline import TINY
@@ -191,3 +191,26 @@ def test_a_finished_grouping_is_not_replaced_unasked_and_a_run_keeps_its_seed(da
     assert groups.read_bytes() == before
     group_tasks(parse_config("", argv(datasets["a"], run_dir, "--restart")), "random")
     assert "wrote" in capsys.readouterr().out
+
+
+def test_a_damaged_artifact_is_neither_finished_nor_read(datasets, stage1_run, tmp_path, capsys):
+    """A truncated backbone was "already finished", and a grouping read it; only the evaluator noticed."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(stage1_run, run_dir)
+    backbone = run_dir / "stage1" / "backbone.safetensors"
+    whole = backbone.read_bytes()
+    backbone.write_bytes(whole[:10_000])  # the header whole, the tensors cut
+    with pytest.raises(ArtifactError, match=rf"backbone.safetensors: stage-1 backbone is damaged \(10000 bytes where its "
+                                            rf"header says {len(whole)}\); run the stage that writes it again"):
+        group_tasks(parse_config("", argv(datasets["a"], run_dir, "--restart")), "random")
+    capsys.readouterr()
+    train_backbone(parse_config("", argv(datasets["a"], run_dir, "--max_iters", "10")))
+    assert f"{backbone}: damaged (10000 bytes where its header says {len(whole)}); writing it again" in (
+        capsys.readouterr().out)
+    assert backbone.read_bytes() == whole  # from the checkpoint of its last step, bit for bit
+    header = int.from_bytes(whole[:8], "little")
+    for content, damage in [(whole, ""), (whole[:1000], f"1000 bytes, fewer than its header's {header}"),
+                            (b"hello", "5 bytes, shorter than a safetensors header"),
+                            (b"\x02" + bytes(7) + b"{]", "its header is not a safetensors header")]:
+        backbone.write_bytes(content)
+        assert safetensors_damage(backbone) == damage
