@@ -161,22 +161,37 @@ def recorded_config(config: Config, device: torch.device | None) -> dict[str, An
     return {**vars(config), **config.model_fields(), "device": None if device is None else str(device)}
 
 
-def finished(artifact: Path, steps: int, config: Config, identity: dict[str, Any]) -> bool:
-    """True when `artifact` was already trained for `steps` steps with this configuration (False: fewer steps,
-    the same schedule continues). ArtifactError, without --restart, when it was trained with other settings: a
-    finished artifact is never replaced unasked (what was trained on it would no longer fit)."""
+def finished(artifact: Path, steps: int, config: Config, identity: dict[str, Any]) -> int | None:
+    """The steps `artifact` holds when it was already trained for at least `steps` steps with this configuration;
+    None otherwise (fewer steps: the same schedule continues; --restart). ArtifactError, without --restart, when
+    it was trained with other settings: a finished artifact is never replaced unasked (what was trained on it
+    would no longer fit)."""
     if config.restart or not artifact.exists() or not manifest_path(artifact).exists():
-        return False
+        return None
     damage = safetensors_damage(artifact) if artifact.suffix == ".safetensors" else ""
     if damage:  # not finished: the training resumes from its checkpoint, at its last step, and writes it again
         print(f"{artifact}: damaged ({damage}); writing it again")
-        return False
+        return None
     manifest = read_json(manifest_path(artifact), "manifest")
     changed = identity_differences(manifest.get("identity") or {}, identity)
     if changed:
         raise ArtifactError(f"{artifact}: made with other settings: {', '.join(changed)}; --restart replaces it "
                             "(what was trained on it would then be refused), or use another --run_dir")
-    return manifest.get("steps_done", 0) >= steps
+    done = manifest.get("steps_done", 0)
+    return done if done >= steps else None
+
+
+def start_over(artifacts: list[Path], is_main: bool = True) -> None:
+    """--restart: the artifacts a training replaces are removed as it starts (after every check passed; by the
+    main process of a torchrun job), so that a restart cut short is resumed by the command without --restart,
+    not taken for the run it replaces."""
+    removed = [artifact for artifact in artifacts if artifact.exists()]
+    if not is_main or not removed:
+        return
+    for artifact in removed:
+        artifact.unlink()
+        manifest_path(artifact).unlink(missing_ok=True)
+    print(f"--restart: removed {len(removed)} earlier artifact(s) ({removed[0]}{', ...' if len(removed) > 1 else ''})")
 
 
 def read_groups(run: RunDir, config: Config, tasks: list[str]) -> tuple[Path, list[list[str]]]:
@@ -246,9 +261,12 @@ def train_backbone(config: Config) -> Path:
     distributed, device = start_distributed(config.device)
     files = data_files(config, tasks)
     identity = {**optimisation_identity(config, tasks, distributed.world_size), "data": files}
-    if finished(run.backbone, steps, config, identity):
-        print(f"stage 1 already finished ({steps} steps): {run.backbone}; --restart to train again")
+    done = finished(run.backbone, steps, config, identity)
+    if done is not None:
+        print(f"stage 1 already finished ({done} steps): {run.backbone}; --restart to train again")
         return run.backbone
+    if config.restart:
+        start_over([run.backbone], distributed.is_main)
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     model = build_model(config, config.dropout)
     share = rank_share(tasks, distributed)
@@ -330,7 +348,7 @@ def group_tasks(config: Config, method: str) -> Path:
         raise ConfigError(f"--group_num {config.group_num} is more groups than the {len(tasks)} stage-1 tasks")
     path = run.groups(method, config.group_num)
     identity = grouping_identity(config, method, tasks, run)
-    if finished(path, 0, config, identity):
+    if finished(path, 0, config, identity) is not None:
         print(f"stage 2 grouping ({method}) already finished: {path}; --restart to group again")
         return path
     extra, device = {}, None
@@ -396,13 +414,16 @@ def train_experts(config: Config) -> list[Path]:
     group_tasks_needed = [task for expert in expert_ids for task in groups[expert]]
     data_files(config, group_tasks_needed, run)
     done = [finished(output, steps, config, identity) for output in outputs]
-    if all(done):
-        print(f"stage 2 experts {expert_ids} already finished ({steps} steps); --restart to train again")
+    if None not in done:
+        counts = "/".join(map(str, sorted(set(done))))
+        print(f"stage 2 experts {expert_ids} already finished ({counts} steps); --restart to train again")
         return outputs
-    again = [expert for expert, expert_done in zip(expert_ids, done) if expert_done]
+    again = [expert for expert, expert_done in zip(expert_ids, done) if expert_done is not None]
     if again:  # one job trains its experts together: those finished alone are trained again
         print(f"note: experts {again} are already finished; this job trains them again with the others and replaces "
               "them (train the others alone with --expert_id to keep them)")
+    if config.restart:
+        start_over(outputs)
 
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
@@ -449,9 +470,12 @@ def train_router(config: Config) -> Path:
     inputs = [run.backbone, groups_file, *expert_files]
     distributed, device = start_distributed(config.device)
     identity = stage_identity(config, tasks, run, inputs, distributed.world_size)
-    if finished(output, steps, config, identity):
-        print(f"stage 3 already finished ({steps} steps): {output}; --restart to train again")
+    done = finished(output, steps, config, identity)
+    if done is not None:
+        print(f"stage 3 already finished ({done} steps): {output}; --restart to train again")
         return output
+    if config.restart:
+        start_over([output], distributed.is_main)
 
     torch.manual_seed(config.seed)  # the routers' initial weights, the same on every rank
     model = load_backbone(run, config)

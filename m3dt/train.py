@@ -336,6 +336,9 @@ def train_job(job: Job, sampler: DeviceSampler, config: Config, distributed: Dis
     if state_file.exists() and not config.restart:
         start = resume(state_file, job, optimizer, scheduler, sampler, distributed)
         print(f"[{job.name}] resuming from step {start} ({state_file})")
+        if start > job.steps:  # an earlier, longer schedule's checkpoint: its weights are what there is
+            print(f"[{job.name}] note: the checkpoint is at step {start}, past the {job.steps} steps asked for: "
+                  f"written as it is ({start} steps); --restart trains {job.steps}")
     if distributed.is_main:
         truncate_jsonl(job.job_dir / METRICS, start)
     if start >= job.steps:
@@ -358,7 +361,7 @@ def train_job(job: Job, sampler: DeviceSampler, config: Config, distributed: Dis
     window_start = time.perf_counter()
     # closed on an error too, so that the error message starts on a line of its own
     with tqdm(range(start, job.steps), desc=job.name, unit="step", initial=start, total=job.steps, dynamic_ncols=True,
-              disable=not distributed.is_main) as progress, say_where_interrupted(job, progress, state_file):
+              disable=not distributed.is_main) as progress, say_where_interrupted(job, progress, state_file, config.restart):
         for step in progress:
             task_indices = table[group_index, step % lengths]
             batch = sampler.sample(task_indices)
@@ -394,7 +397,7 @@ def train_job(job: Job, sampler: DeviceSampler, config: Config, distributed: Dis
 
 
 @contextmanager
-def say_where_interrupted(job: Job, progress: tqdm, state_file: Path) -> Iterator[None]:
+def say_where_interrupted(job: Job, progress: tqdm, state_file: Path, restart: bool) -> Iterator[None]:
     """Turn Ctrl-C into a KeyboardInterrupt that says at which step training stopped and from which
     checkpoint the same command resumes (m3dt/cli.py prints it as one line)."""
     try:
@@ -406,7 +409,8 @@ def say_where_interrupted(job: Job, progress: tqdm, state_file: Path) -> Iterato
         if saved is None:
             raise KeyboardInterrupt(f"{where}; no checkpoint yet (one every --save_every steps): rerunning the "
                                     "same command starts this stage over") from None
-        raise KeyboardInterrupt(f"{where}; rerun the same command to resume from step {saved} ({state_file})") from None
+        again = "rerun it without --restart" if restart else "rerun the same command"  # --restart would start over
+        raise KeyboardInterrupt(f"{where}; {again} to resume from step {saved} ({state_file})") from None
 
 
 def checkpoint_step(path: Path) -> int | None:

@@ -214,3 +214,34 @@ def test_a_damaged_artifact_is_neither_finished_nor_read(datasets, stage1_run, t
                             (b"\x02" + bytes(7) + b"{]", "its header is not a safetensors header")]:
         backbone.write_bytes(content)
         assert safetensors_damage(backbone) == damage
+
+
+def test_a_restart_cut_short_is_resumed_not_taken_for_the_run_it_replaces(datasets, stage1_run, tmp_path,
+                                                                           monkeypatch, capsys):
+    """Killed during --restart, the rerun without --restart said "already finished" with the old model (and the
+    old run's metrics gone); the interrupted line told to rerun the same command, which starts over again."""
+    import m3dt.train
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(stage1_run, run_dir)
+    backbone = run_dir / "stage1" / "backbone.safetensors"
+    saves = []
+    save = m3dt.train.save_train_state
+
+    def cut_after_the_first_checkpoint(*arguments):
+        if saves:
+            raise KeyboardInterrupt
+        saves.append(save(*arguments))
+
+    monkeypatch.setattr(m3dt.train, "save_train_state", cut_after_the_first_checkpoint)
+    with pytest.raises(KeyboardInterrupt, match=r"stopped at step \d+ of 10; rerun it without --restart to resume "
+                                                r"from step 5"):
+        train_backbone(parse_config("", argv(datasets["a"], run_dir, "--max_iters", "10", "--restart")))
+    assert "--restart: removed 1 earlier artifact(s)" in capsys.readouterr().out and not backbone.exists()
+    monkeypatch.setattr(m3dt.train, "save_train_state", save)
+    train_backbone(parse_config("", argv(datasets["a"], run_dir, "--max_iters", "10")))
+    assert "resuming from step 5" in capsys.readouterr().out
+    assert json.loads((run_dir / "stage1" / "backbone.manifest.json").read_text())["steps_done"] == 10
+    # "already finished" says the steps the file holds, not the --max_iters asked for
+    train_backbone(parse_config("", argv(datasets["a"], run_dir, "--max_iters", "3")))
+    assert "stage 1 already finished (10 steps)" in capsys.readouterr().out

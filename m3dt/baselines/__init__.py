@@ -35,7 +35,7 @@ from m3dt.config import Config, ConfigError
 from m3dt.model import PromptDecisionTransformer, build_model
 from m3dt.run import ArtifactError, RunDir, file_hash, load_tensors, read_manifest, save_tensors, write_manifest
 from m3dt.stages import (data_files, data_stats, finished, gather_shares, gather_statistics, make_sampler,
-                         rank_share, recorded_config, seed_rank, stage1_tasks, stage_identity)
+                         rank_share, recorded_config, seed_rank, stage1_tasks, stage_identity, start_over)
 from m3dt.tasks import resolve_tasks, user_task_rows
 from m3dt.train import Job, TrainingHooks, start_distributed, train
 
@@ -67,9 +67,12 @@ def train_baseline(config: Config, method_id: str) -> Path:
     identity = {**stage_identity(config, tasks, run, inputs, distributed.world_size), "method": method_id,
                 **hyperparameters, "data": files}
     output = run.baseline_model(method_id)
-    if finished(output, steps, config, identity):
-        print(f"{method_id} already finished ({steps} steps): {output}; --restart to train again")
+    done = finished(output, steps, config, identity)
+    if done is not None:
+        print(f"{method_id} already finished ({done} steps): {output}; --restart to train again")
         return output
+    if config.restart:
+        start_over([output], distributed.is_main)
 
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     model, trainable = method.build(config, run)
