@@ -205,7 +205,12 @@ def free_memory(device: torch.device) -> tuple[int, int]:
 
 def data_device(requested: str, device: torch.device, plan_with_data: MemoryPlan, free: int) -> torch.device:
     """Where the dataset lives (`--data_device`): `auto` keeps it on the training device when the whole plan
-    fits in DATA_MARGIN of the free memory, else in host memory; `cuda`/`cpu` as asked."""
+    fits in DATA_MARGIN of the free memory, else in host memory; `cuda`/`cpu` as asked. ConfigError for `cuda`
+    when training runs on the CPU (it was taken silently: the data can only live where training runs, or on
+    the host)."""
+    if requested == "cuda" and device.type != "cuda":
+        raise ConfigError(f"--data_device cuda: training runs on {device}; the data lives on the training GPU or in "
+                          "host memory (--data_device auto or cpu)")
     if device.type == "cpu" or requested == "cpu":
         return torch.device("cpu")
     if requested == "cuda" or plan_with_data.total <= DATA_MARGIN * free:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from m3dt import memory
-from m3dt.config import Config
+from m3dt.config import Config, ConfigError
 from m3dt.data import DeviceSampler, TaskDataset
 from m3dt.model import ModelConfig, PromptDecisionTransformer, action_loss, set_up_stage
 from tests.conftest import REPO, SMALL_TASKS
@@ -68,6 +68,9 @@ def test_data_goes_to_the_gpu_only_when_the_plan_fits_with_a_margin():
     assert memory.data_device("cuda", cuda, plan, free=memory.GIB) == cuda  # as asked
     assert memory.data_device("cpu", cuda, plan, free=100 * memory.GIB) == cpu
     assert memory.data_device("auto", cpu, plan, free=memory.GIB) == cpu
+    with pytest.raises(ConfigError, match="--data_device cuda: training runs on cpu; the data lives on the training "
+                                          "GPU or in host memory"):
+        memory.data_device("cuda", cpu, plan, free=100 * memory.GIB)  # was trained on the CPU, recorded as cuda
 
 
 def test_evaluation_rows_keep_each_forward_within_its_share_of_free_memory():
