@@ -920,6 +920,7 @@ def dry_run(grid: Grid, jobs: list[Job], run_root: Path, benches: list[Bench], s
         kind = "GPU-hours" if bench.is_gpu else "hours on this CPU bench (no GPU figure)"
         missing = " (some jobs have no figure in it: more)" if partial_total else ""
         parts = ", ".join(f"{name} {format_hours(value)}" for name, value in by_kind.items() if value)
+        parts = parts or ("no job with a figure is left" if partial_total else "nothing is left")
         lines.append(f"- {format_hours(sum(by_kind.values()))} {kind}{missing}: {parts}; {bench.description}, "
                      f"figures from {bench_name(bench)}")
     if not any(bench.is_gpu for bench in benches):

@@ -101,6 +101,8 @@ def test_rerun_skips_everything(finished_grid, grid_file, capsys):
     assert after == before
     grid = load_grid(grid_file)
     assert all(job_status(job).done for job in plan_jobs(grid, finished_grid, {}))
+    main([str(grid_file), "--run_root", str(finished_grid), "--dry_run"])  # its cost lines had an empty breakdown
+    assert "- 0 hours on this CPU bench (no GPU figure): nothing is left; " in capsys.readouterr().out
 
 
 def test_data_changed_since_stage_1_is_a_conflict_the_dry_run_lists(finished_grid, grid_file, tmp_path, capsys):
