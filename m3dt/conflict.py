@@ -116,22 +116,26 @@ def plot_conflict(metrics: Path, out: Path) -> Path | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     steps = [record["step"] for record in records]
     share = [100 * record["conflict_share"] for record in records]
     cosine = [record["conflict_mean_cosine"] for record in records]
-    peak = steps[int(np.argmax(share))]
+    peak = steps[int(np.argmax(share))] if max(share) > 0 else None  # no conflict at all: no peak to mark
     figure, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(7, 5))
     top.plot(steps, share, marker="o", color="tab:red")
+    top.set_ylim(0, max(5.0, 1.1 * max(share)))  # a share, 0-100: all zeros sit on 0, not mid-axis
     top.set_ylabel("task pairs with\nnegative cosine (%)")
     bottom.plot(steps, cosine, marker="o", color="tab:blue")
     bottom.axhline(0.0, color="gray", linewidth=0.8)
     bottom.set_ylabel("mean cosine\nbetween task gradients")
     bottom.set_xlabel("stage-1 training step")
-    for axes in (top, bottom):
-        axes.axvline(peak, color="black", linestyle="--", linewidth=0.8)
-    top.set_title(f"stage 1: gradient conflict between {records[-1]['conflict_tasks']} tasks "
-                  f"(highest share at step {peak:,})")
+    bottom.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole
+    if peak is not None:
+        for axes in (top, bottom):
+            axes.axvline(peak, color="black", linestyle="--", linewidth=0.8)
+    where = f"highest share at step {peak:,}" if peak is not None else "no task pair in conflict at any measured step"
+    top.set_title(f"stage 1: gradient conflict between {records[-1]['conflict_tasks']} tasks\n({where})", fontsize=10)
     figure.tight_layout()
     with atomic_path(out) as temporary:
         figure.savefig(temporary, format="png", dpi=120)

@@ -813,14 +813,15 @@ def plot_families(path: Path, rows: list[Row], title: str, palette: dict[str, An
         for position, (number, row) in enumerate(zip(numbers, members)):
             axes.bar(position, row.families[family][0], yerr=row.families[family][1], capsize=3,
                      color=palette.get(series_name(row, with_experts=False)),
-                     label=f"{number}: {series_name(row)} (seeds: {len(row.results)})")
+                     label=f"{number}: {series_name(row)} (seeds {', '.join(map(str, row.seeds))})")
         if members[0].reference[family] is not None:
             first = members[0].first.data
             family_tasks = [name for name, task in first["tasks"].items() if task["family"] == family]
             axes.axhline(members[0].reference[family], color="black", linestyle="--",
                          label=reference_label(family_tasks, own_task_names(first)))
         axes.set_xticks(range(len(members)), [str(number) for number in numbers], fontsize=7)
-        axes.set_ylim(*score_axis_limits(error_bar_ends([row.families[family] for row in members])))
+        low, high = score_axis_limits(error_bar_ends([row.families[family] for row in members]))
+        axes.set_ylim(low, high + 0.04 * (high - low))  # headroom: a reference at 100 is a line, not the frame
         if axes.get_ylim()[0] < 0:
             axes.axhline(0, color="black", linewidth=0.8)
         axes.set_ylabel(SCORE_AXIS[family])

@@ -225,3 +225,21 @@ def test_harmodt_checkpoint_state_restores_masks_and_tie_breaking(small_data):
     resumed.load_state_dict(state)
     assert torch.equal(resumed.masks, hooks.masks)
     assert torch.equal(torch.rand(3, generator=resumed.generator), torch.rand(3, generator=hooks.generator))
+
+
+def test_conflict_plot_without_any_conflict_says_so(tmp_path, monkeypatch):
+    """Every share 0: the % axis spanned -0.04..0.04, the steps ticked 12.5, and the title named a "highest share"."""
+    import matplotlib.pyplot as plt
+
+    from m3dt.conflict import plot_conflict
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps({"step": step, "conflict_share": 0.0, "conflict_mean_cosine": 0.3,
+                                           "conflict_tasks": 4}) + "\n" for step in (10, 15, 20)))
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    plot_conflict(metrics, tmp_path / "conflict.png")
+    top, bottom = figures[0].axes
+    assert top.get_title().endswith("(no task pair in conflict at any measured step)")
+    assert top.get_ylim() == (0.0, 5.0) and all(tick == int(tick) for tick in bottom.get_xticks())
+    assert (tmp_path / "conflict.png").stat().st_size > 10_000
