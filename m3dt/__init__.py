@@ -22,10 +22,24 @@ def interrupted_while_starting(signal_number: int, frame: object) -> None:
 
 
 def command_started() -> None:
-    """From here on Ctrl-C is a KeyboardInterrupt again, which the command turns into its one line."""
-    if threading.current_thread() is threading.main_thread() and (
-            signal.getsignal(signal.SIGINT) is interrupted_while_starting):
+    """From here on Ctrl-C is a KeyboardInterrupt again, which the command turns into its one line; so is SIGTERM
+    (a scheduler's or a shard script's stop, which ended a command silently), where nobody set a handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGINT) is interrupted_while_starting:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, terminated)
+
+
+stopped_by = "Ctrl-C"  # what stopped the command, for its one line (m3dt.cli.exit_interrupted)
+
+
+def terminated(signal_number: int, frame: object) -> None:
+    """SIGTERM: stop as Ctrl-C does (the training loop says the step and the checkpoint to resume from)."""
+    global stopped_by
+    stopped_by = "SIGTERM"
+    raise KeyboardInterrupt
 
 
 # `python -m m3dt.NAME` imports this package while sys.argv[0] is still "-m"; a stage script is argv[0] itself. A

@@ -1,6 +1,6 @@
 """How every command ends when it cannot go on: bad input is one line naming the file and what is wrong
-(exit code 2), Ctrl-C is one line saying where it stopped and how to go on (exit code 130, as a shell
-reports an interrupted program); tracebacks only with --debug."""
+(exit code 2), Ctrl-C (or SIGTERM) is one line saying where it stopped and how to go on (exit code 130, or 143,
+as a shell reports an interrupted program); tracebacks only with --debug."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import signal
 import sys
 from typing import Callable, NoReturn, TypeVar
 
+import m3dt
 from m3dt import command_started
 from m3dt.config import ConfigError
 from m3dt.data import DataError
@@ -17,7 +18,7 @@ from m3dt.tasks import TaskError
 from m3dt.train import TrainingError
 
 USER_ERRORS = (ArtifactError, ConfigError, DataError, TaskError, TrainingError)
-INTERRUPTED_EXIT_CODE = 128 + signal.SIGINT
+INTERRUPTED_EXIT_CODES = (128 + signal.SIGINT, 128 + signal.SIGTERM)  # as a shell reports them
 Main = TypeVar("Main", bound=Callable)
 
 
@@ -32,7 +33,7 @@ def exit_with_message(error: Exception, debug: bool) -> NoReturn:
 
 
 def exit_interrupted(interrupt: KeyboardInterrupt, debug: bool) -> NoReturn:
-    """Ctrl-C: one line and exit code 130. The training loop's message says at which step it stopped and
+    """Ctrl-C: one line and exit code 130 (SIGTERM: 143). The training loop's message says at which step it stopped and
     from which checkpoint a rerun resumes; elsewhere the line says what is kept (every file is written
     atomically, so nothing is half-written)."""
     if debug:
@@ -40,8 +41,8 @@ def exit_interrupted(interrupt: KeyboardInterrupt, debug: bool) -> NoReturn:
     message = " ".join(str(interrupt).split()) or (
         "stopped before the end; every file written so far is kept, whole (files are written atomically): "
         "rerun the same command to go on")
-    print(f"interrupted (Ctrl-C): {message}", file=sys.stderr)
-    sys.exit(INTERRUPTED_EXIT_CODE)
+    print(f"interrupted ({m3dt.stopped_by}): {message}", file=sys.stderr)
+    sys.exit(128 + (signal.SIGTERM if m3dt.stopped_by == "SIGTERM" else signal.SIGINT))
 
 
 def command(main: Main) -> Main:

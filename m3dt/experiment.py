@@ -59,7 +59,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from m3dt.baselines import METHODS as BASELINES, method_module
-from m3dt.cli import INTERRUPTED_EXIT_CODE, USER_ERRORS, command, exit_with_message
+from m3dt.cli import INTERRUPTED_EXIT_CODES, USER_ERRORS, command, exit_with_message
 from m3dt.config import (ArgumentParser, Config, ConfigError, check_values, load_yaml, option_value,
                          read_yaml_mapping)
 from m3dt.data import DataError, files_fingerprint, task_source
@@ -1026,7 +1026,7 @@ def execute(job: Job) -> None:
         with job_lock(job):
             entry_point(job)(flags)
     except SystemExit as error:
-        if error.code == INTERRUPTED_EXIT_CODE:  # Ctrl-C: the job said where it stopped; the grid stops too
+        if error.code in INTERRUPTED_EXIT_CODES:  # Ctrl-C, SIGTERM: the job said where it stopped; so does the grid
             raise
         if error.code not in (0, None):
             raise JobFailed(f"{job.describe()} in {job.run_dir} failed (exit code {error.code})") from None

@@ -141,10 +141,11 @@ def test_expert_training_resumes_bit_for_bit(small_data, reference_run, killed_s
         assert_same_tensors(run_dir / name, reference_run / name)
 
 
-@pytest.mark.parametrize("signal_number", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "Ctrl-C"])
+@pytest.mark.parametrize("signal_number", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM],
+                         ids=["SIGKILL", "Ctrl-C", "SIGTERM"])
 def test_router_training_resumes_bit_for_bit(small_data, reference_run, tmp_path, signal_number):
-    """Killed, or interrupted with Ctrl-C, which ends it with one line saying where it stopped and from which
-    step the same command resumes."""
+    """Killed, or interrupted with Ctrl-C or SIGTERM (a scheduler's stop; it ended the stage silently), which
+    end it with one line saying where it stopped and from which step the same command resumes."""
     run_dir = tmp_path / "run"
     shutil.copytree(reference_run / "stage1", run_dir / "stage1")
     shutil.copytree(reference_run / "stage2", run_dir / "stage2")
@@ -154,18 +155,20 @@ def test_router_training_resumes_bit_for_bit(small_data, reference_run, tmp_path
     kill_at_random_step("stage3_router_train.py", args, run_dir / stage3 / "metrics.jsonl", log, random.Random(),
                         signal_number)
     assert not (run_dir / stage3 / "moe.safetensors").exists()
-    said = interrupted_message_step(log.read_text(), run_dir / stage3 / "train_state.pt") \
-        if signal_number == signal.SIGINT else None
+    said = interrupted_message_step(log.read_text(), run_dir / stage3 / "train_state.pt", signal_number) \
+        if signal_number != signal.SIGKILL else None
     rerun = run_stage("stage3_router_train.py", *args)
     assert resumed_step(rerun.stdout) < STEPS and said in (None, resumed_step(rerun.stdout))
     assert_same_tensors(run_dir / stage3 / "moe.safetensors", reference_run / stage3 / "moe.safetensors")
     assert logged_losses(run_dir / stage3 / "metrics.jsonl") == logged_losses(reference_run / stage3 / "metrics.jsonl")
 
 
-def interrupted_message_step(output: str, checkpoint: Path) -> int:
-    """Checks the one line Ctrl-C leaves (no traceback) and returns the step it says a rerun resumes from."""
+def interrupted_message_step(output: str, checkpoint: Path, signal_number: int = signal.SIGINT) -> int:
+    """Checks the one line Ctrl-C (or SIGTERM) leaves (no traceback) and returns the step it says a rerun resumes
+    from."""
     assert "Traceback" not in output and output.count("interrupted") == 1
-    match = re.fullmatch(r"interrupted \(Ctrl-C\): \[stage3 router\] stopped at step (\d+) of 60; rerun the same "
+    cause = "Ctrl-C" if signal_number == signal.SIGINT else "SIGTERM"
+    match = re.fullmatch(rf"interrupted \({cause}\): \[stage3 router\] stopped at step (\d+) of 60; rerun the same "
                          r"command to resume from step (\d+) \((.+)\)", output.splitlines()[-1])
     assert match, output.splitlines()[-1]
     stopped, saved = int(match.group(1)), int(match.group(2))
