@@ -865,7 +865,9 @@ def plot_profiles(path: Path, rows: list[Row], title: str, palette: dict[str, An
     axes.set_ylabel("fraction of seed x task scores > τ")
     axes.set_title(plot_title(f"Performance profiles, {rows[0].task_cell.replace('(', 'tasks (')} (bands: 95% "
                               "bootstrap CI over seeds" + (", and task positions where a series' task lists differ "
-                                                           "by seed" if task_positions else "") + ")", rows, title),
+                                                           "by seed" if task_positions else "")
+                              + ("; a series of one seed has none" if any(len(row.results) == 1 for row in rows)
+                                 else "") + ")", rows, title),
                    fontsize=9)
     finish(figure, [axes], path)
 
