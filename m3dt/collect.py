@@ -691,11 +691,12 @@ def run_command(argv: list[str]) -> None:
     positive("seed", args.seed, 0)
     out = data_root(args.out)
     task_names = collection_tasks(args.tasks)
-    make_folder(out, "data root (--out)")
-    if args.format == "minari":  # a dataset of another collection is refused now, not after collecting
+    if args.format == "minari":
         from m3dt.minari_io import check_export, check_namespace
 
-        check_namespace(args.minari_namespace)
+        check_namespace(args.minari_namespace)  # before --out is made
+    make_folder(out, "data root (--out)")
+    if args.format == "minari":  # a dataset of another collection is refused now, not after collecting
         for name in task_names:
             task = get_task(name)
             check_export(task, args.minari_namespace,

@@ -302,3 +302,10 @@ def test_the_table_says_what_its_return_and_score_are(capsys):
     assert lines[-1] == ("mean return: per episode, as collected (episodes cut at --max_steps 30); score: the expert's "
                          "per-task score as evaluation computes it (dmc: return / 10; ant_dir: clip(return / 5, 0, "
                          "100)), each cut episode's return scaled to the full horizon first (return x horizon / steps)")
+
+
+def test_a_bad_minari_namespace_leaves_no_out_folder(tmp_path, capsys):
+    out = tmp_path / "new"
+    with pytest.raises(SystemExit):
+        main(["--tasks", "reach-v2", "--episodes", "3", "--format", "minari", "--minari_namespace", "", "--out", str(out)])
+    assert "not a Minari namespace" in capsys.readouterr().err and not out.exists()
