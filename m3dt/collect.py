@@ -691,16 +691,15 @@ def run_command(argv: list[str]) -> None:
     positive("seed", args.seed, 0)
     out = data_root(args.out)
     task_names = collection_tasks(args.tasks)
-    if args.format == "minari":
+    if args.format == "minari":  # before anything is written: a bad namespace, a dataset of another collection
         from m3dt.minari_io import check_export, check_namespace
 
-        check_namespace(args.minari_namespace)  # before --out is made
-    make_folder(out, "data root (--out)")
-    if args.format == "minari":  # a dataset of another collection is refused now, not after collecting
+        check_namespace(args.minari_namespace)
         for name in task_names:
             task = get_task(name)
             check_export(task, args.minari_namespace,
                          task_settings(task, out, args.seed, args.noise, args.max_steps), args.episodes)
+    make_folder(out, "data root (--out)")
     summary = collect(task_names, args.episodes, out, args.seed, args.noise, args.workers, args.max_steps)
     print_table(summary, task_names)
     if args.format == "minari":

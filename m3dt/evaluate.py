@@ -884,8 +884,9 @@ def evaluate(run_dir: str, method: str, grouping: str = "gradient", expert_num: 
         print(f"evaluation forwards of at most {min(policy.eval_rows or len(rollouts), len(rollouts))} of the "
               f"{len(rollouts)} rollouts (--eval_rows)")
     shared = shared_training_goals(trained_manifest, rollouts, seed)
-    if memorised_goals(shared):
-        print(f"warning: {memorised_goals(shared)} ({len(shared['tasks'])} task(s), {shared['collect_json']}): the "
+    memorised = memorised_goals(shared)
+    if memorised:
+        print(f"warning: {memorised} ({len(shared['tasks'])} task(s), {shared['collect_json']}): the "
               "scores measure memorisation; evaluate with another --seed or collect the data with another seed",
               file=sys.stderr)
 

@@ -627,7 +627,6 @@ def training_status(job: Job) -> Status:
     return Status(False, "to do", steps)
 
 
-@lru_cache(maxsize=None)
 def changed_data(stage1_manifest: str, data_path: str, max_episodes: int) -> str:
     """The tasks whose episode files (names and sizes, as the stages compare them) under `data_path` differ from
     those stage 1 recorded, in words; "" when none do, or when the data cannot be read (check_data says why)."""
@@ -1180,8 +1179,7 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
 @command
 def main(argv: list[str] | None = None) -> None:
     arguments = parse_arguments(sys.argv[1:] if argv is None else argv)
-    changed_data.cache_clear()  # the data and the manifests as they are now, not as an earlier call saw them
-    task_files_fingerprint.cache_clear()
+    task_files_fingerprint.cache_clear()  # the data as it is now, not as an earlier call saw it
     try:
         grid = load_grid(arguments.grid)
         run_root = arguments.run_root or grid.run_root or Path("runs") / arguments.grid.stem

@@ -19,6 +19,7 @@ the metadata key "m3dt".
 
 from __future__ import annotations
 
+import json
 import re
 import warnings
 from contextlib import contextmanager
@@ -266,8 +267,6 @@ def recorded_metadata(task: Task, namespace: str) -> tuple[str, Path, dict | Non
     """(dataset id, its folder, the metadata m3dt recorded in it: task row and collect.json entry) of the Minari
     dataset {namespace}/{task}-v0; the metadata is None when there is no such dataset. DataError when a dataset of that name
     has no m3dt metadata (not written by m3dt, or its writing was cut short)."""
-    import json
-
     from minari.storage.datasets_root_dir import get_dataset_path
 
     identifier = dataset_id(namespace, task.name)
@@ -296,15 +295,16 @@ def check_export(task: Task, namespace: str, settings: dict, episodes: int) -> N
     """Before a collection with --format minari: DataError when the dataset it would write already holds another
     collection of the task (other settings or episode count), which the export after collecting would refuse."""
     identifier, existing, recorded = recorded_metadata(task, namespace)
+    if recorded is None:
+        return
     planned = {"settings": settings, "episodes": episodes}
-    entry = (recorded or {}).get("collection") or {}
-    if recorded is not None and {key: entry.get(key) for key in planned} != json_copy(planned):
+    entry = recorded.get("collection") or {}
+    if {key: entry.get(key) for key in planned} != json_copy(planned):
         raise DataError(another_collection(identifier, existing, task))
-    if recorded is not None:  # the same collection: kept, so it must read
-        dataset = open_dataset(data_folder(existing))
-        with readable(f"Minari dataset {identifier} ({existing})", f"delete it (minari delete {identifier}) and "
-                                                                    "collect again: the export rewrites it"):
-            list(dataset.storage.get_episodes(range(dataset.total_episodes)))
+    dataset = open_dataset(data_folder(existing))  # the same collection: kept, so it must read
+    with readable(f"Minari dataset {identifier} ({existing})", f"delete it (minari delete {identifier}) and "
+                                                                "collect again: the export rewrites it"):
+        list(dataset.storage.get_episodes(range(dataset.total_episodes)))
 
 
 def another_collection(identifier: str, existing: Path, task: Task) -> str:
@@ -315,8 +315,6 @@ def another_collection(identifier: str, existing: Path, task: Task) -> str:
 
 def json_copy(value: object) -> object:
     """`value` as JSON gives it back (tuples as lists), for comparing with what a metadata file holds."""
-    import json
-
     return json.loads(json.dumps(value))
 
 

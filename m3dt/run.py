@@ -177,7 +177,10 @@ def load_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
 
 def safetensors_damage(path: Path) -> str:
     """What is wrong with a safetensors file's structure, read from its header without loading it ("" when its
-    size is what the header says): a file cut short by a copy or a full disk, or not a safetensors file."""
+    size is what the header says, or for a file of another kind): a file cut short by a copy or a full disk, or
+    not a safetensors file."""
+    if path.suffix != ".safetensors":
+        return ""
     size = path.stat().st_size
     with open(path, "rb") as file:
         start = file.read(8)
@@ -353,7 +356,7 @@ def read_manifest(artifact: Path, what: str) -> dict[str, Any]:
     """The manifest of an artifact a stage is about to consume, after checking the artifact exists."""
     if not artifact.exists():
         raise ArtifactError(f"{artifact}: {what} does not exist (run the stage that writes it first)")
-    damage = safetensors_damage(artifact) if artifact.suffix == ".safetensors" else ""
+    damage = safetensors_damage(artifact)
     if damage:
         raise ArtifactError(f"{artifact}: {what} is damaged ({damage}); run the stage that writes it again (its "
                             "checkpoint rewrites it)")

@@ -168,7 +168,7 @@ def finished(artifact: Path, steps: int, config: Config, identity: dict[str, Any
     would no longer fit)."""
     if config.restart or not artifact.exists() or not manifest_path(artifact).exists():
         return None
-    damage = safetensors_damage(artifact) if artifact.suffix == ".safetensors" else ""
+    damage = safetensors_damage(artifact)
     if damage:  # not finished: the training resumes from its checkpoint, at its last step, and writes it again
         print(f"{artifact}: damaged ({damage}); writing it again")
         return None
